@@ -1,0 +1,1 @@
+"""Prefect flows over `pipeline.stages` (one-line tasks)."""

@@ -1,0 +1,289 @@
+"""The loss family of GFT (arXiv 2604.14258) and its baselines: pure functions of tensors.
+
+GFT (Group Fine-Tuning), per response token t of group member k with group advantage A_k:
+
+    p_{k,t} = pi_theta(y_{k,t} | x, y_{k,<t})                    (current policy, temperature 1)
+    C(p)    = sg(p)  if p <= tau  else 1                          (Dynamic Coefficient Rectification)
+    l_{k,t} = -A_k * C(p_{k,t}) * log p_{k,t}
+    L       = sum_{k,t} m_{k,t} * l_{k,t} / Z                     (Z = response tokens of the optimizer step)
+
+The baselines are the same function (DESIGN.md section 1.7):
+    SFT                = expert-only groups, A = 1, tau = 0       -> `sft_loss`
+    DFT                = A = 1, C = sg(p) everywhere (tau > 1)    -> `dft_loss`
+    GFT without DCR    = tau = 0                                  -> `gft_loss(..., tau=0.0)`
+GRPO is the clipped importance-ratio surrogate with an optional k3 KL to a reference -> `grpo_loss`.
+
+Deliberate deviations from the paper and its released code:
+1. The paper's Eq. 5 rectifies when p < tau; we rectify when p <= tau, as the released code does
+   (`prob > tao` keeps the coefficient 1). The two differ only on a set of measure zero.
+2. The released code averages tokens per micro-batch (verl `token-mean`), so its gradient depends on the
+   micro-batch split. We divide by `normalizer`, the response-token count of the whole optimizer step
+   across micro-batches and ranks, so the gradient does not depend on how the step is split.
+3. Token entropy is computed as a detached diagnostic; no loss here has an entropy bonus.
+
+Token log-probs come from `token_logprobs` (hidden states and the output projection) or
+`token_logprobs_from_logits`; both work in row chunks under activation checkpointing, so no float32
+copy of the full [tokens, vocab] logits is ever held at once, in forward or backward.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+from torch import Tensor
+from torch.utils.checkpoint import checkpoint
+
+__all__ = [
+    "LossOutput",
+    "TokenStats",
+    "token_logprobs",
+    "token_logprobs_from_logits",
+    "gft_loss",
+    "sft_loss",
+    "dft_loss",
+    "grpo_loss",
+]
+
+Aggregation = Literal["token_mean", "sequence_mean", "constant"]
+
+
+@dataclass(frozen=True)
+class LossOutput:
+    """A scalar loss to backpropagate and detached scalar metrics (token means over the masked tokens)."""
+
+    loss: Tensor
+    metrics: dict[str, Tensor]
+
+
+@dataclass(frozen=True)
+class TokenStats:
+    """Per-token log-probability of the target token (with grad) and entropy of the distribution (detached)."""
+
+    logprobs: Tensor
+    entropy: Tensor | None
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Token log-probs and entropy, chunked over rows
+# ---------------------------------------------------------------------------------------------------------
+
+
+def _stats_from_logits(logits: Tensor, labels: Tensor, with_entropy: bool) -> tuple[Tensor, Tensor]:
+    logits = logits.float()  # [C, V], one chunk only
+    lse = torch.logsumexp(logits, dim=-1)  # [C]
+    logprobs = logits.gather(-1, labels.unsqueeze(-1)).squeeze(-1) - lse  # [C]
+    if not with_entropy:
+        return logprobs, logprobs.new_zeros(())
+    with torch.no_grad():
+        probs = torch.softmax(logits, dim=-1)  # [C, V]
+        entropy = lse - (probs * logits).sum(-1)  # [C]
+    return logprobs, entropy
+
+
+def _head_chunk(hidden: Tensor, weight: Tensor, bias: Tensor | None, labels: Tensor, with_entropy: bool):
+    logits = hidden @ weight.T  # [C, V]
+    if bias is not None:
+        logits = logits + bias
+    return _stats_from_logits(logits, labels, with_entropy)
+
+
+def _check_rows(x: Tensor, labels: Tensor, name: str) -> None:
+    if x.dim() != 2 or labels.dim() != 1 or x.shape[0] != labels.shape[0]:
+        raise ValueError(f"{name} must be [N, D] with labels [N]; got {name} {tuple(x.shape)} "
+                         f"and labels {tuple(labels.shape)}")
+
+
+def _chunked(fn, rows: Tensor, labels: Tensor, extra: tuple, chunk_size: int, with_entropy: bool) -> TokenStats:
+    if chunk_size < 1:
+        raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
+    needs_grad = torch.is_grad_enabled() and (
+        rows.requires_grad or any(isinstance(a, Tensor) and a.requires_grad for a in extra))
+    logps, ents = [], []
+    for start in range(0, rows.shape[0], chunk_size):
+        args = (rows[start:start + chunk_size], *extra, labels[start:start + chunk_size], with_entropy)
+        if needs_grad:
+            lp, ent = checkpoint(fn, *args, use_reentrant=False)
+        else:
+            lp, ent = fn(*args)
+        logps.append(lp)
+        ents.append(ent)
+    logprobs = torch.cat(logps) if logps else rows.new_zeros(0, dtype=torch.float32)
+    entropy = (torch.cat(ents) if ents else logprobs.detach().clone()) if with_entropy else None
+    return TokenStats(logprobs=logprobs, entropy=entropy)
+
+
+def token_logprobs(
+    hidden: Tensor, weight: Tensor, labels: Tensor, *, bias: Tensor | None = None,
+    chunk_size: int = 2048, with_entropy: bool = True,
+) -> TokenStats:
+    """Log p(label) and entropy from final hidden states and the output projection, chunked over rows.
+
+    Args:
+        hidden: [N, H] final (normalized) hidden states at the positions that predict `labels`.
+        weight: [V, H] output projection (`lm_head.weight`); bias: optional [V].
+        labels: [N] int64 target token ids.
+    Returns TokenStats with float32 logprobs [N] (differentiable) and entropy [N] (detached).
+    Each chunk's logits are recomputed in backward, so memory holds one [chunk_size, V] float32 block.
+    """
+    _check_rows(hidden, labels, "hidden")
+    return _chunked(_head_chunk, hidden, labels, (weight, bias), chunk_size, with_entropy)
+
+
+def token_logprobs_from_logits(
+    logits: Tensor, labels: Tensor, *, chunk_size: int = 2048, with_entropy: bool = True
+) -> TokenStats:
+    """Log p(label) and entropy from logits [N, V] (any float dtype) and labels [N], chunked over rows."""
+    _check_rows(logits, labels, "logits")
+    return _chunked(_stats_from_logits, logits, labels, (), chunk_size, with_entropy)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Shared validation and aggregation
+# ---------------------------------------------------------------------------------------------------------
+
+
+def _expand_advantages(advantages: Tensor, logprobs: Tensor, mask: Tensor) -> Tensor:
+    """Per-token advantages: [N] (one per sequence) broadcast over T, or already the logprobs' shape."""
+    if mask.shape != logprobs.shape:
+        raise ValueError(f"mask shape {tuple(mask.shape)} does not match logprobs shape {tuple(logprobs.shape)}")
+    if advantages.shape == logprobs.shape:
+        return advantages
+    if logprobs.dim() == 2 and advantages.shape == logprobs.shape[:1]:
+        return advantages.unsqueeze(-1).expand_as(logprobs)  # [N, T]
+    raise ValueError(
+        f"advantages shape {tuple(advantages.shape)} matches neither logprobs shape {tuple(logprobs.shape)} "
+        f"nor one advantage per sequence {tuple(logprobs.shape[:1])}"
+    )
+
+
+def _token_mean(x: Tensor, mask: Tensor) -> Tensor:
+    """Detached mean of x over masked tokens (0 when the mask is empty)."""
+    m = mask.bool()
+    return (torch.where(m, x, torch.zeros_like(x)).sum() / m.sum().clamp_min(1)).detach()
+
+
+def _token_sum_over(per_token: Tensor, mask: Tensor, normalizer: float | Tensor | None) -> Tensor:
+    # where(), not a product: a masked position may hold -inf or NaN (padding) and must add nothing.
+    total = torch.where(mask.bool(), per_token, torch.zeros_like(per_token)).sum()
+    denom = mask.sum().clamp_min(1) if normalizer is None else normalizer
+    return total / denom
+
+
+# ---------------------------------------------------------------------------------------------------------
+# GFT and its special cases
+# ---------------------------------------------------------------------------------------------------------
+
+
+def gft_loss(
+    logprobs: Tensor, advantages: Tensor, mask: Tensor, *, tau: float,
+    normalizer: float | Tensor | None = None, entropy: Tensor | None = None,
+) -> LossOutput:
+    """GFT loss: token sum of -A * C(p) * log p over `normalizer` tokens (the local token count if None).
+
+    Args:
+        logprobs: [N, T] (or flat [M]) log p of the response tokens under the current policy.
+        advantages: [N] per sequence or the shape of logprobs (per token).
+        mask: shape of logprobs; 1 for response tokens that count.
+        tau: DCR threshold; tokens with p <= tau get C = sg(p), others C = 1.
+        normalizer: global response-token count of the optimizer step (across micro-batches and ranks).
+        entropy: optional per-token entropy, shape of logprobs, reported as a metric.
+    """
+    adv = _expand_advantages(advantages, logprobs, mask)
+    probs = logprobs.detach().exp()  # [N, T]
+    rectified = probs <= tau  # [N, T] bool
+    coef = torch.where(rectified, probs, torch.ones_like(probs))  # [N, T], detached by construction
+    per_token = -adv * coef * logprobs  # [N, T]
+    loss = _token_sum_over(per_token, mask, normalizer)
+    metrics = {
+        "rectified_frac": _token_mean(rectified.to(logprobs.dtype), mask),
+        "coef_mean": _token_mean(coef, mask),
+        "logprob_mean": _token_mean(logprobs.detach(), mask),
+        "advantage_mean": _token_mean(adv.detach().to(logprobs.dtype), mask),
+    }
+    if entropy is not None:
+        metrics["entropy"] = _token_mean(entropy.detach(), mask)
+    return LossOutput(loss=loss, metrics=metrics)
+
+
+def sft_loss(logprobs: Tensor, mask: Tensor, *, normalizer: float | Tensor | None = None,
+             entropy: Tensor | None = None) -> LossOutput:
+    """Plain SFT, -log p per token: GFT with A = 1 and tau = 0 (no token is rectified)."""
+    return gft_loss(logprobs, torch.ones_like(logprobs), mask, tau=0.0, normalizer=normalizer, entropy=entropy)
+
+
+def dft_loss(logprobs: Tensor, mask: Tensor, *, normalizer: float | Tensor | None = None,
+             entropy: Tensor | None = None) -> LossOutput:
+    """DFT (arXiv 2508.05629), -sg(p) * log p per token: GFT with A = 1 and every token rectified."""
+    return gft_loss(logprobs, torch.ones_like(logprobs), mask, tau=float("inf"), normalizer=normalizer,
+                    entropy=entropy)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# GRPO
+# ---------------------------------------------------------------------------------------------------------
+
+
+def _aggregate(per_token: Tensor, mask: Tensor, aggregation: Aggregation,
+               normalizer: float | Tensor | None) -> Tensor:
+    """token_mean: sum / tokens; sequence_mean: mean over sequences of per-sequence token means;
+    constant: sum / (sequences * T) (Dr.GRPO). `normalizer` replaces the local tokens, sequences or
+    sequences * T of the respective rule with the optimizer step's global value."""
+    if aggregation == "token_mean":
+        return _token_sum_over(per_token, mask, normalizer)
+    if per_token.dim() != 2:
+        raise ValueError(f"aggregation {aggregation!r} needs [N, T] inputs, got shape {tuple(per_token.shape)}")
+    masked = torch.where(mask.bool(), per_token, torch.zeros_like(per_token))  # [N, T]
+    if aggregation == "sequence_mean":
+        per_seq = masked.sum(-1) / mask.sum(-1).clamp_min(1)  # [N]
+        return per_seq.sum() / (per_token.shape[0] if normalizer is None else normalizer)
+    if aggregation == "constant":
+        return masked.sum() / (per_token.numel() if normalizer is None else normalizer)
+    raise ValueError(f"unknown aggregation {aggregation!r}; expected token_mean, sequence_mean or constant")
+
+
+def grpo_loss(
+    logprobs: Tensor, old_logprobs: Tensor, advantages: Tensor, mask: Tensor, *,
+    eps_low: float, eps_high: float, beta: float = 0.0, ref_logprobs: Tensor | None = None,
+    aggregation: Aggregation = "token_mean", normalizer: float | Tensor | None = None,
+) -> LossOutput:
+    """Clipped surrogate -min(r A, clip(r, 1 - eps_low, 1 + eps_high) A) + beta * k3 KL, aggregated.
+
+    Args:
+        logprobs, old_logprobs, mask: [N, T] (flat [M] for token_mean); r = exp(logprobs - old_logprobs).
+        advantages: [N] or [N, T].
+        ref_logprobs: [N, T] log-probs of the frozen reference, required when beta > 0.
+            k3 = exp(ref - logp) - (ref - logp) - 1 (Schulman's unbiased, non-negative estimator).
+    """
+    if old_logprobs.shape != logprobs.shape:
+        raise ValueError(f"old_logprobs shape {tuple(old_logprobs.shape)} does not match logprobs shape "
+                         f"{tuple(logprobs.shape)}")
+    adv = _expand_advantages(advantages, logprobs, mask)
+    ratio = torch.exp(logprobs - old_logprobs.detach())  # [N, T]
+    clipped = torch.clamp(ratio, 1.0 - eps_low, 1.0 + eps_high)  # [N, T]
+    per_token = torch.maximum(-adv * ratio, -adv * clipped)  # [N, T]
+    metrics = _clip_metrics(ratio.detach(), adv.detach(), mask, eps_low, eps_high)
+    if beta != 0.0:
+        if ref_logprobs is None or ref_logprobs.shape != logprobs.shape:
+            got = None if ref_logprobs is None else tuple(ref_logprobs.shape)
+            raise ValueError(f"beta={beta} needs ref_logprobs of shape {tuple(logprobs.shape)}, got {got}")
+        delta = ref_logprobs.detach() - logprobs  # [N, T]
+        kl = torch.exp(delta) - delta - 1.0  # [N, T]
+        per_token = per_token + beta * kl
+        metrics["kl"] = _token_mean(kl.detach(), mask)
+    loss = _aggregate(per_token, mask, aggregation, normalizer)
+    return LossOutput(loss=loss, metrics=metrics)
+
+
+def _clip_metrics(ratio: Tensor, adv: Tensor, mask: Tensor, eps_low: float, eps_high: float) -> dict[str, Tensor]:
+    """TRL/verl clip ratios: low = r < 1 - eps_low with A < 0, high = r > 1 + eps_high with A > 0."""
+    low = (ratio < 1.0 - eps_low) & (adv < 0)
+    high = (ratio > 1.0 + eps_high) & (adv > 0)
+    f = ratio.dtype
+    return {
+        "clip_ratio/low_mean": _token_mean(low.to(f), mask),
+        "clip_ratio/high_mean": _token_mean(high.to(f), mask),
+        "clip_ratio/region_mean": _token_mean((low | high).to(f), mask),
+        "ratio_mean": _token_mean(ratio, mask),
+    }

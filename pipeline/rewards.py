@@ -1,0 +1,192 @@
+"""Verifiers by name: `reward(response, row) -> float | None`, and a scorer that never hangs.
+
+A reward sees the response text and the whole dataset row (the gold answer is `row["answer"]`). It returns
+a float, or None when it does not apply to the row. A response it cannot score (no `\\boxed{}`, an
+unparseable answer) raises `Unscorable(reason)`: the scorer gives it 0.0 and counts the reason.
+
+`Scorer` runs the reward in a child process, so each call is bounded in time: math-verify's own timeouts use
+`signal.alarm`, which works only in a main thread (Prefect runs tasks in worker threads), and a pathological
+sympy expression can spin for minutes. A call that passes `timeout_s` kills the child, scores 0.0 with the
+reason "timeout", and a fresh child takes the next response. Any other exception in a reward is a bug in the
+reward or the data and is raised, naming the row.
+"""
+
+from __future__ import annotations
+
+import importlib
+import multiprocessing as mp
+import re
+from collections import Counter
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+__all__ = ["REWARDS", "Unscorable", "RewardError", "ScoreOutput", "Scorer", "last_boxed",
+           "math_answer", "exact_match", "resolve_reward"]
+
+RewardFn = Callable[[str, Mapping[str, Any]], "float | None"]
+
+
+class Unscorable(Exception):
+    """The response cannot be scored (scores 0.0); `reason` is a short stable label that gets counted."""
+
+    def __init__(self, reason: str):
+        super().__init__(reason)
+        self.reason = reason
+
+
+class RewardError(RuntimeError):
+    """A reward raised something other than Unscorable: a bug in the reward or bad data in the row."""
+
+
+_BOXED = re.compile(r"\\(?:boxed|fbox)\s*\{")
+
+
+def last_boxed(text: str) -> str | None:
+    """Content of the last `\\boxed{...}` (or `\\fbox{...}`) with balanced braces, or None."""
+    for match in reversed(list(_BOXED.finditer(text))):
+        depth, start = 1, match.end()
+        for i in range(start, len(text)):
+            depth += {"{": 1, "}": -1}.get(text[i], 0)
+            if depth == 0:
+                return text[start:i].strip()
+    return None
+
+
+def _parse_math(expr: str, what: str, timeout_s: int):
+    from math_verify import ExprExtractionConfig, LatexExtractionConfig, parse
+
+    configs = [LatexExtractionConfig(boxed_match_priority=0), ExprExtractionConfig()]
+    parsed = parse(f"${expr}$", extraction_config=configs, parsing_timeout=timeout_s)
+    if not parsed:
+        raise Unscorable(f"unparseable_{what}")
+    return parsed
+
+
+def math_answer(response: str, row: Mapping[str, Any], *, timeout_s: int = 3) -> float:
+    """1.0 if the last `\\boxed{}` of the response equals the gold `row["answer"]` mathematically, else 0.0."""
+    boxed = last_boxed(response)
+    if boxed is None:
+        raise Unscorable("no_boxed")
+    if not boxed:
+        raise Unscorable("empty_boxed")
+    gold_text = str(row["answer"])
+    gold = _parse_math(last_boxed(gold_text) or gold_text, "gold", timeout_s)
+    pred = _parse_math(boxed, "answer", timeout_s)
+    from math_verify import verify
+
+    return 1.0 if verify(gold, pred, timeout_seconds=timeout_s) else 0.0
+
+
+def _normalize(text: str) -> str:
+    return " ".join(text.strip().strip("$").split()).rstrip(".").lower()
+
+
+def exact_match(response: str, row: Mapping[str, Any]) -> float:
+    """1.0 if the last `\\boxed{}` (or the whole response when none) equals `row["answer"]` after
+    whitespace, case, `$` and trailing-period normalization."""
+    answer = last_boxed(response)
+    candidate = response if answer is None else answer
+    return 1.0 if _normalize(candidate) == _normalize(str(row["answer"])) else 0.0
+
+
+REWARDS: dict[str, RewardFn] = {"math_answer": math_answer, "exact_match": exact_match}
+
+
+def resolve_reward(spec: str) -> RewardFn:
+    """A reward by registered name, or by import path `package.module:function` for user rewards."""
+    if spec in REWARDS:
+        return REWARDS[spec]
+    if ":" in spec:
+        module, _, name = spec.partition(":")
+        return getattr(importlib.import_module(module), name)
+    raise KeyError(f"unknown reward {spec!r}; known: {sorted(REWARDS)} or an import path 'module:function'")
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Bounded-time scoring in a child process
+# ---------------------------------------------------------------------------------------------------------
+
+
+def _worker_main(conn, spec: str) -> None:
+    fn = resolve_reward(spec)
+    conn.send(("ready", None))
+    while True:
+        item = conn.recv()
+        if item is None:
+            return
+        response, row = item
+        try:
+            conn.send(("ok", fn(response, row)))
+        except Unscorable as exc:
+            conn.send(("unscorable", exc.reason))
+        except Exception as exc:  # reported to the parent, which raises it with the row
+            conn.send(("error", f"{type(exc).__name__}: {exc}"))
+
+
+@dataclass
+class ScoreOutput:
+    """Rewards aligned with the responses (None where the reward does not apply) and reason counts."""
+
+    rewards: list[float | None]
+    reasons: Counter = field(default_factory=Counter)
+
+
+class Scorer:
+    """Scores responses with one reward in a child process, each call bounded by `timeout_s` seconds."""
+
+    def __init__(self, reward: str, *, timeout_s: float = 10.0, startup_timeout_s: float = 120.0):
+        resolve_reward(reward)  # fail here, in the caller, on an unknown name
+        self.reward, self.timeout_s, self.startup_timeout_s = reward, timeout_s, startup_timeout_s
+        self._proc = self._conn = None
+
+    def __enter__(self) -> Scorer:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def _start(self) -> None:
+        ctx = mp.get_context("spawn")  # fork after torch/threads start can deadlock
+        self._conn, child = ctx.Pipe()
+        self._proc = ctx.Process(target=_worker_main, args=(child, self.reward), daemon=True)
+        self._proc.start()
+        child.close()
+        if not self._conn.poll(self.startup_timeout_s):
+            self.close()
+            raise RewardError(f"reward worker for {self.reward!r} did not start in {self.startup_timeout_s}s")
+        self._conn.recv()
+
+    def close(self) -> None:
+        if self._proc is not None:
+            if self._proc.is_alive():
+                self._proc.kill()
+            self._proc.join()
+            self._conn.close()
+        self._proc = self._conn = None
+
+    def score_one(self, response: str, row: Mapping[str, Any]) -> tuple[float | None, str | None]:
+        """(reward, reason): reason is None for a scored response, else why it got 0.0."""
+        if self._proc is None:
+            self._start()
+        self._conn.send((response, dict(row)))
+        if not self._conn.poll(self.timeout_s):
+            self.close()  # the next call starts a fresh worker
+            return 0.0, "timeout"
+        status, value = self._conn.recv()
+        if status == "unscorable":
+            return 0.0, value
+        if status == "error":
+            raise RewardError(f"reward {self.reward!r} failed on row id={row.get('id', '?')!r}: {value}")
+        return (None if value is None else float(value)), None
+
+    def score(self, responses: Sequence[str], rows: Sequence[Mapping[str, Any]]) -> ScoreOutput:
+        """Score responses[i] against rows[i]."""
+        if len(responses) != len(rows):
+            raise ValueError(f"{len(responses)} responses but {len(rows)} rows")
+        out = ScoreOutput(rewards=[])
+        for response, row in zip(responses, rows):
+            value, reason = self.score_one(response, row)
+            out.rewards.append(value)
+            out.reasons["scored" if reason is None else reason] += 1
+        return out

@@ -1,0 +1,498 @@
+"""The training loop on `accelerate`: `fit()` reads like the algorithm, `train_step()` beside it.
+
+One optimizer step consumes `sequences_per_step` examples (the global batch). Every process sees the same
+step plan, takes its strided share and splits it into micro-batches (padded rows, or packed rows without pad
+tokens). Each micro-batch loss is a token sum divided by the step's global token count, so gradient
+accumulation and data parallelism give the gradient of one big batch; DDP averages over processes, so the
+loss is scaled by the process count before backward. The data order is a pure function of (seed, step), so
+a checkpoint of model, optimizer, scheduler, RNG and step number resumes exactly.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+import shutil
+from collections.abc import Callable, Sequence
+from contextlib import nullcontext
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Protocol
+
+import torch
+from accelerate import Accelerator
+from accelerate.utils import set_seed
+from torch import Tensor, nn
+from tqdm.auto import tqdm
+from transformers import get_constant_schedule_with_warmup, get_cosine_schedule_with_warmup
+
+from pipeline.config import TrainConfig
+from pipeline.losses import LossOutput, dft_loss, gft_loss, sft_loss, token_logprobs, token_logprobs_from_logits
+
+__all__ = [
+    "Example", "TokenBatch", "ScoredTokens", "StepTotals", "Objective", "TokenScorer", "Trainer",
+    "NonFiniteError", "collate_padded", "collate_packed", "plan_step", "make_trainer", "train_step", "fit",
+    "gft_objective", "sft_objective", "dft_objective", "FitResult",
+]
+
+
+class NonFiniteError(FloatingPointError):
+    """A NaN or inf in log-probs, loss or gradients; the message names the step and the example rows."""
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Data: examples, collation, step plans
+# ---------------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Example:
+    """One response with its prompt context. `advantage` is one float or one per response token."""
+
+    prompt_ids: Sequence[int]
+    response_ids: Sequence[int]
+    advantage: float | Sequence[float] = 1.0
+    old_logprobs: Sequence[float] | None = None
+
+
+@dataclass(frozen=True)
+class TokenBatch:
+    """Rows of prompt + response tokens. Position t of a row predicts `targets[r, t]`; `loss_mask` marks the
+    positions whose target is a response token. `rows` gives the example index of every position (-1: pad)."""
+
+    input_ids: Tensor  # [R, L]
+    position_ids: Tensor  # [R, L]
+    attention_mask: Tensor | None  # [R, L] in padded mode; None when packed
+    targets: Tensor  # [R, L]
+    loss_mask: Tensor  # [R, L] bool
+    advantages: Tensor  # [R, L]
+    rows: Tensor  # [R, L] long
+    old_logprobs: Tensor | None  # [R, L]
+
+    @property
+    def num_tokens(self) -> int:
+        return int(self.loss_mask.sum())
+
+
+def _check_example(i: int, ex: Example) -> None:
+    if len(ex.response_ids) == 0:
+        raise ValueError(f"example {i}: field 'response_ids' is empty")
+    if len(ex.prompt_ids) == 0:
+        raise ValueError(f"example {i}: field 'prompt_ids' is empty (a response needs context to be predicted)")
+    for name in ("advantage", "old_logprobs"):
+        value = getattr(ex, name)
+        if value is not None and not isinstance(value, (int, float)) and len(value) != len(ex.response_ids):
+            raise ValueError(f"example {i}: field {name!r} has {len(value)} values for "
+                             f"{len(ex.response_ids)} response tokens")
+
+
+def _row_arrays(i: int, ex: Example) -> dict[str, list]:
+    """Unshifted per-position lists for one example: position t predicts token t + 1."""
+    ids = list(ex.prompt_ids) + list(ex.response_ids)
+    n_p, n_r = len(ex.prompt_ids), len(ex.response_ids)
+    adv = [float(ex.advantage)] * n_r if isinstance(ex.advantage, (int, float)) else [float(a) for a in ex.advantage]
+    old = [0.0] * n_r if ex.old_logprobs is None else [float(x) for x in ex.old_logprobs]
+    pad = [0.0] * (n_p - 1)
+    return {
+        "input_ids": ids[:-1], "position_ids": list(range(len(ids) - 1)), "targets": ids[1:],
+        "loss_mask": [False] * (n_p - 1) + [True] * n_r, "advantages": pad + adv,
+        "old_logprobs": pad + old, "rows": [i] * (len(ids) - 1),
+    }
+
+
+_FILL = {"input_ids": 0, "position_ids": 0, "targets": 0, "loss_mask": False, "advantages": 0.0,
+         "old_logprobs": 0.0, "rows": -1}
+_DTYPE = {"loss_mask": torch.bool, "advantages": torch.float32, "old_logprobs": torch.float32}
+
+
+def _to_batch(rows: list[dict[str, list]], pad_id: int, padded: bool, has_old: bool) -> TokenBatch:
+    width = max(len(r["input_ids"]) for r in rows)
+    cols = {}
+    for key, fill in _FILL.items():
+        fill = pad_id if key == "input_ids" else fill
+        data = [r[key] + [fill] * (width - len(r[key])) for r in rows]
+        cols[key] = torch.tensor(data, dtype=_DTYPE.get(key, torch.long))  # [R, L]
+    mask = None
+    if padded:
+        mask = torch.tensor([[1] * len(r["input_ids"]) + [0] * (width - len(r["input_ids"])) for r in rows])
+    old = cols.pop("old_logprobs")
+    return TokenBatch(attention_mask=mask, old_logprobs=old if has_old else None, **cols)
+
+
+def collate_padded(examples: Sequence[Example], indices: Sequence[int], pad_id: int) -> TokenBatch:
+    """One right-padded row per example, with an attention mask."""
+    rows = [_row_arrays(i, examples[i]) for i in indices]
+    return _to_batch(rows, pad_id, padded=True, has_old=examples[indices[0]].old_logprobs is not None)
+
+
+def collate_packed(examples: Sequence[Example], indices: Sequence[int], pad_id: int,
+                   max_tokens: int) -> list[TokenBatch]:
+    """Examples packed in order into single rows of at most `max_tokens` positions (a longer example gets a
+    row of its own). Position ids restart at each example, which transformers turns into a block-diagonal
+    causal mask, so no position attends across examples and no compute goes to pad tokens."""
+    has_old = examples[indices[0]].old_logprobs is not None
+    batches, current = [], None
+    for i in indices:
+        row = _row_arrays(i, examples[i])
+        if current is not None and len(current["input_ids"]) + len(row["input_ids"]) <= max_tokens:
+            for key in current:
+                current[key] += row[key]
+            continue
+        if current is not None:
+            batches.append(_to_batch([current], pad_id, padded=False, has_old=has_old))
+        current = row
+    batches.append(_to_batch([current], pad_id, padded=False, has_old=has_old))
+    return batches
+
+
+@dataclass(frozen=True)
+class StepTotals:
+    """Global counts of one optimizer step (all micro-batches, all processes): the loss normalizers."""
+
+    tokens: int
+    sequences: int
+
+
+def step_order(n: int, step: int, per_step: int, seed: int) -> list[int]:
+    """Example indices of optimizer step `step`: consecutive slices of one seeded permutation per epoch."""
+    out = []
+    for pos in range(step * per_step, (step + 1) * per_step):
+        epoch, offset = divmod(pos, n)
+        perm = _permutation(n, seed, epoch)
+        out.append(perm[offset])
+    return out
+
+
+@functools.lru_cache(maxsize=2)
+def _permutation(n: int, seed: int, epoch: int) -> tuple[int, ...]:
+    gen = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
+    return tuple(torch.randperm(n, generator=gen).tolist())
+
+
+def plan_step(examples: Sequence[Example], indices: Sequence[int], cfg: TrainConfig, *, rank: int,
+              world: int, pad_id: int) -> tuple[list[TokenBatch], StepTotals]:
+    """This process's micro-batches of one step, and the step's global totals."""
+    if len(indices) < world:
+        raise ValueError(f"a step of {len(indices)} sequences cannot feed {world} processes")
+    totals = StepTotals(tokens=sum(len(examples[i].response_ids) for i in indices), sequences=len(indices))
+    local = list(indices)[rank::world]
+    if cfg.packing:
+        return collate_packed(examples, local, pad_id, cfg.micro_batch_tokens), totals
+    size = cfg.micro_batch_size
+    return [collate_padded(examples, local[s:s + size], pad_id) for s in range(0, len(local), size)], totals
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Scoring tokens with a causal LM, and objectives
+# ---------------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class ScoredTokens:
+    """The scored (response) tokens of one micro-batch, flat: every tensor is [M]."""
+
+    logprobs: Tensor
+    entropy: Tensor | None
+    advantages: Tensor
+    old_logprobs: Tensor | None
+    rows: Tensor
+    mask: Tensor
+
+
+class Objective(Protocol):
+    def __call__(self, scored: ScoredTokens, totals: StepTotals) -> LossOutput: ...
+
+
+def gft_objective(*, tau: float) -> Objective:
+    """GFT with DCR threshold tau, token mean over the step's global token count."""
+    def objective(s: ScoredTokens, totals: StepTotals) -> LossOutput:
+        return gft_loss(s.logprobs, s.advantages, s.mask, tau=tau, normalizer=totals.tokens, entropy=s.entropy)
+    return objective
+
+
+def sft_objective() -> Objective:
+    """Plain SFT (advantages are ignored)."""
+    def objective(s: ScoredTokens, totals: StepTotals) -> LossOutput:
+        return sft_loss(s.logprobs, s.mask, normalizer=totals.tokens, entropy=s.entropy)
+    return objective
+
+
+def dft_objective() -> Objective:
+    """DFT (advantages are ignored)."""
+    def objective(s: ScoredTokens, totals: StepTotals) -> LossOutput:
+        return dft_loss(s.logprobs, s.mask, normalizer=totals.tokens, entropy=s.entropy)
+    return objective
+
+
+def _plain_head(lm: nn.Module) -> nn.Linear | None:
+    """The output projection when logits are exactly `hidden @ W.T + b`; None for softcapped or scaled heads."""
+    head = lm.get_output_embeddings()
+    cfg = lm.config
+    if not isinstance(head, nn.Linear):
+        return None
+    if getattr(cfg, "final_logit_softcapping", None) or getattr(cfg, "logit_scale", None):
+        return None
+    return head
+
+
+class TokenScorer(nn.Module):
+    """Wraps a causal LM so that one forward returns log p and entropy of the scored tokens, flat [M].
+
+    The fused path runs the decoder, keeps only hidden states at scored positions and applies the output
+    projection in checkpointed chunks; models whose logits are not a plain projection go through the full
+    forward and chunked log-softmax. Wrapping in one module keeps DDP's hooks on the whole computation.
+    """
+
+    def __init__(self, lm: nn.Module, *, chunk_size: int = 2048, fused: bool | None = None):
+        super().__init__()
+        self.lm, self.chunk_size = lm, chunk_size
+        self.fused = _plain_head(lm) is not None if fused is None else fused
+
+    def forward(self, input_ids: Tensor, position_ids: Tensor, attention_mask: Tensor | None,
+                targets: Tensor, loss_mask: Tensor) -> tuple[Tensor, Tensor]:
+        inputs = dict(input_ids=input_ids, position_ids=position_ids, attention_mask=attention_mask)
+        labels = targets[loss_mask]  # [M]
+        if self.fused:
+            hidden = self.lm.get_decoder()(**inputs, use_cache=False).last_hidden_state  # [R, L, H]
+            head = self.lm.get_output_embeddings()
+            stats = token_logprobs(hidden[loss_mask], head.weight, labels, bias=head.bias,
+                                   chunk_size=self.chunk_size)
+        else:
+            logits = self.lm(**inputs, use_cache=False).logits  # [R, L, V]
+            stats = token_logprobs_from_logits(logits[loss_mask], labels, chunk_size=self.chunk_size)
+        return stats.logprobs, stats.entropy
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The trainer: accelerate objects, one step, the loop
+# ---------------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class Progress:
+    """Optimizer steps taken; checkpointed with the model so the data position resumes exactly."""
+
+    step: int = 0
+
+    def state_dict(self) -> dict:
+        return {"step": self.step}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.step = int(state["step"])
+
+
+@dataclass
+class Trainer:
+    """The prepared accelerate objects of one training run."""
+
+    accelerator: Accelerator
+    scorer: nn.Module  # TokenScorer, wrapped by accelerate (DDP when distributed)
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LRScheduler
+    progress: Progress = field(default_factory=Progress)
+
+    @property
+    def model(self) -> nn.Module:
+        return self.accelerator.unwrap_model(self.scorer).lm
+
+
+def _accelerator(precision: str) -> Accelerator:
+    cpu = not torch.cuda.is_available()
+    mixed = "bf16" if precision == "bf16" or (precision == "auto" and not cpu) else "no"
+    return Accelerator(cpu=cpu, mixed_precision=mixed)
+
+
+def make_trainer(model: nn.Module, cfg: TrainConfig, total_steps: int) -> Trainer:
+    """AdamW, the warmup schedule and the accelerate wrapping for `model`."""
+    accelerator = _accelerator(cfg.precision)
+    if cfg.gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    model.train()
+    scorer = TokenScorer(model, chunk_size=cfg.logprob_chunk_size)
+    params = [p for p in scorer.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=cfg.lr, betas=cfg.betas, eps=cfg.adam_eps,
+                                  weight_decay=cfg.weight_decay)
+    make = get_cosine_schedule_with_warmup if cfg.schedule == "cosine" else get_constant_schedule_with_warmup
+    kwargs = {"num_training_steps": total_steps} if cfg.schedule == "cosine" else {}
+    scheduler = make(optimizer, num_warmup_steps=cfg.warmup_steps, **kwargs)
+    scorer, optimizer = accelerator.prepare(scorer, optimizer)
+    trainer = Trainer(accelerator, scorer, optimizer, scheduler)
+    # The scheduler stays unprepared: accelerate's wrapper steps it once per process, not once per step.
+    accelerator.register_for_checkpointing(trainer.scheduler, trainer.progress)
+    return trainer
+
+
+def _score(trainer: Trainer, mb: TokenBatch) -> ScoredTokens:
+    device = trainer.accelerator.device
+    mask = mb.loss_mask.to(device)
+    logprobs, entropy = trainer.scorer(
+        input_ids=mb.input_ids.to(device), position_ids=mb.position_ids.to(device),
+        attention_mask=None if mb.attention_mask is None else mb.attention_mask.to(device),
+        targets=mb.targets.to(device), loss_mask=mask)
+    old = None if mb.old_logprobs is None else mb.old_logprobs.to(device)[mask]
+    return ScoredTokens(logprobs=logprobs, entropy=entropy, advantages=mb.advantages.to(device)[mask],
+                        old_logprobs=old, rows=mb.rows.to(device)[mask], mask=torch.ones_like(logprobs, dtype=torch.bool))
+
+
+def _check_finite(step: int, what: str, values: Tensor, rows: Tensor) -> None:
+    bad = ~torch.isfinite(values.detach())
+    if bad.any():
+        where = sorted(set(rows[bad].tolist())) if bad.shape == rows.shape else sorted(set(rows.tolist()))
+        raise NonFiniteError(f"step {step}: non-finite {what} in example rows {where[:20]}")
+
+
+@dataclass(frozen=True)
+class StepResult:
+    """Metrics of one optimizer step, averaged over all its tokens on all processes."""
+
+    metrics: dict[str, float]
+
+
+def train_step(trainer: Trainer, micro_batches: Sequence[TokenBatch], objective: Objective,
+               totals: StepTotals, *, max_grad_norm: float | None, step: int) -> StepResult:
+    """Forward/backward over the micro-batches (gradients synced on the last), clip, AdamW, schedule."""
+    acc, world = trainer.accelerator, trainer.accelerator.num_processes
+    sums: dict[str, Tensor] = {}
+    loss_sum = torch.zeros((), device=acc.device, dtype=torch.float64)
+    for i, mb in enumerate(micro_batches):
+        sync = i == len(micro_batches) - 1
+        with nullcontext() if sync else acc.no_sync(trainer.scorer):
+            scored = _score(trainer, mb)
+            _check_finite(step, "log-probs", scored.logprobs, scored.rows)
+            out = objective(scored, totals)
+            _check_finite(step, "loss", out.loss, scored.rows)
+            acc.backward(out.loss * world)  # DDP averages gradients over processes; we want their sum
+        loss_sum += out.loss.detach().double()
+        for name, value in out.metrics.items():  # token-weighted, so micro-batch sizes do not matter
+            sums[name] = sums.get(name, 0.0) + value.double() * scored.logprobs.numel()
+    grad_norm = acc.clip_grad_norm_(trainer.scorer.parameters(), max_grad_norm or float("inf"))
+    if not torch.isfinite(grad_norm):
+        raise NonFiniteError(f"step {step}: non-finite gradient norm {float(grad_norm)}")
+    lr = trainer.scheduler.get_last_lr()[0]
+    trainer.optimizer.step()
+    trainer.scheduler.step()
+    trainer.optimizer.zero_grad(set_to_none=True)
+    return StepResult(metrics=_reduce_metrics(acc, loss_sum, sums, totals, grad_norm, lr))
+
+
+def _reduce_metrics(acc: Accelerator, loss_sum: Tensor, sums: dict[str, Tensor], totals: StepTotals,
+                    grad_norm: Tensor, lr: float) -> dict[str, float]:
+    names = sorted(sums)
+    local = torch.stack([loss_sum] + [torch.as_tensor(sums[n], device=acc.device) for n in names])
+    total = acc.reduce(local, reduction="sum") if acc.num_processes > 1 else local
+    metrics = {name: float(total[1 + k]) / max(totals.tokens, 1) for k, name in enumerate(names)}
+    metrics.update(loss=float(total[0]), grad_norm=float(grad_norm), lr=lr, tokens=float(totals.tokens),
+                   sequences=float(totals.sequences))
+    return metrics
+
+
+def total_steps(cfg: TrainConfig, n_examples: int) -> int:
+    return cfg.num_steps or max(1, math.ceil(cfg.epochs * n_examples / cfg.sequences_per_step))
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Checkpoints
+# ---------------------------------------------------------------------------------------------------------
+
+
+def _checkpoints(root: Path) -> list[Path]:
+    return sorted(root.glob("step-*"), key=lambda p: int(p.name.split("-")[1])) if root.exists() else []
+
+
+def save_checkpoint(trainer: Trainer, root: Path, *, keep: int) -> Path:
+    """accelerate state (model, optimizer, scheduler, RNG of every process, progress) written to a temp folder
+    and renamed into place, so a crash never leaves a half-written checkpoint that resume would pick up."""
+    acc = trainer.accelerator
+    final = root / f"step-{trainer.progress.step:08d}"
+    tmp = root / f".tmp-{final.name}"
+    if acc.is_main_process:
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+    acc.wait_for_everyone()
+    acc.save_state(str(tmp))
+    acc.wait_for_everyone()
+    if acc.is_main_process:
+        shutil.rmtree(final, ignore_errors=True)
+        tmp.rename(final)
+        for old in _checkpoints(root)[:-keep]:
+            shutil.rmtree(old)
+    acc.wait_for_everyone()
+    return final
+
+
+def resume_latest(trainer: Trainer, root: Path) -> Path | None:
+    """Load the newest complete checkpoint under root, if any."""
+    found = _checkpoints(root)
+    if not found:
+        return None
+    trainer.accelerator.load_state(str(found[-1]))
+    return found[-1]
+
+
+def save_model(trainer: Trainer, path: Path, tokenizer=None) -> Path:
+    """The trained model (and tokenizer) as a Hugging Face folder, written atomically by the main process."""
+    acc = trainer.accelerator
+    acc.wait_for_everyone()
+    if acc.is_main_process:
+        tmp = path.with_name(f".tmp-{path.name}")
+        shutil.rmtree(tmp, ignore_errors=True)
+        trainer.model.save_pretrained(tmp)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(tmp)
+        shutil.rmtree(path, ignore_errors=True)
+        tmp.rename(path)
+    acc.wait_for_everyone()
+    return path
+
+
+# ---------------------------------------------------------------------------------------------------------
+# fit
+# ---------------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class FitResult:
+    """The trainer (its `.model` is the trained model), per-step metrics of this call, last checkpoint."""
+
+    trainer: Trainer
+    history: list[dict[str, float]]
+    checkpoint: Path | None
+
+
+def fit(model: nn.Module, examples: Sequence[Example], objective: Objective, cfg: TrainConfig, *,
+        pad_id: int, checkpoint_dir: Path | None = None, stop_at_step: int | None = None,
+        on_step: Callable[[int, dict[str, float]], None] | None = None, progress_bar: bool = True) -> FitResult:
+    """Train `model` on `examples` for the configured steps, resuming from `checkpoint_dir` when it holds one.
+
+    `stop_at_step` ends this call early (as a preemption would) without changing the schedule.
+    """
+    for i, ex in enumerate(examples):
+        _check_example(i, ex)
+    set_seed(cfg.seed)
+    steps = total_steps(cfg, len(examples))
+    trainer = make_trainer(model, cfg, steps)
+    acc = trainer.accelerator
+    last = resume_latest(trainer, checkpoint_dir) if checkpoint_dir is not None else None
+    end = min(steps, stop_at_step or steps)
+    history: list[dict[str, float]] = []
+    bar = tqdm(total=end, initial=trainer.progress.step, desc="train", disable=not (progress_bar and acc.is_main_process))
+    while trainer.progress.step < end:
+        step = trainer.progress.step
+        indices = step_order(len(examples), step, cfg.sequences_per_step, cfg.seed)
+        micro, totals = plan_step(examples, indices, cfg, rank=acc.process_index, world=acc.num_processes,
+                                  pad_id=pad_id)
+        result = train_step(trainer, micro, objective, totals, max_grad_norm=cfg.max_grad_norm, step=step)
+        trainer.progress.step = step + 1
+        history.append({"step": float(step + 1), **result.metrics})
+        bar.update(1)
+        bar.set_postfix(loss=f"{result.metrics['loss']:.4f}", gnorm=f"{result.metrics['grad_norm']:.3f}")
+        if on_step is not None and acc.is_main_process and (step + 1) % cfg.log_every == 0:
+            on_step(step + 1, result.metrics)
+        if checkpoint_dir is not None and _should_save(cfg, step + 1, end, steps):
+            last = save_checkpoint(trainer, checkpoint_dir, keep=cfg.keep_checkpoints)
+    bar.close()
+    return FitResult(trainer=trainer, history=history, checkpoint=last)
+
+
+def _should_save(cfg: TrainConfig, done: int, end: int, steps: int) -> bool:
+    return done == end or (cfg.save_every is not None and done % cfg.save_every == 0)
