@@ -65,7 +65,10 @@ def group_advantages(
     mean = total / count  # [G]
     sq = torch.zeros(g, dtype=r.dtype, device=r.device).index_add(0, index, (r - mean[index]) ** 2)  # [G]
     single = count < 2  # [G]
-    std = torch.where(single, torch.ones_like(sq), (sq / (count - 1).clamp_min(1)).sqrt())  # [G]
+    var = sq / (count - 1).clamp_min(1)  # [G], Bessel's correction
+    # sqrt only where var > 0: sqrt'(0) is inf, and inf * 0 would put NaN in the rewards' gradient
+    safe = torch.where(var > 0, var, torch.ones_like(var)).sqrt()
+    std = torch.where(single, torch.ones_like(var), torch.where(var > 0, safe, torch.zeros_like(var)))  # [G]
     if baseline == "mean":
         base = torch.where(single, torch.zeros_like(mean), mean)[index]  # [N]
     elif baseline == "leave_one_out":

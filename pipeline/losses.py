@@ -71,7 +71,7 @@ class TokenStats:
 
 
 def _stats_from_logits(logits: Tensor, labels: Tensor, with_entropy: bool) -> tuple[Tensor, Tensor]:
-    logits = logits.float()  # [C, V], one chunk only
+    logits = logits.to(torch.promote_types(logits.dtype, torch.float32))  # [C, V], one chunk only
     lse = torch.logsumexp(logits, dim=-1)  # [C]
     logprobs = logits.gather(-1, labels.unsqueeze(-1)).squeeze(-1) - lse  # [C]
     if not with_entropy:
@@ -124,7 +124,7 @@ def token_logprobs(
         hidden: [N, H] final (normalized) hidden states at the positions that predict `labels`.
         weight: [V, H] output projection (`lm_head.weight`); bias: optional [V].
         labels: [N] int64 target token ids.
-    Returns TokenStats with float32 logprobs [N] (differentiable) and entropy [N] (detached).
+    Returns TokenStats with float32 (float64 for float64 inputs) logprobs [N] (differentiable) and entropy [N] (detached).
     Each chunk's logits are recomputed in backward, so memory holds one [chunk_size, V] float32 block.
     """
     _check_rows(hidden, labels, "hidden")

@@ -31,7 +31,7 @@ from pipeline.losses import LossOutput, dft_loss, gft_loss, sft_loss, token_logp
 
 __all__ = [
     "Example", "TokenBatch", "ScoredTokens", "StepTotals", "Objective", "TokenScorer", "Trainer",
-    "NonFiniteError", "collate_padded", "collate_packed", "plan_step", "make_trainer", "train_step", "fit",
+    "NonFiniteError", "collate_padded", "collate_packed", "plan_step", "make_trainer", "accumulate_gradients", "train_step", "fit",
     "gft_objective", "sft_objective", "dft_objective", "FitResult",
 ]
 
@@ -81,9 +81,14 @@ def _check_example(i: int, ex: Example) -> None:
         raise ValueError(f"example {i}: field 'prompt_ids' is empty (a response needs context to be predicted)")
     for name in ("advantage", "old_logprobs"):
         value = getattr(ex, name)
-        if value is not None and not isinstance(value, (int, float)) and len(value) != len(ex.response_ids):
-            raise ValueError(f"example {i}: field {name!r} has {len(value)} values for "
+        if value is None:
+            continue
+        values = [value] if isinstance(value, (int, float)) else list(value)
+        if not isinstance(value, (int, float)) and len(values) != len(ex.response_ids):
+            raise ValueError(f"example {i}: field {name!r} has {len(values)} values for "
                              f"{len(ex.response_ids)} response tokens")
+        if not all(math.isfinite(v) for v in values):
+            raise ValueError(f"example {i}: field {name!r} holds a NaN or inf")
 
 
 def _row_arrays(i: int, ex: Example) -> dict[str, list]:
@@ -348,9 +353,10 @@ class StepResult:
     metrics: dict[str, float]
 
 
-def train_step(trainer: Trainer, micro_batches: Sequence[TokenBatch], objective: Objective,
-               totals: StepTotals, *, max_grad_norm: float | None, step: int) -> StepResult:
-    """Forward/backward over the micro-batches (gradients synced on the last), clip, AdamW, schedule."""
+def accumulate_gradients(trainer: Trainer, micro_batches: Sequence[TokenBatch], objective: Objective,
+                         totals: StepTotals, *, step: int) -> tuple[Tensor, dict[str, Tensor]]:
+    """Forward/backward over this process's micro-batches, syncing gradients on the last one.
+    Returns the summed loss and token-weighted metric sums of this process."""
     acc, world = trainer.accelerator, trainer.accelerator.num_processes
     sums: dict[str, Tensor] = {}
     loss_sum = torch.zeros((), device=acc.device, dtype=torch.float64)
@@ -365,14 +371,21 @@ def train_step(trainer: Trainer, micro_batches: Sequence[TokenBatch], objective:
         loss_sum += out.loss.detach().double()
         for name, value in out.metrics.items():  # token-weighted, so micro-batch sizes do not matter
             sums[name] = sums.get(name, 0.0) + value.double() * scored.logprobs.numel()
-    grad_norm = acc.clip_grad_norm_(trainer.scorer.parameters(), max_grad_norm or float("inf"))
+    return loss_sum, sums
+
+
+def train_step(trainer: Trainer, micro_batches: Sequence[TokenBatch], objective: Objective,
+               totals: StepTotals, *, max_grad_norm: float | None, step: int) -> StepResult:
+    """One optimizer step: accumulate gradients, clip, AdamW, advance the schedule."""
+    loss_sum, sums = accumulate_gradients(trainer, micro_batches, objective, totals, step=step)
+    grad_norm = trainer.accelerator.clip_grad_norm_(trainer.scorer.parameters(), max_grad_norm or float("inf"))
     if not torch.isfinite(grad_norm):
         raise NonFiniteError(f"step {step}: non-finite gradient norm {float(grad_norm)}")
     lr = trainer.scheduler.get_last_lr()[0]
     trainer.optimizer.step()
     trainer.scheduler.step()
     trainer.optimizer.zero_grad(set_to_none=True)
-    return StepResult(metrics=_reduce_metrics(acc, loss_sum, sums, totals, grad_norm, lr))
+    return StepResult(metrics=_reduce_metrics(trainer.accelerator, loss_sum, sums, totals, grad_norm, lr))
 
 
 def _reduce_metrics(acc: Accelerator, loss_sum: Tensor, sums: dict[str, Tensor], totals: StepTotals,

@@ -1,0 +1,465 @@
+"""Benchmark: one GFT training step against one plain cross-entropy SFT step, same model, same batch.
+
+What it measures
+    A full optimizer step (forward, backward, AdamW, zero_grad) on a random-init Qwen2-style causal LM
+    (`transformers.Qwen2ForCausalLM` built from a `Qwen2Config`, no download) and one fixed batch of random
+    examples (prompt 16-64 tokens, response 32-192 tokens, random advantages), in four variants:
+
+      sft_plain    `model(input_ids, attention_mask, labels=labels)` with labels = -100 on prompt and pad
+                   positions (Hugging Face's own cross-entropy), `loss.backward()`, `optimizer.step()`.
+      gft          the library path: `make_trainer` + `plan_step` (padded `collate_padded`) + `train_step`
+                   with `gft_objective(tau=0.5)`.
+      gft_packed   the same with `TrainConfig(packing=True)` (`collate_packed`, no pad tokens).
+      sft_library  `train_step` with `sft_objective()`: the library plumbing with the SFT loss, so
+                   sft_library vs sft_plain isolates the plumbing and gft vs sft_library the loss.
+
+    Per variant: median step time over the timed steps (after warmup), tokens/s (all non-pad input tokens
+    of the batch, prompt + response, per step: the same numerator for every variant, so throughput ratios
+    are step-time ratios), response tokens/s, peak memory above the baseline taken right after model and
+    batch creation, and the ratios against sft_plain. Collation (building tensors from the example list)
+    is timed separately and is not part of the step time for any variant.
+
+    Every variant runs in its own subprocess (this script re-invoking itself with `--variant NAME`), so
+    peak memory is that variant's alone. On CPU the peak is the resident set size: a psutil sampling thread
+    (1 ms) during the warmup steps plus the process high-water mark `ru_maxrss` when it rose above its
+    value at the baseline; the sampler is off during the timed steps so it cannot perturb the timing.
+    On CUDA it is `torch.cuda.max_memory_allocated()` above the allocation at the baseline (stats reset at
+    the baseline), and the trainer's precision "auto" (bf16 autocast) is used, with the same autocast
+    for sft_plain. The variants run `--rounds` times, alternating the order (ABCD, DCBA, ...), and the
+    median is taken over the timed steps of all rounds, so drift in machine speed hits every variant.
+
+How to run
+    make bench                                   # = .venv/bin/python bench/train_step.py
+    .venv/bin/python bench/train_step.py --hidden 512 --layers 8 --batch 16 --steps 10 --device cuda
+    .venv/bin/python bench/train_step.py --help
+
+    Defaults (hidden 256, 4 layers, vocab 32000, batch 8, 1 thread) finish in about 1-2 minutes on a
+    2-core CPU. The vocabulary is large on purpose: the loss tail works on [tokens, vocab] logits.
+    Results are printed as a table and written as JSON (default bench/results/train_step.json).
+
+Goal
+    The GFT step (gft, gft_packed) at >= 0.95x the throughput of sft_plain and <= 1.05x its peak memory.
+    This is a benchmark, not a test: it reports the ratios and marks them ok/MISS, and always exits 0
+    unless a variant fails to run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import os
+import platform
+import resource
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+VARIANTS = ("sft_plain", "gft", "gft_packed", "sft_library")
+GOAL_THROUGHPUT = 0.95  # GFT tokens/s >= this x sft_plain
+GOAL_MEMORY = 1.05  # GFT peak memory <= this x sft_plain
+PAD_ID = 0
+MIB = 1024 * 1024
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--hidden", type=int, default=256, help="hidden size")
+    p.add_argument("--layers", type=int, default=4, help="decoder layers")
+    p.add_argument("--vocab", type=int, default=32000, help="vocabulary size")
+    p.add_argument("--intermediate", type=int, default=None, help="MLP size (default 4 * hidden)")
+    p.add_argument("--heads", type=int, default=None, help="attention heads (default hidden // 64)")
+    p.add_argument("--kv-heads", type=int, default=None, help="key/value heads (default heads // 2)")
+    p.add_argument("--batch", type=int, default=8, help="sequences per optimizer step (one micro-batch)")
+    p.add_argument("--steps", type=int, default=6, help="timed steps per variant per round")
+    p.add_argument("--warmup", type=int, default=2, help="untimed steps first (memory is sampled here)")
+    p.add_argument("--rounds", type=int, default=2, help="runs of every variant, order alternating")
+    p.add_argument("--threads", type=int, default=1, help="torch.set_num_threads in every subprocess")
+    p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
+    p.add_argument("--tau", type=float, default=0.5, help="GFT DCR threshold")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--variants", default=",".join(VARIANTS), help="comma-separated subset of " + ",".join(VARIANTS))
+    p.add_argument("--json", type=Path, default=ROOT / "bench" / "results" / "train_step.json",
+                   help="where to write the results")
+    p.add_argument("--variant", choices=VARIANTS, help=argparse.SUPPRESS)  # internal: run one variant
+    p.add_argument("--result-file", type=Path, help=argparse.SUPPRESS)  # internal: where it reports
+    args = p.parse_args(argv)
+    args.variants = [v.strip() for v in args.variants.split(",") if v.strip()]
+    unknown = sorted(set(args.variants) - set(VARIANTS))
+    if unknown:
+        p.error(f"unknown variants {unknown}; choose from {list(VARIANTS)}")
+    if args.warmup < 1 or args.steps < 1 or args.rounds < 1:
+        p.error("--warmup, --steps and --rounds must be >= 1 (warmup creates the AdamW state)")
+    return args
+
+
+# ---------------------------------------------------------------------------------------------------------
+# One variant, in its own process
+# ---------------------------------------------------------------------------------------------------------
+
+
+def _resolve_device(name: str):
+    import torch
+
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    if name == "cuda" and not torch.cuda.is_available():
+        raise SystemExit("--device cuda but torch.cuda.is_available() is False")
+    return torch.device(name)
+
+
+def build_model(args):
+    import torch
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    heads = args.heads or max(1, args.hidden // 64)
+    cfg = Qwen2Config(
+        vocab_size=args.vocab, hidden_size=args.hidden, intermediate_size=args.intermediate or 4 * args.hidden,
+        num_hidden_layers=args.layers, num_attention_heads=heads,
+        num_key_value_heads=args.kv_heads or max(1, heads // 2), max_position_embeddings=1024,
+        tie_word_embeddings=False, pad_token_id=PAD_ID, use_cache=False,
+    )
+    torch.manual_seed(args.seed)
+    model = Qwen2ForCausalLM(cfg)  # random init, float32
+    model.config._attn_implementation = "sdpa"
+    return model
+
+
+def build_examples(args):
+    import torch
+    from pipeline.training import Example
+
+    g = torch.Generator().manual_seed(args.seed + 1)
+
+    def ids(n: int) -> list[int]:
+        return torch.randint(1, args.vocab, (n,), generator=g).tolist()  # 0 is the pad id
+
+    examples = []
+    for _ in range(args.batch):
+        n_p = int(torch.randint(16, 65, (1,), generator=g))
+        n_r = int(torch.randint(32, 193, (1,), generator=g))
+        examples.append(Example(prompt_ids=ids(n_p), response_ids=ids(n_r),
+                                advantage=float(torch.randn((), generator=g))))
+    return examples
+
+
+def plain_batch(examples):
+    """Right-padded prompt+response rows, labels -100 on prompt and pad positions (HF shifts them itself)."""
+    import torch
+
+    width = max(len(e.prompt_ids) + len(e.response_ids) for e in examples)
+    input_ids = torch.full((len(examples), width), PAD_ID, dtype=torch.long)
+    attention_mask = torch.zeros((len(examples), width), dtype=torch.long)
+    labels = torch.full((len(examples), width), -100, dtype=torch.long)
+    for r, e in enumerate(examples):
+        n_p, n = len(e.prompt_ids), len(e.prompt_ids) + len(e.response_ids)
+        input_ids[r, :n] = torch.tensor(list(e.prompt_ids) + list(e.response_ids))
+        attention_mask[r, :n] = 1
+        labels[r, n_p:n] = input_ids[r, n_p:n]
+    return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
+
+
+def _rss() -> int:
+    import psutil
+
+    return psutil.Process().memory_info().rss
+
+
+def _maxrss() -> int:
+    kb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return kb if sys.platform == "darwin" else kb * 1024  # bytes on macOS, KiB on Linux
+
+
+class RssSampler:
+    """Highest RSS seen by a background thread sampling every `interval` seconds while running."""
+
+    def __init__(self, interval: float = 0.001):
+        self.interval, self.peak, self._stop = interval, 0, threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self) -> None:
+        import psutil
+
+        proc = psutil.Process()
+        while not self._stop.is_set():
+            self.peak = max(self.peak, proc.memory_info().rss)
+            time.sleep(self.interval)
+
+    def __enter__(self) -> RssSampler:
+        self.peak = _rss()
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        self._thread.join()
+        self.peak = max(self.peak, _rss())
+
+
+def run_variant(args) -> dict:
+    import torch
+
+    torch.set_num_threads(args.threads)
+    device = _resolve_device(args.device)
+    cuda = device.type == "cuda"
+    from pipeline.config import TrainConfig
+    from pipeline.training import (StepTotals, gft_objective, make_trainer, plan_step, sft_objective,
+                                   train_step)
+
+    model = build_model(args)
+    examples = build_examples(args)
+    n = len(examples)
+    cfg = TrainConfig(sequences_per_step=n, micro_batch_size=n, packing=args.variant == "gft_packed",
+                      precision="auto", seed=args.seed)
+
+    t0 = time.perf_counter()
+    if args.variant == "sft_plain":
+        batch = plain_batch(examples)
+    else:
+        micro, totals = plan_step(examples, list(range(n)), cfg, rank=0, world=1, pad_id=PAD_ID)
+    collate_ms = (time.perf_counter() - t0) * 1e3
+
+    if cuda:
+        model.to(device)
+    gc.collect()
+    # Baseline: model and batch exist; optimizer state, gradients and activations do not yet.
+    if cuda:
+        torch.cuda.synchronize()
+        base = torch.cuda.memory_allocated()
+        torch.cuda.reset_peak_memory_stats()
+    else:
+        base, base_hwm = _rss(), _maxrss()
+
+    if args.variant == "sft_plain":
+        model.train()
+        opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, betas=cfg.betas, eps=cfg.adam_eps,
+                                weight_decay=cfg.weight_decay)
+        batch = {k: v.to(device) for k, v in batch.items()}
+        autocast = (lambda: torch.autocast("cuda", dtype=torch.bfloat16)) if cuda else None
+        positions = batch["input_ids"].numel()
+
+        def step(i: int) -> float:
+            if autocast is None:
+                loss = model(**batch).loss
+            else:
+                with autocast():
+                    loss = model(**batch).loss
+            loss.backward()
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+            return float(loss.detach())
+    else:
+        trainer = make_trainer(model, cfg, total_steps=10_000)
+        torch.set_num_threads(args.threads)  # in case accelerate touched it
+        objective = gft_objective(tau=args.tau) if args.variant.startswith("gft") else sft_objective()
+        positions = sum(mb.input_ids.numel() for mb in micro)
+        assert isinstance(totals, StepTotals)
+
+        def step(i: int) -> float:
+            out = train_step(trainer, micro, objective, totals, max_grad_norm=cfg.max_grad_norm, step=i)
+            return out.metrics["loss"]
+
+    def sync() -> None:
+        if cuda:
+            torch.cuda.synchronize()
+
+    losses = []
+    sampler = None if cuda else RssSampler()
+    if sampler is not None:
+        sampler.__enter__()
+    try:
+        for i in range(args.warmup):
+            losses.append(step(i))
+        sync()
+    finally:
+        if sampler is not None:
+            sampler.__exit__(None, None, None)
+
+    times = []
+    for i in range(args.warmup, args.warmup + args.steps):
+        sync()
+        t = time.perf_counter()
+        losses.append(step(i))
+        sync()
+        times.append(time.perf_counter() - t)
+
+    if cuda:
+        peak, peak_source = torch.cuda.max_memory_allocated() - base, "cuda.max_memory_allocated"
+    else:
+        hwm = _maxrss()
+        peak, peak_source = sampler.peak - base, "rss sampler (warmup steps)"
+        if hwm > base_hwm and hwm - base > peak:
+            peak, peak_source = hwm - base, "ru_maxrss"
+
+    n_resp = sum(len(e.response_ids) for e in examples)
+    n_tok = sum(len(e.prompt_ids) + len(e.response_ids) for e in examples)
+    return {
+        "variant": args.variant, "device": str(device), "threads": torch.get_num_threads(),
+        "step_s": times, "collate_ms": collate_ms, "peak_bytes": int(peak), "peak_source": peak_source,
+        "baseline_bytes": int(base), "losses": losses, "tokens": n_tok, "response_tokens": n_resp,
+        "positions": int(positions),
+    }
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The driver: subprocesses, aggregation, table, JSON
+# ---------------------------------------------------------------------------------------------------------
+
+
+def _child_argv(args, variant: str, result: Path) -> list[str]:
+    argv = [sys.executable, str(Path(__file__).resolve()), "--variant", variant, "--result-file", str(result)]
+    for flag in ("hidden", "layers", "vocab", "intermediate", "heads", "kv_heads", "batch", "steps", "warmup",
+                 "threads", "device", "tau", "seed"):
+        value = getattr(args, flag)
+        if value is not None:
+            argv += [f"--{flag.replace('_', '-')}", str(value)]
+    return argv
+
+
+def run_all(args) -> dict:
+    env = dict(os.environ, OMP_NUM_THREADS=str(args.threads), MKL_NUM_THREADS=str(args.threads))
+    runs: dict[str, list[dict]] = {v: [] for v in args.variants}
+    with tempfile.TemporaryDirectory() as tmp:
+        for r in range(args.rounds):
+            order = args.variants if r % 2 == 0 else args.variants[::-1]
+            for v in order:
+                result = Path(tmp) / f"{v}-{r}.json"
+                t = time.perf_counter()
+                proc = subprocess.run(_child_argv(args, v, result), env=env, cwd=ROOT)
+                if proc.returncode != 0:
+                    raise SystemExit(f"variant {v} (round {r + 1}) failed with exit code {proc.returncode}")
+                runs[v].append(json.loads(result.read_text()))
+                print(f"  round {r + 1}/{args.rounds} {v:<12} done in {time.perf_counter() - t:5.1f} s",
+                      file=sys.stderr, flush=True)
+    return runs
+
+
+def summarize(args, runs: dict[str, list[dict]]) -> dict:
+    rows = {}
+    for v, rs in runs.items():
+        times = [t for r in rs for t in r["step_s"]]
+        med = statistics.median(times)
+        first = rs[0]
+        rows[v] = {
+            "step_ms_median": med * 1e3,
+            "step_ms_min": min(times) * 1e3,
+            "step_ms_max": max(times) * 1e3,
+            "step_ms_per_round": [statistics.median(r["step_s"]) * 1e3 for r in rs],
+            "tokens_per_s": first["tokens"] / med,
+            "response_tokens_per_s": first["response_tokens"] / med,
+            "peak_mib": max(r["peak_bytes"] for r in rs) / MIB,
+            "peak_mib_per_round": [r["peak_bytes"] / MIB for r in rs],
+            "peak_source": sorted({r["peak_source"] for r in rs}),
+            "baseline_mib": first["baseline_bytes"] / MIB,
+            "collate_ms": statistics.median(r["collate_ms"] for r in rs),
+            "first_loss": first["losses"][0],
+            "tokens_per_step": first["tokens"],
+            "response_tokens_per_step": first["response_tokens"],
+            "positions_per_step": first["positions"],
+            "device": first["device"],
+            "threads": first["threads"],
+        }
+    ref = rows.get("sft_plain")
+    for v, row in rows.items():
+        if ref is not None:
+            row["throughput_vs_sft_plain"] = ref["step_ms_median"] / row["step_ms_median"]
+            row["memory_vs_sft_plain"] = row["peak_mib"] / ref["peak_mib"] if ref["peak_mib"] > 0 else None
+        else:
+            row["throughput_vs_sft_plain"] = row["memory_vs_sft_plain"] = None
+    goal = {}
+    for v in ("gft", "gft_packed"):
+        if v in rows and ref is not None:
+            thr, mem = rows[v]["throughput_vs_sft_plain"], rows[v]["memory_vs_sft_plain"]
+            goal[v] = {"throughput_ok": thr >= GOAL_THROUGHPUT, "memory_ok": mem is not None and mem <= GOAL_MEMORY}
+    import torch
+    import transformers
+
+    return {
+        "benchmark": "bench/train_step.py",
+        "command": " ".join([Path(sys.executable).name, *sys.argv]),
+        "config": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()
+                   if k not in ("variant", "result_file")},
+        "goal": {"throughput_vs_sft_plain_min": GOAL_THROUGHPUT, "memory_vs_sft_plain_max": GOAL_MEMORY,
+                 "met": goal},
+        "environment": {"python": platform.python_version(), "torch": torch.__version__,
+                        "transformers": transformers.__version__, "machine": platform.machine(),
+                        "cpu_count": os.cpu_count(),
+                        "cuda_device": torch.cuda.get_device_name() if torch.cuda.is_available() else None},
+        "definitions": {
+            "tokens_per_s": "non-pad input tokens of the batch (prompt + response) / median step time",
+            "response_tokens_per_s": "response (loss) tokens / median step time",
+            "peak_mib": "peak memory above the baseline taken after model + batch creation "
+                        "(CPU: RSS; CUDA: max_memory_allocated)",
+            "step": "forward + backward + optimizer step + zero_grad; collation excluded (collate_ms)",
+        },
+        "results": rows,
+    }
+
+
+def _fmt_ratio(x: float | None) -> str:
+    return "-" if x is None else f"{x:.3f}x"
+
+
+def print_table(summary: dict) -> None:
+    rows = summary["results"]
+    c = summary["config"]
+    first = next(iter(rows.values()))
+    print(f"\nGFT vs SFT training step | Qwen2 hidden={c['hidden']} layers={c['layers']} vocab={c['vocab']} | "
+          f"batch={c['batch']} ({first['tokens_per_step']} tokens, {first['response_tokens_per_step']} response) | "
+          f"device={first['device']} threads={first['threads']} | {c['rounds']} rounds x {c['steps']} timed steps "
+          f"(+{c['warmup']} warmup)")
+    head = ("variant", "step ms", "min..max ms", "tok/s", "resp tok/s", "peak MiB", "thr/plain", "mem/plain",
+            "collate ms", "loss@0")
+    body = []
+    for v, r in rows.items():
+        body.append((v, f"{r['step_ms_median']:.1f}", f"{r['step_ms_min']:.0f}..{r['step_ms_max']:.0f}",
+                     f"{r['tokens_per_s']:.0f}", f"{r['response_tokens_per_s']:.0f}", f"{r['peak_mib']:.1f}",
+                     _fmt_ratio(r["throughput_vs_sft_plain"]), _fmt_ratio(r["memory_vs_sft_plain"]),
+                     f"{r['collate_ms']:.1f}", f"{r['first_loss']:.4f}"))
+    widths = [max(len(x[i]) for x in (head, *body)) for i in range(len(head))]
+    line = "  ".join("-" * w for w in widths)
+    fmt = lambda cells: "  ".join(s.ljust(w) if i == 0 else s.rjust(w) for i, (s, w) in enumerate(zip(cells, widths)))
+    print(line)
+    print(fmt(head))
+    print(line)
+    for b in body:
+        print(fmt(b))
+    print(line)
+    for v, g in summary["goal"]["met"].items():
+        r = rows[v]
+        print(f"goal {v}: throughput {_fmt_ratio(r['throughput_vs_sft_plain'])} (>= {GOAL_THROUGHPUT}) "
+              f"{'ok' if g['throughput_ok'] else 'MISS'}; peak memory {_fmt_ratio(r['memory_vs_sft_plain'])} "
+              f"(<= {GOAL_MEMORY}) {'ok' if g['memory_ok'] else 'MISS'}")
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
+    if args.variant is not None:
+        result = run_variant(args)
+        args.result_file.write_text(json.dumps(result))
+        return
+    t = time.perf_counter()
+    runs = run_all(args)
+    summary = summarize(args, runs)
+    summary["wall_s"] = time.perf_counter() - t
+    print_table(summary)
+    args.json.parent.mkdir(parents=True, exist_ok=True)
+    args.json.write_text(json.dumps({**summary, "runs": runs}, indent=2))
+    print(f"wrote {args.json} ({summary['wall_s']:.0f} s)")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,85 @@
+"""Float64 loop references: one Python loop per token, written from the formulas, not from the library."""
+
+import math
+
+import torch
+
+
+def gft_reference(logprobs, advantages, mask, *, tau, normalizer=None):
+    """sum over masked tokens of -A * C(p) * log p, C = p (detached) if p <= tau else 1, / normalizer."""
+    lp = logprobs.double()
+    total = torch.zeros((), dtype=torch.float64)
+    count = 0
+    for i in range(lp.shape[0]):
+        for t in range(lp.shape[1]):
+            if not mask[i, t]:
+                continue
+            a = float(advantages[i]) if advantages.dim() == 1 else float(advantages[i, t])
+            p = math.exp(lp[i, t].item())
+            c = p if p <= tau else 1.0
+            total = total - a * c * lp[i, t]
+            count += 1
+    return total / (count if normalizer is None else normalizer)
+
+
+def grpo_reference(logprobs, old_logprobs, advantages, mask, *, eps_low, eps_high, beta=0.0, ref_logprobs=None,
+                   aggregation="token_mean", normalizer=None):
+    lp = logprobs.double()
+    n, t_len = lp.shape
+    zero = 0.0 * lp.sum()  # keeps the graph connected when every token is clipped
+    seq_sums, seq_counts = [], []
+    for i in range(n):
+        s = zero
+        cnt = 0
+        for t in range(t_len):
+            if not mask[i, t]:
+                continue
+            a = float(advantages[i]) if advantages.dim() == 1 else float(advantages[i, t])
+            ratio = torch.exp(lp[i, t] - float(old_logprobs[i, t]))
+            r = ratio.item()
+            # clip() as a constant outside the range: its gradient is zero there
+            clipped = ratio if 1 - eps_low <= r <= 1 + eps_high else torch.tensor(min(max(r, 1 - eps_low), 1 + eps_high),
+                                                                                 dtype=torch.float64)
+            term = -(ratio * a) if ratio * a <= clipped * a else -(clipped * a)
+            if beta:
+                d = ref_logprobs[i, t].item() - lp[i, t]
+                term = term + beta * (torch.exp(d) - d - 1)
+            s = s + term
+            cnt += 1
+        seq_sums.append(s)
+        seq_counts.append(cnt)
+    if aggregation == "token_mean":
+        return sum(seq_sums) / (sum(seq_counts) if normalizer is None else normalizer)
+    if aggregation == "sequence_mean":
+        return sum(s / max(c, 1) for s, c in zip(seq_sums, seq_counts)) / (n if normalizer is None else normalizer)
+    return sum(seq_sums) / (n * t_len if normalizer is None else normalizer)
+
+
+def advantages_reference(rewards, group_ids, *, scale="group", baseline="mean", eps=1e-6):
+    r = [x for x in rewards]
+    out = [None] * len(r)
+    for g in dict.fromkeys(group_ids):
+        idx = [i for i, h in enumerate(group_ids) if h == g]
+        vals = [r[i] for i in idx]
+        n = len(vals)
+        if n == 1:
+            mean, std = 0.0, 1.0
+        else:
+            mean = sum(vals) / n
+            std = (sum((v - mean) ** 2 for v in vals) / (n - 1)) ** 0.5
+        for i in idx:
+            if baseline == "mean" or n == 1:
+                b = mean
+            else:
+                b = (sum(vals) - r[i]) / (n - 1)
+            out[i] = (r[i] - b) / (std + eps) if scale == "group" else (r[i] - b)
+    return out
+
+
+def token_stats_reference(hidden, weight, bias, labels):
+    """Full float64 log-softmax over the vocabulary: log p(label) and entropy per row."""
+    logits = hidden.double() @ weight.double().T
+    if bias is not None:
+        logits = logits + bias.double()
+    logp = torch.log_softmax(logits, -1)
+    return logp.gather(-1, labels[:, None]).squeeze(-1), -(logp.exp() * logp).sum(-1)

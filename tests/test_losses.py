@@ -1,0 +1,310 @@
+"""Every loss against its float64 loop reference (value and gradient), hand-derived cases, invariances."""
+
+import math
+
+import pytest
+import torch
+from torch.testing import assert_close
+
+from pipeline.advantages import group_advantages
+from pipeline.losses import dft_loss, gft_loss, grpo_loss, sft_loss, token_logprobs, token_logprobs_from_logits
+from tests.reference import gft_reference, grpo_reference, token_stats_reference
+
+SHAPES = [(1, 1), (3, 7), (8, 16)]
+
+
+def _inputs(shape, seed, per_token=False):
+    g = torch.Generator().manual_seed(seed)
+    n, t = shape
+    # log-probs spread over (-6, 0) so that p crosses every tau in the tests
+    logprobs = (-6 * torch.rand(n, t, generator=g, dtype=torch.float64)).requires_grad_()
+    advantages = torch.randn((n, t) if per_token else (n,), generator=g, dtype=torch.float64)
+    mask = torch.rand(n, t, generator=g) < 0.75
+    mask[:, 0] = True  # every row has a token
+    return logprobs, advantages, mask
+
+
+def _grad(loss, x):
+    (g,) = torch.autograd.grad(loss, x)
+    return g
+
+
+@pytest.mark.parametrize("shape", SHAPES)
+@pytest.mark.parametrize("seed", [0, 1, 2])
+@pytest.mark.parametrize("tau", [0.0, 0.1, 0.5, 0.7, 2.0])
+@pytest.mark.parametrize("per_token", [False, True])
+@pytest.mark.parametrize("normalizer", [None, 37.0])
+def test_gft_matches_reference(shape, seed, tau, per_token, normalizer):
+    lp, adv, mask = _inputs(shape, seed, per_token)
+    out = gft_loss(lp, adv, mask, tau=tau, normalizer=normalizer)
+    ref = gft_reference(lp, adv, mask, tau=tau, normalizer=normalizer)
+    assert_close(out.loss, ref, rtol=1e-12, atol=1e-12)
+    assert_close(_grad(out.loss, lp), _grad(ref, lp), rtol=1e-12, atol=1e-12)
+    p = lp.detach().exp()[mask]
+    assert out.metrics["rectified_frac"].item() == pytest.approx(float((p <= tau).double().mean()))
+
+
+def test_gft_float32_close_to_float64_reference():
+    lp, adv, mask = _inputs((8, 16), 5)
+    lp32 = lp.detach().float().requires_grad_()
+    out = gft_loss(lp32, adv.float(), mask, tau=0.5)
+    ref = gft_reference(lp, adv, mask, tau=0.5)
+    assert_close(out.loss.double(), ref, rtol=1e-5, atol=1e-6)
+    assert_close(_grad(out.loss, lp32).double(), _grad(ref, lp), rtol=1e-5, atol=1e-6)
+
+
+def test_p_exactly_at_tau_is_rectified():
+    # p = 0.5 = tau: C = sg(p) = 0.5, so loss = -A * 0.5 * log 0.5 and d loss / d log p = -A * 0.5.
+    lp = torch.tensor([[math.log(0.5)]], dtype=torch.float64, requires_grad=True)
+    assert math.exp(lp.item()) == 0.5
+    out = gft_loss(lp, torch.tensor([2.0], dtype=torch.float64), torch.ones(1, 1, dtype=torch.bool), tau=0.5)
+    assert out.loss.item() == pytest.approx(-2.0 * 0.5 * math.log(0.5))  # = 0.6931...
+    assert _grad(out.loss, lp).item() == pytest.approx(-1.0)
+    assert out.metrics["rectified_frac"].item() == 1.0
+    # p = 0.6 > tau: C = 1, loss = -A log 0.6, gradient -A = -2.
+    lp2 = torch.tensor([[math.log(0.6)]], dtype=torch.float64, requires_grad=True)
+    out2 = gft_loss(lp2, torch.tensor([2.0], dtype=torch.float64), torch.ones(1, 1, dtype=torch.bool), tau=0.5)
+    assert out2.loss.item() == pytest.approx(-2.0 * math.log(0.6))
+    assert _grad(out2.loss, lp2).item() == pytest.approx(-2.0)
+    assert out2.metrics["coef_mean"].item() == 1.0
+
+
+def test_all_equal_group_has_zero_advantage_and_zero_gradient():
+    # Rewards [1, 1, 1, 1]: mean 1, std 0, A = 0 / (0 + 1e-6) = 0 for every member, expert included.
+    adv = group_advantages(torch.ones(4, dtype=torch.float64), ["x"] * 4).advantages
+    assert torch.equal(adv, torch.zeros(4, dtype=torch.float64))
+    lp, _, mask = _inputs((4, 5), 0)
+    out = gft_loss(lp, adv, mask, tau=0.5)
+    assert out.loss.item() == 0.0
+    assert torch.count_nonzero(_grad(out.loss, lp)) == 0
+
+
+def test_singleton_group_uses_the_reward_as_advantage():
+    # One member with R = 1: mean 0, std 1, A = 1 / (1 + 1e-6); with tau = 0 this is SFT up to that factor.
+    adv = group_advantages(torch.tensor([1.0], dtype=torch.float64), ["solo"]).advantages
+    assert adv.item() == pytest.approx(1.0 / (1 + 1e-6), rel=1e-12)
+    lp, _, mask = _inputs((1, 6), 3)
+    assert_close(gft_loss(lp, adv, mask, tau=0.0).loss, sft_loss(lp, mask).loss / (1 + 1e-6))
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_dft_is_detached_probability_times_nll_per_token(seed):
+    lp, _, mask = _inputs((4, 9), seed)
+    for i, t in mask.nonzero().tolist():  # one token at a time: exactly -exp(logp).detach() * logp
+        one = torch.zeros_like(mask)
+        one[i, t] = True
+        out = dft_loss(lp, one)
+        expected = -lp[i, t].detach().exp() * lp[i, t]
+        assert_close(out.loss, expected, rtol=1e-13, atol=0)
+        assert_close(_grad(out.loss, lp)[i, t], -lp[i, t].detach().exp(), rtol=1e-13, atol=0)
+    total = dft_loss(lp, mask, normalizer=1.0).loss
+    assert_close(total, (-lp.detach().exp() * lp)[mask].sum())
+
+
+def test_sft_is_mean_negative_log_likelihood():
+    lp, _, mask = _inputs((5, 8), 4)
+    out = sft_loss(lp, mask)
+    assert_close(out.loss, -lp[mask].mean())
+    assert_close(_grad(out.loss, lp), -mask.double() / mask.sum())
+    assert out.metrics["rectified_frac"].item() == 0.0
+
+
+def test_gft_without_dcr_is_advantage_weighted_nll():
+    lp, adv, mask = _inputs((6, 7), 8)
+    out = gft_loss(lp, adv, mask, tau=0.0)
+    assert_close(out.loss, (-adv[:, None] * lp)[mask].sum() / mask.sum())
+
+
+def test_appending_masked_tokens_changes_nothing():
+    lp, adv, mask = _inputs((4, 6), 11)
+    garbage = torch.tensor([[-math.inf, math.nan, -3.0]] * 4, dtype=torch.float64)
+    lp_long = torch.cat([lp.detach(), garbage], dim=1).requires_grad_()
+    mask_long = torch.cat([mask, torch.zeros(4, 3, dtype=torch.bool)], dim=1)
+    for tau in (0.0, 0.5, 2.0):
+        short = gft_loss(lp, adv, mask, tau=tau)
+        long = gft_loss(lp_long, adv, mask_long, tau=tau)
+        assert_close(long.loss, short.loss, rtol=0, atol=0)
+        g = _grad(long.loss, lp_long)
+        assert_close(g[:, :6], _grad(short.loss, lp), rtol=0, atol=0)
+        assert torch.count_nonzero(g[:, 6:]) == 0
+        for name, value in short.metrics.items():
+            assert_close(long.metrics[name], value)
+
+
+def test_permuting_members_within_a_group_changes_nothing():
+    g = torch.Generator().manual_seed(0)
+    rewards = torch.randint(0, 2, (8,), generator=g).double()
+    groups = ["a"] * 4 + ["b"] * 4
+    lp, _, mask = _inputs((8, 5), 2)
+    perm = torch.tensor([2, 0, 3, 1, 7, 5, 4, 6])  # within a: 0-3, within b: 4-7
+    adv = group_advantages(rewards, groups).advantages
+    adv_p = group_advantages(rewards[perm], [groups[i] for i in perm]).advantages
+    assert_close(adv_p, adv[perm])
+    lp_p = lp.detach()[perm].requires_grad_()
+    out, out_p = gft_loss(lp, adv, mask, tau=0.5), gft_loss(lp_p, adv_p, mask[perm], tau=0.5)
+    assert_close(out_p.loss, out.loss, rtol=1e-14, atol=0)
+    assert_close(_grad(out_p.loss, lp_p), _grad(out.loss, lp)[perm], rtol=1e-14, atol=0)
+
+
+@pytest.mark.parametrize("loss_fn", ["gft", "grpo"])
+def test_micro_batches_with_global_normalizer_equal_one_batch(loss_fn):
+    lp, adv, mask = _inputs((8, 10), 9)
+    old = lp.detach() + 0.3 * torch.randn(8, 10, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
+
+    def run(rows, normalizer):
+        if loss_fn == "gft":
+            return gft_loss(lp[rows], adv[rows], mask[rows], tau=0.5, normalizer=normalizer).loss
+        return grpo_loss(lp[rows], old[rows], adv[rows], mask[rows], eps_low=0.2, eps_high=0.28,
+                         normalizer=normalizer).loss
+
+    whole = _grad(run(slice(0, 8), None), lp)
+    total = int(mask.sum())
+    parts = sum(_grad(run(slice(s, s + 2), total), lp) for s in range(0, 8, 2))
+    assert_close(parts, whole, rtol=1e-6, atol=1e-15)
+
+
+def test_shape_errors_name_both_shapes():
+    lp = torch.zeros(3, 4)
+    with pytest.raises(ValueError, match=r"mask shape \(3, 5\).*logprobs shape \(3, 4\)"):
+        gft_loss(lp, torch.zeros(3), torch.ones(3, 5, dtype=torch.bool), tau=0.5)
+    with pytest.raises(ValueError, match=r"advantages shape \(2,\).*logprobs shape \(3, 4\)"):
+        gft_loss(lp, torch.zeros(2), torch.ones(3, 4, dtype=torch.bool), tau=0.5)
+    with pytest.raises(ValueError, match=r"old_logprobs shape \(3, 3\).*logprobs shape \(3, 4\)"):
+        grpo_loss(lp, torch.zeros(3, 3), torch.zeros(3), torch.ones(3, 4, dtype=torch.bool), eps_low=0.2, eps_high=0.2)
+
+
+# --------------------------------------------------------------------------------------------- GRPO
+
+
+@pytest.mark.parametrize("shape", SHAPES)
+@pytest.mark.parametrize("seed", [0, 1, 2])
+@pytest.mark.parametrize("aggregation", ["token_mean", "sequence_mean", "constant"])
+@pytest.mark.parametrize("beta", [0.0, 0.04])
+@pytest.mark.parametrize("normalizer", [None, 13.0])
+def test_grpo_matches_reference(shape, seed, aggregation, beta, normalizer):
+    lp, adv, mask = _inputs(shape, seed)
+    g = torch.Generator().manual_seed(seed + 100)
+    old = lp.detach() + 0.4 * torch.randn(shape, generator=g, dtype=torch.float64)  # ratios well outside the clip
+    ref_lp = lp.detach() + 0.2 * torch.randn(shape, generator=g, dtype=torch.float64)
+    kw = dict(eps_low=0.2, eps_high=0.28, beta=beta, ref_logprobs=ref_lp, aggregation=aggregation,
+              normalizer=normalizer)
+    out = grpo_loss(lp, old, adv, mask, **kw)
+    ref = grpo_reference(lp, old, adv, mask, **kw)
+    assert_close(out.loss, ref, rtol=1e-12, atol=1e-12)
+    assert_close(_grad(out.loss, lp), _grad(ref, lp), rtol=1e-12, atol=1e-12)
+
+
+CLIP_CASES = [
+    # (log ratio, A, loss, d loss / d logp, low clipped, high clipped); eps_low 0.2, eps_high 0.28
+    # r = e^0.1 = 1.105 inside [0.8, 1.28]: loss -r A, gradient -r A
+    (0.1, 1.0, -math.exp(0.1), -math.exp(0.1), 0, 0),
+    # r = e^0.5 = 1.649 > 1.28 with A > 0: min(1.649, 1.28) = 1.28 is the clipped constant, gradient 0
+    (0.5, 1.0, -1.28, 0.0, 0, 1),
+    # r = 1.649 > 1.28 with A < 0: min(-1.649, -1.28) = -1.649 unclipped, loss 1.649, gradient -r A = 1.649
+    (0.5, -1.0, math.exp(0.5), math.exp(0.5), 0, 0),
+    # r = e^-0.5 = 0.607 < 0.8 with A < 0: min(-0.607, -0.8) = -0.8 clipped, loss 0.8, gradient 0
+    (-0.5, -1.0, 0.8, 0.0, 1, 0),
+    # r = 0.607 < 0.8 with A > 0: min(0.607, 0.8) = 0.607 unclipped, loss -0.607, gradient -0.607
+    (-0.5, 1.0, -math.exp(-0.5), -math.exp(-0.5), 0, 0),
+]
+
+
+@pytest.mark.parametrize("log_ratio,adv,loss,grad,low,high", CLIP_CASES)
+def test_grpo_clip_cases(log_ratio, adv, loss, grad, low, high):
+    lp = torch.tensor([[-1.0]], dtype=torch.float64, requires_grad=True)
+    old = torch.tensor([[-1.0 - log_ratio]], dtype=torch.float64)
+    out = grpo_loss(lp, old, torch.tensor([adv], dtype=torch.float64), torch.ones(1, 1, dtype=torch.bool),
+                    eps_low=0.2, eps_high=0.28)
+    assert out.loss.item() == pytest.approx(loss, rel=1e-12)
+    assert _grad(out.loss, lp).item() == pytest.approx(grad, rel=1e-12, abs=1e-15)
+    assert out.metrics["clip_ratio/low_mean"].item() == low
+    assert out.metrics["clip_ratio/high_mean"].item() == high
+    assert out.metrics["clip_ratio/region_mean"].item() == max(low, high)
+
+
+def test_grpo_on_policy_is_the_policy_gradient():
+    # num_iterations = 1: old = current (detached), so r = 1 exactly and grad = grad of -sum(A log p) / N.
+    lp, adv, mask = _inputs((6, 9), 21)
+    out = grpo_loss(lp, lp.detach(), adv, mask, eps_low=0.2, eps_high=0.28)
+    assert out.metrics["ratio_mean"].item() == 1.0
+    assert out.metrics["clip_ratio/region_mean"].item() == 0.0
+    pg = (-adv[:, None] * lp)[mask].sum() / mask.sum()
+    assert_close(out.loss, -adv[:, None].expand_as(lp)[mask].mean(), rtol=1e-14, atol=1e-14)
+    assert_close(_grad(out.loss, lp), _grad(pg, lp), rtol=1e-14, atol=1e-15)
+
+
+def test_grpo_k3_kl_value():
+    # logp = -1, ref = -1.5: d = ref - logp = -0.5, k3 = e^-0.5 + 0.5 - 1 = 0.10653; A = 0 isolates the KL term.
+    lp = torch.tensor([[-1.0]], dtype=torch.float64, requires_grad=True)
+    out = grpo_loss(lp, lp.detach(), torch.zeros(1, dtype=torch.float64), torch.ones(1, 1, dtype=torch.bool),
+                    eps_low=0.2, eps_high=0.2, beta=0.5, ref_logprobs=torch.tensor([[-1.5]], dtype=torch.float64))
+    k3 = math.exp(-0.5) + 0.5 - 1
+    assert out.metrics["kl"].item() == pytest.approx(k3)
+    assert out.loss.item() == pytest.approx(0.5 * k3)
+    # d k3 / d logp = -e^d + 1 = 1 - e^-0.5
+    assert _grad(out.loss, lp).item() == pytest.approx(0.5 * (1 - math.exp(-0.5)))
+    with pytest.raises(ValueError, match="ref_logprobs"):
+        grpo_loss(lp, lp.detach(), torch.zeros(1), torch.ones(1, 1, dtype=torch.bool), eps_low=0.2, eps_high=0.2,
+                  beta=0.1)
+
+
+# --------------------------------------------------------------------------------------------- token log-probs
+
+
+@pytest.mark.parametrize("chunk_size", [1, 3, 7, 1000])
+@pytest.mark.parametrize("with_bias", [False, True])
+def test_token_logprobs_from_hidden_match_full_log_softmax(chunk_size, with_bias):
+    g = torch.Generator().manual_seed(chunk_size)
+    hidden = torch.randn(13, 8, generator=g, dtype=torch.float64, requires_grad=True)
+    weight = torch.randn(29, 8, generator=g, dtype=torch.float64, requires_grad=True)
+    bias = torch.randn(29, generator=g, dtype=torch.float64, requires_grad=True) if with_bias else None
+    labels = torch.randint(0, 29, (13,), generator=g)
+    stats = token_logprobs(hidden, weight, labels, bias=bias, chunk_size=chunk_size)
+    ref_lp, ref_ent = token_stats_reference(hidden, weight, bias, labels)
+    assert_close(stats.logprobs, ref_lp, rtol=1e-12, atol=1e-12)
+    assert_close(stats.entropy, ref_ent.detach(), rtol=1e-12, atol=1e-12)
+    assert not stats.entropy.requires_grad
+    upstream = torch.randn(13, generator=g, dtype=torch.float64)
+    params = [hidden, weight] + ([bias] if with_bias else [])
+    got = torch.autograd.grad((stats.logprobs * upstream).sum(), params)
+    want = torch.autograd.grad((ref_lp * upstream).sum(), params)
+    for a, b in zip(got, want):
+        assert_close(a, b, rtol=1e-12, atol=1e-12)
+
+
+def test_token_logprobs_from_logits_bf16_close_to_float32():
+    g = torch.Generator().manual_seed(0)
+    logits = torch.randn(10, 50, generator=g)
+    labels = torch.randint(0, 50, (10,), generator=g)
+    ref = torch.log_softmax(logits.double(), -1).gather(-1, labels[:, None]).squeeze(-1)
+    lb = logits.bfloat16().requires_grad_()
+    stats = token_logprobs_from_logits(lb, labels, chunk_size=4)
+    assert stats.logprobs.dtype == torch.float32  # upcast per chunk
+    assert_close(stats.logprobs.double(), ref, rtol=0, atol=0.05)
+    exact = token_logprobs_from_logits(logits.double(), labels, chunk_size=3)
+    assert_close(exact.logprobs, ref, rtol=1e-12, atol=1e-12)
+
+
+def test_no_full_vocab_float32_tensor_is_saved_for_backward():
+    # Record every tensor autograd saves for backward: none may be as large as [N, V] when chunking.
+    n, h, v, chunk = 64, 16, 500, 16
+    g = torch.Generator().manual_seed(0)
+    hidden = torch.randn(n, h, generator=g, requires_grad=True)
+    weight = torch.randn(v, h, generator=g, requires_grad=True)
+    labels = torch.randint(0, v, (n,), generator=g)
+    saved = []
+
+    def pack(t):
+        saved.append(t.numel())
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        stats = token_logprobs(hidden, weight, labels, chunk_size=chunk)
+    assert saved and max(saved) < n * v / 2, f"a saved tensor has {max(saved)} elements (full logits: {n * v})"
+    stats.logprobs.sum().backward()  # recomputation in backward works
+    assert hidden.grad is not None and weight.grad is not None
+    # The hook does see an unchunked log-softmax's [N, V] output, so the check above can fail.
+    saved.clear()
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        torch.log_softmax(hidden @ weight.T, -1)
+    assert max(saved) >= n * v

@@ -1,0 +1,206 @@
+"""The training loop: packing, fused log-probs, accumulation, data parallelism, resume, bad input."""
+
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from torch.testing import assert_close
+
+from pipeline.config import TrainConfig
+from pipeline.training import (
+    Example, NonFiniteError, StepTotals, TokenScorer, accumulate_gradients, collate_packed, collate_padded,
+    fit, gft_objective, make_trainer, plan_step, save_model, sft_objective, step_order,
+)
+from tests.conftest import PAD, random_examples, tiny_lm
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _score(scorer, batch):
+    return scorer(input_ids=batch.input_ids, position_ids=batch.position_ids, attention_mask=batch.attention_mask,
+                  targets=batch.targets, loss_mask=batch.loss_mask)[0]
+
+
+def _reference_logprobs(model, examples, indices):
+    """One example at a time, no padding, full logits: the plainest possible computation."""
+    out = []
+    for i in indices:
+        ex = examples[i]
+        ids = torch.tensor([list(ex.prompt_ids) + list(ex.response_ids)])
+        logp = torch.log_softmax(model(ids).logits[0, :-1].double(), -1)
+        tgt = ids[0, 1:]
+        out.append(logp.gather(-1, tgt[:, None]).squeeze(-1)[-len(ex.response_ids):])
+    return torch.cat(out)
+
+
+@pytest.mark.parametrize("kind", ["qwen2", "llama"])
+def test_padded_packed_fused_and_logits_paths_agree(kind):
+    model = tiny_lm(kind, dtype=torch.float64)
+    examples = random_examples(7, seed=1)
+    idx = list(range(7))
+    ref = _reference_logprobs(model, examples, idx)
+    padded, packed = collate_padded(examples, idx, PAD), collate_packed(examples, idx, PAD, max_tokens=30)
+    assert len(packed) > 1 and all(b.input_ids.shape[0] == 1 for b in packed)
+    assert (padded.input_ids == PAD).any()  # the padded batch does have pad positions
+    for fused in (True, False):
+        scorer = TokenScorer(model, chunk_size=5, fused=fused)
+        assert_close(_score(scorer, padded), ref, rtol=1e-10, atol=1e-10)
+        assert_close(torch.cat([_score(scorer, b) for b in packed]), ref, rtol=1e-10, atol=1e-10)
+
+
+def _grads(model, examples, cfg):
+    trainer = make_trainer(model, cfg, total_steps=1)
+    idx = step_order(len(examples), 0, cfg.sequences_per_step, cfg.seed)
+    micro, totals = plan_step(examples, idx, cfg, rank=0, world=1, pad_id=PAD)
+    accumulate_gradients(trainer, micro, gft_objective(tau=0.5), totals, step=0)
+    return [p.grad.clone() for p in trainer.model.parameters()], len(micro)
+
+
+def test_one_batch_of_8_equals_4_micro_batches_of_2_and_packing():
+    examples = random_examples(8, seed=3, per_token=True)
+    base = TrainConfig(sequences_per_step=8, micro_batch_size=8)
+    g8, n8 = _grads(tiny_lm(dtype=torch.float64), examples, base)
+    g2, n2 = _grads(tiny_lm(dtype=torch.float64), examples, base.model_copy(update={"micro_batch_size": 2}))
+    gp, np_ = _grads(tiny_lm(dtype=torch.float64), examples,
+                     base.model_copy(update={"packing": True, "micro_batch_tokens": 20}))
+    assert (n8, n2) == (1, 4) and np_ > 1
+    for a, b, c in zip(g8, g2, gp):
+        scale = a.abs().max().clamp_min(1e-30)
+        assert ((a - b).abs().max() / scale) < 1e-6
+        assert ((a - c).abs().max() / scale) < 1e-6
+    assert any(g.abs().sum() > 0 for g in g8)
+
+
+def test_gradient_checkpointing_gives_the_same_gradients():
+    examples = random_examples(4, seed=2)
+    cfg = TrainConfig(sequences_per_step=4, micro_batch_size=4)
+    plain, _ = _grads(tiny_lm(dtype=torch.float64), examples, cfg)
+    ckpt, _ = _grads(tiny_lm(dtype=torch.float64), examples, cfg.model_copy(update={"gradient_checkpointing": True}))
+    for a, b in zip(plain, ckpt):
+        assert_close(a, b, rtol=1e-9, atol=1e-12)
+
+
+def test_sft_fit_learns_a_fixed_mapping():
+    # Two fixed prompt -> response pairs: the NLL must fall well below its start.
+    examples = [Example([5, 6, 7], [10, 11, 12, 2]), Example([8, 9], [20, 21, 2])] * 4
+    cfg = TrainConfig(lr=3e-2, num_steps=25, sequences_per_step=8, micro_batch_size=4)
+    result = fit(tiny_lm(), examples, sft_objective(), cfg, pad_id=PAD, progress_bar=False)
+    first, last = result.history[0]["loss"], result.history[-1]["loss"]
+    assert last < 0.3 * first, (first, last)
+    assert result.history[0]["lr"] == pytest.approx(3e-2)
+
+
+def test_cosine_schedule_with_warmup():
+    cfg = TrainConfig(lr=1.0, num_steps=6, warmup_steps=2, schedule="cosine", sequences_per_step=2,
+                      micro_batch_size=2)
+    result = fit(tiny_lm(), random_examples(4), sft_objective(), cfg, pad_id=PAD, progress_bar=False)
+    lrs = [h["lr"] for h in result.history]
+    # warmup 0, 0.5, then cosine from 1 over the remaining 4 steps: 1, cos^2-shaped 0.854, 0.5, 0.146
+    assert lrs == pytest.approx([0.0, 0.5, 1.0, 0.853553, 0.5, 0.146447], abs=1e-5)
+
+
+def test_resume_is_exact(tmp_path):
+    # 2N straight against N, a stop, and N resumed (with dropout, so the RNG state matters too).
+    examples = random_examples(20, seed=4)
+    cfg = TrainConfig(lr=5e-3, num_steps=6, sequences_per_step=4, micro_batch_size=2, schedule="cosine",
+                      warmup_steps=2, seed=3)
+    objective = gft_objective(tau=0.5)
+    straight = fit(tiny_lm(dropout=0.3), examples, objective, cfg, pad_id=PAD, progress_bar=False)
+    ckpt = tmp_path / "ckpt"
+    first = fit(tiny_lm(dropout=0.3), examples, objective, cfg, pad_id=PAD, checkpoint_dir=ckpt,
+                stop_at_step=3, progress_bar=False)
+    assert first.checkpoint.name == "step-00000003" and len(first.history) == 3
+    resumed = fit(tiny_lm(seed=99, dropout=0.3), examples, objective, cfg, pad_id=PAD, checkpoint_dir=ckpt,
+                  progress_bar=False)
+    assert [h["step"] for h in resumed.history] == [4.0, 5.0, 6.0]
+    assert [h["loss"] for h in resumed.history] == [h["loss"] for h in straight.history[3:]]
+    for (name, a), b in zip(straight.trainer.model.state_dict().items(), resumed.trainer.model.state_dict().values()):
+        assert torch.equal(a, b), name
+    assert sorted(p.name for p in ckpt.iterdir()) == ["step-00000006"]  # keep_checkpoints=1, no temp folders
+
+
+def test_save_model_round_trips(tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    cfg = TrainConfig(lr=1e-2, num_steps=2, sequences_per_step=4, micro_batch_size=4)
+    result = fit(tiny_lm(), random_examples(8), sft_objective(), cfg, pad_id=PAD, progress_bar=False)
+    path = save_model(result.trainer, tmp_path / "model")
+    loaded = AutoModelForCausalLM.from_pretrained(path)
+    for a, b in zip(result.trainer.model.state_dict().values(), loaded.state_dict().values()):
+        assert torch.equal(a, b)
+    assert not list(tmp_path.glob(".tmp-*"))
+
+
+def test_nan_logits_name_the_step_and_rows():
+    model = tiny_lm("llama")  # untied: a NaN input embedding must not also poison the output projection
+    bad_token = 40
+    with torch.no_grad():
+        model.get_input_embeddings().weight[bad_token] = float("nan")
+    examples = [Example([3, 4], [5, 6])] * 6 + [Example([bad_token, 4], [5, 6]), Example([3, 4], [5, 6])]
+    cfg = TrainConfig(num_steps=1, sequences_per_step=8, micro_batch_size=8)
+    with pytest.raises(NonFiniteError, match=r"step 0: non-finite log-probs in example rows \[6\]"):
+        fit(model, examples, sft_objective(), cfg, pad_id=PAD, progress_bar=False)
+
+
+def test_nan_loss_names_the_rows():
+    def bad_objective(scored, totals):
+        out = sft_objective()(scored, totals)
+        return type(out)(loss=out.loss * float("nan"), metrics=out.metrics)
+
+    cfg = TrainConfig(num_steps=1, sequences_per_step=2, micro_batch_size=2)
+    with pytest.raises(NonFiniteError, match=r"step 0: non-finite loss in example rows \[0, 1\]"):
+        fit(tiny_lm(), random_examples(2), bad_objective, cfg, pad_id=PAD, progress_bar=False)
+
+
+@pytest.mark.parametrize("example,message", [
+    (Example([1], []), "example 1: field 'response_ids' is empty"),
+    (Example([], [3]), "example 1: field 'prompt_ids' is empty"),
+    (Example([1], [3, 4], [0.5]), "example 1: field 'advantage' has 1 values for 2 response tokens"),
+    (Example([1], [3], float("nan")), "example 1: field 'advantage' holds a NaN"),
+])
+def test_bad_examples_are_named(example, message):
+    cfg = TrainConfig(num_steps=1, sequences_per_step=2, micro_batch_size=2)
+    with pytest.raises(ValueError, match=message):
+        fit(tiny_lm(), [Example([1], [3]), example], sft_objective(), cfg, pad_id=PAD, progress_bar=False)
+
+
+def test_step_plan_totals_are_global():
+    examples = random_examples(10, seed=8)
+    cfg = TrainConfig(sequences_per_step=6, micro_batch_size=2)
+    idx = step_order(10, 0, 6, 0)
+    parts = [plan_step(examples, idx, cfg, rank=r, world=2, pad_id=PAD) for r in (0, 1)]
+    want = StepTotals(tokens=sum(len(examples[i].response_ids) for i in idx), sequences=6)
+    assert parts[0][1] == parts[1][1] == want
+    assert sum(b.num_tokens for p in parts for b in p[0]) == want.tokens
+    # every example appears once per epoch, in a seed-dependent order
+    epoch = sum((step_order(10, s, 5, 0) for s in range(2)), [])
+    assert sorted(epoch) == list(range(10)) and epoch != step_order(10, 0, 10, 1)
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("packing", ["padded", "packed"])
+def test_two_processes_equal_one(tmp_path, packing):
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+    one, two = tmp_path / "one.pt", tmp_path / "two.pt"
+    subprocess.run([sys.executable, str(ROOT / "tests/dist_worker.py"), str(one), packing], check=True, env=env,
+                   timeout=300)
+    torchrun = Path(sys.executable).with_name("torchrun")
+    subprocess.run([str(torchrun), "--nproc_per_node", "2", "--master_addr", "127.0.0.1", "--master_port",
+                    str(_free_port()), str(ROOT / "tests/dist_worker.py"), str(two), packing],
+                   check=True, env=env, timeout=300)
+    a, b = torch.load(one), torch.load(two)
+    assert (a["world"], b["world"]) == (1, 2)
+    for name, p in a["params"].items():
+        assert_close(b["params"][name], p, rtol=1e-10, atol=1e-12, msg=name)
+    assert [h["loss"] for h in b["history"]] == pytest.approx([h["loss"] for h in a["history"]], rel=1e-10)
+    assert a["params"]["model.embed_tokens.weight"].ne(tiny_lm(dtype=torch.float64).model.embed_tokens.weight).any()
