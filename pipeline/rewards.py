@@ -40,16 +40,27 @@ class RewardError(RuntimeError):
 
 
 _BOXED = re.compile(r"\\(?:boxed|fbox)\s*\{")
+_BRACE = re.compile(r"[{}]")
 
 
 def last_boxed(text: str) -> str | None:
-    """Content of the last `\\boxed{...}` (or `\\fbox{...}`) with balanced braces, or None."""
-    for match in reversed(list(_BOXED.finditer(text))):
-        depth, start = 1, match.end()
-        for i in range(start, len(text)):
-            depth += {"{": 1, "}": -1}.get(text[i], 0)
-            if depth == 0:
-                return text[start:i].strip()
+    """Content of the last `\\boxed{...}` (or `\\fbox{...}`) with balanced braces, or None.
+
+    One pass over the braces, so it stays linear on adversarial text (thousands of unclosed `\\boxed{`)."""
+    starts = [match.end() for match in _BOXED.finditer(text)]
+    if not starts:
+        return None
+    closing: dict[int, int] = {}  # position of each "{" -> position of its matching "}"
+    stack: list[int] = []
+    for brace in _BRACE.finditer(text, starts[0] - 1):
+        if brace.group() == "{":
+            stack.append(brace.start())
+        elif stack:
+            closing[stack.pop()] = brace.start()
+    for start in reversed(starts):
+        end = closing.get(start - 1)
+        if end is not None:
+            return text[start:end].strip()
     return None
 
 
@@ -79,7 +90,11 @@ def math_answer(response: str, row: Mapping[str, Any], *, timeout_s: int = 3) ->
 
 
 def _normalize(text: str) -> str:
-    return " ".join(text.strip().strip("$").split()).rstrip(".").lower()
+    text = " ".join(text.split()).lower()
+    previous = None
+    while text != previous:  # "$42$." and "$42.$" both end as "42"
+        previous, text = text, text.strip().strip("$").rstrip(".").strip()
+    return text
 
 
 def exact_match(response: str, row: Mapping[str, Any]) -> float:
@@ -108,8 +123,17 @@ def resolve_reward(spec: str) -> RewardFn:
 # ---------------------------------------------------------------------------------------------------------
 
 
+def _warm_up(fn: RewardFn) -> None:
+    """Pay the one-time costs (importing math-verify and sympy, building the LaTeX parser) before `ready`,
+    so they do not count against the first response's `timeout_s`: with a short timeout, every fresh worker
+    would otherwise time out on its first response, and so on every response after a timeout."""
+    if fn is math_answer:
+        math_answer("\\boxed{\\frac{1}{2}}", {"answer": "0.5"})
+
+
 def _worker_main(conn, spec: str) -> None:
     fn = resolve_reward(spec)
+    _warm_up(fn)
     conn.send(("ready", None))
     while True:
         item = conn.recv()
@@ -155,7 +179,13 @@ class Scorer:
         if not self._conn.poll(self.startup_timeout_s):
             self.close()
             raise RewardError(f"reward worker for {self.reward!r} did not start in {self.startup_timeout_s}s")
-        self._conn.recv()
+        try:
+            self._conn.recv()
+        except (EOFError, OSError):  # it died while starting (its traceback went to stderr)
+            self._proc.join(1)
+            code = self._proc.exitcode
+            self.close()
+            raise RewardError(f"reward worker for {self.reward!r} died while starting (exit code {code})") from None
 
     def close(self) -> None:
         if self._proc is not None:
@@ -169,16 +199,28 @@ class Scorer:
         """(reward, reason): reason is None for a scored response, else why it got 0.0."""
         if self._proc is None:
             self._start()
-        self._conn.send((response, dict(row)))
-        if not self._conn.poll(self.timeout_s):
+        where = f"reward {self.reward!r} failed on row id={row.get('id', '?')!r}"
+        try:
+            self._conn.send((response, dict(row)))
+            if not self._conn.poll(self.timeout_s):
+                self.close()  # the next call starts a fresh worker
+                return 0.0, "timeout"
+            status, value = self._conn.recv()
+        except (EOFError, OSError):  # the worker died (os._exit, a crash in C code, the OOM killer)
+            self._proc.join(1)
+            code = self._proc.exitcode
             self.close()  # the next call starts a fresh worker
-            return 0.0, "timeout"
-        status, value = self._conn.recv()
+            raise RewardError(f"{where}: the reward worker died (exit code {code})") from None
         if status == "unscorable":
             return 0.0, value
         if status == "error":
-            raise RewardError(f"reward {self.reward!r} failed on row id={row.get('id', '?')!r}: {value}")
-        return (None if value is None else float(value)), None
+            raise RewardError(f"{where}: {value}")
+        if value is None:
+            return None, None
+        try:
+            return float(value), None
+        except (TypeError, ValueError):
+            raise RewardError(f"{where}: returned {value!r}, not a float or None") from None
 
     def score(self, responses: Sequence[str], rows: Sequence[Mapping[str, Any]]) -> ScoreOutput:
         """Score responses[i] against rows[i]."""
