@@ -3,7 +3,7 @@
 What it measures
     A full optimizer step (forward, backward, AdamW, zero_grad) on a random-init Qwen2-style causal LM
     (`transformers.Qwen2ForCausalLM` built from a `Qwen2Config`, no download) and one fixed batch of random
-    examples (prompt 16-64 tokens, response 32-192 tokens, random advantages), in four variants:
+    examples (prompt 16-64 tokens, response 32-192 tokens by default, random advantages), in four variants:
 
       sft_plain    `model(input_ids, attention_mask, labels=labels)` with labels = -100 on prompt and pad
                    positions (Hugging Face's own cross-entropy), `loss.backward()`, `optimizer.step()`.
@@ -25,12 +25,20 @@ What it measures
     value at the baseline; the sampler is off during the timed steps so it cannot perturb the timing.
     On CUDA it is `torch.cuda.max_memory_allocated()` above the allocation at the baseline (stats reset at
     the baseline), and the trainer's precision "auto" (bf16 autocast) is used, with the same autocast
-    for sft_plain. The variants run `--rounds` times, alternating the order (ABCD, DCBA, ...), and the
-    median is taken over the timed steps of all rounds, so drift in machine speed hits every variant.
+    for sft_plain.
+
+    Fairness: by default (`--schedule interleaved`) all variant processes are alive at once and the driver
+    tells one at a time to take a step, alternating the order (ABCD, DCBA, ...), so only one step computes
+    at any moment and drift in machine speed (other processes, clocks) hits every variant alike.
+    `--schedule sequential` runs one variant process at a time instead (for models of which several copies
+    do not fit the device); `--rounds N` repeats everything with fresh processes, order alternating.
+    Each step's process CPU time is recorded next to its wall time: with one thread, CPU time well below
+    wall time means the step waited for a CPU, and the table says so.
 
 How to run
     make bench                                   # = .venv/bin/python bench/train_step.py
     .venv/bin/python bench/train_step.py --hidden 512 --layers 8 --batch 16 --steps 10 --device cuda
+    .venv/bin/python bench/train_step.py --prompt-len 16,16 --response-len 192,192   # no padding, mostly response
     .venv/bin/python bench/train_step.py --help
 
     Defaults (hidden 256, 4 layers, vocab 32000, batch 8, 1 thread) finish in about 1-2 minutes on a
@@ -46,6 +54,7 @@ Goal
 from __future__ import annotations
 
 import argparse
+import contextlib
 import gc
 import json
 import os
@@ -80,13 +89,18 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--hidden", type=int, default=256, help="hidden size")
     p.add_argument("--layers", type=int, default=4, help="decoder layers")
     p.add_argument("--vocab", type=int, default=32000, help="vocabulary size")
-    p.add_argument("--intermediate", type=int, default=None, help="MLP size (default 4 * hidden)")
-    p.add_argument("--heads", type=int, default=None, help="attention heads (default hidden // 64)")
-    p.add_argument("--kv-heads", type=int, default=None, help="key/value heads (default heads // 2)")
+    p.add_argument("--intermediate", type=int, default=None, help="MLP size (None: 4 * hidden)")
+    p.add_argument("--heads", type=int, default=None, help="attention heads (None: hidden // 64)")
+    p.add_argument("--kv-heads", type=int, default=None, help="key/value heads (None: heads // 2)")
     p.add_argument("--batch", type=int, default=8, help="sequences per optimizer step (one micro-batch)")
-    p.add_argument("--steps", type=int, default=6, help="timed steps per variant per round")
+    p.add_argument("--prompt-len", default="16,64", help="MIN,MAX prompt tokens (uniform)")
+    p.add_argument("--response-len", default="32,192", help="MIN,MAX response tokens (uniform)")
+    p.add_argument("--steps", type=int, default=4, help="timed steps per variant per round")
     p.add_argument("--warmup", type=int, default=2, help="untimed steps first (memory is sampled here)")
-    p.add_argument("--rounds", type=int, default=2, help="runs of every variant, order alternating")
+    p.add_argument("--schedule", choices=("interleaved", "sequential"), default="interleaved",
+                   help="interleaved: all variant processes alive, stepped in turn; sequential: one at a time "
+                        "(use it when several copies of the model do not fit the device)")
+    p.add_argument("--rounds", type=int, default=1, help="fresh processes per variant, order alternating")
     p.add_argument("--threads", type=int, default=1, help="torch.set_num_threads in every subprocess")
     p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
     p.add_argument("--tau", type=float, default=0.5, help="GFT DCR threshold")
@@ -101,6 +115,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     unknown = sorted(set(args.variants) - set(VARIANTS))
     if unknown:
         p.error(f"unknown variants {unknown}; choose from {list(VARIANTS)}")
+    for name in ("prompt_len", "response_len"):
+        try:
+            lo, hi = (int(x) for x in getattr(args, name).split(","))
+        except ValueError:
+            p.error(f"--{name.replace('_', '-')} must be MIN,MAX")
+        if not 1 <= lo <= hi:
+            p.error(f"--{name.replace('_', '-')} needs 1 <= MIN <= MAX")
+        setattr(args, name, (lo, hi))
     if args.warmup < 1 or args.steps < 1 or args.rounds < 1:
         p.error("--warmup, --steps and --rounds must be >= 1 (warmup creates the AdamW state)")
     return args
@@ -149,8 +171,8 @@ def build_examples(args):
 
     examples = []
     for _ in range(args.batch):
-        n_p = int(torch.randint(16, 65, (1,), generator=g))
-        n_r = int(torch.randint(32, 193, (1,), generator=g))
+        n_p = int(torch.randint(args.prompt_len[0], args.prompt_len[1] + 1, (1,), generator=g))
+        n_r = int(torch.randint(args.response_len[0], args.response_len[1] + 1, (1,), generator=g))
         examples.append(Example(prompt_ids=ids(n_p), response_ids=ids(n_r),
                                 advantage=float(torch.randn((), generator=g))))
     return examples
@@ -209,15 +231,15 @@ class RssSampler:
         self.peak = max(self.peak, _rss())
 
 
-def run_variant(args) -> dict:
+def setup_variant(args):
+    """Model, batch and step function of one variant; returns (step, sync, info) after the memory baseline."""
     import torch
 
     torch.set_num_threads(args.threads)
     device = _resolve_device(args.device)
     cuda = device.type == "cuda"
     from pipeline.config import TrainConfig
-    from pipeline.training import (StepTotals, gft_objective, make_trainer, plan_step, sft_objective,
-                                   train_step)
+    from pipeline.training import gft_objective, make_trainer, plan_step, sft_objective, train_step
 
     model = build_model(args)
     examples = build_examples(args)
@@ -228,8 +250,10 @@ def run_variant(args) -> dict:
     t0 = time.perf_counter()
     if args.variant == "sft_plain":
         batch = plain_batch(examples)
+        positions = batch["input_ids"].numel()
     else:
         micro, totals = plan_step(examples, list(range(n)), cfg, rank=0, world=1, pad_id=PAD_ID)
+        positions = sum(mb.input_ids.numel() for mb in micro)
     collate_ms = (time.perf_counter() - t0) * 1e3
 
     if cuda:
@@ -238,7 +262,7 @@ def run_variant(args) -> dict:
     # Baseline: model and batch exist; optimizer state, gradients and activations do not yet.
     if cuda:
         torch.cuda.synchronize()
-        base = torch.cuda.memory_allocated()
+        base, base_hwm = torch.cuda.memory_allocated(), None
         torch.cuda.reset_peak_memory_stats()
     else:
         base, base_hwm = _rss(), _maxrss()
@@ -248,15 +272,10 @@ def run_variant(args) -> dict:
         opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, betas=cfg.betas, eps=cfg.adam_eps,
                                 weight_decay=cfg.weight_decay)
         batch = {k: v.to(device) for k, v in batch.items()}
-        autocast = (lambda: torch.autocast("cuda", dtype=torch.bfloat16)) if cuda else None
-        positions = batch["input_ids"].numel()
 
         def step(i: int) -> float:
-            if autocast is None:
+            with torch.autocast("cuda", dtype=torch.bfloat16) if cuda else contextlib.nullcontext():
                 loss = model(**batch).loss
-            else:
-                with autocast():
-                    loss = model(**batch).loss
             loss.backward()
             opt.step()
             opt.zero_grad(set_to_none=True)
@@ -265,8 +284,6 @@ def run_variant(args) -> dict:
         trainer = make_trainer(model, cfg, total_steps=10_000)
         torch.set_num_threads(args.threads)  # in case accelerate touched it
         objective = gft_objective(tau=args.tau) if args.variant.startswith("gft") else sft_objective()
-        positions = sum(mb.input_ids.numel() for mb in micro)
-        assert isinstance(totals, StepTotals)
 
         def step(i: int) -> float:
             out = train_step(trainer, micro, objective, totals, max_grad_norm=cfg.max_grad_norm, step=i)
@@ -276,42 +293,62 @@ def run_variant(args) -> dict:
         if cuda:
             torch.cuda.synchronize()
 
-    losses = []
-    sampler = None if cuda else RssSampler()
-    if sampler is not None:
-        sampler.__enter__()
-    try:
-        for i in range(args.warmup):
-            losses.append(step(i))
-        sync()
-    finally:
-        if sampler is not None:
-            sampler.__exit__(None, None, None)
+    info = {
+        "variant": args.variant, "device": str(device), "cuda": cuda, "collate_ms": collate_ms,
+        "baseline_bytes": int(base), "baseline_hwm": base_hwm, "positions": int(positions),
+        "tokens": sum(len(e.prompt_ids) + len(e.response_ids) for e in examples),
+        "response_tokens": sum(len(e.response_ids) for e in examples),
+    }
+    return step, sync, info
 
-    times = []
-    for i in range(args.warmup, args.warmup + args.steps):
+
+def variant_worker(args) -> None:
+    """Child process: set up, say `ready`, then run one step per `step` line on stdin until `done`.
+
+    Replies go to the original stdout; anything the libraries print goes to stderr instead."""
+    import torch
+
+    reply = os.fdopen(os.dup(1), "w", buffering=1)
+    os.dup2(2, 1)
+    step, sync, info = setup_variant(args)
+    cuda = info["cuda"]
+    sampler = None if cuda else RssSampler()
+    losses, wall, cpu, i = [], [], [], 0
+    reply.write("ready\n")
+    for line in sys.stdin:
+        cmd = line.strip()
+        if cmd == "done":
+            break
+        if cmd != "step":
+            raise SystemExit(f"unknown command {cmd!r}")
+        warm = i < args.warmup
+        if warm and sampler is not None and i == 0:
+            sampler.__enter__()  # memory is sampled over the warmup steps only, never while timing
         sync()
-        t = time.perf_counter()
+        t, c = time.perf_counter(), time.process_time()
         losses.append(step(i))
         sync()
-        times.append(time.perf_counter() - t)
+        t, c = time.perf_counter() - t, time.process_time() - c
+        if warm and sampler is not None and i == args.warmup - 1:
+            sampler.__exit__(None, None, None)
+        if not warm:
+            wall.append(t)
+            cpu.append(c)
+        i += 1
+        reply.write(f"ok {t:.6f}\n")
 
+    base = info["baseline_bytes"]
     if cuda:
-        peak, peak_source = torch.cuda.max_memory_allocated() - base, "cuda.max_memory_allocated"
+        peak, source = torch.cuda.max_memory_allocated() - base, "cuda.max_memory_allocated"
     else:
+        peak, source = sampler.peak - base, "rss sampler (warmup steps)"
         hwm = _maxrss()
-        peak, peak_source = sampler.peak - base, "rss sampler (warmup steps)"
-        if hwm > base_hwm and hwm - base > peak:
-            peak, peak_source = hwm - base, "ru_maxrss"
-
-    n_resp = sum(len(e.response_ids) for e in examples)
-    n_tok = sum(len(e.prompt_ids) + len(e.response_ids) for e in examples)
-    return {
-        "variant": args.variant, "device": str(device), "threads": torch.get_num_threads(),
-        "step_s": times, "collate_ms": collate_ms, "peak_bytes": int(peak), "peak_source": peak_source,
-        "baseline_bytes": int(base), "losses": losses, "tokens": n_tok, "response_tokens": n_resp,
-        "positions": int(positions),
-    }
+        if hwm > info["baseline_hwm"] and hwm - base > peak:
+            peak, source = hwm - base, "ru_maxrss"
+    result = {**info, "threads": torch.get_num_threads(), "step_s": wall, "cpu_s": None if cuda else cpu,
+              "losses": losses, "peak_bytes": int(peak), "peak_source": source}
+    args.result_file.write_text(json.dumps(result))
+    reply.write("bye\n")
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -326,38 +363,93 @@ def _child_argv(args, variant: str, result: Path) -> list[str]:
         value = getattr(args, flag)
         if value is not None:
             argv += [f"--{flag.replace('_', '-')}", str(value)]
+    for flag in ("prompt_len", "response_len"):
+        argv += [f"--{flag.replace('_', '-')}", ",".join(map(str, getattr(args, flag)))]
     return argv
 
 
+class Child:
+    """One variant's process, driven a step at a time."""
+
+    def __init__(self, args, variant: str, result: Path, env: dict):
+        self.variant, self.result = variant, result
+        self.proc = subprocess.Popen(_child_argv(args, variant, result), env=env, cwd=ROOT, text=True,
+                                     stdin=subprocess.PIPE, stdout=subprocess.PIPE)
+
+    def expect(self, word: str) -> str:
+        line = self.proc.stdout.readline()
+        if not line.startswith(word):
+            self.proc.kill()
+            raise SystemExit(f"variant {self.variant}: expected {word!r}, got {line!r} "
+                             f"(exit code {self.proc.wait()}; see its stderr above)")
+        return line
+
+    def send(self, cmd: str) -> None:
+        self.proc.stdin.write(cmd + "\n")
+        self.proc.stdin.flush()
+
+    def step(self) -> float:
+        self.send("step")
+        return float(self.expect("ok").split()[1])
+
+    def finish(self) -> dict:
+        self.send("done")
+        self.expect("bye")
+        if self.proc.wait() != 0:
+            raise SystemExit(f"variant {self.variant} exited with code {self.proc.returncode}")
+        return json.loads(self.result.read_text())
+
+
 def run_all(args) -> dict:
+    """`interleaved`: all variants' processes alive at once and stepped in turn (ABCD, DCBA, ...), one step
+    computing at a time. `sequential`: one variant's process at a time. Either way, `--rounds` times."""
     env = dict(os.environ, OMP_NUM_THREADS=str(args.threads), MKL_NUM_THREADS=str(args.threads))
     runs: dict[str, list[dict]] = {v: [] for v in args.variants}
+    n_steps = args.warmup + args.steps
     with tempfile.TemporaryDirectory() as tmp:
         for r in range(args.rounds):
             order = args.variants if r % 2 == 0 else args.variants[::-1]
-            for v in order:
-                result = Path(tmp) / f"{v}-{r}.json"
+            groups = [order] if args.schedule == "interleaved" else [[v] for v in order]
+            for group in groups:
                 t = time.perf_counter()
-                proc = subprocess.run(_child_argv(args, v, result), env=env, cwd=ROOT)
-                if proc.returncode != 0:
-                    raise SystemExit(f"variant {v} (round {r + 1}) failed with exit code {proc.returncode}")
-                runs[v].append(json.loads(result.read_text()))
-                print(f"  round {r + 1}/{args.rounds} {v:<12} done in {time.perf_counter() - t:5.1f} s",
-                      file=sys.stderr, flush=True)
+                children = [Child(args, v, Path(tmp) / f"{v}-{r}.json", env) for v in group]
+                try:
+                    for c in children:
+                        c.expect("ready")
+                    print(f"  round {r + 1}/{args.rounds}: {', '.join(group)} ready "
+                          f"({time.perf_counter() - t:.0f} s)", file=sys.stderr, flush=True)
+                    for i in range(n_steps):
+                        turn = children if i % 2 == 0 else children[::-1]
+                        took = [f"{c.variant} {c.step():.2f}s" for c in turn]
+                        tag = "warmup" if i < args.warmup else "timed"
+                        print(f"    step {i + 1}/{n_steps} ({tag}): {', '.join(took)}", file=sys.stderr, flush=True)
+                    for c in children:
+                        runs[c.variant].append(c.finish())
+                finally:
+                    for c in children:
+                        if c.proc.poll() is None:
+                            c.proc.kill()
+                            c.proc.wait()
     return runs
+
+
+def _median_ms(values) -> float | None:
+    return None if not values else statistics.median(values) * 1e3
 
 
 def summarize(args, runs: dict[str, list[dict]]) -> dict:
     rows = {}
     for v, rs in runs.items():
         times = [t for r in rs for t in r["step_s"]]
+        cpu = [t for r in rs if r["cpu_s"] is not None for t in r["cpu_s"]]
         med = statistics.median(times)
         first = rs[0]
         rows[v] = {
             "step_ms_median": med * 1e3,
             "step_ms_min": min(times) * 1e3,
             "step_ms_max": max(times) * 1e3,
-            "step_ms_per_round": [statistics.median(r["step_s"]) * 1e3 for r in rs],
+            "cpu_ms_median": _median_ms(cpu),
+            "cpu_per_wall": sum(cpu) / sum(times) if cpu else None,
             "tokens_per_s": first["tokens"] / med,
             "response_tokens_per_s": first["response_tokens"] / med,
             "peak_mib": max(r["peak_bytes"] for r in rs) / MIB,
@@ -373,12 +465,15 @@ def summarize(args, runs: dict[str, list[dict]]) -> dict:
             "threads": first["threads"],
         }
     ref = rows.get("sft_plain")
-    for v, row in rows.items():
-        if ref is not None:
-            row["throughput_vs_sft_plain"] = ref["step_ms_median"] / row["step_ms_median"]
-            row["memory_vs_sft_plain"] = row["peak_mib"] / ref["peak_mib"] if ref["peak_mib"] > 0 else None
-        else:
-            row["throughput_vs_sft_plain"] = row["memory_vs_sft_plain"] = None
+    for row in rows.values():
+        row["throughput_vs_sft_plain"] = row["cpu_throughput_vs_sft_plain"] = row["memory_vs_sft_plain"] = None
+        if ref is None:
+            continue
+        row["throughput_vs_sft_plain"] = ref["step_ms_median"] / row["step_ms_median"]
+        if ref["cpu_ms_median"] and row["cpu_ms_median"]:
+            row["cpu_throughput_vs_sft_plain"] = ref["cpu_ms_median"] / row["cpu_ms_median"]
+        if ref["peak_mib"] > 0:
+            row["memory_vs_sft_plain"] = row["peak_mib"] / ref["peak_mib"]
     goal = {}
     for v in ("gft", "gft_packed"):
         if v in rows and ref is not None:
@@ -393,17 +488,23 @@ def summarize(args, runs: dict[str, list[dict]]) -> dict:
         "config": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()
                    if k not in ("variant", "result_file")},
         "goal": {"throughput_vs_sft_plain_min": GOAL_THROUGHPUT, "memory_vs_sft_plain_max": GOAL_MEMORY,
-                 "met": goal},
+                 "judged_on": "median wall-clock step time and peak memory", "met": goal},
         "environment": {"python": platform.python_version(), "torch": torch.__version__,
                         "transformers": transformers.__version__, "machine": platform.machine(),
-                        "cpu_count": os.cpu_count(),
+                        "cpu_count": os.cpu_count(), "load_average": os.getloadavg(),
                         "cuda_device": torch.cuda.get_device_name() if torch.cuda.is_available() else None},
         "definitions": {
+            "step": "forward + backward + optimizer step + zero_grad; collation excluded (collate_ms)",
+            "step_ms_median": "median wall-clock time of the timed steps (after warmup)",
+            "cpu_ms_median": "median process CPU time of the timed steps (CPU only; with 1 thread it is "
+                             "the step time without the time lost to other processes on the machine)",
+            "cpu_per_wall": "process CPU time / wall time over the timed steps; well below --threads means "
+                            "the steps waited for a CPU (other processes on the machine)",
             "tokens_per_s": "non-pad input tokens of the batch (prompt + response) / median step time",
             "response_tokens_per_s": "response (loss) tokens / median step time",
+            "positions_per_step": "input positions the model runs on, pad included",
             "peak_mib": "peak memory above the baseline taken after model + batch creation "
                         "(CPU: RSS; CUDA: max_memory_allocated)",
-            "step": "forward + backward + optimizer step + zero_grad; collation excluded (collate_ms)",
         },
         "results": rows,
     }
@@ -418,38 +519,43 @@ def print_table(summary: dict) -> None:
     c = summary["config"]
     first = next(iter(rows.values()))
     print(f"\nGFT vs SFT training step | Qwen2 hidden={c['hidden']} layers={c['layers']} vocab={c['vocab']} | "
-          f"batch={c['batch']} ({first['tokens_per_step']} tokens, {first['response_tokens_per_step']} response) | "
-          f"device={first['device']} threads={first['threads']} | {c['rounds']} rounds x {c['steps']} timed steps "
-          f"(+{c['warmup']} warmup)")
-    head = ("variant", "step ms", "min..max ms", "tok/s", "resp tok/s", "peak MiB", "thr/plain", "mem/plain",
-            "collate ms", "loss@0")
+          f"batch={c['batch']} prompt={c['prompt_len'][0]}-{c['prompt_len'][1]} "
+          f"response={c['response_len'][0]}-{c['response_len'][1]} ({first['tokens_per_step']} tokens, {first['response_tokens_per_step']} response) | "
+          f"{first['device']}, {first['threads']} thread(s) | {c['schedule']}, {c['rounds']} round(s) x "
+          f"{c['steps']} timed steps (+{c['warmup']} warmup)")
+    head = ("variant", "step ms", "min..max", "cpu ms", "tok/s", "resp tok/s", "peak MiB", "thr/plain",
+            "cpu thr/plain", "mem/plain", "positions", "collate ms", "loss@0")
     body = []
     for v, r in rows.items():
-        body.append((v, f"{r['step_ms_median']:.1f}", f"{r['step_ms_min']:.0f}..{r['step_ms_max']:.0f}",
+        cpu = "-" if r["cpu_ms_median"] is None else f"{r['cpu_ms_median']:.1f}"
+        body.append((v, f"{r['step_ms_median']:.1f}", f"{r['step_ms_min']:.0f}..{r['step_ms_max']:.0f}", cpu,
                      f"{r['tokens_per_s']:.0f}", f"{r['response_tokens_per_s']:.0f}", f"{r['peak_mib']:.1f}",
-                     _fmt_ratio(r["throughput_vs_sft_plain"]), _fmt_ratio(r["memory_vs_sft_plain"]),
+                     _fmt_ratio(r["throughput_vs_sft_plain"]), _fmt_ratio(r["cpu_throughput_vs_sft_plain"]),
+                     _fmt_ratio(r["memory_vs_sft_plain"]), str(r["positions_per_step"]),
                      f"{r['collate_ms']:.1f}", f"{r['first_loss']:.4f}"))
     widths = [max(len(x[i]) for x in (head, *body)) for i in range(len(head))]
     line = "  ".join("-" * w for w in widths)
-    fmt = lambda cells: "  ".join(s.ljust(w) if i == 0 else s.rjust(w) for i, (s, w) in enumerate(zip(cells, widths)))
-    print(line)
-    print(fmt(head))
-    print(line)
-    for b in body:
-        print(fmt(b))
-    print(line)
+
+    def fmt(cells) -> str:
+        return "  ".join(s.ljust(w) if i == 0 else s.rjust(w) for i, (s, w) in enumerate(zip(cells, widths)))
+
+    print("\n".join([line, fmt(head), line, *map(fmt, body), line]))
     for v, g in summary["goal"]["met"].items():
         r = rows[v]
         print(f"goal {v}: throughput {_fmt_ratio(r['throughput_vs_sft_plain'])} (>= {GOAL_THROUGHPUT}) "
               f"{'ok' if g['throughput_ok'] else 'MISS'}; peak memory {_fmt_ratio(r['memory_vs_sft_plain'])} "
               f"(<= {GOAL_MEMORY}) {'ok' if g['memory_ok'] else 'MISS'}")
+    shares = {v: r["cpu_per_wall"] for v, r in rows.items() if r["cpu_per_wall"] is not None}
+    if shares and min(shares.values()) < 0.9 * c["threads"]:
+        worst = min(shares, key=shares.get)
+        print(f"note: {worst} got {shares[worst]:.2f} CPU-seconds per second with {c['threads']} thread(s): "
+              "other processes competed for the CPUs, so wall-clock times are noisy; the cpu columns less so")
 
 
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     if args.variant is not None:
-        result = run_variant(args)
-        args.result_file.write_text(json.dumps(result))
+        variant_worker(args)
         return
     t = time.perf_counter()
     runs = run_all(args)

@@ -21,9 +21,10 @@ Deliberate deviations from the paper and its released code:
    across micro-batches and ranks, so the gradient does not depend on how the step is split.
 3. Token entropy is computed as a detached diagnostic; no loss here has an entropy bonus.
 
-Token log-probs come from `token_logprobs` (hidden states and the output projection) or
-`token_logprobs_from_logits`; both work in row chunks under activation checkpointing, so no float32
-copy of the full [tokens, vocab] logits is ever held at once, in forward or backward.
+Token log-probs come from `token_logprobs` (hidden states and the output projection, fused: forward keeps
+one log-sum-exp per row, backward recomputes each chunk's logits) or `token_logprobs_from_logits` (row
+chunks under activation checkpointing, for heads that are not a plain projection). Neither holds a float32
+copy of the full [tokens, vocab] logits at once, in forward or backward.
 """
 
 from __future__ import annotations
@@ -72,21 +73,81 @@ class TokenStats:
 
 def _stats_from_logits(logits: Tensor, labels: Tensor, with_entropy: bool) -> tuple[Tensor, Tensor]:
     logits = logits.to(torch.promote_types(logits.dtype, torch.float32))  # [C, V], one chunk only
-    lse = torch.logsumexp(logits, dim=-1)  # [C]
-    logprobs = logits.gather(-1, labels.unsqueeze(-1)).squeeze(-1) - lse  # [C]
+    logsm = torch.log_softmax(logits, dim=-1)  # [C, V], one kernel
+    logprobs = logsm.gather(-1, labels.unsqueeze(-1)).squeeze(-1)  # [C]
     if not with_entropy:
         return logprobs, logprobs.new_zeros(())
     with torch.no_grad():
-        probs = torch.softmax(logits, dim=-1)  # [C, V]
-        entropy = lse - (probs * logits).sum(-1)  # [C]
+        entropy = -(logsm.exp() * logsm).sum(-1)  # [C]
     return logprobs, entropy
 
 
-def _head_chunk(hidden: Tensor, weight: Tensor, bias: Tensor | None, labels: Tensor, with_entropy: bool):
-    logits = hidden @ weight.T  # [C, V]
+def _compute_dtype(x: Tensor) -> torch.dtype:
+    """The matmul dtype: autocast's when it is on for x's device (bf16 training), else x's own."""
+    kind = x.device.type
+    return torch.get_autocast_dtype(kind) if torch.is_autocast_enabled(kind) else x.dtype
+
+
+def _logits(hidden: Tensor, weight: Tensor, bias: Tensor | None, dtype: torch.dtype) -> Tensor:
+    z = hidden.to(dtype) @ weight.to(dtype).T  # [C, V]
     if bias is not None:
-        logits = logits + bias
-    return _stats_from_logits(logits, labels, with_entropy)
+        z = z + bias.to(dtype)
+    return z.to(torch.promote_types(dtype, torch.float32))  # [C, V]
+
+
+class _FusedHeadLogprobs(torch.autograd.Function):
+    """log p(label) and entropy of softmax(hidden @ W.T + b), chunked over rows, without keeping logits.
+
+    Forward keeps per row only the log-sum-exp; backward recomputes each chunk's logits once and forms
+    d logp / d z = onehot(label) - softmax(z) in place, so memory holds a few [chunk, V] blocks at a time.
+    """
+
+    @staticmethod
+    def forward(ctx, hidden, weight, bias, labels, chunk_size: int, with_entropy: bool):
+        dtype = _compute_dtype(hidden)
+        n = hidden.shape[0]
+        out_dtype = torch.promote_types(dtype, torch.float32)
+        logprobs = torch.empty(n, dtype=out_dtype, device=hidden.device)  # [N]
+        lse = torch.empty_like(logprobs)  # [N]
+        entropy = torch.zeros_like(logprobs)  # [N]
+        with torch.autocast(hidden.device.type, enabled=False):
+            for s in range(0, n, chunk_size):
+                z = _logits(hidden[s:s + chunk_size], weight, bias, dtype)  # [C, V]
+                lab = labels[s:s + chunk_size, None]  # [C, 1]
+                logsm = torch.log_softmax(z, dim=-1)  # [C, V]
+                lp = logsm.gather(-1, lab).squeeze(-1)  # [C]
+                logprobs[s:s + chunk_size] = lp
+                lse[s:s + chunk_size] = z.gather(-1, lab).squeeze(-1) - lp
+                if with_entropy:  # H = lse - sum_v p_v z_v, with p taking logsm's memory
+                    entropy[s:s + chunk_size] = lse[s:s + chunk_size] - torch.linalg.vecdot(logsm.exp_(), z)
+        ctx.save_for_backward(hidden, weight, bias, labels, lse)
+        ctx.chunk_size, ctx.dtype = chunk_size, dtype
+        ctx.mark_non_differentiable(entropy)
+        return logprobs, entropy
+
+    @staticmethod
+    def backward(ctx, grad_logprobs, _grad_entropy):
+        hidden, weight, bias, labels, lse = ctx.saved_tensors
+        grad_h = torch.empty_like(hidden) if ctx.needs_input_grad[0] else None
+        acc = torch.promote_types(weight.dtype, torch.float32)  # accumulate chunks in at least float32
+        grad_w = torch.zeros_like(weight, dtype=acc) if ctx.needs_input_grad[1] else None
+        grad_b = torch.zeros_like(bias, dtype=acc) if bias is not None and ctx.needs_input_grad[2] else None
+        with torch.autocast(hidden.device.type, enabled=False):
+            for s in range(0, hidden.shape[0], ctx.chunk_size):
+                h = hidden[s:s + ctx.chunk_size]
+                g = grad_logprobs[s:s + ctx.chunk_size, None]  # [C, 1]
+                dz = _logits(h, weight, bias, ctx.dtype).sub_(lse[s:s + ctx.chunk_size, None]).exp_().mul_(-g)
+                dz.scatter_add_(-1, labels[s:s + ctx.chunk_size, None], g)  # [C, V] = g * (onehot - p)
+                dz = dz.to(ctx.dtype)
+                if grad_h is not None:
+                    grad_h[s:s + ctx.chunk_size] = (dz @ weight.to(ctx.dtype)).to(hidden.dtype)
+                if grad_w is not None:
+                    grad_w += (dz.T @ h.to(ctx.dtype)).to(acc)
+                if grad_b is not None:
+                    grad_b += dz.sum(0).to(acc)
+        grad_w = None if grad_w is None else grad_w.to(weight.dtype)
+        grad_b = None if grad_b is None else grad_b.to(bias.dtype)
+        return grad_h, grad_w, grad_b, None, None, None
 
 
 def _check_rows(x: Tensor, labels: Tensor, name: str) -> None:
@@ -116,7 +177,7 @@ def _chunked(fn, rows: Tensor, labels: Tensor, extra: tuple, chunk_size: int, wi
 
 def token_logprobs(
     hidden: Tensor, weight: Tensor, labels: Tensor, *, bias: Tensor | None = None,
-    chunk_size: int = 2048, with_entropy: bool = True,
+    chunk_size: int = 1024, with_entropy: bool = True,
 ) -> TokenStats:
     """Log p(label) and entropy from final hidden states and the output projection, chunked over rows.
 
@@ -124,11 +185,15 @@ def token_logprobs(
         hidden: [N, H] final (normalized) hidden states at the positions that predict `labels`.
         weight: [V, H] output projection (`lm_head.weight`); bias: optional [V].
         labels: [N] int64 target token ids.
-    Returns TokenStats with float32 (float64 for float64 inputs) logprobs [N] (differentiable) and entropy [N] (detached).
-    Each chunk's logits are recomputed in backward, so memory holds one [chunk_size, V] float32 block.
+    Returns TokenStats with float32 (float64 for float64 inputs) logprobs [N] (differentiable) and entropy [N]
+    (detached). Logits are never kept: forward saves one log-sum-exp per row and backward recomputes each
+    chunk's logits once, so memory holds a few [chunk_size, V] float32 blocks at a time.
     """
     _check_rows(hidden, labels, "hidden")
-    return _chunked(_head_chunk, hidden, labels, (weight, bias), chunk_size, with_entropy)
+    if chunk_size < 1:
+        raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
+    logprobs, entropy = _FusedHeadLogprobs.apply(hidden, weight, bias, labels, chunk_size, with_entropy)
+    return TokenStats(logprobs=logprobs, entropy=entropy if with_entropy else None)
 
 
 def token_logprobs_from_logits(

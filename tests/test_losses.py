@@ -308,3 +308,21 @@ def test_no_full_vocab_float32_tensor_is_saved_for_backward():
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
         torch.log_softmax(hidden @ weight.T, -1)
     assert max(saved) >= n * v
+
+
+def test_fused_head_under_bf16_autocast_close_to_float32():
+    g = torch.Generator().manual_seed(3)
+    hidden = torch.randn(40, 16, generator=g, requires_grad=True)
+    weight = (0.3 * torch.randn(300, 16, generator=g)).requires_grad_()
+    labels = torch.randint(0, 300, (40,), generator=g)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        stats = token_logprobs(hidden, weight, labels, chunk_size=16)
+    assert stats.logprobs.dtype == torch.float32
+    ref_lp, ref_ent = token_stats_reference(hidden, weight, None, labels)
+    assert_close(stats.logprobs.double(), ref_lp.detach(), rtol=0, atol=0.05)
+    assert_close(stats.entropy.double(), ref_ent.detach(), rtol=0, atol=0.05)
+    gh, gw = torch.autograd.grad(stats.logprobs.sum(), [hidden, weight])
+    rh, rw = torch.autograd.grad(ref_lp.sum(), [hidden, weight])
+    assert gh.dtype == hidden.dtype and gw.dtype == weight.dtype
+    assert_close(gh.double(), rh.double(), rtol=0.05, atol=0.02)
+    assert_close(gw.double(), rw.double(), rtol=0.05, atol=0.02)

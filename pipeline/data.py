@@ -1,0 +1,479 @@
+"""Prompt sets: load (hub dataset, `save_to_disk` folder, .parquet, .jsonl), validate, split, render.
+
+The schema of one row (a plain dict): id (str), prompt (str), solution (str, the expert solution), answer
+(str, the gold final answer), teacher_responses (list[str], possibly empty). Every source goes through the same
+column mapping and validation: `load_prompts` reads a file or dataset, `rows_from_records` takes in-memory
+dicts (the synthetic task). Validation looks at every row and reports every problem by row id and field, then
+either stops (`on_bad_row="error"`) or drops the bad rows and counts why (`"skip"`).
+
+Prompts and off-policy responses are tokenized here exactly as the engines see them: the policy's chat
+template on the prompt (`render_prompt`), response + EOS cut at the response budget (`render_response`).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import secrets
+from collections import Counter
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from pipeline.artifacts import ArtifactRef, file_sha256, tree_sha256
+from pipeline.config import DataConfig
+
+__all__ = [
+    "DataError", "BadRow", "LoadReport", "PromptSet", "PromptSplit", "RenderedResponse", "FIELDS",
+    "PROMPT_SCHEMA", "load_prompts", "rows_from_records", "resolve_format", "split_prompts", "render_prompt",
+    "render_response", "write_prompts_parquet", "read_prompts_parquet", "rows_digest", "source_ref",
+]
+
+log = logging.getLogger(__name__)
+
+FIELDS = ("id", "prompt", "solution", "answer", "teacher_responses")
+PROMPT_SCHEMA = pa.schema([("id", pa.string()), ("prompt", pa.string()), ("solution", pa.string()),
+                           ("answer", pa.string()), ("teacher_responses", pa.list_(pa.string()))])
+MAX_LISTED = 100
+"""Bad rows spelled out in a DataError message; all of them are in `DataError.bad_rows`."""
+
+GoldCheck = Callable[[str], bool]
+
+
+class DataError(ValueError):
+    """A prompt set that cannot be used; the message names the file, the rows and the fields."""
+
+    def __init__(self, message: str, bad_rows: Sequence[BadRow] = ()):
+        super().__init__(message)
+        self.bad_rows = list(bad_rows)
+
+
+@dataclass(frozen=True)
+class BadRow:
+    """One problem of one row. `index` is the 0-based position in the source; `row_id` None when unknown."""
+
+    index: int
+    row_id: str | None
+    field: str
+    reason: str
+    detail: str = ""
+
+    def __str__(self) -> str:
+        who = f"row {self.row_id!r}" if self.row_id is not None else f"row #{self.index}"
+        return f"{who} field {self.field!r}: {self.reason}{' ' + self.detail if self.detail else ''}"
+
+
+@dataclass(frozen=True)
+class LoadReport:
+    """What loading did: rows read, kept, skipped, and how often each problem occurred ("prompt: empty")."""
+
+    origin: str
+    read: int
+    kept: int
+    skipped: int
+    reasons: dict[str, int]
+    bad_rows: list[BadRow] = field(default_factory=list)
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-ready: the counts, the reasons and every bad row as its message line."""
+        return {"origin": self.origin, "read": self.read, "kept": self.kept, "skipped": self.skipped,
+                "reasons": dict(self.reasons), "bad_rows": [str(b) for b in self.bad_rows]}
+
+
+@dataclass(frozen=True)
+class PromptSet:
+    """Validated rows (plain dicts with exactly the keys of FIELDS, in source order) and the load report."""
+
+    rows: list[dict[str, Any]]
+    report: LoadReport
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+
+@dataclass(frozen=True)
+class PromptSplit:
+    """Train and held-out eval rows, each in source order."""
+
+    train: list[dict[str, Any]]
+    eval: list[dict[str, Any]]
+
+
+@dataclass(frozen=True)
+class RenderedResponse:
+    """Token ids of one off-policy response (+ EOS unless cut); `truncated` when the budget cut it."""
+
+    ids: list[int]
+    truncated: bool
+
+
+@dataclass(frozen=True)
+class _Table:
+    records: list[dict[str, Any]]
+    columns: list[str]
+    origin: str
+
+
+class _Bad(ValueError):
+    """One field's problem, caught by the row check and turned into a BadRow."""
+
+    def __init__(self, reason: str, detail: str = ""):
+        super().__init__(reason)
+        self.reason, self.detail = reason, detail
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Reading sources
+# ---------------------------------------------------------------------------------------------------------
+
+
+def resolve_format(cfg: DataConfig) -> str:
+    """The reader for `cfg.source`: cfg.format, or with "auto": a `save_to_disk` folder -> disk, another
+    folder -> hf (datasets' folder loader), .parquet / .jsonl -> that, anything not on disk -> a hub id."""
+    if cfg.format != "auto":
+        return cfg.format
+    path = Path(cfg.source).expanduser()
+    if path.is_dir():
+        saved = (path / "dataset_dict.json").exists() or (path / "state.json").exists()
+        return "disk" if saved else "hf"
+    if path.suffix in (".parquet", ".jsonl") and path.is_file():
+        return path.suffix[1:]
+    if path.exists():
+        raise DataError(f"{path}: cannot tell the format from the name; set data.format to parquet or jsonl")
+    if path.is_absolute() or cfg.source.startswith((".", "~")) or path.suffix in (".parquet", ".jsonl", ".json"):
+        raise DataError(f"{path}: no such file or folder")
+    return "hf"
+
+
+def _read_hub(cfg: DataConfig) -> _Table:
+    import datasets
+
+    try:
+        ds = datasets.load_dataset(cfg.source, split=cfg.split)
+    except (OSError, ValueError) as exc:  # not found / offline / unknown split: name what was asked for
+        raise DataError(f"dataset {cfg.source!r} split {cfg.split!r}: {exc}") from exc
+    return _Table(ds.to_list(), list(ds.column_names), f"dataset {cfg.source!r} split {cfg.split!r}")
+
+
+def _local(cfg: DataConfig) -> Path:
+    path = Path(cfg.source).expanduser()
+    if not path.exists():
+        raise DataError(f"{path}: no such file or folder")
+    return path
+
+
+def _read_disk(cfg: DataConfig) -> _Table:
+    import datasets
+
+    _local(cfg)
+    try:
+        ds = datasets.load_from_disk(cfg.source)
+    except (OSError, ValueError) as exc:
+        raise DataError(f"{cfg.source}: not a datasets `save_to_disk` folder: {exc}") from exc
+    origin = str(cfg.source)
+    if isinstance(ds, datasets.DatasetDict):
+        if cfg.split not in ds:
+            raise DataError(f"{cfg.source}: no split {cfg.split!r}; available splits: {', '.join(ds)}")
+        ds, origin = ds[cfg.split], f"{cfg.source} split {cfg.split!r}"
+    return _Table(ds.to_list(), list(ds.column_names), origin)
+
+
+def _read_parquet(cfg: DataConfig) -> _Table:
+    path = _local(cfg)
+    try:
+        table = pq.read_table(path)
+    except (OSError, pa.ArrowException) as exc:
+        raise DataError(f"{path}: cannot read as parquet: {exc}") from exc
+    return _Table(table.to_pylist(), list(table.column_names), str(path))
+
+
+def _read_jsonl(cfg: DataConfig) -> _Table:
+    path = _local(cfg)
+    records, columns = [], {}
+    try:
+        with path.open(encoding="utf-8") as fh:
+            for line_no, line in enumerate(fh, 1):
+                if not line.strip():
+                    continue
+                try:
+                    rec = json.loads(line)
+                except json.JSONDecodeError as exc:
+                    raise DataError(f"{path} line {line_no}: invalid JSON: {exc}") from exc
+                if not isinstance(rec, dict):
+                    raise DataError(f"{path} line {line_no}: expected a JSON object, got {type(rec).__name__}")
+                records.append(rec)
+                columns.update(dict.fromkeys(rec))
+    except (OSError, UnicodeDecodeError) as exc:
+        raise DataError(f"{path}: cannot read: {exc}") from exc
+    return _Table(records, list(columns), str(path))
+
+
+def source_ref(cfg: DataConfig) -> ArtifactRef | None:
+    """A reference to a local source with its content digest (file sha256, or tree sha256 of a folder), for the
+    cache key of the stage that reads it: editing the file then invalidates the cache. None for "synthetic"
+    (its config is the content) and for hub ids (their content is not known before loading)."""
+    if cfg.source == "synthetic":
+        return None
+    if resolve_format(cfg) == "hf" and not Path(cfg.source).expanduser().is_dir():
+        return None  # a hub id
+    path = _local(cfg).resolve()
+    sha = tree_sha256(path) if path.is_dir() else file_sha256(path)
+    return ArtifactRef(kind="prompt_source", uri=str(path), sha256=sha, schema_version=1)
+
+
+_READERS = {"hf": _read_hub, "disk": _read_disk, "parquet": _read_parquet, "jsonl": _read_jsonl}
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Validation
+# ---------------------------------------------------------------------------------------------------------
+
+
+def load_prompts(cfg: DataConfig, *, gold_check: GoldCheck | None = None) -> PromptSet:
+    """Read `cfg.source`, map its columns onto the schema and validate every row (see module docstring).
+    `gold_check(answer) -> bool` optionally checks that each gold answer parses; False is a bad 'answer'."""
+    if cfg.source == "synthetic":
+        raise ValueError("source 'synthetic' is generated by pipeline.synthetic; pass its rows to "
+                         "rows_from_records()")
+    table = _READERS[resolve_format(cfg)](cfg)
+    log.info("read %d rows from %s", len(table.records), table.origin)
+    return _validate(table, cfg, gold_check)
+
+
+def rows_from_records(records: Iterable[Mapping[str, Any]], cfg: DataConfig, *, gold_check: GoldCheck | None = None,
+                      origin: str = "records") -> PromptSet:
+    """Validate in-memory rows (e.g. the synthetic task's) exactly as a loaded file's rows."""
+    records = [dict(r) for r in records]
+    columns = list(dict.fromkeys(k for r in records for k in r))
+    return _validate(_Table(records, columns, origin), cfg, gold_check)
+
+
+def _validate(table: _Table, cfg: DataConfig, gold_check: GoldCheck | None) -> PromptSet:
+    if not table.records:
+        raise DataError(f"{table.origin}: no rows")
+    _check_columns(table, cfg)
+    bad: list[BadRow] = []
+    rows = [_check_row(i, rec, cfg, gold_check, bad) for i, rec in enumerate(table.records)]
+    bad += _duplicate_ids(rows)
+    return _finish(table.origin, rows, bad, cfg)
+
+
+_SETTING = {"id": "id_column", "prompt": "prompt_column", "solution": "solution_column",
+            "answer": "answer_column", "teacher_responses": "teacher_column"}
+
+
+def _column_map(cfg: DataConfig) -> dict[str, str | None]:
+    """Schema field -> source column (None: not read)."""
+    return {name: getattr(cfg, setting) for name, setting in _SETTING.items()}
+
+
+def _check_columns(table: _Table, cfg: DataConfig) -> None:
+    missing = [f"{col!r} (data.{_SETTING[name]})" for name, col in _column_map(cfg).items()
+               if col is not None and col not in table.columns]
+    if missing:
+        raise DataError(f"{table.origin}: missing column{'s' if len(missing) > 1 else ''} {', '.join(missing)}; "
+                        f"available columns: {', '.join(map(repr, table.columns)) or 'none'}")
+
+
+def _text(value: Any, *, int_ok: bool = False) -> str:
+    if value is None:
+        raise _Bad("missing")
+    if int_ok and isinstance(value, int) and not isinstance(value, bool):
+        value = str(value)
+    if not isinstance(value, str):
+        raise _Bad("not a string", f"(got {type(value).__name__})")
+    if not value.strip():
+        raise _Bad("empty")
+    return value
+
+
+def _teacher(value: Any) -> list[str]:
+    if value is None:
+        return []
+    if not isinstance(value, (list, tuple)):
+        raise _Bad("not a list of strings", f"(got {type(value).__name__})")
+    for j, item in enumerate(value):
+        if not isinstance(item, str):
+            raise _Bad("not a list of strings", f"(item {j} is {type(item).__name__})")
+        if not item.strip():
+            raise _Bad("empty response", f"(item {j})")
+    return list(value)
+
+
+def _gold(answer: str, gold_check: GoldCheck | None) -> str:
+    if gold_check is None:
+        return answer
+    try:
+        ok = gold_check(answer)
+    except Exception as exc:  # a check that raises on this answer: report it as this row's problem
+        raise _Bad("gold answer check raised", f"{type(exc).__name__}: {exc}") from exc
+    if not ok:
+        raise _Bad("gold answer does not parse", f"({answer!r})")
+    return answer
+
+
+def _check_row(i: int, rec: Mapping[str, Any], cfg: DataConfig, gold_check: GoldCheck | None,
+               bad: list[BadRow]) -> dict[str, Any]:
+    """The row in schema form (None for a bad field); each problem is appended to `bad`."""
+    values = {name: rec.get(col) if col is not None else None for name, col in _column_map(cfg).items()}
+    if cfg.id_column is None:
+        values["id"] = f"row-{i}"
+    checks = {"id": lambda v: _text(v, int_ok=True), "prompt": _text, "solution": _text,
+              "answer": lambda v: _gold(_text(v, int_ok=True), gold_check), "teacher_responses": _teacher}
+    row: dict[str, Any] = {}
+    problems: list[tuple[str, _Bad]] = []
+    for name, check in checks.items():
+        try:
+            row[name] = check(values[name])
+        except _Bad as exc:
+            row[name] = None
+            problems.append((name, exc))
+    bad += [BadRow(i, row["id"], name, exc.reason, exc.detail) for name, exc in problems]
+    return row
+
+
+def _duplicate_ids(rows: list[dict[str, Any]]) -> list[BadRow]:
+    """Every row whose id an earlier row already has (the first one keeps it)."""
+    first: dict[str, int] = {}
+    out = []
+    for i, row in enumerate(rows):
+        rid = row["id"]
+        if rid is None:
+            continue
+        if rid in first:
+            out.append(BadRow(i, rid, "id", "duplicate", f"(first at row #{first[rid]})"))
+        else:
+            first[rid] = i
+    return out
+
+
+def _finish(origin: str, rows: list[dict[str, Any]], bad: list[BadRow], cfg: DataConfig) -> PromptSet:
+    bad = sorted(bad, key=lambda b: (b.index, FIELDS.index(b.field)))
+    reasons = dict(Counter(f"{b.field}: {b.reason}" for b in bad))
+    bad_index = {b.index for b in bad}
+    if bad and cfg.on_bad_row == "error":
+        raise DataError(_bad_rows_message(origin, len(rows), len(bad_index), reasons, bad), bad)
+    kept = [r for i, r in enumerate(rows) if i not in bad_index]
+    if not kept:
+        raise DataError(f"{origin}: all {len(rows)} rows are bad ({_counts(reasons)})", bad)
+    if bad:
+        log.warning("%s: skipped %d of %d rows (%s)", origin, len(bad_index), len(rows), _counts(reasons))
+    report = LoadReport(origin, read=len(rows), kept=len(kept), skipped=len(bad_index), reasons=reasons,
+                        bad_rows=bad)
+    return PromptSet(kept, report)
+
+
+def _counts(reasons: Mapping[str, int]) -> str:
+    return ", ".join(f"{k} x{v}" for k, v in reasons.items())
+
+
+def _bad_rows_message(origin: str, n_rows: int, n_bad: int, reasons: Mapping[str, int], bad: list[BadRow]) -> str:
+    lines = [f"{origin}: {n_bad} of {n_rows} rows are bad ({_counts(reasons)}); fix them or set "
+             f"data.on_bad_row = \"skip\":"]
+    lines += [f"  {b}" for b in bad[:MAX_LISTED]]
+    if len(bad) > MAX_LISTED:
+        lines.append(f"  ... and {len(bad) - MAX_LISTED} more (all in DataError.bad_rows)")
+    return "\n".join(lines)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Split, digest, parquet
+# ---------------------------------------------------------------------------------------------------------
+
+
+def _unit_hash(seed: int, salt: str, row_id: str) -> float:
+    """A uniform number in [0, 1) that depends only on (seed, salt, id)."""
+    digest = hashlib.sha256(f"{seed}\0{salt}\0{row_id}".encode()).digest()
+    return int.from_bytes(digest[:8], "big") / 2.0**64
+
+
+def split_prompts(rows: Sequence[Mapping[str, Any]], *, eval_fraction: float, seed: int,
+                  max_prompts: int | None = None) -> PromptSplit:
+    """Hold out rows for evaluation by a hash of (seed, id): a row's side never depends on the other rows, so
+    the split is stable when rows are added or reordered. Then keep `max_prompts` train rows, chosen by a
+    seeded hash shuffle (also order-free). Both parts keep source order."""
+    if not 0 <= eval_fraction < 1:
+        raise ValueError(f"eval_fraction must be in [0, 1), got {eval_fraction}")
+    if max_prompts is not None and max_prompts < 1:
+        raise ValueError(f"max_prompts must be >= 1 or None, got {max_prompts}")
+    dups = [b.row_id for b in _duplicate_ids([{"id": r["id"]} for r in rows])]
+    if dups:
+        raise DataError(f"split_prompts: duplicate ids {sorted(set(dups))[:10]}")
+    eval_rows = [dict(r) for r in rows if _unit_hash(seed, "eval", r["id"]) < eval_fraction]
+    train = [dict(r) for r in rows if _unit_hash(seed, "eval", r["id"]) >= eval_fraction]
+    if max_prompts is not None and len(train) > max_prompts:
+        chosen = set(sorted((r["id"] for r in train), key=lambda rid: _unit_hash(seed, "train", rid))[:max_prompts])
+        train = [r for r in train if r["id"] in chosen]
+    return PromptSplit(train, eval_rows)
+
+
+def rows_digest(rows: Iterable[Mapping[str, Any]]) -> str:
+    """sha256 of the rows' content (canonical JSON of the schema fields, in order): an explicit dataset digest."""
+    h = hashlib.sha256()
+    for r in rows:
+        h.update(json.dumps([r[k] for k in FIELDS], ensure_ascii=False, separators=(",", ":")).encode())
+        h.update(b"\n")
+    return h.hexdigest()
+
+
+def write_prompts_parquet(rows: Sequence[Mapping[str, Any]], path: str | Path) -> Path:
+    """Write rows in the schema to `path` atomically (temp file in the same folder, fsync, os.replace)."""
+    path = Path(path)
+    for i, r in enumerate(rows):
+        missing = [k for k in FIELDS if k not in r]
+        if missing:
+            raise DataError(f"{path}: row #{i} ({r.get('id')!r}) lacks field(s) {', '.join(missing)}")
+    table = pa.Table.from_pylist([{k: r[k] for k in FIELDS} for r in rows], schema=PROMPT_SCHEMA)
+    tmp = path.with_name(f".{path.name}.tmp-{secrets.token_hex(6)}")
+    try:
+        pq.write_table(table, tmp)
+        with tmp.open("rb") as fh:
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return path
+
+
+def read_prompts_parquet(path: str | Path, *, gold_check: GoldCheck | None = None) -> PromptSet:
+    """Read a file written by `write_prompts_parquet`, validated like any other source."""
+    cfg = DataConfig(source=str(path), format="parquet", id_column="id", teacher_column="teacher_responses")
+    return load_prompts(cfg, gold_check=gold_check)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Rendering
+# ---------------------------------------------------------------------------------------------------------
+
+
+def render_prompt(tokenizer: Any, text: str) -> list[int]:
+    """Token ids of the chat template on one user turn, with the generation prompt: what an engine is fed."""
+    out = tokenizer.apply_chat_template([{"role": "user", "content": text}], add_generation_prompt=True,
+                                        tokenize=True)
+    if isinstance(out, Mapping):  # transformers 5 returns a BatchEncoding; 4.x a list
+        out = out["input_ids"]
+    ids = list(out)
+    if ids and isinstance(ids[0], (list, tuple)):
+        if len(ids) != 1:
+            raise ValueError(f"apply_chat_template returned {len(ids)} sequences for one conversation")
+        ids = list(ids[0])
+    return [int(t) for t in ids]
+
+
+def render_response(tokenizer: Any, text: str, *, max_tokens: int) -> RenderedResponse:
+    """An off-policy response tokenized as a generated one: its ids + EOS, cut at `max_tokens` (then no EOS)."""
+    if max_tokens < 1:
+        raise ValueError(f"max_tokens must be >= 1, got {max_tokens}")
+    eos = tokenizer.eos_token_id
+    if eos is None:
+        raise ValueError("the tokenizer has no eos_token_id; a response must end with EOS")
+    ids = [int(t) for t in tokenizer(text, add_special_tokens=False)["input_ids"]] + [int(eos)]
+    if len(ids) > max_tokens:
+        return RenderedResponse(ids[:max_tokens], truncated=True)
+    return RenderedResponse(ids, truncated=False)
