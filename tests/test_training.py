@@ -62,7 +62,7 @@ def _grads(model, examples, cfg):
 
 def test_one_batch_of_8_equals_4_micro_batches_of_2_and_packing():
     examples = random_examples(8, seed=3, per_token=True)
-    base = TrainConfig(sequences_per_step=8, micro_batch_size=8)
+    base = TrainConfig(sequences_per_step=8, micro_batch_size=8, precision="fp32")
     g8, n8 = _grads(tiny_lm(dtype=torch.float64), examples, base)
     g2, n2 = _grads(tiny_lm(dtype=torch.float64), examples, base.model_copy(update={"micro_batch_size": 2}))
     gp, np_ = _grads(tiny_lm(dtype=torch.float64), examples,
@@ -77,7 +77,7 @@ def test_one_batch_of_8_equals_4_micro_batches_of_2_and_packing():
 
 def test_gradient_checkpointing_gives_the_same_gradients():
     examples = random_examples(4, seed=2)
-    cfg = TrainConfig(sequences_per_step=4, micro_batch_size=4)
+    cfg = TrainConfig(sequences_per_step=4, micro_batch_size=4, precision="fp32")
     plain, _ = _grads(tiny_lm(dtype=torch.float64), examples, cfg)
     ckpt, _ = _grads(tiny_lm(dtype=torch.float64), examples, cfg.model_copy(update={"gradient_checkpointing": True}))
     for a, b in zip(plain, ckpt):
@@ -107,7 +107,7 @@ def test_resume_is_exact(tmp_path):
     # 2N straight against N, a stop, and N resumed (with dropout, so the RNG state matters too).
     examples = random_examples(20, seed=4)
     cfg = TrainConfig(lr=5e-3, num_steps=6, sequences_per_step=4, micro_batch_size=2, schedule="cosine",
-                      warmup_steps=2, seed=3)
+                      warmup_steps=2, seed=3, precision="fp32")
     objective = gft_objective(tau=0.5)
     straight = fit(tiny_lm(dropout=0.3), examples, objective, cfg, pad_id=PAD, progress_bar=False)
     ckpt = tmp_path / "ckpt"
