@@ -20,7 +20,8 @@ from pathlib import Path
 from typing import Protocol
 
 import torch
-from accelerate import Accelerator
+from accelerate import Accelerator, PartialState
+from accelerate.state import AcceleratorState
 from accelerate.utils import set_seed
 from torch import Tensor, nn
 from tqdm.auto import tqdm
@@ -32,7 +33,7 @@ from pipeline.losses import LossOutput, dft_loss, gft_loss, sft_loss, token_logp
 __all__ = [
     "Example", "TokenBatch", "ScoredTokens", "StepTotals", "Objective", "TokenScorer", "Trainer",
     "NonFiniteError", "collate_padded", "collate_packed", "plan_step", "make_trainer", "accumulate_gradients", "train_step", "fit",
-    "gft_objective", "sft_objective", "dft_objective", "FitResult",
+    "gft_objective", "sft_objective", "dft_objective", "FitResult", "ResponseScores", "score_responses",
 ]
 
 
@@ -268,6 +269,35 @@ class TokenScorer(nn.Module):
         return stats.logprobs, stats.entropy
 
 
+@dataclass(frozen=True)
+class ResponseScores:
+    """Per-response token log-probs and entropies under a model (teacher-forced, no gradient)."""
+
+    logprobs: list[Tensor]  # one [T_k] float tensor per response
+    entropy: list[Tensor]  # one [T_k] float tensor per response
+
+
+@torch.no_grad()
+def score_responses(model: nn.Module, prompts: Sequence[Sequence[int]], responses: Sequence[Sequence[int]], *,
+                    pad_id: int, batch_size: int = 16, chunk_size: int = 2048) -> ResponseScores:
+    """log p and entropy of every response token given its prompt, in padded batches on the model's device."""
+    if len(prompts) != len(responses):
+        raise ValueError(f"{len(prompts)} prompts but {len(responses)} responses")
+    examples = [Example(p, r) for p, r in zip(prompts, responses)]
+    scorer, device = TokenScorer(model, chunk_size=chunk_size), next(model.parameters()).device
+    logps, ents = [], []
+    for start in range(0, len(examples), batch_size):
+        batch = collate_padded(examples, range(start, min(start + batch_size, len(examples))), pad_id)
+        mask = batch.loss_mask.to(device)
+        lp, ent = scorer(batch.input_ids.to(device), batch.position_ids.to(device),
+                         batch.attention_mask.to(device), batch.targets.to(device), mask)
+        rows = batch.rows.to(device)[mask]  # [M] example index of every scored token
+        for i in range(start, min(start + batch_size, len(examples))):
+            logps.append(lp[rows == i].float().cpu())
+            ents.append(ent[rows == i].float().cpu())
+    return ResponseScores(logprobs=logps, entropy=ents)
+
+
 # ---------------------------------------------------------------------------------------------------------
 # The trainer: accelerate objects, one step, the loop
 # ---------------------------------------------------------------------------------------------------------
@@ -304,6 +334,10 @@ class Trainer:
 def _accelerator(precision: str) -> Accelerator:
     cpu = not torch.cuda.is_available()
     mixed = "bf16" if precision == "bf16" or (precision == "auto" and not cpu) else "no"
+    state = AcceleratorState._shared_state  # a process-wide singleton in accelerate
+    if state and state.get("_mixed_precision") != mixed and PartialState().num_processes == 1:
+        # One process may train stages at different precisions; accelerate would refuse the change.
+        AcceleratorState._reset_state()
     return Accelerator(cpu=cpu, mixed_precision=mixed)
 
 
