@@ -1,0 +1,215 @@
+"""HFEngine on a tiny random Qwen2 + char tokenizer saved to a tmp folder (no vllm needed).
+
+The key check: the engine's log-probs equal a teacher-forced recomputation (one full forward over
+prompt + completion, log_softmax at temperature 1) whatever temperature/top-p sampled the tokens.
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import pytest
+import torch
+
+from pipeline.config import EngineConfig, SamplingConfig
+from pipeline.engines import Completion, Engine, HFEngine, build_engine
+
+CHARS = "abcdefghijklmnopqrstuvwxyz0123456789 +-*/=()[]{}.,:;!?<>"
+SPECIALS = ["<pad>", "<s>", "</s>", "<unk>"]  # ids 0..3
+PAD, BOS, EOS = 0, 1, 2
+PROMPTS = [[1, 10, 11, 12], [1, 20], [1, 5, 6, 7, 8, 9, 30, 31, 32], [1, 40, 41]]
+
+
+def char_tokenizer():
+    """A character-level WordLevel tokenizer (one id per character) with pad/bos/eos/unk."""
+    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {tok: i for i, tok in enumerate(SPECIALS + list(CHARS))}
+    tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Split(Regex("."), behavior="isolated")
+    tok.decoder = decoders.Fuse()
+    return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", pad_token="<pad>",
+                                   unk_token="<unk>")
+
+
+def save_tiny_checkpoint(path: Path, *, seed: int = 0, init_std: float = 0.1) -> Path:
+    """A 2-layer random Qwen2 (head_dim 32, which vLLM's CPU attention supports) and the char tokenizer.
+    `init_std` 5x HF's 0.02 keeps greedy near-ties away; much more inflates float32 cache-vs-full-forward gaps."""
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    tokenizer = char_tokenizer()
+    cfg = Qwen2Config(vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                      num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=512,
+                      tie_word_embeddings=True, initializer_range=init_std, pad_token_id=PAD, bos_token_id=BOS,
+                      eos_token_id=EOS)
+    torch.manual_seed(seed)
+    model = Qwen2ForCausalLM(cfg).eval()
+    model.save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return path
+
+
+def teacher_forced_logprobs(model, prompt: list[int], completion: list[int]) -> list[float]:
+    """log p(completion_t | prompt, completion_<t) from one full forward, log_softmax at temperature 1."""
+    ids = torch.tensor([prompt + completion], device=model.device)
+    with torch.inference_mode():
+        logits = model(input_ids=ids).logits[0, len(prompt) - 1:-1].float().cpu()
+    return torch.log_softmax(logits, -1).gather(-1, torch.tensor(completion)[:, None])[:, 0].tolist()
+
+
+def max_teacher_forced_error(model, prompts, results: list[list[Completion]]) -> float:
+    errors = [abs(a - b) for prompt, group in zip(prompts, results, strict=True) for c in group
+              for a, b in zip(c.logprobs, teacher_forced_logprobs(model, list(prompt), c.token_ids), strict=True)]
+    return max(errors)
+
+
+@pytest.fixture(scope="module")
+def ckpt_a(tmp_path_factory) -> Path:
+    return save_tiny_checkpoint(tmp_path_factory.mktemp("ckpt_a"), seed=0)
+
+
+@pytest.fixture(scope="module")
+def ckpt_b(tmp_path_factory) -> Path:
+    return save_tiny_checkpoint(tmp_path_factory.mktemp("ckpt_b"), seed=1)
+
+
+F32 = dict(dtype="float32")  # the 1e-5 checks need float32 on a GPU too ("auto" is bfloat16 there)
+
+
+@pytest.fixture(scope="module")
+def engine(ckpt_a) -> HFEngine:
+    return HFEngine(ckpt_a, EngineConfig(batch_size=2, **F32), progress=False)
+
+
+SAMPLE = SamplingConfig(temperature=1.0, max_new_tokens=12, seed=3)
+GREEDY = SamplingConfig(temperature=0.0, max_new_tokens=12)
+
+
+def test_build_engine_gives_an_hf_engine(ckpt_a):
+    eng = build_engine(ckpt_a, EngineConfig(backend="hf"), progress=False)
+    assert isinstance(eng, HFEngine)
+    _: Engine = eng  # structural: satisfies the protocol
+    assert eng.model.dtype == (torch.bfloat16 if torch.cuda.is_available() else torch.float32)
+    assert not eng.model.training
+
+
+def test_shapes_and_fields(engine):
+    results = engine.generate(PROMPTS, 3, SAMPLE)
+    assert [len(group) for group in results] == [3] * len(PROMPTS)
+    for group in results:
+        for c in group:
+            assert 1 <= len(c.token_ids) == len(c.logprobs) <= SAMPLE.max_new_tokens
+            assert all(math.isfinite(lp) and lp <= 0 for lp in c.logprobs)
+            assert c.finish_reason in ("stop", "length")
+            assert c.text == engine.tokenizer.decode(c.token_ids, skip_special_tokens=True)
+            assert "</s>" not in c.text
+
+
+@pytest.mark.parametrize("temperature,top_p", [(1.0, 1.0), (0.6, 0.8), (1.7, 0.95), (0.0, 1.0)])
+def test_logprobs_equal_teacher_forced_recomputation(engine, temperature, top_p):
+    """Raw log-probs (temperature 1, no top-p), even for tokens sampled at another temperature/top-p,
+    with left padding in play (batch_size 2, prompts of different lengths)."""
+    sampling = SamplingConfig(temperature=temperature, top_p=top_p, max_new_tokens=16, seed=7)
+    results = engine.generate(PROMPTS, 4, sampling)
+    assert max_teacher_forced_error(engine.model, PROMPTS, results) < 1e-5
+
+
+def test_left_padding_does_not_change_results(ckpt_a):
+    short = [1, 20]
+    alone = HFEngine(ckpt_a, EngineConfig(batch_size=1, **F32), progress=False).generate([short], 1, GREEDY)[0][0]
+    batched = HFEngine(ckpt_a, EngineConfig(batch_size=8, **F32), progress=False)
+    in_batch = batched.generate([[1, 5, 6, 7, 8, 9, 30, 31, 32, 33, 34], short, [1] + [12] * 20], 1, GREEDY)[1][0]
+    assert in_batch.token_ids == alone.token_ids
+    assert max(abs(a - b) for a, b in zip(in_batch.logprobs, alone.logprobs)) < 1e-5
+
+
+def test_same_seed_same_completions_other_seed_others(engine):
+    first = engine.generate(PROMPTS, 4, SAMPLE)
+    again = engine.generate(PROMPTS, 4, SAMPLE)
+    other = engine.generate(PROMPTS, 4, SAMPLE.model_copy(update={"seed": SAMPLE.seed + 1}))
+    assert first == again
+    assert [[c.token_ids for c in g] for g in first] != [[c.token_ids for c in g] for g in other]
+
+
+def test_generate_leaves_the_global_rng_alone(engine):
+    state = torch.get_rng_state()
+    engine.generate(PROMPTS[:1], 2, SAMPLE)
+    assert torch.equal(torch.get_rng_state(), state)
+
+
+def test_samples_differ_within_a_group(engine):
+    group = engine.generate([PROMPTS[0], PROMPTS[0]], 8, SAMPLE)
+    ids = [tuple(c.token_ids) for g in group for c in g]
+    assert len(set(ids)) > 8  # 16 samples of up to 12 tokens from a 61-token vocabulary
+
+
+def test_temperature_zero_is_greedy(engine):
+    results = engine.generate(PROMPTS, 3, GREEDY)
+    for prompt, group in zip(PROMPTS, results, strict=True):
+        assert all(c == group[0] for c in group) and group[0].token_ids is not group[1].token_ids
+        ids = torch.tensor([prompt + group[0].token_ids], device=engine.model.device)
+        with torch.inference_mode():
+            argmax = engine.model(input_ids=ids).logits[0, len(prompt) - 1:-1].argmax(-1).tolist()
+        assert group[0].token_ids == argmax
+
+
+def test_finish_reason_stop_iff_eos(engine):
+    sampling = SamplingConfig(temperature=1.0, max_new_tokens=10, seed=0)
+    results = [c for g in engine.generate(PROMPTS, 16, sampling) for c in g]
+    for c in results:
+        if c.finish_reason == "stop":
+            assert c.token_ids[-1] == EOS and EOS not in c.token_ids[:-1]
+        else:
+            assert c.finish_reason == "length" and len(c.token_ids) == 10 and EOS not in c.token_ids
+    assert {c.finish_reason for c in results} == {"stop", "length"}
+
+
+def test_pad_falls_back_to_eos(ckpt_a, tmp_path):
+    """A tokenizer without a pad token pads with eos; results are unchanged."""
+    import shutil
+
+    from transformers import AutoTokenizer
+
+    shutil.copytree(ckpt_a, tmp_path / "nopad")
+    tok = AutoTokenizer.from_pretrained(ckpt_a)
+    tok.pad_token = None
+    tok.save_pretrained(tmp_path / "nopad")
+    eng = HFEngine(tmp_path / "nopad", EngineConfig(batch_size=4, **F32), progress=False)
+    assert eng.pad_id == EOS
+    ref = HFEngine(ckpt_a, EngineConfig(batch_size=4, **F32), progress=False)
+    assert eng.generate(PROMPTS, 2, SAMPLE) == ref.generate(PROMPTS, 2, SAMPLE)
+
+
+def test_load_weights_switches_to_the_new_checkpoint_in_place(ckpt_a, ckpt_b):
+    eng = HFEngine(ckpt_a, EngineConfig(batch_size=2, **F32), progress=False)
+    model = eng.model
+    before = eng.generate(PROMPTS, 2, SAMPLE)
+    eng.load_weights(ckpt_b)
+    assert eng.model is model
+    fresh_b = HFEngine(ckpt_b, EngineConfig(batch_size=2, **F32), progress=False)
+    after = eng.generate(PROMPTS, 2, SAMPLE)
+    assert after == fresh_b.generate(PROMPTS, 2, SAMPLE)
+    assert after != before
+    assert torch.equal(model.lm_head.weight, model.model.embed_tokens.weight)  # still tied
+    eng.load_weights(ckpt_a)
+    assert eng.generate(PROMPTS, 2, SAMPLE) == before
+
+
+def test_load_weights_rejects_another_architecture_and_keeps_the_weights(engine, tmp_path):
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    before = engine.generate(PROMPTS, 1, GREEDY)
+    Qwen2ForCausalLM(Qwen2Config(vocab_size=61, hidden_size=64, intermediate_size=128, num_hidden_layers=1,
+                                 num_attention_heads=2, num_key_value_heads=1)).save_pretrained(tmp_path)
+    with pytest.raises(ValueError, match=r"checkpoint does not match.*missing \['model.layers.1"):
+        engine.load_weights(tmp_path)
+    assert engine.generate(PROMPTS, 1, GREEDY) == before
+
+
+def test_bad_requests_are_named(engine):
+    with pytest.raises(ValueError, match="prompt 1 is empty"):
+        engine.generate([[1, 2], []], 1, SAMPLE)
+    with pytest.raises(ValueError, match="n must be"):
+        engine.generate([[1, 2]], 0, SAMPLE)
