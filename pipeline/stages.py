@@ -1,0 +1,475 @@
+"""One function per stage: small artifact references and a sub-config in, one reference out.
+
+Every stage is cached by `stage_key(stage, version, config digest, input digests)` in a `StageStore`: a
+verified hit is served without work, anything missing or altered is recomputed. Stages never pass models,
+engines or DataFrames; engines and reward workers are process-level resources kept in `Resources`.
+
+    prepare_data -> bootstrap_models -> teacher_sample -> sft ----------------> evaluate
+                                                       \\-> gft_round x R ----> evaluate
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import random
+import shutil
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pandas as pd
+import torch
+
+from pipeline import data as data_lib
+from pipeline import synthetic
+from pipeline.advantages import group_advantages
+from pipeline.artifacts import ArtifactRef, StageStore, stage_key, tree_sha256
+from pipeline.config import (
+    DataConfig, EngineConfig, EvalConfig, GFTConfig, SamplingConfig, Settings, SFTConfig, SyntheticConfig,
+    TeacherSampleConfig,
+)
+from pipeline.engines import Engine, build_engine
+from pipeline.evaluation import accuracy_metrics, kl_per_token, score_prompt
+from pipeline.rewards import Scorer
+from pipeline.training import (
+    Example, dft_objective, fit, gft_objective, make_trainer, plan_step, save_model, score_responses,
+    sft_objective, train_step,
+)
+
+log = logging.getLogger(__name__)
+
+VERSIONS = {"prepare_data": 1, "bootstrap_models": 1, "teacher_sample": 1, "sft": 1, "gft_round": 1, "evaluate": 1}
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Process-level resources and the cache wrapper
+# ---------------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class Resources:
+    """What a process keeps between stages: the artifact store, engines by role, reward workers, counters."""
+
+    store: StageStore
+    engine_cfg: EngineConfig = EngineConfig()
+    progress: bool = True
+    engines: dict[str, tuple[Engine, str]] = field(default_factory=dict)
+    scorers: dict[str, Scorer] = field(default_factory=dict)
+    calls: dict[str, int] = field(default_factory=dict)  # work actually done, for tests and the summary
+
+    def engine(self, role: str, model_dir: str) -> Engine:
+        """The engine of a role (policy, teacher, base), built once and refreshed in place to model_dir."""
+        if role not in self.engines:
+            self.engines[role] = (build_engine(model_dir, self.engine_cfg), model_dir)
+        engine, loaded = self.engines[role]
+        if loaded != model_dir:
+            engine.load_weights(model_dir)
+            self.engines[role] = (engine, model_dir)
+        return engine
+
+    def scorer(self, reward: str) -> Scorer:
+        if reward not in self.scorers:
+            self.scorers[reward] = Scorer(reward)
+        return self.scorers[reward]
+
+    def count(self, what: str, n: int = 1) -> None:
+        self.calls[what] = self.calls.get(what, 0) + n
+
+    def close(self) -> None:
+        for engine, _ in self.engines.values():
+            engine.close()
+        for scorer in self.scorers.values():
+            scorer.close()
+        self.engines.clear()
+        self.scorers.clear()
+
+
+def _digest(configs: Sequence[Settings]) -> str:
+    return hashlib.sha256("|".join(c.digest() for c in configs).encode()).hexdigest()
+
+
+def cached(res: Resources, stage: str, configs: Sequence[Settings], inputs: Sequence[ArtifactRef], kind: str,
+           build: Callable[[Path, str], dict[str, float]], *, extra_key: str = "") -> ArtifactRef:
+    """Serve the stage's verified output, or run `build(folder, key)` into a fresh folder and publish it."""
+    key = stage_key(stage, VERSIONS[stage], _digest(configs) + extra_key, [r.sha256 for r in inputs])
+    ref = res.store.lookup(stage, key)
+    if ref is not None:
+        log.info("%s %s: served from cache", stage, key[:12])
+        return ref
+    config = {type(c).__name__: c.model_dump(mode="json") for c in configs}
+    start = time.perf_counter()
+    with res.store.write(stage, key, kind=kind, version=VERSIONS[stage], config=config, inputs=list(inputs)) as out:
+        out.metrics.update(build(Path(out.path), key))
+        out.metrics["wall_time_s"] = time.perf_counter() - start
+    res.count(stage)
+    return out.ref
+
+
+def model_dir(ref: ArtifactRef) -> str:
+    """The Hugging Face folder (or hub id) a model reference stands for."""
+    return ref.uri if ref.kind == "external_model" else str(Path(ref.uri) / "model")
+
+
+def external_model(spec: str) -> ArtifactRef:
+    """A model the pipeline did not build (hub id or local folder), identified by its spec (and content when local)."""
+    path = Path(spec)
+    sha = tree_sha256(path) if path.is_dir() else stage_key("external", 0, spec, [])
+    return ArtifactRef(kind="external_model", uri=str(path.resolve()) if path.is_dir() else spec, sha256=sha,
+                       schema_version=1)
+
+
+def _write_json(path: Path, obj) -> None:
+    path.write_text(json.dumps(obj, indent=2, sort_keys=True))
+
+
+def _read_parquet(ref: ArtifactRef, name: str) -> pd.DataFrame:
+    return pd.read_parquet(Path(ref.uri) / name)
+
+
+def _tokenizer(model_path: str, trust_remote_code: bool = False):
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(model_path, trust_remote_code=trust_remote_code)
+
+
+def _load_model(model_path: str, trust_remote_code: bool = False):
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_pretrained(model_path, trust_remote_code=trust_remote_code)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# prepare_data, bootstrap_models, teacher_sample
+# ---------------------------------------------------------------------------------------------------------
+
+
+def prepare_data(cfg: DataConfig, synth: SyntheticConfig, res: Resources) -> ArtifactRef:
+    """Load, validate and split the prompt set into train.parquet and eval.parquet."""
+    configs = [cfg, synth] if cfg.source == "synthetic" else [cfg]
+
+    def build(out: Path, key: str) -> dict[str, float]:
+        prompts = _load_prompt_set(cfg, synth, res)
+        split = data_lib.split_prompts(prompts.rows, eval_fraction=cfg.eval_fraction, seed=cfg.seed,
+                                       max_prompts=cfg.max_prompts)
+        data_lib.write_prompts_parquet(split.train, out / "train.parquet")
+        data_lib.write_prompts_parquet(split.eval, out / "eval.parquet")
+        _write_json(out / "report.json", prompts.report.to_dict())
+        return {"train_prompts": float(len(split.train)), "eval_prompts": float(len(split.eval)),
+                "skipped_rows": float(prompts.report.skipped)}
+
+    source = data_lib.source_ref(cfg)  # a local file's content is part of the key
+    return cached(res, "prepare_data", configs, [source] if source else [], "prompts", build)
+
+
+def _load_prompt_set(cfg: DataConfig, synth: SyntheticConfig, res: Resources):
+    scorer = res.scorer("math_answer")
+
+    def gold_parses(answer: str) -> bool:
+        _, reason = scorer.score_one(f"\\boxed{{{answer}}}", {"answer": answer})
+        return reason not in ("unparseable_gold", "unparseable_answer", "timeout")
+
+    if cfg.source == "synthetic":
+        records = synthetic.make_problems(cfg.synthetic_rows, seed=synth.seed + 1, levels=synth.levels)
+        return data_lib.rows_from_records(records, cfg, gold_check=gold_parses)
+    return data_lib.load_prompts(cfg, gold_check=gold_parses)
+
+
+def bootstrap_models(synth: SyntheticConfig, res: Resources) -> ArtifactRef:
+    """The embedded default's teacher and weaker base, trained locally (teacher/model, base/model)."""
+    def build(out: Path, key: str) -> dict[str, float]:
+        result = synthetic.bootstrap(out / "work", synth)
+        for role, path in (("teacher", result.teacher_dir), ("base", result.base_dir)):
+            (out / role).mkdir()
+            Path(path).rename(out / role / "model")
+        shutil.rmtree(out / "work")
+        return {k: float(v) for k, v in result.metrics.items() if isinstance(v, (int, float))}
+
+    return cached(res, "bootstrap_models", [synth], [], "models", build)
+
+
+def bootstrap_member(models: ArtifactRef, role: str) -> ArtifactRef:
+    """The reference of one model of the bootstrap pair (its own content digest)."""
+    folder = Path(models.uri) / role
+    return ArtifactRef(kind="model", uri=str(folder), sha256=tree_sha256(folder), schema_version=1)
+
+
+def teacher_sample(cfg: TeacherSampleConfig, prompts: ArtifactRef, teacher: ArtifactRef,
+                   res: Resources) -> ArtifactRef:
+    """K teacher responses per training prompt, sampled once (teacher.parquet: id, responses)."""
+    def build(out: Path, key: str) -> dict[str, float]:
+        rows = _read_parquet(prompts, "train.parquet")
+        tok = _tokenizer(model_dir(teacher), res.engine_cfg.trust_remote_code)
+        prompt_ids = [data_lib.render_prompt(tok, p) for p in rows["prompt"]]
+        engine = res.engine("teacher", model_dir(teacher))
+        completions = engine.generate(prompt_ids, cfg.k, cfg.sampling)
+        res.count("engine.generate")
+        table = pd.DataFrame({"id": rows["id"], "responses": [[c.text for c in cs] for cs in completions]})
+        table.to_parquet(out / "teacher.parquet")
+        return {"responses": float(len(rows) * cfg.k)}
+
+    return cached(res, "teacher_sample", [cfg, res.engine_cfg], [prompts, teacher], "teacher_responses", build)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# SFT
+# ---------------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Member:
+    """One response of a group: where it came from and its tokens (sampler log-probs for policy samples)."""
+
+    prompt_id: str
+    source: str  # expert | teacher | policy
+    text: str
+    token_ids: list[int]
+    truncated: bool
+    sampler_logprobs: list[float] | None = None
+
+
+def _off_policy(tok, prompt_id: str, source: str, texts: Sequence[str], max_tokens: int) -> list[Member]:
+    """Expert or teacher text tokenized exactly as a generated response: text + EOS, cut at max_tokens."""
+    out = []
+    for text in texts:
+        rendered = data_lib.render_response(tok, text, max_tokens=max_tokens)
+        out.append(Member(prompt_id, source, text, list(rendered.ids), rendered.truncated))
+    return out
+
+
+def _teacher_map(teacher: ArtifactRef | None, rows: pd.DataFrame) -> dict[str, list[str]]:
+    """Teacher responses by prompt id: from the teacher stage, else from the dataset's column."""
+    if teacher is not None:
+        table = _read_parquet(teacher, "teacher.parquet")
+        return {str(i): list(r) for i, r in zip(table["id"], table["responses"])}
+    if "teacher_responses" in rows:
+        return {str(i): list(r) for i, r in zip(rows["id"], rows["teacher_responses"]) if r is not None}
+    return {}
+
+
+def sft(cfg: SFTConfig, prompts: ArtifactRef, teacher: ArtifactRef | None, init: ArtifactRef,
+        res: Resources) -> ArtifactRef:
+    """Supervised fine-tuning on expert solutions (or SFT(mix) with teacher responses); model/ and history."""
+    inputs = [prompts, init] + ([teacher] if teacher is not None and cfg.source == "mix" else [])
+
+    def build(out: Path, key: str) -> dict[str, float]:
+        rows = _read_parquet(prompts, "train.parquet")
+        tok = _tokenizer(model_dir(init))
+        teachers = _teacher_map(teacher, rows) if cfg.source == "mix" else {}
+        examples, truncated = [], 0
+        for pid, prompt, solution in zip(rows["id"], rows["prompt"], rows["solution"]):
+            prompt_ids = data_lib.render_prompt(tok, prompt)
+            members = _off_policy(tok, str(pid), "expert", [solution], cfg.max_response_tokens)
+            members += _off_policy(tok, str(pid), "teacher", teachers.get(str(pid), []), cfg.max_response_tokens)
+            truncated += sum(m.truncated for m in members)
+            examples += [Example(prompt_ids, m.token_ids) for m in members]
+        objective = sft_objective() if cfg.loss == "sft" else dft_objective()
+        work = res.store.root / "sft" / f".ckpt-{key}"  # outside the temp folder: a rerun resumes from it
+        result = fit(_load_model(model_dir(init)), examples, objective, cfg.train, pad_id=_pad_id(tok),
+                     checkpoint_dir=work, progress_bar=res.progress)
+        res.count("optimizer.step", len(result.history))
+        save_model(result.trainer, out / "model", tok)
+        _write_history(out / "history.jsonl", result.history)
+        shutil.rmtree(work, ignore_errors=True)
+        last = result.history[-1] if result.history else {}
+        return {"examples": float(len(examples)), "truncated_responses": float(truncated),
+                "final_loss": last.get("loss", float("nan"))}
+
+    return cached(res, "sft", [cfg], inputs, "model", build)
+
+
+def _pad_id(tok) -> int:
+    return tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
+
+
+def _write_history(path: Path, history: Sequence[dict]) -> None:
+    path.write_text("".join(json.dumps(h, sort_keys=True) + "\n" for h in history))
+
+
+# ---------------------------------------------------------------------------------------------------------
+# GFT rounds
+# ---------------------------------------------------------------------------------------------------------
+
+
+def round_prompts(rows: pd.DataFrame, cfg: GFTConfig, round_idx: int, seed: int) -> pd.DataFrame:
+    """The round's prompts: consecutive slices of one seeded shuffle per pass over the training prompts."""
+    picked = []
+    for pos in range(round_idx * cfg.prompts_per_round, (round_idx + 1) * cfg.prompts_per_round):
+        epoch, offset = divmod(pos, len(rows))
+        order = list(range(len(rows)))
+        random.Random(seed * 7919 + epoch).shuffle(order)
+        picked.append(order[offset])
+    return rows.iloc[picked].reset_index(drop=True)
+
+
+def _policy_members(res: Resources, policy_dir: str, prompt_ids: list[list[int]], ids: Sequence[str],
+                    cfg: GFTConfig, round_idx: int) -> list[list[Member]]:
+    if cfg.policy == 0:
+        return [[] for _ in ids]
+    sampling = cfg.sampling.model_copy(update={"seed": cfg.sampling.seed + 1000 * round_idx,
+                                               "max_new_tokens": cfg.max_response_tokens})
+    completions = res.engine("policy", policy_dir).generate(prompt_ids, cfg.policy, sampling)
+    res.count("engine.generate")
+    return [[Member(str(pid), "policy", c.text, list(c.token_ids), c.finish_reason == "length", list(c.logprobs))
+             for c in cs] for pid, cs in zip(ids, completions)]
+
+
+def build_groups(res: Resources, cfg: GFTConfig, rows: pd.DataFrame, teachers: dict[str, list[str]], tok,
+                 policy_dir: str, round_idx: int) -> tuple[list[list[int]], list[list[Member]]]:
+    """Prompt ids and the hybrid group of every prompt: expert, teacher and fresh policy members."""
+    prompt_ids = [data_lib.render_prompt(tok, p) for p in rows["prompt"]]
+    ids = [str(i) for i in rows["id"]]
+    policy = _policy_members(res, policy_dir, prompt_ids, ids, cfg, round_idx)
+    groups = []
+    for k, (pid, solution) in enumerate(zip(ids, rows["solution"])):
+        members = _off_policy(tok, pid, "expert", [solution][:cfg.expert], cfg.max_response_tokens)
+        members += _off_policy(tok, pid, "teacher", teachers.get(pid, [])[:cfg.teacher], cfg.max_response_tokens)
+        groups.append(members + policy[k])
+    return prompt_ids, groups
+
+
+def score_groups(res: Resources, cfg: GFTConfig, rows: pd.DataFrame, groups: list[list[Member]]) -> pd.DataFrame:
+    """Reward every member with one verifier, then group advantages: the round's group table."""
+    records = rows.to_dict("records")
+    flat = [(k, m) for k, members in enumerate(groups) for m in members]
+    scored = res.scorer(cfg.reward).score([m.text for _, m in flat], [records[k] for k, _ in flat])
+    rewards = [0.0 if r is None else r for r in scored.rewards]
+    adv = group_advantages(torch.tensor(rewards, dtype=torch.float64), [m.prompt_id for _, m in flat],
+                           scale=cfg.advantage_scale, baseline=cfg.advantage_baseline)
+    return pd.DataFrame({
+        "prompt_id": [m.prompt_id for _, m in flat], "group_index": [k for k, _ in flat],
+        "source": [m.source for _, m in flat], "response": [m.text for _, m in flat],
+        "token_ids": [m.token_ids for _, m in flat], "sampler_logprobs": [m.sampler_logprobs for _, m in flat],
+        "reward": rewards, "advantage": adv.advantages.tolist(), "truncated": [m.truncated for _, m in flat],
+    })
+
+
+def _round_metrics(table: pd.DataFrame) -> dict[str, float]:
+    adv = group_advantages(torch.tensor(table["reward"].to_numpy()), table["prompt_id"].tolist())
+    out = {f"reward/{src}": float(g["reward"].mean()) for src, g in table.groupby("source")}
+    out.update({f"truncated/{src}": float(g["truncated"].sum()) for src, g in table.groupby("source")})
+    out.update(frac_reward_zero_std=adv.stats["frac_reward_zero_std"], reward_mean=float(table["reward"].mean()),
+               advantage_mean=float(table["advantage"].mean()), advantage_std=float(table["advantage"].std()),
+               response_length=float(table["token_ids"].map(len).mean()))
+    return out
+
+
+def _train_round(res: Resources, cfg: GFTConfig, prev: ArtifactRef, prompt_ids: list[list[int]],
+                 table: pd.DataFrame, round_idx: int, out: Path, tok) -> list[dict[str, float]]:
+    """`minibatches_per_round` optimizer steps over the round's responses, continuing the optimizer state."""
+    examples = [Example(prompt_ids[g], ids, a) for g, ids, a in
+                zip(table["group_index"], table["token_ids"], table["advantage"])]
+    m = cfg.minibatches_per_round
+    train_cfg = cfg.train.model_copy(update={"sequences_per_step": max(1, len(examples) // m)})
+    trainer = make_trainer(_load_model(model_dir(prev)), train_cfg, total_steps=cfg.rounds * m)
+    if (Path(prev.uri) / "state").is_dir():
+        trainer.accelerator.load_state(str(Path(prev.uri) / "state"))
+    order = list(range(len(examples)))
+    random.Random(cfg.train.seed * 104729 + round_idx).shuffle(order)
+    history = []
+    for j in range(m):
+        step = trainer.progress.step
+        micro, totals = plan_step(examples, order[j::m], train_cfg, rank=trainer.accelerator.process_index,
+                                  world=trainer.accelerator.num_processes, pad_id=_pad_id(tok))
+        result = train_step(trainer, micro, gft_objective(tau=cfg.tau), totals,
+                            max_grad_norm=train_cfg.max_grad_norm, step=step)
+        trainer.progress.step = step + 1
+        history.append({"step": float(step + 1), "round": float(round_idx), **result.metrics})
+    res.count("optimizer.step", m)
+    trainer.accelerator.save_state(str(out / "state"))
+    save_model(trainer, out / "model", tok)
+    return history
+
+
+def gft_round(cfg: GFTConfig, round_idx: int, prompts: ArtifactRef, teacher: ArtifactRef | None,
+              prev: ArtifactRef, res: Resources, *, seed: int = 0) -> ArtifactRef:
+    """One GFT round: sample policy members, build and score hybrid groups, advantages, train; groups.parquet,
+    model/, state/ (optimizer, scheduler, RNG for the next round) and metrics."""
+    inputs = [prompts, prev] + ([teacher] if teacher is not None else [])
+
+    def build(out: Path, key: str) -> dict[str, float]:
+        times: dict[str, float] = {}
+        t0 = time.perf_counter()
+        rows = round_prompts(_read_parquet(prompts, "train.parquet"), cfg, round_idx, seed)
+        tok = _tokenizer(model_dir(prev))
+        teachers = _teacher_map(teacher, rows)
+        prompt_ids, groups = build_groups(res, cfg, rows, teachers, tok, model_dir(prev), round_idx)
+        times["perf/sample_s"] = time.perf_counter() - t0
+        table = score_groups(res, cfg, rows, groups)
+        table.to_parquet(out / "groups.parquet")
+        times["perf/score_s"] = time.perf_counter() - t0 - times["perf/sample_s"]
+        history = _train_round(res, cfg, prev, prompt_ids, table, round_idx, out, tok)
+        times["perf/train_s"] = time.perf_counter() - t0 - times["perf/sample_s"] - times["perf/score_s"]
+        _write_history(out / "history.jsonl", history)
+        return {**_round_metrics(table), **times, **{f"train/{k}": v for k, v in history[-1].items()}}
+
+    return cached(res, "gft_round", [cfg], inputs, "model", build, extra_key=f"round={round_idx},seed={seed}")
+
+
+def gft(cfg: GFTConfig, prompts: ArtifactRef, teacher: ArtifactRef | None, init: ArtifactRef, res: Resources,
+        *, seed: int = 0) -> list[ArtifactRef]:
+    """All rounds; each round is its own cached stage, so a rerun resumes after the last finished round."""
+    refs, prev = [], init
+    for r in range(cfg.rounds):
+        prev = gft_round(cfg, r, prompts, teacher, prev, res, seed=seed)
+        refs.append(prev)
+    return refs
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Evaluation
+# ---------------------------------------------------------------------------------------------------------
+
+
+def evaluate(cfg: EvalConfig, prompts: ArtifactRef, model: ArtifactRef, base: ArtifactRef,
+             res: Resources) -> ArtifactRef:
+    """Held-out mean@k, pass@k, greedy accuracy, entropy and KL(base || policy): metrics.json, samples.parquet."""
+    def build(out: Path, key: str) -> dict[str, float]:
+        rows = _read_parquet(prompts, "eval.parquet")
+        rows = rows.iloc[: cfg.max_prompts] if cfg.max_prompts else rows
+        tok = _tokenizer(model_dir(model))
+        prompt_ids = [data_lib.render_prompt(tok, p) for p in rows["prompt"]]
+        engine = res.engine("eval", model_dir(model))
+        sampled = engine.generate(prompt_ids, cfg.k, cfg.sampling)
+        greedy = engine.generate(prompt_ids, 1, cfg.sampling.model_copy(update={"temperature": 0.0}))
+        res.count("engine.generate", 2)
+        scorer = res.scorer(cfg.reward)
+        records = rows.to_dict("records")
+        per_prompt = [score_prompt(scorer, rec, [c.text for c in cs], g[0].text)
+                      for rec, cs, g in zip(records, sampled, greedy)]
+        metrics = accuracy_metrics(per_prompt, k=cfg.k)
+        metrics.update(_entropy_and_kl(res, cfg, model, base, prompt_ids, sampled, tok))
+        _samples_table(rows, sampled, greedy, per_prompt).to_parquet(out / "samples.parquet")
+        _write_json(out / "metrics.json", metrics)
+        return metrics
+
+    return cached(res, "evaluate", [cfg, res.engine_cfg], [prompts, model, base], "eval", build)
+
+
+def _entropy_and_kl(res: Resources, cfg: EvalConfig, model: ArtifactRef, base: ArtifactRef,
+                    prompt_ids: list[list[int]], sampled, tok) -> dict[str, float]:
+    policy = _load_model(model_dir(model)).eval()
+    flat_p = [p for p, cs in zip(prompt_ids, sampled) for _ in cs]
+    flat_r = [list(c.token_ids) for cs in sampled for c in cs]
+    own = score_responses(policy, flat_p, flat_r, pad_id=_pad_id(tok))
+    tokens = sum(e.numel() for e in own.entropy)
+    out = {"entropy": sum(float(e.sum()) for e in own.entropy) / max(tokens, 1)}
+    if cfg.kl_samples > 0:
+        base_samples = res.engine("base", model_dir(base)).generate(
+            prompt_ids, cfg.kl_samples, cfg.sampling.model_copy(update={"temperature": 1.0}))
+        bp = [p for p, cs in zip(prompt_ids, base_samples) for _ in cs]
+        br = [list(c.token_ids) for cs in base_samples for c in cs]
+        base_scores = score_responses(_load_model(model_dir(base)).eval(), bp, br, pad_id=_pad_id(tok))
+        out["kl_base_policy"] = kl_per_token(base_scores.logprobs, score_responses(policy, bp, br,
+                                                                                     pad_id=_pad_id(tok)).logprobs)
+    return out
+
+
+def _samples_table(rows: pd.DataFrame, sampled, greedy, per_prompt) -> pd.DataFrame:
+    return pd.DataFrame({
+        "id": rows["id"].astype(str), "answer": rows["answer"].astype(str),
+        "samples": [[c.text for c in cs] for cs in sampled], "rewards": [s.rewards for s in per_prompt],
+        "greedy": [g[0].text for g in greedy], "greedy_reward": [s.greedy_reward for s in per_prompt],
+    })
