@@ -128,8 +128,8 @@ class DataConfig(Settings):
     """How to read `source`; auto decides from the path (folder, suffix) or treats it as a hub id."""
     split: str = "train"
     """Split to read from a hub dataset or a DatasetDict folder."""
-    id_column: str | None = None
-    """Column holding a unique row id; None numbers the rows."""
+    id_column: str | None = "id"
+    """Column holding a unique row id; None numbers the rows ("row-<i>")."""
     prompt_column: str = "prompt"
     """Column holding the problem text."""
     solution_column: str = "solution"

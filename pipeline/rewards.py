@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 __all__ = ["REWARDS", "Unscorable", "RewardError", "ScoreOutput", "Scorer", "last_boxed",
-           "math_answer", "exact_match", "resolve_reward"]
+           "math_answer", "exact_match", "gold_check", "resolve_reward"]
 
 RewardFn = Callable[[str, Mapping[str, Any]], "float | None"]
 
@@ -87,6 +87,16 @@ def math_answer(response: str, row: Mapping[str, Any], *, timeout_s: int = 3) ->
     from math_verify import verify
 
     return 1.0 if verify(gold, pred, timeout_seconds=timeout_s) else 0.0
+
+
+def gold_check(_response: str, row: Mapping[str, Any], *, timeout_s: int = 3) -> float:
+    """1.0 when `row["answer"]` (or its last `\\boxed{}`) parses with math-verify, else Unscorable: a data
+    check, run through a `Scorer` ("pipeline.rewards:gold_check") so that it is bounded in time too."""
+    gold_text = str(row["answer"])
+    parsed = _parse_math(last_boxed(gold_text) or gold_text, "gold", timeout_s)
+    if all(isinstance(p, str) for p in parsed):  # math-verify falls back to the raw string: "\\frac{"
+        raise Unscorable("unparseable_gold")
+    return 1.0
 
 
 def _normalize(text: str) -> str:

@@ -165,11 +165,10 @@ def prepare_data(cfg: DataConfig, synth: SyntheticConfig, res: Resources) -> Art
 
 
 def _load_prompt_set(cfg: DataConfig, synth: SyntheticConfig, res: Resources):
-    scorer = res.scorer("math_answer")
+    scorer = res.scorer("pipeline.rewards:gold_check")
 
     def gold_parses(answer: str) -> bool:
-        _, reason = scorer.score_one(f"\\boxed{{{answer}}}", {"answer": answer})
-        return reason not in ("unparseable_gold", "unparseable_answer", "timeout")
+        return scorer.score_one("", {"answer": answer})[1] is None
 
     if cfg.source == "synthetic":
         records = synthetic.make_problems(cfg.synthetic_rows, seed=synth.seed + 1, levels=synth.levels)

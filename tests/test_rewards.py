@@ -354,3 +354,15 @@ def test_close_kills_the_worker_and_is_idempotent():
     scorer.close()
     assert scorer.score_one("a", {"answer": "b"}) == (0.0, None)  # restarts on demand
     scorer.close()
+
+
+@pytest.mark.parametrize("gold,ok", [("12", True), ("\\frac{1}{2}", True), ("(1,2]", True), ("\\text{(C)}", True),
+                                     ("\\boxed{7}", True), ("\\frac{", False), ("x^{", False), ("}{", False)])
+def test_gold_check(gold, ok):
+    from pipeline.rewards import Unscorable, gold_check
+
+    if ok:
+        assert gold_check("", {"answer": gold}) == 1.0
+    else:
+        with pytest.raises(Unscorable, match="unparseable_gold"):
+            gold_check("", {"answer": gold})
