@@ -1,4 +1,4 @@
-# Two commands: `make test` (the test suite) and, once the stages land, `make run` (the embedded default).
+# Two commands: `make run` (the embedded default end to end) and `make test` (the test suite).
 # Each creates its own virtual environment from pyproject.toml on a fresh machine.
 PYTHON ?= python3
 VENV ?= .venv
@@ -12,7 +12,7 @@ export HF_DATASETS_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 export OMP_NUM_THREADS ?= 1
 
-.PHONY: test bench env clean
+.PHONY: test run bench env clean
 
 env: $(STAMP)
 
@@ -25,6 +25,9 @@ $(STAMP): pyproject.toml
 
 test: $(STAMP)
 	$(PY) -m pytest -q
+
+run: $(STAMP)
+	$(PY) -m pipeline.run configs/default.toml
 
 bench: $(STAMP)
 	$(PY) bench/train_step.py

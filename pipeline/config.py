@@ -256,26 +256,30 @@ class SyntheticConfig(Settings):
     seed: int = Field(0, ge=0)
     """Seed of the problems, the model initialisations and the data order."""
     n_train: int = Field(6000, ge=1, le=1_000_000)
-    """Problems the teacher and the base are pretrained on."""
+    """Problems the base and the teacher are pretrained on (the same rows, one run)."""
     n_eval: int = Field(300, ge=1, le=100_000)
-    """Held-out problems for greedy accuracy (those whose prompt also occurs in training are dropped)."""
+    """Held-out problems for greedy accuracy: equal shares per level, no prompt seen in training."""
     levels: tuple[int, ...] = Field((1, 2, 3), min_length=1)
     """Arithmetic steps per problem; the levels take turns, so each gets an equal share of the rows."""
-    teacher_steps: int = Field(600, ge=1, le=100_000)
-    """Optimizer steps of teacher pretraining (the teacher should reach about 80% greedy accuracy)."""
-    base_steps: int = Field(200, ge=1, le=100_000)
-    """Optimizer steps of base pretraining: few, so its greedy accuracy stays mixed (about 25-60%)."""
+    teacher_steps: int = Field(1000, ge=2, le=100_000)
+    """Optimizer steps of the whole pretraining run, whose end is the teacher (about 85% greedy accuracy)."""
+    base_steps: int = Field(600, ge=1, le=100_000)
+    """The step at which the same run is saved as the base: early, so its accuracy is mixed (about 25-60%)."""
     lr: float = Field(3e-3, gt=0, le=1)
     """Peak AdamW learning rate (linear warmup, then cosine decay to 0)."""
     warmup_steps: int = Field(30, ge=0)
-    """Linear warmup steps (capped at the run's step count)."""
-    batch_size: int = Field(32, ge=1, le=4096)
+    """Linear warmup steps at the start of the run (at most teacher_steps)."""
+    batch_size: int = Field(16, ge=1, le=4096)
     """Sequences per optimizer step."""
 
     @model_validator(mode="after")
-    def _levels_in_range(self) -> SyntheticConfig:
+    def _consistent(self) -> SyntheticConfig:
         if any(level < 1 or level > 8 for level in self.levels):
             raise ValueError(f"levels must lie in 1..8, got {list(self.levels)}")
+        if self.base_steps >= self.teacher_steps:
+            raise ValueError(f"base_steps={self.base_steps} must be below teacher_steps={self.teacher_steps}")
+        if self.warmup_steps > self.teacher_steps:
+            raise ValueError(f"warmup_steps={self.warmup_steps} exceeds teacher_steps={self.teacher_steps}")
         return self
 
 

@@ -100,6 +100,7 @@ def cached(res: Resources, stage: str, configs: Sequence[Settings], inputs: Sequ
         log.info("%s %s: served from cache", stage, key[:12])
         return ref
     config = {type(c).__name__: c.model_dump(mode="json") for c in configs}
+    log.info("%s %s: running", stage, key[:12])
     start = time.perf_counter()
     with res.store.write(stage, key, kind=kind, version=VERSIONS[stage], config=config, inputs=list(inputs)) as out:
         out.metrics.update(build(Path(out.path), key))

@@ -1,20 +1,22 @@
 """The built-in task of the embedded default: multi-step arithmetic word problems, a character tokenizer and
 tiny Qwen2 models trained here, so a whole pipeline run needs no model hub.
 
-A problem of level k takes k arithmetic steps ("ann has 23 pens. she gets 15 more. she gives away 8. how many
-pens now?"); its solution writes one line per step and ends in `\\boxed{answer}` ("23+15=38\\n38-8=30\\n
-\\boxed{30}"). Every intermediate result stays in [0, 99], so the model only ever does 2-digit arithmetic.
+A problem of level k takes k arithmetic steps ("ann has 8 cups. gives away 3. finds 5. how many now?"); its
+solution writes one line per step and ends in `\\boxed{answer}` ("8-3=5\\n5+5=10\\n\\boxed{10}"). Numbers stay
+small (every value in [0, 20]) and texts short: the models read one token per character.
 
-`bootstrap` pretrains two models from scratch with SFT on these solutions: a teacher that solves most
-held-out problems and a deliberately weaker base policy (smaller and trained for fewer steps), so that
-sampled groups hold both right and wrong answers and group advantages are not all zero. It saves both as
-Hugging Face folders (model + tokenizer) and measures their greedy held-out accuracy with `math_answer`.
+`bootstrap` pretrains with SFT from scratch, in one run: the base policy is that run stopped early (its
+exact checkpoint), the teacher is the same run carried on to the end. So the teacher solves most held-out
+problems while the base solves some of every level, and sampled groups hold both right and wrong answers
+(group advantages are not all zero). Both are saved as Hugging Face folders (model + tokenizer) and scored
+by greedy decoding with `math_answer`.
 """
 
 from __future__ import annotations
 
 import logging
 import random
+import shutil
 import threading
 import time
 from collections.abc import Sequence
@@ -27,10 +29,10 @@ from transformers import PreTrainedTokenizerFast, Qwen2Config, Qwen2ForCausalLM
 
 from pipeline.config import SyntheticConfig, TrainConfig
 from pipeline.rewards import Unscorable, math_answer
-from pipeline.training import Example, fit, save_model, sft_objective
+from pipeline.training import Example, Trainer, fit, save_model, sft_objective
 
 __all__ = ["ALPHABET", "SPECIAL_TOKENS", "CHAT_TEMPLATE", "BootstrapResult", "make_problems", "build_tokenizer",
-           "build_model", "tokenize_example", "greedy_accuracy", "bootstrap"]
+           "build_model", "tokenize_example", "greedy_accuracy", "split_problems", "bootstrap"]
 
 log = logging.getLogger(__name__)
 
@@ -38,35 +40,36 @@ log = logging.getLogger(__name__)
 # Problems
 # ---------------------------------------------------------------------------------------------------------
 
-_NAMES = (("ann", "she"), ("bob", "he"), ("cal", "he"), ("dee", "she"), ("eve", "she"), ("max", "he"))
+_NAMES = ("ann", "bob", "cal", "dee", "eve", "max")
 _OBJECTS = ("pens", "cats", "eggs", "cups", "hats", "coins")
-_MAX_VALUE = 99  # every intermediate result stays a 1-2 digit number
-_MAX_OPERAND = 9  # added or taken away: one digit, so each step carries or borrows at most once
+_PHRASES = {"+": ("gets {}.", "finds {}."), "-": ("loses {}.", "gives away {}.")}
+# Small on purpose: every value stays in [0, 20] and a step adds or takes away 1-5 (or doubles a value of
+# at most 10), so a 0.5M-parameter model learns the facts and the look-ups within the bootstrap's budget.
+_MAX_START, _MAX_VALUE, _MAX_OPERAND = 12, 20, 5
 
 
-def _steps(value: int) -> list[tuple[str, str, int]]:
-    """The steps possible from `value`: (sentence with {p} = pronoun, operator, operand)."""
-    out = [(f"{{p}} gets {b} more.", "+", b) for b in range(1, _MAX_OPERAND + 1) if value + b <= _MAX_VALUE]
-    out += [(f"{{p}} finds {b} more.", "+", b) for b in range(1, _MAX_OPERAND + 1) if value + b <= _MAX_VALUE]
-    out += [(f"{{p}} gives away {b}.", "-", b) for b in range(1, _MAX_OPERAND + 1) if b <= value]
-    out += [(f"{{p}} loses {b}.", "-", b) for b in range(1, _MAX_OPERAND + 1) if b <= value]
-    if value * 2 <= _MAX_VALUE:
-        out += [("{p} doubles them.", "*", 2)] * 6  # weight: about as likely as one additive phrasing
-    return out
+def _step(rng: random.Random, value: int) -> tuple[str, str, int]:
+    """One step from `value`: (sentence, operator, operand); the operator is uniform over those that keep
+    the result in [0, _MAX_VALUE]."""
+    ops = [op for op, ok in (("+", value < _MAX_VALUE), ("-", value > 0), ("*", 0 < 2 * value <= _MAX_VALUE)) if ok]
+    op = rng.choice(ops)
+    if op == "*":
+        return "doubles them.", "*", 2
+    operand = rng.randint(1, min(_MAX_OPERAND, _MAX_VALUE - value if op == "+" else value))
+    return rng.choice(_PHRASES[op]).format(operand), op, operand
 
 
 def _problem(rng: random.Random, level: int) -> tuple[str, str, int]:
     """One problem of `level` steps: (prompt, step-by-step solution, answer)."""
-    (name, pronoun), obj = rng.choice(_NAMES), rng.choice(_OBJECTS)
-    value = rng.randint(2, 59)
+    name, obj, value = rng.choice(_NAMES), rng.choice(_OBJECTS), rng.randint(2, _MAX_START)
     sentences, lines = [f"{name} has {value} {obj}."], []
     for _ in range(level):
-        sentence, op, operand = rng.choice(_steps(value))
+        sentence, op, operand = _step(rng, value)
         new = {"+": value + operand, "-": value - operand, "*": value * operand}[op]
-        sentences.append(sentence.format(p=pronoun))
+        sentences.append(sentence)
         lines.append(f"{value}{op}{operand}={new}")
         value = new
-    sentences.append(f"how many {obj} now?")
+    sentences.append("how many now?")
     return " ".join(sentences), "\n".join(lines + [f"\\boxed{{{value}}}"]), value
 
 
@@ -121,8 +124,9 @@ def build_tokenizer() -> PreTrainedTokenizerFast:
     return tokenizer
 
 
-# hidden, ffn, layers, heads, kv heads: base ~0.5M parameters, teacher ~1.1M (measured in the tests)
-_SIZES = {"base": (128, 512, 2, 4, 2), "teacher": (160, 640, 3, 4, 2)}
+# hidden, ffn, layers, heads, kv heads: 0.50M parameters. Measured on the 2-core CPU, a 3-layer h160 teacher
+# (1.16M) learned no faster per step at twice the step time, so the teacher is this shape trained longer.
+_SIZES = {"base": (128, 512, 2, 4, 2), "teacher": (128, 512, 2, 4, 2)}
 
 
 def build_model(tokenizer: PreTrainedTokenizerFast, *, size: Literal["base", "teacher"],
@@ -207,45 +211,58 @@ class BootstrapResult:
 
 
 def split_problems(cfg: SyntheticConfig) -> tuple[list[dict], list[dict]]:
-    """Train rows, then held-out rows whose prompt never occurs in the train rows."""
-    rows = make_problems(cfg.n_train + cfg.n_eval, seed=cfg.seed, levels=cfg.levels)
-    train = rows[:cfg.n_train]
-    seen = {r["prompt"] for r in train}
-    return train, [r for r in rows[cfg.n_train:] if r["prompt"] not in seen]
+    """The first `n_train` rows, then up to `n_eval` held-out rows (levels in equal shares) whose prompt
+    never occurs in the training rows."""
+    rows = make_problems(cfg.n_train + 4 * cfg.n_eval, seed=cfg.seed, levels=cfg.levels)
+    train, seen = rows[:cfg.n_train], {r["prompt"] for r in rows[:cfg.n_train]}
+    per_level = -(-cfg.n_eval // len(set(cfg.levels)))  # ceil
+    held_out, counts = [], {level: 0 for level in cfg.levels}
+    for row in rows[cfg.n_train:]:
+        if row["prompt"] not in seen and counts[row["level"]] < per_level and len(held_out) < cfg.n_eval:
+            seen.add(row["prompt"])
+            held_out.append(row)
+            counts[row["level"]] += 1
+    return train, held_out
 
 
-def _pretrain(tokenizer, examples: list[Example], eval_rows: list[dict], cfg: SyntheticConfig,
-              size: Literal["base", "teacher"], out: Path) -> dict[str, float]:
-    """SFT one model from scratch, save it with the tokenizer under `out`, return its metrics."""
-    steps = cfg.teacher_steps if size == "teacher" else cfg.base_steps
-    model = build_model(tokenizer, size=size, seed=cfg.seed)
-    train_cfg = TrainConfig(lr=cfg.lr, betas=(0.9, 0.98), schedule="cosine", warmup_steps=min(cfg.warmup_steps, steps),
-                            num_steps=steps, sequences_per_step=cfg.batch_size, micro_batch_size=cfg.batch_size,
-                            precision="fp32", seed=cfg.seed)
+def _train_config(cfg: SyntheticConfig) -> TrainConfig:
+    return TrainConfig(lr=cfg.lr, betas=(0.9, 0.98), schedule="cosine", warmup_steps=cfg.warmup_steps,
+                       num_steps=cfg.teacher_steps, sequences_per_step=cfg.batch_size,
+                       micro_batch_size=cfg.batch_size, precision="fp32", seed=cfg.seed)
+
+
+def _finish(trainer: Trainer, tokenizer, eval_rows: list[dict], name: str, out: Path,
+            train_s: float) -> dict[str, float]:
+    """Save the trained model with the tokenizer under `out`; metrics prefixed by `name`."""
+    save_model(trainer, out, tokenizer)
     start = time.perf_counter()
-    result = fit(model, examples, sft_objective(), train_cfg, pad_id=tokenizer.pad_token_id, progress_bar=False)
-    train_s = time.perf_counter() - start
-    save_model(result.trainer, out, tokenizer)
-    max_new = max(len(tokenizer(r["solution"]).input_ids) for r in eval_rows) + 8
-    accuracy = greedy_accuracy(result.trainer.model, tokenizer, eval_rows, max_new_tokens=max_new)
-    metrics = {"params": float(sum(p.numel() for p in model.parameters())), "steps": float(steps),
-               "train_seconds": train_s, "eval_seconds": time.perf_counter() - start - train_s,
-               "final_loss": result.history[-1]["loss"], **accuracy}
-    log.info("%s: %s", size, {k: round(v, 3) for k, v in metrics.items()})
-    return {f"{size}/{key}": value for key, value in metrics.items()}
+    max_new = max(len(tokenizer(r["solution"], add_special_tokens=False).input_ids) for r in eval_rows) + 8
+    metrics = greedy_accuracy(trainer.model, tokenizer, eval_rows, max_new_tokens=max_new)
+    metrics |= {"params": float(sum(p.numel() for p in trainer.model.parameters())),
+                "steps": float(trainer.progress.step), "train_seconds": train_s,
+                "eval_seconds": time.perf_counter() - start}
+    log.info("%s: %s", name, {k: round(v, 3) for k, v in metrics.items()})
+    return {f"{name}/{key}": value for key, value in metrics.items()}
 
 
 def bootstrap(out_dir: Path, cfg: SyntheticConfig) -> BootstrapResult:
-    """Pretrain the teacher and the base policy on `cfg.n_train` problems, save them under out_dir/"teacher"
-    and out_dir/"base", and measure both on the held-out problems."""
+    """Pretrain on `cfg.n_train` problems: the run stopped at `base_steps` is saved as out_dir/"base", the
+    same run resumed to `teacher_steps` as out_dir/"teacher"; both are scored on the held-out problems."""
     out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
+    checkpoints = out_dir / ".bootstrap-checkpoints"
+    shutil.rmtree(checkpoints, ignore_errors=True)  # never resume from another config's run
     start = time.perf_counter()
     tokenizer = build_tokenizer()
     train_rows, eval_rows = split_problems(cfg)
     examples = [tokenize_example(tokenizer, row) for row in train_rows]
+    model = build_model(tokenizer, size="base", seed=cfg.seed)  # same shape as "teacher"
     metrics = {"n_train": float(len(train_rows)), "n_eval": float(len(eval_rows))}
-    metrics |= _pretrain(tokenizer, examples, eval_rows, cfg, "teacher", out_dir / "teacher")
-    metrics |= _pretrain(tokenizer, examples, eval_rows, cfg, "base", out_dir / "base")
+    for name, stop in (("base", cfg.base_steps), ("teacher", cfg.teacher_steps)):
+        begin = time.perf_counter()
+        run = fit(model, examples, sft_objective(), _train_config(cfg), pad_id=tokenizer.pad_token_id,
+                  checkpoint_dir=checkpoints, stop_at_step=stop, progress_bar=False)  # resumes exactly
+        metrics |= _finish(run.trainer, tokenizer, eval_rows, name, out_dir / name, time.perf_counter() - begin)
+        metrics[f"{name}/final_loss"] = run.history[-1]["loss"]
+    shutil.rmtree(checkpoints)
     metrics["wall_seconds"] = time.perf_counter() - start
     return BootstrapResult(teacher_dir=out_dir / "teacher", base_dir=out_dir / "base", metrics=metrics)

@@ -99,7 +99,7 @@ def test_column_mapping_and_numbered_ids(tmp_path):
                for i, r in enumerate(ROWS)]
     path = write_parquet(tmp_path / "r.parquet", renamed)
     cfg = dict(prompt_column="question", solution_column="worked", answer_column="gold")
-    rows = load_prompts(DataConfig(source=str(path), **cfg)).rows
+    rows = load_prompts(DataConfig(source=str(path), id_column=None, **cfg)).rows
     assert [r["id"] for r in rows] == [f"row-{i}" for i in range(len(ROWS))]
     assert [r["answer"] for r in rows] == [r["answer"] for r in ROWS]  # integer gold answers become strings
     assert all(r["teacher_responses"] == [] for r in rows)
