@@ -21,14 +21,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import pandas as pd
-import torch
 
 from pipeline import data as data_lib
-from pipeline import synthetic
-from pipeline.advantages import group_advantages
+from pipeline import groups, synthetic
 from pipeline.artifacts import ArtifactRef, StageStore, stage_key, tree_sha256
 from pipeline.config import (
-    DataConfig, EngineConfig, EvalConfig, GFTConfig, SamplingConfig, Settings, SFTConfig, SyntheticConfig,
+    DataConfig, EngineConfig, EvalConfig, GFTConfig, Settings, SFTConfig, SyntheticConfig,
     TeacherSampleConfig,
 )
 from pipeline.engines import Engine, build_engine
@@ -218,27 +216,6 @@ def teacher_sample(cfg: TeacherSampleConfig, prompts: ArtifactRef, teacher: Arti
 # ---------------------------------------------------------------------------------------------------------
 
 
-@dataclass(frozen=True)
-class Member:
-    """One response of a group: where it came from and its tokens (sampler log-probs for policy samples)."""
-
-    prompt_id: str
-    source: str  # expert | teacher | policy
-    text: str
-    token_ids: list[int]
-    truncated: bool
-    sampler_logprobs: list[float] | None = None
-
-
-def _off_policy(tok, prompt_id: str, source: str, texts: Sequence[str], max_tokens: int) -> list[Member]:
-    """Expert or teacher text tokenized exactly as a generated response: text + EOS, cut at max_tokens."""
-    out = []
-    for text in texts:
-        rendered = data_lib.render_response(tok, text, max_tokens=max_tokens)
-        out.append(Member(prompt_id, source, text, list(rendered.ids), rendered.truncated))
-    return out
-
-
 def _teacher_map(teacher: ArtifactRef | None, rows: pd.DataFrame) -> dict[str, list[str]]:
     """Teacher responses by prompt id: from the teacher stage, else from the dataset's column."""
     if teacher is not None:
@@ -261,8 +238,8 @@ def sft(cfg: SFTConfig, prompts: ArtifactRef, teacher: ArtifactRef | None, init:
         examples, truncated = [], 0
         for pid, prompt, solution in zip(rows["id"], rows["prompt"], rows["solution"]):
             prompt_ids = data_lib.render_prompt(tok, prompt)
-            members = _off_policy(tok, str(pid), "expert", [solution], cfg.max_response_tokens)
-            members += _off_policy(tok, str(pid), "teacher", teachers.get(str(pid), []), cfg.max_response_tokens)
+            members = groups.off_policy(tok, str(pid), "expert", [solution], cfg.max_response_tokens)
+            members += groups.off_policy(tok, str(pid), "teacher", teachers.get(str(pid), []), cfg.max_response_tokens)
             truncated += sum(m.truncated for m in members)
             examples += [Example(prompt_ids, m.token_ids) for m in members]
         objective = sft_objective() if cfg.loss == "sft" else dft_objective()
@@ -291,69 +268,6 @@ def _write_history(path: Path, history: Sequence[dict]) -> None:
 # ---------------------------------------------------------------------------------------------------------
 # GFT rounds
 # ---------------------------------------------------------------------------------------------------------
-
-
-def round_prompts(rows: pd.DataFrame, cfg: GFTConfig, round_idx: int, seed: int) -> pd.DataFrame:
-    """The round's prompts: consecutive slices of one seeded shuffle per pass over the training prompts."""
-    picked = []
-    for pos in range(round_idx * cfg.prompts_per_round, (round_idx + 1) * cfg.prompts_per_round):
-        epoch, offset = divmod(pos, len(rows))
-        order = list(range(len(rows)))
-        random.Random(seed * 7919 + epoch).shuffle(order)
-        picked.append(order[offset])
-    return rows.iloc[picked].reset_index(drop=True)
-
-
-def _policy_members(res: Resources, policy_dir: str, prompt_ids: list[list[int]], ids: Sequence[str],
-                    cfg: GFTConfig, round_idx: int) -> list[list[Member]]:
-    if cfg.policy == 0:
-        return [[] for _ in ids]
-    sampling = cfg.sampling.model_copy(update={"seed": cfg.sampling.seed + 1000 * round_idx,
-                                               "max_new_tokens": cfg.max_response_tokens})
-    completions = res.engine("policy", policy_dir).generate(prompt_ids, cfg.policy, sampling)
-    res.count("engine.generate")
-    return [[Member(str(pid), "policy", c.text, list(c.token_ids), c.finish_reason == "length", list(c.logprobs))
-             for c in cs] for pid, cs in zip(ids, completions)]
-
-
-def build_groups(res: Resources, cfg: GFTConfig, rows: pd.DataFrame, teachers: dict[str, list[str]], tok,
-                 policy_dir: str, round_idx: int) -> tuple[list[list[int]], list[list[Member]]]:
-    """Prompt ids and the hybrid group of every prompt: expert, teacher and fresh policy members."""
-    prompt_ids = [data_lib.render_prompt(tok, p) for p in rows["prompt"]]
-    ids = [str(i) for i in rows["id"]]
-    policy = _policy_members(res, policy_dir, prompt_ids, ids, cfg, round_idx)
-    groups = []
-    for k, (pid, solution) in enumerate(zip(ids, rows["solution"])):
-        members = _off_policy(tok, pid, "expert", [solution][:cfg.expert], cfg.max_response_tokens)
-        members += _off_policy(tok, pid, "teacher", teachers.get(pid, [])[:cfg.teacher], cfg.max_response_tokens)
-        groups.append(members + policy[k])
-    return prompt_ids, groups
-
-
-def score_groups(res: Resources, cfg: GFTConfig, rows: pd.DataFrame, groups: list[list[Member]]) -> pd.DataFrame:
-    """Reward every member with one verifier, then group advantages: the round's group table."""
-    records = rows.to_dict("records")
-    flat = [(k, m) for k, members in enumerate(groups) for m in members]
-    scored = res.scorer(cfg.reward).score([m.text for _, m in flat], [records[k] for k, _ in flat])
-    rewards = [0.0 if r is None else r for r in scored.rewards]
-    adv = group_advantages(torch.tensor(rewards, dtype=torch.float64), [m.prompt_id for _, m in flat],
-                           scale=cfg.advantage_scale, baseline=cfg.advantage_baseline)
-    return pd.DataFrame({
-        "prompt_id": [m.prompt_id for _, m in flat], "group_index": [k for k, _ in flat],
-        "source": [m.source for _, m in flat], "response": [m.text for _, m in flat],
-        "token_ids": [m.token_ids for _, m in flat], "sampler_logprobs": [m.sampler_logprobs for _, m in flat],
-        "reward": rewards, "advantage": adv.advantages.tolist(), "truncated": [m.truncated for _, m in flat],
-    })
-
-
-def _round_metrics(table: pd.DataFrame) -> dict[str, float]:
-    adv = group_advantages(torch.tensor(table["reward"].to_numpy()), table["prompt_id"].tolist())
-    out = {f"reward/{src}": float(g["reward"].mean()) for src, g in table.groupby("source")}
-    out.update({f"truncated/{src}": float(g["truncated"].sum()) for src, g in table.groupby("source")})
-    out.update(frac_reward_zero_std=adv.stats["frac_reward_zero_std"], reward_mean=float(table["reward"].mean()),
-               advantage_mean=float(table["advantage"].mean()), advantage_std=float(table["advantage"].std()),
-               response_length=float(table["token_ids"].map(len).mean()))
-    return out
 
 
 def _train_round(res: Resources, cfg: GFTConfig, prev: ArtifactRef, prompt_ids: list[list[int]],
@@ -392,18 +306,20 @@ def gft_round(cfg: GFTConfig, round_idx: int, prompts: ArtifactRef, teacher: Art
     def build(out: Path, key: str) -> dict[str, float]:
         times: dict[str, float] = {}
         t0 = time.perf_counter()
-        rows = round_prompts(_read_parquet(prompts, "train.parquet"), cfg, round_idx, seed)
+        rows = groups.round_prompts(_read_parquet(prompts, "train.parquet"), cfg, round_idx, seed)
         tok = _tokenizer(model_dir(prev))
         teachers = _teacher_map(teacher, rows)
-        prompt_ids, groups = build_groups(res, cfg, rows, teachers, tok, model_dir(prev), round_idx)
+        engine = res.engine("policy", model_dir(prev))
+        prompt_ids, members = groups.build_groups(engine, cfg, rows, teachers, tok, round_idx)
+        res.count("engine.generate", int(cfg.policy > 0))
         times["perf/sample_s"] = time.perf_counter() - t0
-        table = score_groups(res, cfg, rows, groups)
+        table = groups.score_groups(res.scorer(cfg.reward), cfg, rows, members)
         table.to_parquet(out / "groups.parquet")
         times["perf/score_s"] = time.perf_counter() - t0 - times["perf/sample_s"]
         history = _train_round(res, cfg, prev, prompt_ids, table, round_idx, out, tok)
         times["perf/train_s"] = time.perf_counter() - t0 - times["perf/sample_s"] - times["perf/score_s"]
         _write_history(out / "history.jsonl", history)
-        return {**_round_metrics(table), **times, **{f"train/{k}": v for k, v in history[-1].items()}}
+        return {**groups.round_metrics(table), **times, **{f"train/{k}": v for k, v in history[-1].items()}}
 
     return cached(res, "gft_round", [cfg], inputs, "model", build, extra_key=f"round={round_idx},seed={seed}")
 

@@ -139,8 +139,9 @@ def build_model(tokenizer: PreTrainedTokenizerFast, *, size: Literal["base", "te
         tie_word_embeddings=True, pad_token_id=tokenizer.pad_token_id, bos_token_id=tokenizer.bos_token_id,
         eos_token_id=tokenizer.eos_token_id)
     config._attn_implementation = "sdpa"
-    torch.manual_seed(seed)
-    model = Qwen2ForCausalLM(config)
+    with torch.random.fork_rng():  # the caller's global RNG state is left as it was
+        torch.manual_seed(seed)
+        model = Qwen2ForCausalLM(config)
     model.generation_config.pad_token_id = tokenizer.pad_token_id
     return model
 
@@ -222,6 +223,9 @@ def split_problems(cfg: SyntheticConfig) -> tuple[list[dict], list[dict]]:
             seen.add(row["prompt"])
             held_out.append(row)
             counts[row["level"]] += 1
+    if not held_out:
+        raise ValueError(f"no held-out problems: the {cfg.n_train} training rows hold every prompt of levels "
+                         f"{list(cfg.levels)} among the candidates; lower n_train or add levels")
     return train, held_out
 
 
