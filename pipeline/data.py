@@ -452,6 +452,22 @@ def read_prompts_parquet(path: str | Path, *, gold_check: GoldCheck | None = Non
 # ---------------------------------------------------------------------------------------------------------
 
 
+def load_tokenizer(path: str | Path, *, trust_remote_code: bool = False) -> Any:
+    """The tokenizer of a model folder or hub id, exactly as saved. transformers 5's AutoTokenizer maps a
+    folder whose config says e.g. `qwen2` onto that family's tokenizer class and rebuilds its pre-tokenizer,
+    which silently changes a custom `tokenizer.json` (the embedded default's character tokenizer loses its
+    spaces); a folder saved as a generic fast tokenizer is therefore loaded as one."""
+    from transformers import AutoTokenizer, PreTrainedTokenizerFast
+
+    config = Path(path) / "tokenizer_config.json"
+    if config.is_file() and json.loads(config.read_text()).get("tokenizer_class") in _GENERIC_TOKENIZERS:
+        return PreTrainedTokenizerFast.from_pretrained(path)
+    return AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
+
+
+_GENERIC_TOKENIZERS = ("TokenizersBackend", "PreTrainedTokenizerFast")
+
+
 def render_prompt(tokenizer: Any, text: str) -> list[int]:
     """Token ids of the chat template on one user turn, with the generation prompt: what an engine is fed."""
     out = tokenizer.apply_chat_template([{"role": "user", "content": text}], add_generation_prompt=True,

@@ -26,6 +26,7 @@ import torch
 from tqdm.auto import tqdm
 
 from pipeline.config import EngineConfig, SamplingConfig
+from pipeline.data import load_tokenizer
 
 if TYPE_CHECKING:  # pragma: no cover
     from transformers import GenerationConfig, PreTrainedModel, PreTrainedTokenizerBase
@@ -166,13 +167,13 @@ class HFEngine:
     """
 
     def __init__(self, model_dir: str | Path, cfg: EngineConfig, *, progress: bool = True):
-        from transformers import AutoModelForCausalLM, AutoTokenizer
+        from transformers import AutoModelForCausalLM
 
         self.cfg = cfg
         self.progress = progress
         self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
         dtype = _DTYPES[_resolve_dtype(cfg.dtype, self.device.type == "cuda")]
-        self.tokenizer = AutoTokenizer.from_pretrained(model_dir, trust_remote_code=cfg.trust_remote_code)
+        self.tokenizer = load_tokenizer(model_dir, trust_remote_code=cfg.trust_remote_code)
         self.model: PreTrainedModel = AutoModelForCausalLM.from_pretrained(
             model_dir, dtype=dtype, trust_remote_code=cfg.trust_remote_code).to(self.device).eval()
         self.eos_ids = _eos_ids(self.tokenizer, self.model.generation_config)
@@ -293,6 +294,7 @@ class VLLMEngine:
         self.model_dir = Path(model_dir).resolve()
         self.on_cpu = current_platform.is_cpu()
         self.llm = LLM(**_llm_kwargs(self.model_dir, cfg, self.on_cpu))
+        self.tokenizer = load_tokenizer(self.model_dir, trust_remote_code=cfg.trust_remote_code)
         self.tokenizer = self.llm.get_tokenizer()
         self.weights_dir = self.model_dir
 
@@ -321,7 +323,7 @@ class VLLMEngine:
         params = [_sampling_params(sampling, copies, _request_seed(sampling.seed, i)) for i in range(len(prompt_ids))]
         prompts = [TokensPrompt(prompt_token_ids=list(ids)) for ids in prompt_ids]
         outputs = self.llm.generate(prompts, params, use_tqdm=False)
-        groups = [[_vllm_completion(c) for c in sorted(out.outputs, key=lambda c: c.index)] for out in outputs]
+        groups = [[_vllm_completion(c, self.tokenizer) for c in sorted(out.outputs, key=lambda c: c.index)] for out in outputs]
         if copies == 1 and n > 1:
             return [[replace(g[0], token_ids=list(g[0].token_ids), logprobs=list(g[0].logprobs)) for _ in range(n)]
                     for g in groups]
@@ -375,8 +377,9 @@ def _sampling_params(sampling: SamplingConfig, n: int, seed: int) -> Any:
                           skip_special_tokens=True)
 
 
-def _vllm_completion(c: Any) -> Completion:
-    """A vLLM `CompletionOutput` (requested with logprobs=0: one entry per step, the sampled token)."""
+def _vllm_completion(c: Any, tokenizer: Any) -> Completion:
+    """A vLLM `CompletionOutput` (requested with logprobs=0: one entry per step, the sampled token). The text
+    is decoded with the pipeline's tokenizer, which vLLM's own loading may not reproduce (`load_tokenizer`)."""
     token_ids = list(c.token_ids)
     if c.logprobs is None or len(c.logprobs) != len(token_ids):
         raise RuntimeError(f"vLLM returned {0 if c.logprobs is None else len(c.logprobs)} log-prob steps "
@@ -384,4 +387,5 @@ def _vllm_completion(c: Any) -> Completion:
     logprobs = [float(step[tok].logprob) for step, tok in zip(c.logprobs, token_ids, strict=True)]
     if c.finish_reason not in ("stop", "length"):
         raise RuntimeError(f"vLLM finished a completion with reason {c.finish_reason!r}")
-    return Completion(text=c.text, token_ids=token_ids, logprobs=logprobs, finish_reason=c.finish_reason)
+    text = tokenizer.decode(token_ids, skip_special_tokens=True)
+    return Completion(text=text, token_ids=token_ids, logprobs=logprobs, finish_reason=c.finish_reason)

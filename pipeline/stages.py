@@ -129,9 +129,7 @@ def _read_parquet(ref: ArtifactRef, name: str) -> pd.DataFrame:
 
 
 def _tokenizer(model_path: str, trust_remote_code: bool = False):
-    from transformers import AutoTokenizer
-
-    return AutoTokenizer.from_pretrained(model_path, trust_remote_code=trust_remote_code)
+    return data_lib.load_tokenizer(model_path, trust_remote_code=trust_remote_code)
 
 
 def _load_model(model_path: str, trust_remote_code: bool = False):

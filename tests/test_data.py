@@ -380,3 +380,18 @@ def test_source_ref_follows_local_content(tmp_path):
     assert data.source_ref(DataConfig(source=str(tmp_path / "folder"))) is not None
     assert data.source_ref(DataConfig(source="someone/math-prompts")) is None
     assert data.source_ref(DataConfig()) is None  # synthetic
+
+
+def test_load_tokenizer_keeps_a_custom_tokenizer_exact(tmp_path):
+    # A Qwen2 folder with the embedded default's character tokenizer: AutoTokenizer would load the family's
+    # Qwen2Tokenizer and drop spaces and newlines; load_tokenizer keeps tokenizer.json as saved.
+    from pipeline import synthetic
+
+    tok = synthetic.build_tokenizer()
+    synthetic.build_model(tok, size="base", seed=0).save_pretrained(tmp_path)
+    tok.save_pretrained(tmp_path)
+    text = "ann has 3 pens.\nshe gets 2. how many?"
+    loaded = data.load_tokenizer(tmp_path)
+    assert loaded(text, add_special_tokens=False).input_ids == tok(text, add_special_tokens=False).input_ids
+    assert loaded.decode(tok(text, add_special_tokens=False).input_ids) == text
+    assert data.render_prompt(loaded, text) == data.render_prompt(tok, text)
