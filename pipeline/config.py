@@ -263,8 +263,14 @@ class SyntheticConfig(Settings):
     """Arithmetic steps per problem; the levels take turns, so each gets an equal share of the rows."""
     teacher_steps: int = Field(1000, ge=2, le=100_000)
     """Optimizer steps of the whole pretraining run, whose end is the teacher (about 85% greedy accuracy)."""
-    base_steps: int = Field(600, ge=1, le=100_000)
-    """The step at which the same run is saved as the base: early, so its accuracy is mixed (about 25-60%)."""
+    base_steps: int = Field(800, ge=1, le=100_000)
+    """The latest step at which the same run is copied as the base (if no probe reached `base_accuracy`)."""
+    base_accuracy: float = Field(0.35, gt=0, le=1)
+    """The base is the run at the first probe whose dev greedy accuracy reaches this (mixed rewards: 25-60%)."""
+    probe_every: int = Field(50, ge=1, le=100_000)
+    """Steps between two dev-accuracy probes for the base."""
+    n_dev: int = Field(120, ge=1, le=100_000)
+    """Held-out problems that pick the base (distinct from the `n_eval` ones that report accuracy)."""
     lr: float = Field(3e-3, gt=0, le=1)
     """Peak AdamW learning rate (linear warmup, then cosine decay to 0)."""
     warmup_steps: int = Field(30, ge=0)

@@ -168,7 +168,10 @@ def _load_prompt_set(cfg: DataConfig, synth: SyntheticConfig, res: Resources):
         return scorer.score_one("", {"answer": answer})[1] is None
 
     if cfg.source == "synthetic":
-        records = synthetic.make_problems(cfg.synthetic_rows, seed=synth.seed + 1, levels=synth.levels)
+        seen = {r["prompt"] for r in synthetic.split_problems(synth)[0]}  # never the bootstrap's training prompts
+        candidates = synthetic.make_problems(4 * cfg.synthetic_rows, seed=synth.seed + 1, levels=synth.levels)
+        records = [r for r in candidates if r["prompt"] not in seen and not seen.add(r["prompt"])]
+        records = records[: cfg.synthetic_rows]  # distinct prompts, so no eval prompt is also a train prompt
         return data_lib.rows_from_records(records, cfg, gold_check=gold_parses)
     return data_lib.load_prompts(cfg, gold_check=gold_parses)
 

@@ -5,18 +5,19 @@ A problem of level k takes k arithmetic steps ("ann has 8 cups. gives away 3. fi
 solution writes one line per step and ends in `\\boxed{answer}` ("8-3=5\\n5+5=10\\n\\boxed{10}"). Numbers stay
 small (every value in [0, 20]) and texts short: the models read one token per character.
 
-`bootstrap` pretrains with SFT from scratch, in one run: the base policy is that run stopped early (its
-exact checkpoint), the teacher is the same run carried on to the end. So the teacher solves most held-out
-problems while the base solves some of every level, and sampled groups hold both right and wrong answers
-(group advantages are not all zero). Both are saved as Hugging Face folders (model + tokenizer) and scored
-by greedy decoding with `math_answer`.
+`bootstrap` pretrains with SFT from scratch, in one run: the teacher is the run's end, the base policy a copy
+taken on the way, at the first probe whose greedy accuracy on dev problems reaches a target (a probe rather
+than a fixed step, because the step at which accuracy takes off varies by hundreds from seed to seed). So the
+teacher solves most held-out problems while the base solves some of every level, and sampled groups hold both
+right and wrong answers (group advantages are not all zero). Both are saved as Hugging Face folders (model +
+tokenizer) and scored by greedy decoding with `math_answer`.
 """
 
 from __future__ import annotations
 
+import copy
 import logging
 import random
-import shutil
 import threading
 import time
 from collections.abc import Sequence
@@ -29,7 +30,7 @@ from transformers import PreTrainedTokenizerFast, Qwen2Config, Qwen2ForCausalLM
 
 from pipeline.config import SyntheticConfig, TrainConfig
 from pipeline.rewards import Unscorable, math_answer
-from pipeline.training import Example, Trainer, fit, save_model, sft_objective
+from pipeline.training import Example, Trainer, fit, make_trainer, save_model, sft_objective
 
 __all__ = ["ALPHABET", "SPECIAL_TOKENS", "CHAT_TEMPLATE", "BootstrapResult", "make_problems", "build_tokenizer",
            "build_model", "tokenize_example", "greedy_accuracy", "split_problems", "bootstrap"]
@@ -211,22 +212,30 @@ class BootstrapResult:
     metrics: dict[str, float]
 
 
-def split_problems(cfg: SyntheticConfig) -> tuple[list[dict], list[dict]]:
-    """The first `n_train` rows, then up to `n_eval` held-out rows (levels in equal shares) whose prompt
-    never occurs in the training rows."""
-    rows = make_problems(cfg.n_train + 4 * cfg.n_eval, seed=cfg.seed, levels=cfg.levels)
-    train, seen = rows[:cfg.n_train], {r["prompt"] for r in rows[:cfg.n_train]}
-    per_level = -(-cfg.n_eval // len(set(cfg.levels)))  # ceil
-    held_out, counts = [], {level: 0 for level in cfg.levels}
-    for row in rows[cfg.n_train:]:
-        if row["prompt"] not in seen and counts[row["level"]] < per_level and len(held_out) < cfg.n_eval:
+def _take_new(rows: Sequence[dict], n: int, seen: set[str]) -> list[dict]:
+    """Up to `n` rows in order, levels in equal shares, none with a prompt in `seen` (which grows)."""
+    levels = sorted({r["level"] for r in rows})
+    per_level = -(-n // max(len(levels), 1))  # ceil
+    taken, counts = [], dict.fromkeys(levels, 0)
+    for row in rows:
+        if len(taken) < n and counts[row["level"]] < per_level and row["prompt"] not in seen:
             seen.add(row["prompt"])
-            held_out.append(row)
+            taken.append(row)
             counts[row["level"]] += 1
-    if not held_out:
+    return taken
+
+
+def split_problems(cfg: SyntheticConfig) -> tuple[list[dict], list[dict], list[dict]]:
+    """(train, dev, held_out): the first `n_train` rows, then `n_dev` rows that pick the base checkpoint and
+    `n_eval` rows that measure both models; dev and held-out prompts are distinct and never trained on."""
+    rows = make_problems(cfg.n_train + 4 * (cfg.n_eval + cfg.n_dev), seed=cfg.seed, levels=cfg.levels)
+    train, seen = rows[:cfg.n_train], {r["prompt"] for r in rows[:cfg.n_train]}
+    held_out = _take_new(rows[cfg.n_train:], cfg.n_eval, seen)
+    dev = _take_new(rows[cfg.n_train:], cfg.n_dev, seen)
+    if not held_out or not dev:
         raise ValueError(f"no held-out problems: the {cfg.n_train} training rows hold every prompt of levels "
                          f"{list(cfg.levels)} among the candidates; lower n_train or add levels")
-    return train, held_out
+    return train, dev, held_out
 
 
 def _train_config(cfg: SyntheticConfig) -> TrainConfig:
@@ -235,38 +244,67 @@ def _train_config(cfg: SyntheticConfig) -> TrainConfig:
                        micro_batch_size=cfg.batch_size, precision="fp32", seed=cfg.seed)
 
 
-def _finish(trainer: Trainer, tokenizer, eval_rows: list[dict], name: str, out: Path,
-            train_s: float) -> dict[str, float]:
-    """Save the trained model with the tokenizer under `out`; metrics prefixed by `name`."""
+def _max_new_tokens(tokenizer, rows: Sequence[dict]) -> int:
+    return max(len(tokenizer(r["solution"], add_special_tokens=False).input_ids) for r in rows) + 8
+
+
+@dataclass
+class _BasePick:
+    """The base checkpoint: a copy of the model at the first probe that reaches the target."""
+
+    step: int = 0
+    dev_accuracy: float = 0.0
+    seconds: float = 0.0
+    model: Qwen2ForCausalLM | None = None
+
+
+def _base_picker(model, tokenizer, dev_rows: list[dict], cfg: SyntheticConfig, pick: _BasePick):
+    """An `on_step` callback: every `probe_every` steps until `base_steps`, greedy accuracy on the dev rows;
+    the first step that reaches `base_accuracy` (or `base_steps` itself) is copied into `pick`. Greedy decoding
+    draws no random numbers, so the training run is the same with or without probes."""
+    start, max_new = time.perf_counter(), _max_new_tokens(tokenizer, dev_rows)
+
+    def on_step(step: int, _metrics: dict[str, float]) -> None:
+        if pick.model is not None or (step % cfg.probe_every and step != cfg.base_steps):
+            return
+        accuracy = greedy_accuracy(model, tokenizer, dev_rows, max_new_tokens=max_new)["accuracy"]
+        log.info("base probe at step %d: dev accuracy %.3f", step, accuracy)
+        if accuracy >= cfg.base_accuracy or step >= cfg.base_steps:
+            pick.step, pick.dev_accuracy, pick.seconds = step, accuracy, time.perf_counter() - start
+            pick.model = copy.deepcopy(model)
+    return on_step
+
+
+def _finish(trainer: Trainer, tokenizer, eval_rows: list[dict], name: str, out: Path) -> dict[str, float]:
+    """Save the trained model with the tokenizer under `out`; held-out metrics prefixed by `name`."""
     save_model(trainer, out, tokenizer)
     start = time.perf_counter()
-    max_new = max(len(tokenizer(r["solution"], add_special_tokens=False).input_ids) for r in eval_rows) + 8
+    max_new = _max_new_tokens(tokenizer, eval_rows)
     metrics = greedy_accuracy(trainer.model, tokenizer, eval_rows, max_new_tokens=max_new)
     metrics |= {"params": float(sum(p.numel() for p in trainer.model.parameters())),
-                "steps": float(trainer.progress.step), "train_seconds": train_s,
                 "eval_seconds": time.perf_counter() - start}
     log.info("%s: %s", name, {k: round(v, 3) for k, v in metrics.items()})
     return {f"{name}/{key}": value for key, value in metrics.items()}
 
 
 def bootstrap(out_dir: Path, cfg: SyntheticConfig) -> BootstrapResult:
-    """Pretrain on `cfg.n_train` problems: the run stopped at `base_steps` is saved as out_dir/"base", the
-    same run resumed to `teacher_steps` as out_dir/"teacher"; both are scored on the held-out problems."""
-    out_dir = Path(out_dir)
-    checkpoints = out_dir / ".bootstrap-checkpoints"
-    shutil.rmtree(checkpoints, ignore_errors=True)  # never resume from another config's run
-    start = time.perf_counter()
+    """Pretrain one model on `cfg.n_train` problems for `teacher_steps` (the teacher, out_dir/"teacher");
+    the base (out_dir/"base") is the same run at the first probe whose dev accuracy reaches `base_accuracy`,
+    at the latest at `base_steps`. Both are scored by greedy decoding on the held-out problems."""
+    out_dir, start = Path(out_dir), time.perf_counter()
     tokenizer = build_tokenizer()
-    train_rows, eval_rows = split_problems(cfg)
+    train_rows, dev_rows, eval_rows = split_problems(cfg)
     examples = [tokenize_example(tokenizer, row) for row in train_rows]
     model = build_model(tokenizer, size="base", seed=cfg.seed)  # same shape as "teacher"
-    metrics = {"n_train": float(len(train_rows)), "n_eval": float(len(eval_rows))}
-    for name, stop in (("base", cfg.base_steps), ("teacher", cfg.teacher_steps)):
-        begin = time.perf_counter()
-        run = fit(model, examples, sft_objective(), _train_config(cfg), pad_id=tokenizer.pad_token_id,
-                  checkpoint_dir=checkpoints, stop_at_step=stop, progress_bar=False)  # resumes exactly
-        metrics |= _finish(run.trainer, tokenizer, eval_rows, name, out_dir / name, time.perf_counter() - begin)
-        metrics[f"{name}/final_loss"] = run.history[-1]["loss"]
-    shutil.rmtree(checkpoints)
+    pick, train_cfg, fit_start = _BasePick(), _train_config(cfg), time.perf_counter()
+    run = fit(model, examples, sft_objective(), train_cfg, pad_id=tokenizer.pad_token_id, progress_bar=False,
+              on_step=_base_picker(model, tokenizer, dev_rows, cfg, pick))
+    metrics = {"n_train": float(len(train_rows)), "n_dev": float(len(dev_rows)), "n_eval": float(len(eval_rows)),
+               "teacher/steps": float(run.trainer.progress.step), "teacher/final_loss": run.history[-1]["loss"],
+               "teacher/train_seconds": time.perf_counter() - fit_start, "base/steps": float(pick.step),
+               "base/train_seconds": pick.seconds, "base/dev_accuracy": pick.dev_accuracy}
+    metrics |= _finish(run.trainer, tokenizer, eval_rows, "teacher", out_dir / "teacher")
+    base_trainer = make_trainer(pick.model, train_cfg, total_steps=1)  # only to save through save_model
+    metrics |= _finish(base_trainer, tokenizer, eval_rows, "base", out_dir / "base")
     metrics["wall_seconds"] = time.perf_counter() - start
     return BootstrapResult(teacher_dir=out_dir / "teacher", base_dir=out_dir / "base", metrics=metrics)

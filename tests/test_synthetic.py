@@ -9,10 +9,12 @@ import pytest
 import torch
 from pydantic import ValidationError
 
+from pipeline import synthetic
 from pipeline.config import SyntheticConfig
+from pipeline.data import load_tokenizer
 from pipeline.rewards import math_answer
-from pipeline.synthetic import (ALPHABET, build_model, build_tokenizer, bootstrap, greedy_accuracy, make_problems,
-                                split_problems, tokenize_example)
+from pipeline.synthetic import (ALPHABET, _score, bootstrap, build_model, build_tokenizer, greedy_accuracy,
+                                make_problems, split_problems, tokenize_example)
 
 ROWS = make_problems(90, seed=0)
 
@@ -83,12 +85,20 @@ def test_bad_arguments_are_rejected(kwargs):
         make_problems(**kwargs)
 
 
-def test_held_out_rows_are_new_prompts_in_equal_shares_per_level():
-    train, held_out = split_problems(SyntheticConfig(n_train=3000, n_eval=60))
-    assert len(train) == 3000 and len(held_out) == 60
-    assert not {r["prompt"] for r in train} & {r["prompt"] for r in held_out}
-    assert len({r["prompt"] for r in held_out}) == 60
+def test_dev_and_held_out_rows_are_new_prompts_in_equal_shares_per_level():
+    train, dev, held_out = split_problems(SyntheticConfig(n_train=3000, n_dev=30, n_eval=60))
+    assert (len(train), len(dev), len(held_out)) == (3000, 30, 60)
+    prompts = [{r["prompt"] for r in part} for part in (train, dev, held_out)]
+    assert not prompts[0] & prompts[1] and not prompts[0] & prompts[2] and not prompts[1] & prompts[2]
+    assert len(prompts[2]) == 60
     assert [sum(r["level"] == k for r in held_out) for k in (1, 2, 3)] == [20, 20, 20]
+    assert [sum(r["level"] == k for r in dev) for k in (1, 2, 3)] == [10, 10, 10]
+
+
+def test_no_new_prompt_left_for_held_out_is_an_error(monkeypatch):
+    monkeypatch.setattr(synthetic, "make_problems", lambda n, **_: [dict(ROWS[0], id=f"x{i}") for i in range(n)])
+    with pytest.raises(ValueError, match="no held-out problems"):
+        split_problems(SyntheticConfig(n_train=5, n_eval=2))
 
 
 def test_config_validates_ranges():
@@ -176,6 +186,15 @@ def test_model_sizes_and_config(tok):
     assert all(torch.equal(a, b) for a, b in zip(base.parameters(), again.parameters()))
 
 
+def test_scoring_works_off_the_main_thread():
+    from concurrent.futures import ThreadPoolExecutor
+
+    row = ROWS[4]
+    with ThreadPoolExecutor(1) as pool:  # Prefect runs tasks in worker threads: no signal.alarm there
+        scores = list(pool.map(_score, [row["solution"], "9+9=18\n\\boxed{1}", "no answer"], [row] * 3))
+    assert scores == [1.0, 0.0, 0.0]
+
+
 def test_greedy_accuracy_reports_overall_and_per_level(tok):
     model = build_model(tok, size="base", seed=0)
     metrics = greedy_accuracy(model, tok, ROWS[:6], batch_size=4, max_new_tokens=4)
@@ -187,16 +206,52 @@ def test_greedy_accuracy_reports_overall_and_per_level(tok):
 def test_bootstrap_writes_loadable_folders(tmp_path):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    cfg = SyntheticConfig(n_train=48, n_eval=6, teacher_steps=3, base_steps=1, batch_size=8, warmup_steps=1)
+    cfg = SyntheticConfig(n_train=48, n_dev=6, n_eval=6, teacher_steps=4, base_steps=3, probe_every=2,
+                          base_accuracy=1.0, batch_size=8, warmup_steps=1)
     result = bootstrap(tmp_path / "boot", cfg)
     assert (result.teacher_dir, result.base_dir) == (tmp_path / "boot" / "teacher", tmp_path / "boot" / "base")
+    text = ROWS[2]["solution"]
     for folder in (result.teacher_dir, result.base_dir):
         model = AutoModelForCausalLM.from_pretrained(folder)
-        tokenizer = AutoTokenizer.from_pretrained(folder)
-        assert model.config.eos_token_id == tokenizer.eos_token_id and tokenizer.chat_template
+        assert AutoTokenizer.from_pretrained(folder).chat_template  # loads, but see load_tokenizer
+        tokenizer = load_tokenizer(folder)  # transformers 5 maps a qwen2 folder to Qwen2Tokenizer (drops spaces)
+        assert tokenizer.decode(tokenizer(text, add_special_tokens=False).input_ids) == text
+        assert model.config.eos_token_id == tokenizer.eos_token_id and tokenizer.padding_side == "left"
     assert result.metrics["teacher/params"] == result.metrics["base/params"]  # one run, two stops
-    assert (result.metrics["base/steps"], result.metrics["teacher/steps"]) == (1.0, 3.0)
+    # probes at steps 2 and 3 (base_steps) miss the target: the base is the run at step 3 of 4
+    assert (result.metrics["base/steps"], result.metrics["teacher/steps"]) == (3.0, 4.0)
+    assert 0.0 <= result.metrics["base/dev_accuracy"] < 1.0
     for who in ("teacher", "base"):
         assert 0.0 <= result.metrics[f"{who}/accuracy"] <= 1.0
         assert {f"{who}/accuracy_level{k}" for k in (1, 2, 3)} <= set(result.metrics)
     assert result.metrics["wall_seconds"] > 0
+
+
+def test_base_is_the_first_probe_that_reaches_the_target(tok, monkeypatch):
+    accuracies = iter([0.1, 0.35, 0.9])
+    monkeypatch.setattr(synthetic, "greedy_accuracy", lambda *a, **k: {"accuracy": next(accuracies)})
+    model = build_model(tok, size="base", seed=0)
+    pick = synthetic._BasePick()
+    on_step = synthetic._base_picker(model, tok, ROWS[:3], SyntheticConfig(probe_every=10, base_accuracy=0.3), pick)
+    for step in range(1, 40):
+        on_step(step, {})
+    assert (pick.step, pick.dev_accuracy) == (20, 0.35)
+    with torch.no_grad():
+        model.model.embed_tokens.weight.add_(1.0)  # training goes on; the copy stays as it was at step 20
+    assert not torch.equal(pick.model.model.embed_tokens.weight, model.model.embed_tokens.weight)
+
+
+def test_probing_does_not_change_the_training_run(tok):
+    from pipeline.training import fit, sft_objective
+
+    cfg = SyntheticConfig(teacher_steps=3, base_steps=2, probe_every=1, base_accuracy=1.0, warmup_steps=0)
+    examples = [tokenize_example(tok, row) for row in ROWS[:24]]
+    models = []
+    for probe in (False, True):
+        model, pick = build_model(tok, size="base", seed=0), synthetic._BasePick()
+        on_step = synthetic._base_picker(model, tok, ROWS[24:27], cfg, pick) if probe else None
+        fit(model, examples, sft_objective(), synthetic._train_config(cfg.model_copy(update={"batch_size": 4})),
+            pad_id=tok.pad_token_id, on_step=on_step, progress_bar=False)
+        models.append(model)
+    assert pick.step == 2
+    assert all(torch.equal(a, b) for a, b in zip(models[0].parameters(), models[1].parameters()))
