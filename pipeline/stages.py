@@ -39,7 +39,8 @@ from pipeline.training import (
 
 log = logging.getLogger(__name__)
 
-VERSIONS = {"prepare_data": 1, "bootstrap_models": 1, "teacher_sample": 1, "sft": 1, "gft_round": 1, "evaluate": 1}
+# Bump a stage's version when its code changes what it writes: the key covers configs and inputs, not code.
+VERSIONS = {"prepare_data": 2, "bootstrap_models": 1, "teacher_sample": 1, "sft": 1, "gft_round": 1, "evaluate": 1}
 
 
 # ---------------------------------------------------------------------------------------------------------
