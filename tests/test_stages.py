@@ -99,3 +99,17 @@ def test_damaged_output_recomputes_only_that_stage(pipeline_run):
         res.close()
     assert res.calls == {"sft": 1, "optimizer.step": 2}
     assert again.sha256 == first["sft"].sha256  # same inputs, same seed: the same model again
+
+
+def test_gft_resumes_after_its_last_finished_round(pipeline_run):
+    # Delete the last round's group dataset: rerunning GFT serves round 0 and recomputes round 1 only.
+    root, first, *_ = pipeline_run
+    (Path(first["gft"].uri) / "groups.parquet").unlink()
+    res = stages.Resources(StageStore(root), progress=False)
+    try:
+        rounds = stages.gft(GFT, first["prompts"], first["teacher"], first["base"], res)
+    finally:
+        res.close()
+    assert res.calls == {"gft_round": 1, "engine.generate": 1, "optimizer.step": GFT.minibatches_per_round}
+    assert rounds[0] == first["gft0"]
+    assert (Path(rounds[1].uri) / "groups.parquet").exists()
