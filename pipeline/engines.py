@@ -159,12 +159,32 @@ def _check_state_dict(model: torch.nn.Module, state: dict[str, torch.Tensor], mo
                          f"unexpected {unexpected[:5]}, shape mismatch {resized[:5]}")
 
 
-class HFEngine:
-    """transformers `generate`, `cfg.batch_size` prompts per call, raw log-probs from `output_logits`.
+class _RawLogprobRecorder:
+    """A logits processor that keeps the raw log-prob of every chosen token. transformers runs custom processors
+    before its temperature and top-p warpers, so `scores` are the raw logits; the token chosen from step t is
+    read at step t + 1 (the last one in `finish`), so memory holds one step's [B*n, V] log-softmax, not all."""
 
-    Memory note: `output_logits` keeps float32 logits of every step, about
-    batch_size * n * max_new_tokens * vocab * 4 bytes per call; lower `batch_size` for large vocabularies.
-    """
+    def __init__(self):
+        self.previous: torch.Tensor | None = None  # [B*n, V] log-softmax of the last step
+        self.steps: list[torch.Tensor] = []  # one [B*n] log-prob per generated token
+
+    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
+        if self.previous is not None:
+            self.steps.append(self.previous.gather(-1, input_ids[:, -1:])[:, 0])
+        self.previous = torch.log_softmax(scores.float(), dim=-1)
+        return scores
+
+    def finish(self, new_ids: torch.Tensor) -> torch.Tensor:
+        """[B*n, T] log-probs of the generated ids [B*n, T]."""
+        if self.previous is not None and len(self.steps) < new_ids.shape[1]:
+            self.steps.append(self.previous.gather(-1, new_ids[:, -1:])[:, 0])
+        self.previous = None
+        return torch.stack(self.steps, dim=1)
+
+
+class HFEngine:
+    """transformers `generate`, `cfg.batch_size` prompts per call, raw log-probs of the chosen tokens recorded
+    step by step (bounded memory: one step's log-softmax, whatever the vocabulary and length)."""
 
     def __init__(self, model_dir: str | Path, cfg: EngineConfig, *, progress: bool = True):
         from transformers import AutoModelForCausalLM
@@ -191,7 +211,7 @@ class HFEngine:
             do_sample=sample, **knobs, repetition_penalty=1.0, no_repeat_ngram_size=0, min_new_tokens=0,
             max_new_tokens=sampling.max_new_tokens,
             num_return_sequences=num_return_sequences, eos_token_id=sorted(self.eos_ids), pad_token_id=self.pad_id,
-            output_logits=True, return_dict_in_generate=True)
+            return_dict_in_generate=True)
 
     def generate(self, prompt_ids: Sequence[Sequence[int]], n: int,
                  sampling: SamplingConfig) -> list[list[Completion]]:
@@ -214,11 +234,14 @@ class HFEngine:
         greedy = sampling.temperature == 0
         copies = 1 if greedy else n  # greedy: decode once, repeat n times
         input_ids, mask = _left_pad(batch, self.pad_id, self.device)
+        from transformers import LogitsProcessorList
+
+        recorder = _RawLogprobRecorder()
         out = self.model.generate(input_ids=input_ids, attention_mask=mask,
-                                  generation_config=self._generation_config(sampling, copies))
-        new_ids = out.sequences[:, input_ids.shape[1]:]
-        logprobs = torch.stack([torch.log_softmax(step.float(), dim=-1).gather(-1, new_ids[:, t, None])[:, 0]
-                                for t, step in enumerate(out.logits)], dim=1)
+                                  generation_config=self._generation_config(sampling, copies),
+                                  logits_processor=LogitsProcessorList([recorder]))
+        new_ids = out.sequences[:, input_ids.shape[1]:]  # [B*n, T]
+        logprobs = recorder.finish(new_ids)  # [B*n, T]
         rows = [self._completion(ids, lps) for ids, lps in zip(new_ids.tolist(), logprobs.tolist(), strict=True)]
         if greedy:
             return [[replace(rows[p], token_ids=list(rows[p].token_ids), logprobs=list(rows[p].logprobs))
