@@ -16,7 +16,7 @@ from pipeline.config import GFTConfig
 from pipeline.engines import Engine
 from pipeline.rewards import Scorer
 
-__all__ = ["Member", "off_policy", "round_prompts", "build_groups", "score_groups", "round_metrics"]
+__all__ = ["Member", "ScoredGroups", "off_policy", "round_prompts", "build_groups", "score_groups", "round_metrics"]
 
 
 @dataclass(frozen=True)
@@ -76,7 +76,15 @@ def build_groups(engine: Engine, cfg: GFTConfig, rows: pd.DataFrame, teachers: d
     return prompt_ids, groups
 
 
-def score_groups(scorer: Scorer, cfg: GFTConfig, rows: pd.DataFrame, groups: list[list[Member]]) -> pd.DataFrame:
+@dataclass(frozen=True)
+class ScoredGroups:
+    """The round's group table (one row per member) and the advantage statistics of the batch."""
+
+    table: pd.DataFrame
+    stats: dict[str, float]
+
+
+def score_groups(scorer: Scorer, cfg: GFTConfig, rows: pd.DataFrame, groups: list[list[Member]]) -> ScoredGroups:
     """Reward every member with one verifier, then group advantages: the round's group table."""
     records = rows.to_dict("records")
     flat = [(k, m) for k, members in enumerate(groups) for m in members]
@@ -84,19 +92,21 @@ def score_groups(scorer: Scorer, cfg: GFTConfig, rows: pd.DataFrame, groups: lis
     rewards = [0.0 if r is None else r for r in scored.rewards]
     adv = group_advantages(torch.tensor(rewards, dtype=torch.float64), [m.prompt_id for _, m in flat],
                            scale=cfg.advantage_scale, baseline=cfg.advantage_baseline)
-    return pd.DataFrame({
+    table = pd.DataFrame({
         "prompt_id": [m.prompt_id for _, m in flat], "group_index": [k for k, _ in flat],
         "source": [m.source for _, m in flat], "response": [m.text for _, m in flat],
         "token_ids": [m.token_ids for _, m in flat], "sampler_logprobs": [m.sampler_logprobs for _, m in flat],
         "reward": rewards, "advantage": adv.advantages.tolist(), "truncated": [m.truncated for _, m in flat],
     })
+    return ScoredGroups(table=table, stats=adv.stats)
 
 
-def round_metrics(table: pd.DataFrame) -> dict[str, float]:
-    adv = group_advantages(torch.tensor(table["reward"].to_numpy()), table["prompt_id"].tolist())
+def round_metrics(scored: ScoredGroups) -> dict[str, float]:
+    """Reward and truncation per source, zero-std group fraction, advantage and length summaries."""
+    table = scored.table
     out = {f"reward/{src}": float(g["reward"].mean()) for src, g in table.groupby("source")}
     out.update({f"truncated/{src}": float(g["truncated"].sum()) for src, g in table.groupby("source")})
-    out.update(frac_reward_zero_std=adv.stats["frac_reward_zero_std"], reward_mean=float(table["reward"].mean()),
+    out.update(frac_reward_zero_std=scored.stats["frac_reward_zero_std"], reward_mean=float(table["reward"].mean()),
                advantage_mean=float(table["advantage"].mean()), advantage_std=float(table["advantage"].std()),
                response_length=float(table["token_ids"].map(len).mean()))
     return out

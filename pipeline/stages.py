@@ -315,13 +315,14 @@ def gft_round(cfg: GFTConfig, round_idx: int, prompts: ArtifactRef, teacher: Art
         prompt_ids, members = groups.build_groups(engine, cfg, rows, teachers, tok, round_idx)
         res.count("engine.generate", int(cfg.policy > 0))
         times["perf/sample_s"] = time.perf_counter() - t0
-        table = groups.score_groups(res.scorer(cfg.reward), cfg, rows, members)
+        scored = groups.score_groups(res.scorer(cfg.reward), cfg, rows, members)
+        table = scored.table
         table.to_parquet(out / "groups.parquet")
         times["perf/score_s"] = time.perf_counter() - t0 - times["perf/sample_s"]
         history = _train_round(res, cfg, prev, prompt_ids, table, round_idx, out, tok)
         times["perf/train_s"] = time.perf_counter() - t0 - times["perf/sample_s"] - times["perf/score_s"]
         _write_history(out / "history.jsonl", history)
-        return {**groups.round_metrics(table), **times, **{f"train/{k}": v for k, v in history[-1].items()}}
+        return {**groups.round_metrics(scored), **times, **{f"train/{k}": v for k, v in history[-1].items()}}
 
     return cached(res, "gft_round", [cfg], inputs, "model", build, extra_key=f"round={round_idx},seed={seed}")
 
