@@ -32,6 +32,7 @@ from pipeline.config import (
 from pipeline.engines import Engine, build_engine
 from pipeline.evaluation import accuracy_metrics, kl_per_token, score_prompt
 from pipeline.rewards import Scorer
+from pipeline.tracking import NullTracker, Tracker
 from pipeline.training import (
     Example, dft_objective, fit, gft_objective, make_trainer, plan_step, save_model, score_responses,
     sft_objective, train_step,
@@ -58,6 +59,8 @@ class Resources:
     engines: dict[str, tuple[Engine, str]] = field(default_factory=dict)
     scorers: dict[str, Scorer] = field(default_factory=dict)
     calls: dict[str, int] = field(default_factory=dict)  # work actually done, for tests and the summary
+    tracker: Tracker = field(default_factory=NullTracker)
+    force: bool = False  # recompute even valid outputs (`gft run --refresh STAGE` sets it from STAGE on)
 
     def engine(self, role: str, model_dir: str) -> Engine:
         """The engine of a role (policy, teacher, base), built once and refreshed in place to model_dir."""
@@ -90,21 +93,42 @@ def _digest(configs: Sequence[Settings]) -> str:
     return hashlib.sha256("|".join(c.digest() for c in configs).encode()).hexdigest()
 
 
-def cached(res: Resources, stage: str, configs: Sequence[Settings], inputs: Sequence[ArtifactRef], kind: str,
-           build: Callable[[Path, str], dict[str, float]], *, extra_key: str = "") -> ArtifactRef:
-    """Serve the stage's verified output, or run `build(folder, key)` into a fresh folder and publish it."""
-    key = stage_key(stage, VERSIONS[stage], _digest(configs) + extra_key, [r.sha256 for r in inputs])
-    ref = res.store.lookup(stage, key)
+@dataclass(frozen=True)
+class StageSpec:
+    """What identifies one stage call before it runs: the stage, its settings, its inputs and any extra key."""
+
+    stage: str
+    configs: tuple[Settings, ...]
+    inputs: tuple[ArtifactRef, ...]
+    kind: str
+    extra_key: str = ""
+
+    @property
+    def key(self) -> str:
+        """`stage_key(stage, VERSIONS[stage], config digest + extra key, input digests)`: the store's folder name
+        and Prefect's cache key."""
+        return stage_key(self.stage, VERSIONS[self.stage], _digest(self.configs) + self.extra_key,
+                         [r.sha256 for r in self.inputs])
+
+
+def cached(res: Resources, spec: StageSpec, build: Callable[[Path, str], dict[str, float]]) -> ArtifactRef:
+    """Serve the stage's verified output, or run `build(folder, key)` into a fresh folder and publish it; `res.force`
+    recomputes even a valid output. The computation is one child run of the tracker."""
+    key = spec.key
+    ref = None if res.force else res.store.lookup(spec.stage, key)
     if ref is not None:
-        log.info("%s %s: served from cache", stage, key[:12])
+        log.info("%s %s: served from cache", spec.stage, key[:12])
         return ref
-    config = {type(c).__name__: c.model_dump(mode="json") for c in configs}
-    log.info("%s %s: running", stage, key[:12])
+    config = {type(c).__name__: c.model_dump(mode="json") for c in spec.configs}
+    log.info("%s %s: running", spec.stage, key[:12])
     start = time.perf_counter()
-    with res.store.write(stage, key, kind=kind, version=VERSIONS[stage], config=config, inputs=list(inputs)) as out:
-        out.metrics.update(build(Path(out.path), key))
-        out.metrics["wall_time_s"] = time.perf_counter() - start
-    res.count(stage)
+    with res.tracker.stage_run(spec.stage, key, config, spec.inputs) as run:
+        with res.store.write(spec.stage, key, kind=spec.kind, version=VERSIONS[spec.stage], config=config,
+                             inputs=list(spec.inputs)) as out:
+            out.metrics.update(build(Path(out.path), key))
+            out.metrics["wall_time_s"] = time.perf_counter() - start
+        run.finish(out.ref, res.store.manifest(out.ref))
+    res.count(spec.stage)
     return out.ref
 
 
@@ -144,10 +168,14 @@ def _load_model(model_path: str, trust_remote_code: bool = False):
 # ---------------------------------------------------------------------------------------------------------
 
 
+def prepare_data_spec(cfg: DataConfig, synth: SyntheticConfig, res: Resources) -> StageSpec:
+    source = data_lib.source_ref(cfg)  # a local file's content is part of the key
+    configs = (cfg, synth) if cfg.source == "synthetic" else (cfg,)
+    return StageSpec("prepare_data", configs, (source,) if source else (), "prompts")
+
+
 def prepare_data(cfg: DataConfig, synth: SyntheticConfig, res: Resources) -> ArtifactRef:
     """Load, validate and split the prompt set into train.parquet and eval.parquet."""
-    configs = [cfg, synth] if cfg.source == "synthetic" else [cfg]
-
     def build(out: Path, key: str) -> dict[str, float]:
         prompts = _load_prompt_set(cfg, synth, res)
         split = data_lib.split_prompts(prompts.rows, eval_fraction=cfg.eval_fraction, seed=cfg.seed,
@@ -158,8 +186,7 @@ def prepare_data(cfg: DataConfig, synth: SyntheticConfig, res: Resources) -> Art
         return {"train_prompts": float(len(split.train)), "eval_prompts": float(len(split.eval)),
                 "skipped_rows": float(prompts.report.skipped)}
 
-    source = data_lib.source_ref(cfg)  # a local file's content is part of the key
-    return cached(res, "prepare_data", configs, [source] if source else [], "prompts", build)
+    return cached(res, prepare_data_spec(cfg, synth, res), build)
 
 
 def _load_prompt_set(cfg: DataConfig, synth: SyntheticConfig, res: Resources):
@@ -177,6 +204,10 @@ def _load_prompt_set(cfg: DataConfig, synth: SyntheticConfig, res: Resources):
     return data_lib.load_prompts(cfg, gold_check=gold_parses)
 
 
+def bootstrap_models_spec(synth: SyntheticConfig, res: Resources) -> StageSpec:
+    return StageSpec("bootstrap_models", (synth,), (), "models")
+
+
 def bootstrap_models(synth: SyntheticConfig, res: Resources) -> ArtifactRef:
     """The embedded default's teacher and weaker base, trained locally (teacher/model, base/model)."""
     def build(out: Path, key: str) -> dict[str, float]:
@@ -187,13 +218,18 @@ def bootstrap_models(synth: SyntheticConfig, res: Resources) -> ArtifactRef:
         shutil.rmtree(out / "work")
         return {k: float(v) for k, v in result.metrics.items() if isinstance(v, (int, float))}
 
-    return cached(res, "bootstrap_models", [synth], [], "models", build)
+    return cached(res, bootstrap_models_spec(synth, res), build)
 
 
 def bootstrap_member(models: ArtifactRef, role: str) -> ArtifactRef:
     """The reference of one model of the bootstrap pair (its own content digest)."""
     folder = Path(models.uri) / role
     return ArtifactRef(kind="model", uri=str(folder), sha256=tree_sha256(folder), schema_version=1)
+
+
+def teacher_sample_spec(cfg: TeacherSampleConfig, prompts: ArtifactRef, teacher: ArtifactRef,
+                        res: Resources) -> StageSpec:
+    return StageSpec("teacher_sample", (cfg, res.engine_cfg), (prompts, teacher), "teacher_responses")
 
 
 def teacher_sample(cfg: TeacherSampleConfig, prompts: ArtifactRef, teacher: ArtifactRef,
@@ -210,7 +246,7 @@ def teacher_sample(cfg: TeacherSampleConfig, prompts: ArtifactRef, teacher: Arti
         table.to_parquet(out / "teacher.parquet")
         return {"responses": float(len(rows) * cfg.k)}
 
-    return cached(res, "teacher_sample", [cfg, res.engine_cfg], [prompts, teacher], "teacher_responses", build)
+    return cached(res, teacher_sample_spec(cfg, prompts, teacher, res), build)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -228,10 +264,15 @@ def _teacher_map(teacher: ArtifactRef | None, rows: pd.DataFrame) -> dict[str, l
     return {}
 
 
+def sft_spec(cfg: SFTConfig, prompts: ArtifactRef, teacher: ArtifactRef | None, init: ArtifactRef,
+             res: Resources) -> StageSpec:
+    inputs = (prompts, init) + ((teacher,) if teacher is not None and cfg.source == "mix" else ())
+    return StageSpec("sft", (cfg,), inputs, "model")
+
+
 def sft(cfg: SFTConfig, prompts: ArtifactRef, teacher: ArtifactRef | None, init: ArtifactRef,
         res: Resources) -> ArtifactRef:
     """Supervised fine-tuning on expert solutions (or SFT(mix) with teacher responses); model/ and history."""
-    inputs = [prompts, init] + ([teacher] if teacher is not None and cfg.source == "mix" else [])
 
     def build(out: Path, key: str) -> dict[str, float]:
         rows = _read_parquet(prompts, "train.parquet")
@@ -256,7 +297,7 @@ def sft(cfg: SFTConfig, prompts: ArtifactRef, teacher: ArtifactRef | None, init:
         return {"examples": float(len(examples)), "truncated_responses": float(truncated),
                 "final_loss": last.get("loss", float("nan"))}
 
-    return cached(res, "sft", [cfg], inputs, "model", build)
+    return cached(res, sft_spec(cfg, prompts, teacher, init, res), build)
 
 
 def _pad_id(tok) -> int:
@@ -299,11 +340,16 @@ def _train_round(res: Resources, cfg: GFTConfig, prev: ArtifactRef, prompt_ids: 
     return history
 
 
+def gft_round_spec(cfg: GFTConfig, round_idx: int, prompts: ArtifactRef, teacher: ArtifactRef | None,
+                   prev: ArtifactRef, res: Resources, *, seed: int = 0) -> StageSpec:
+    inputs = (prompts, prev) + ((teacher,) if teacher is not None else ())
+    return StageSpec("gft_round", (cfg,), inputs, "model", extra_key=f"round={round_idx},seed={seed}")
+
+
 def gft_round(cfg: GFTConfig, round_idx: int, prompts: ArtifactRef, teacher: ArtifactRef | None,
               prev: ArtifactRef, res: Resources, *, seed: int = 0) -> ArtifactRef:
     """One GFT round: sample policy members, build and score hybrid groups, advantages, train; groups.parquet,
     model/, state/ (optimizer, scheduler, RNG for the next round) and metrics."""
-    inputs = [prompts, prev] + ([teacher] if teacher is not None else [])
 
     def build(out: Path, key: str) -> dict[str, float]:
         times: dict[str, float] = {}
@@ -324,7 +370,7 @@ def gft_round(cfg: GFTConfig, round_idx: int, prompts: ArtifactRef, teacher: Art
         _write_history(out / "history.jsonl", history)
         return {**groups.round_metrics(scored), **times, **{f"train/{k}": v for k, v in history[-1].items()}}
 
-    return cached(res, "gft_round", [cfg], inputs, "model", build, extra_key=f"round={round_idx},seed={seed}")
+    return cached(res, gft_round_spec(cfg, round_idx, prompts, teacher, prev, res, seed=seed), build)
 
 
 def gft(cfg: GFTConfig, prompts: ArtifactRef, teacher: ArtifactRef | None, init: ArtifactRef, res: Resources,
@@ -340,6 +386,11 @@ def gft(cfg: GFTConfig, prompts: ArtifactRef, teacher: ArtifactRef | None, init:
 # ---------------------------------------------------------------------------------------------------------
 # Evaluation
 # ---------------------------------------------------------------------------------------------------------
+
+
+def evaluate_spec(cfg: EvalConfig, prompts: ArtifactRef, model: ArtifactRef, base: ArtifactRef,
+                  res: Resources) -> StageSpec:
+    return StageSpec("evaluate", (cfg, res.engine_cfg), (prompts, model, base), "eval")
 
 
 def evaluate(cfg: EvalConfig, prompts: ArtifactRef, model: ArtifactRef, base: ArtifactRef,
@@ -364,7 +415,7 @@ def evaluate(cfg: EvalConfig, prompts: ArtifactRef, model: ArtifactRef, base: Ar
         _write_json(out / "metrics.json", metrics)
         return metrics
 
-    return cached(res, "evaluate", [cfg, res.engine_cfg], [prompts, model, base], "eval", build)
+    return cached(res, evaluate_spec(cfg, prompts, model, base, res), build)
 
 
 def _entropy_and_kl(res: Resources, cfg: EvalConfig, model: ArtifactRef, base: ArtifactRef,
@@ -392,3 +443,10 @@ def _samples_table(rows: pd.DataFrame, sampled, greedy, per_prompt) -> pd.DataFr
         "samples": [[c.text for c in cs] for cs in sampled], "rewards": [s.rewards for s in per_prompt],
         "greedy": [g[0].text for g in greedy], "greedy_reward": [s.greedy_reward for s in per_prompt],
     })
+
+
+# The key of every stage call from the stage's own arguments (Prefect's cache_key_fn uses these).
+SPECS: dict[str, Callable[..., StageSpec]] = {
+    "prepare_data": prepare_data_spec, "bootstrap_models": bootstrap_models_spec,
+    "teacher_sample": teacher_sample_spec, "sft": sft_spec, "gft_round": gft_round_spec, "evaluate": evaluate_spec,
+}
