@@ -289,6 +289,23 @@ class SyntheticConfig(Settings):
         return self
 
 
+class TrackingConfig(Settings):
+    """MLflow: where runs go, how the UI is reached, how the final model is registered."""
+
+    enabled: bool = True
+    """Track the run in MLflow (false: nothing is logged)."""
+    uri: str | None = None
+    """Tracking URI; default SQLite at `<root>/mlflow.db` (artifacts in `<root>/mlartifacts`)."""
+    experiment: str | None = None
+    """Experiment name; default the run's `name`."""
+    ui_url: str = "http://127.0.0.1:5000"
+    """Where the MLflow UI is served (`gft ui`), for links from Prefect and the summary."""
+    registered_model: str | None = None
+    """Registered model name of the chain's final model; default `<name>-policy`."""
+    alias: str = "candidate"
+    """Alias pointed at the newly registered version."""
+
+
 class RunConfig(Settings):
     """A whole pipeline run: where it writes, and one table per stage."""
 
@@ -301,7 +318,8 @@ class RunConfig(Settings):
     threads: int = Field(1, ge=1)
     """torch threads (1 is fastest on a busy 2-core machine)."""
     chain: tuple[Literal["sft", "gft"], ...] = ("sft", "gft")
-    """Training stages, each from the base model, each followed by evaluation."""
+    """Training stages in order, each starting from the previous one's checkpoint (the first from the base),
+    each followed by evaluation; any subsequence of sft -> gft -> grpo."""
     data: DataConfig = DataConfig()
     """The prompt set."""
     synthetic: SyntheticConfig = SyntheticConfig()
@@ -318,3 +336,12 @@ class RunConfig(Settings):
     """The GFT stage."""
     eval: EvalConfig = EvalConfig()
     """Evaluation after each stage."""
+    tracking: TrackingConfig = TrackingConfig()
+    """MLflow tracking (not part of any stage key)."""
+
+    @model_validator(mode="after")
+    def _chain_in_order(self) -> RunConfig:
+        order = ("sft", "gft", "grpo")
+        if list(self.chain) != sorted(set(self.chain), key=order.index):
+            raise ValueError(f"chain {list(self.chain)} must be a subsequence of {list(order)} (no repeats)")
+        return self

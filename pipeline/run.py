@@ -9,21 +9,24 @@ stage and computes only what is missing or changed.
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import logging
 import sys
 import time
-from dataclasses import dataclass
+from collections.abc import Callable
+from dataclasses import dataclass, fields
 from pathlib import Path
 
 import torch
 
-from pipeline import stages
+from pipeline import plots, stages
 from pipeline.artifacts import ArtifactRef, StageStore
 from pipeline.config import RunConfig, load_toml
 from pipeline.evaluation import comparison_table
+from pipeline.tracking import MlflowTracker, NullTracker, sqlite_uri
 
-__all__ = ["RunResult", "run", "main"]
+__all__ = ["RunResult", "Ops", "local_ops", "execute", "run", "main"]
 
 TABLE_COLUMNS = ["greedy_accuracy", "mean@{k}", "pass@{k}", "entropy", "kl_base_policy", "distinct_answers"]
 
@@ -38,11 +41,76 @@ class RunResult:
     calls: dict[str, int]
 
 
-def resolve_models(cfg: RunConfig, res: stages.Resources) -> tuple[ArtifactRef, ArtifactRef | None]:
-    """Base and teacher references: the bootstrap pair for "bootstrap", else external models."""
-    needs_bootstrap = "bootstrap" in (cfg.models.base, cfg.models.teacher)
-    pair = stages.bootstrap_models(cfg.synthetic, res) if needs_bootstrap else None
+@dataclass(frozen=True)
+class Ops:
+    """The stage calls a run is made of: the library's stage functions bound to one `Resources`, or Prefect
+    tasks wrapping the same functions (`flows.post_train`). Same arguments as the stages, minus `res`."""
 
+    prepare_data: Callable[..., ArtifactRef]
+    bootstrap_models: Callable[..., ArtifactRef]
+    teacher_sample: Callable[..., ArtifactRef]
+    sft: Callable[..., ArtifactRef]
+    gft_round: Callable[..., ArtifactRef]
+    grpo_round: Callable[..., ArtifactRef] | None
+    evaluate: Callable[..., ArtifactRef]
+
+
+def local_ops(res: stages.Resources) -> Ops:
+    """The stage functions themselves, in this process."""
+    names = [f.name for f in fields(Ops)]
+    return Ops(**{n: functools.partial(getattr(stages, n), res=res) if hasattr(stages, n) else None for n in names})
+
+
+@dataclass
+class _Walk:
+    """Calls stages in run order: switches `res.force` on at the refreshed stage, reports each result."""
+
+    res: stages.Resources
+    refresh: str | None
+
+    def __call__(self, name: str, op: Callable[..., ArtifactRef], *args, step: int | None = None, **kw):
+        if name == self.refresh:
+            self.res.force = True  # this stage and everything after it recompute
+        ref = op(*args, **kw)
+        self.res.tracker.observe(name, ref, step=step)
+        return ref
+
+
+def execute(cfg: RunConfig, ops: Ops, res: stages.Resources, *, refresh: str | None = None) -> dict[str, ArtifactRef]:
+    """The run's DAG: prompts -> models -> teacher responses -> eval(base) -> chain stages, each from the previous
+    checkpoint and each evaluated. `refresh` names the first stage to recompute even if cached."""
+    check_refresh(cfg, refresh)
+    call = _Walk(res, refresh)
+    refs = {"prompts": call("prepare_data", ops.prepare_data, cfg.data, cfg.synthetic)}
+    refs["base"], teacher_model = resolve_models(cfg, res, ops, call)
+    if teacher_model is not None and cfg.teacher_sample.k > 0:
+        refs["teacher"] = call("teacher_sample", ops.teacher_sample, cfg.teacher_sample, refs["prompts"], teacher_model)
+    refs["eval/base"] = call("evaluate", ops.evaluate, cfg.eval, refs["prompts"], refs["base"], refs["base"])
+    init = refs["base"]
+    for name in cfg.chain:
+        refs[name] = init = _train(name, cfg, refs, init, ops, call)
+        refs[f"eval/{name}"] = call("evaluate", ops.evaluate, cfg.eval, refs["prompts"], init, refs["base"])
+    return refs
+
+
+REFRESHABLE = ("prepare_data", "bootstrap_models", "teacher_sample", "evaluate", "sft", "gft", "grpo")
+
+
+def check_refresh(cfg: RunConfig, refresh: str | None) -> None:
+    if refresh is None:
+        return
+    present = [s for s in REFRESHABLE if s not in ("sft", "gft", "grpo") or s in cfg.chain]
+    if refresh not in present:
+        raise ValueError(f"--refresh {refresh!r}: not a stage of this run; choose one of {present}")
+
+
+def resolve_models(cfg: RunConfig, res: stages.Resources, ops: Ops | None = None,
+                   call: Callable[..., ArtifactRef] | None = None) -> tuple[ArtifactRef, ArtifactRef | None]:
+    """Base and teacher references: the bootstrap pair for "bootstrap", else external models."""
+    ops = ops or local_ops(res)
+    call = call or (lambda name, op, *a, **k: op(*a, **k))
+    needs_bootstrap = "bootstrap" in (cfg.models.base, cfg.models.teacher)
+    pair = call("bootstrap_models", ops.bootstrap_models, cfg.synthetic) if needs_bootstrap else None
     base = stages.bootstrap_member(pair, "base") if cfg.models.base == "bootstrap" else stages.external_model(
         cfg.models.base)
     teacher = None if cfg.models.teacher is None else (
@@ -51,40 +119,124 @@ def resolve_models(cfg: RunConfig, res: stages.Resources) -> tuple[ArtifactRef, 
     return base, teacher
 
 
-def run(cfg: RunConfig, *, root: Path, progress: bool = True) -> RunResult:
-    """Run the configured chain, each training stage from the base model, each followed by evaluation."""
+def _train(name: str, cfg: RunConfig, refs: dict[str, ArtifactRef], init: ArtifactRef, ops: Ops,
+           call: Callable[..., ArtifactRef]) -> ArtifactRef:
+    """One chain stage from `init`; GFT and GRPO as one call per round (each round its own cached task)."""
+    teacher, prompts = refs.get("teacher"), refs["prompts"]
+    if name == "sft":
+        return call("sft", ops.sft, cfg.sft, prompts, teacher, init)
+    prev = init
+    if name == "gft":
+        for r in range(cfg.gft.rounds):
+            prev = call("gft", ops.gft_round, cfg.gft, r, prompts, teacher, prev, seed=cfg.seed, step=r)
+        return prev
+    if ops.grpo_round is None:
+        raise ValueError("chain names grpo, but this build has no GRPO stage")
+    for r in range(cfg.grpo.rounds):
+        prev = call("grpo", ops.grpo_round, cfg.grpo, r, prompts, init, prev, seed=cfg.seed, step=r)
+    return prev
+
+
+def run(cfg: RunConfig, *, root: Path, progress: bool = True, ops: Callable[[stages.Resources], Ops] = local_ops,
+        context_tags: Callable[[], dict[str, str]] = dict, refresh: str | None = None) -> RunResult:
+    """Run the configured DAG with tracking; writes the summary, the plots, and registers the final model."""
     torch.set_num_threads(cfg.threads)
-    res = stages.Resources(StageStore(root), engine_cfg=cfg.engine, progress=progress)
+    tracker = make_tracker(cfg, root, context_tags)
+    res = stages.Resources(StageStore(root), engine_cfg=cfg.engine, progress=progress, tracker=tracker)
+    tracker.start_pipeline(f"{cfg.name}-{time.strftime('%Y%m%d-%H%M%S')}", cfg.model_dump(mode="json"),
+                           {"pipeline.config_digest": cfg.digest(), "pipeline.root": str(root)})
     try:
-        refs = {"prompts": stages.prepare_data(cfg.data, cfg.synthetic, res)}
-        refs["base"], teacher_model = resolve_models(cfg, res)
-        if teacher_model is not None and cfg.teacher_sample.k > 0:
-            refs["teacher"] = stages.teacher_sample(cfg.teacher_sample, refs["prompts"], teacher_model, res)
-        evals = {"base": stages.evaluate(cfg.eval, refs["prompts"], refs["base"], refs["base"], res)}
-        for name in cfg.chain:
-            refs[name] = _train(name, cfg, refs, res)
-            evals[name] = stages.evaluate(cfg.eval, refs["prompts"], refs[name], refs["base"], res)
-        refs.update({f"eval/{k}": v for k, v in evals.items()})
-        metrics = {k: json.loads((Path(v.uri) / "metrics.json").read_text()) for k, v in evals.items()}
-        summary = _write_summary(root / f"summary-{cfg.name}.md", cfg, refs, metrics)
-        return RunResult(refs=refs, metrics=metrics, summary_path=summary, calls=dict(res.calls))
+        refs = execute(cfg, ops(res), res, refresh=refresh)
+        result = finish(cfg, refs, res, root)
+    except BaseException:
+        tracker.end_pipeline("FAILED")
+        raise
     finally:
         res.close()
+    tracker.end_pipeline("FINISHED")
+    return result
 
 
-def _train(name: str, cfg: RunConfig, refs: dict[str, ArtifactRef], res: stages.Resources) -> ArtifactRef:
-    teacher = refs.get("teacher")
-    if name == "sft":
-        return stages.sft(cfg.sft, refs["prompts"], teacher, refs["base"], res)
-    return stages.gft(cfg.gft, refs["prompts"], teacher, refs["base"], res, seed=cfg.seed)[-1]
+def make_tracker(cfg: RunConfig, root: Path, context_tags: Callable[[], dict[str, str]] = dict):
+    """MLflow per `cfg.tracking` (default SQLite in the run root), or the null tracker when disabled."""
+    t = cfg.tracking
+    if not t.enabled:
+        return NullTracker()
+    uri = t.uri or sqlite_uri(root / "mlflow.db")
+    location = (root / "mlartifacts").as_uri() if uri.startswith("sqlite:") else None
+    return MlflowTracker(uri, t.experiment or cfg.name, artifact_location=location, ui_url=t.ui_url,
+                         context_tags=context_tags)
 
 
-def _write_summary(path: Path, cfg: RunConfig, refs: dict[str, ArtifactRef],
-                   metrics: dict[str, dict[str, float]]) -> Path:
+def finish(cfg: RunConfig, refs: dict[str, ArtifactRef], res: stages.Resources, root: Path) -> RunResult:
+    """Metrics by checkpoint, the summary and plots (logged to the parent run), the final model registered."""
+    metrics = {k.removeprefix("eval/"): json.loads((v.path / "metrics.json").read_text())
+               for k, v in refs.items() if k.startswith("eval/")}
+    out = root / "reports" / cfg.name
+    plots = write_plots(cfg, refs, metrics, out)
+    registered = None
+    if cfg.chain:
+        name = cfg.tracking.registered_model or f"{cfg.name}-policy"
+        version = res.tracker.register(refs[cfg.chain[-1]], name, cfg.tracking.alias)
+        registered = f"models:/{name}@{cfg.tracking.alias}" + (f" (version {version})" if version else "")
+    summary = _write_summary(out / "summary.md", cfg, refs, metrics, plots, res.tracker, registered)
+    for path in [summary, *plots]:
+        res.tracker.log_artifact(path, "report")
+    return RunResult(refs=refs, metrics=metrics, summary_path=summary, calls=dict(res.calls))
+
+
+def write_plots(cfg: RunConfig, refs: dict[str, ArtifactRef], metrics: dict[str, dict[str, float]],
+                out: Path) -> list[Path]:
+    """accuracy.png, training.png (loss, grad norm, entropy, rectified fraction per step), rewards.png."""
+    histories = {name: _rounds_history(refs, name) for name in cfg.chain}
+    rounds = {name: _round_metrics(refs, name) for name in cfg.chain if name != "sft"}
+    keys = ["greedy_accuracy", f"mean@{cfg.eval.k}", f"pass@{cfg.eval.k}"]
+    paths = [plots.accuracy_by_stage(metrics, out / "accuracy.png", keys)]
+    if any(histories.values()):
+        paths.append(plots.training_curves(histories, out / "training.png"))
+    if any(rounds.values()):
+        paths.append(plots.rewards_by_source(rounds, out / "rewards.png"))
+    return paths
+
+
+def _chain_outputs(refs: dict[str, ArtifactRef], name: str) -> list[Path]:
+    """The output folders of a chain stage: SFT's one, or every round of GFT/GRPO (walking `inputs` back)."""
+    ref, folders = refs[name], []
+    while ref.path.parent.name in (f"{name}_round", name):
+        folders.append(ref.path)
+        prev = [r for r in StageStore(ref.path.parent.parent).manifest(ref).inputs
+                if r.path.parent.name == ref.path.parent.name]
+        if not prev:
+            break
+        ref = prev[0]
+    return folders[::-1]
+
+
+def _rounds_history(refs: dict[str, ArtifactRef], name: str) -> list[dict[str, float]]:
+    rows = []
+    for folder in _chain_outputs(refs, name):
+        path = folder / "history.jsonl"
+        rows += [json.loads(x) for x in path.read_text().splitlines() if x.strip()] if path.is_file() else []
+    return rows
+
+
+def _round_metrics(refs: dict[str, ArtifactRef], name: str) -> list[dict[str, float]]:
+    return [json.loads((f / "manifest.json").read_text())["metrics"] for f in _chain_outputs(refs, name)]
+
+
+def _write_summary(path: Path, cfg: RunConfig, refs: dict[str, ArtifactRef], metrics: dict[str, dict[str, float]],
+                   plot_paths: list[Path], tracker, registered: str | None) -> Path:
     columns = [c.format(k=cfg.eval.k) for c in TABLE_COLUMNS]
     lines = [f"# Run `{cfg.name}`", "", "Held-out evaluation:", "", comparison_table(metrics, columns=columns),
              "Artifacts:", ""]
     lines += [f"- {name}: `{ref.uri}` (sha256 {ref.sha256[:12]})" for name, ref in refs.items()]
+    lines += ["", "Plots:", ""] + [f"- `{p}`" for p in plot_paths]
+    if registered:
+        lines += ["", f"Final model registered as `{registered}`."]
+    url = tracker.parent_url() if hasattr(tracker, "parent_url") else None
+    if url:
+        lines += ["", f"MLflow: {url} (start the UI with `gft ui`)"]
+    path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(".tmp")
     tmp.write_text("\n".join(lines) + "\n")
     tmp.replace(path)
