@@ -112,6 +112,11 @@ def _flatten(obj: Any, prefix: str = "") -> dict[str, str]:
     return {prefix: json.dumps(obj)[:6000] if not isinstance(obj, str) else obj[:6000]}
 
 
+def metric_name(key: str) -> str:
+    """MLflow's spelling of a metric key: "mean@4" -> "mean_at_4" (MLflow rejects "@")."""
+    return key.replace("@", "_at_")
+
+
 def _manifest_of(ref: ArtifactRef) -> Manifest | None:
     """The manifest describing `ref` (a stage folder, or a member folder of one, e.g. bootstrap's base/)."""
     for folder in (ref.path, ref.path.parent):
@@ -173,7 +178,7 @@ class MlflowTracker:
         from mlflow.entities import Metric
 
         now = int(time.time() * 1000)
-        batch = [Metric(k, float(v), now, step) for k, v in metrics.items() if isinstance(v, (int, float))]
+        batch = [Metric(metric_name(k), float(v), now, step) for k, v in metrics.items() if isinstance(v, (int, float))]
         for i in range(0, len(batch), 900):  # the REST API takes at most 1000 metrics per call
             self.client.log_batch(run_id or self.parent_run_id, metrics=batch[i:i + 900])
 
@@ -301,7 +306,8 @@ class MlflowTracker:
         except MlflowException as exc:
             if "already exists" not in str(exc).lower():
                 raise
-        version = self.client.create_model_version(name, source=f"models:/{model_id}", model_id=model_id,
+        source = self.client.get_logged_model(model_id).artifact_location  # "models:/<id>" resolves via the global URI
+        version = self.client.create_model_version(name, source=source, model_id=model_id,
                                                    run_id=self.parent_run_id,
                                                    tags={"pipeline.sha256": ref.sha256})
         self.client.set_registered_model_alias(name, alias, version.version)
@@ -324,7 +330,7 @@ class _MlflowStageRun:
         if ref.kind == "eval" and models == []:
             for model in (r for r in manifest.inputs[1:2] if r.kind in MODEL_KINDS):
                 for k, v in manifest.metrics.items():  # model-scoped: shown on the LoggedModel's page
-                    t.client.log_metric(self.run_id, f"eval/{k}", v, model_id=t.model_id(model))
+                    t.client.log_metric(self.run_id, metric_name(f"eval/{k}"), v, model_id=t.model_id(model))
         t.client.log_text(self.run_id, manifest.model_dump_json(indent=2), "manifest.json")
         t.client.set_tag(self.run_id, "pipeline.output_sha256", ref.sha256)
         t.client.set_tag(self.run_id, "pipeline.output_uri", ref.uri)
