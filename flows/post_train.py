@@ -131,7 +131,7 @@ def resolve_root(config: str | Path, cfg: RunConfig, root: str | None = None) ->
 
 @flow(name="post-train", log_prints=True)
 def post_train(config: str, refresh: str | None = None, root: str | None = None,
-               progress: bool = True) -> dict[str, str]:
+               progress: bool = True) -> dict:
     """Post-train a model per the RunConfig TOML at `config`; `refresh` names the first stage to recompute."""
     global RES
     cfg = load_toml(RunConfig, config)
@@ -148,7 +148,8 @@ def post_train(config: str, refresh: str | None = None, root: str | None = None,
     finally:
         RES = None
     _report(result)
-    return {name: ref.uri for name, ref in result.refs.items()}
+    return {"summary": str(result.summary_path), "calls": result.calls, "mlflow": result.mlflow_url,
+            "refs": {name: ref.uri for name, ref in result.refs.items()}}
 
 
 def _report(result: RunResult) -> None:

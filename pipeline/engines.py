@@ -23,10 +23,10 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
 
 import torch
-from tqdm.auto import tqdm
 
 from pipeline.config import EngineConfig, SamplingConfig
 from pipeline.data import load_tokenizer
+from pipeline.progress import bar as progress_bar_of
 
 if TYPE_CHECKING:  # pragma: no cover
     from transformers import GenerationConfig, PreTrainedModel, PreTrainedTokenizerBase
@@ -225,7 +225,7 @@ class HFEngine:
         out: list[list[Completion]] = []
         with torch.random.fork_rng(devices=devices), torch.inference_mode():
             torch.manual_seed(sampling.seed)
-            for batch in tqdm(batches, desc="generate", unit="batch", disable=not self.progress):
+            for batch in progress_bar_of(batches, desc="generate", unit="batch", disable=not self.progress):
                 out.extend(self._generate_batch(batch, n, sampling))
         return out
 

@@ -26,7 +26,7 @@ from pipeline.config import RunConfig, load_toml
 from pipeline.evaluation import comparison_table
 from pipeline.tracking import MlflowTracker, NullTracker, sqlite_uri
 
-__all__ = ["RunResult", "Ops", "local_ops", "execute", "run", "main"]
+__all__ = ["RunResult", "Ops", "local_ops", "execute", "plan", "run", "main"]
 
 TABLE_COLUMNS = ["greedy_accuracy", "mean@{k}", "pass@{k}", "entropy", "kl_base_policy", "distinct_answers"]
 
@@ -39,6 +39,7 @@ class RunResult:
     metrics: dict[str, dict[str, float]]
     summary_path: Path
     calls: dict[str, int]
+    mlflow_url: str | None = None
 
 
 @dataclass(frozen=True)
@@ -137,6 +138,43 @@ def _train(name: str, cfg: RunConfig, refs: dict[str, ArtifactRef], init: Artifa
     return prev
 
 
+@dataclass(frozen=True)
+class PlannedCall:
+    """One stage call of a dry run: its key (None while an input is still to be computed) and whether it is cached."""
+
+    name: str
+    stage: str
+    key: str | None
+    cached: bool
+
+
+def plan(cfg: RunConfig, root: Path) -> list[PlannedCall]:
+    """Every stage call of the run with its key, computing nothing: a call whose inputs exist gets its key and
+    cache status; one downstream of a call still to run has no key yet (it depends on that output)."""
+    res = stages.Resources(StageStore(root), engine_cfg=cfg.engine, progress=False)
+    calls: list[PlannedCall] = []
+
+    def dry(stage: str) -> Callable[..., ArtifactRef]:
+        def op(*args, **kw) -> ArtifactRef:
+            spec = stages.SPECS[stage](*args, res=res, **kw)
+            key = None if any(r.kind == "pending" for r in spec.inputs) else spec.key
+            ref = res.store.lookup(stage, key) if key else None
+            calls.append(PlannedCall(_walk_name(stage), stage, key, ref is not None))
+            return ref or ArtifactRef(kind="pending", uri=f"pending:{stage}", sha256="0" * 64, schema_version=1)
+        return op
+
+    ops = Ops(**{f.name: dry(f.name) if f.name in stages.SPECS else None for f in fields(Ops)})
+    try:
+        execute(cfg, ops, res)
+    finally:
+        res.close()
+    return calls
+
+
+def _walk_name(stage: str) -> str:
+    return stage.removesuffix("_round")
+
+
 def run(cfg: RunConfig, *, root: Path, progress: bool = True, ops: Callable[[stages.Resources], Ops] = local_ops,
         context_tags: Callable[[], dict[str, str]] = dict, refresh: str | None = None) -> RunResult:
     """Run the configured DAG with tracking; writes the summary, the plots, and registers the final model."""
@@ -182,7 +220,8 @@ def finish(cfg: RunConfig, refs: dict[str, ArtifactRef], res: stages.Resources, 
     summary = _write_summary(out / "summary.md", cfg, refs, metrics, plots, res.tracker, registered)
     for path in [summary, *plots]:
         res.tracker.log_artifact(path, "report")
-    return RunResult(refs=refs, metrics=metrics, summary_path=summary, calls=dict(res.calls))
+    url = res.tracker.parent_url()
+    return RunResult(refs=refs, metrics=metrics, summary_path=summary, calls=dict(res.calls), mlflow_url=url)
 
 
 def write_plots(cfg: RunConfig, refs: dict[str, ArtifactRef], metrics: dict[str, dict[str, float]],
@@ -233,7 +272,7 @@ def _write_summary(path: Path, cfg: RunConfig, refs: dict[str, ArtifactRef], met
     lines += ["", "Plots:", ""] + [f"- `{p}`" for p in plot_paths]
     if registered:
         lines += ["", f"Final model registered as `{registered}`."]
-    url = tracker.parent_url() if hasattr(tracker, "parent_url") else None
+    url = tracker.parent_url()
     if url:
         lines += ["", f"MLflow: {url} (start the UI with `gft ui`)"]
     path.parent.mkdir(parents=True, exist_ok=True)

@@ -222,7 +222,9 @@ def bootstrap_models(synth: SyntheticConfig, res: Resources) -> ArtifactRef:
 
 
 def bootstrap_member(models: ArtifactRef, role: str) -> ArtifactRef:
-    """The reference of one model of the bootstrap pair (its own content digest)."""
+    """The reference of one model of the bootstrap pair (its own content digest); pending while the pair is."""
+    if models.kind == "pending":
+        return models
     folder = Path(models.uri) / role
     return ArtifactRef(kind="model", uri=str(folder), sha256=tree_sha256(folder), schema_version=1)
 

@@ -201,21 +201,23 @@ class MlflowTracker:
         run_id = run.info.run_id
         try:
             self._log_params(run_id, config)
-            self._log_inputs(run_id, inputs)
+            self._log_inputs(run_id, stage, inputs)
             yield _MlflowStageRun(self, run_id, stage)
         except BaseException:
             self.client.set_terminated(run_id, "FAILED")
             raise
         self.client.set_terminated(run_id, "FINISHED")
 
-    def _log_inputs(self, run_id: str, inputs: Sequence[ArtifactRef]) -> None:
+    def _log_inputs(self, run_id: str, stage: str, inputs: Sequence[ArtifactRef]) -> None:
         from mlflow.entities import LoggedModelInput
 
-        datasets = [d for ref in inputs for d in self._datasets(ref, consumer=True)]
+        split = "eval.parquet" if stage == "evaluate" else "train.parquet"
+        datasets = [d for ref in inputs if ref.kind in ("prompts", "teacher_responses")
+                    for d in self._datasets(ref, consumer=True, only=(split, "teacher.parquet"))]
         models = [LoggedModelInput(self.model_id(ref)) for ref in inputs if ref.kind in MODEL_KINDS]
         self.client.log_inputs(run_id, datasets=datasets or None, models=models or None)
 
-    def _datasets(self, ref: ArtifactRef, *, consumer: bool) -> list[Any]:
+    def _datasets(self, ref: ArtifactRef, *, consumer: bool, only: Sequence[str] | None = None) -> list[Any]:
         """DatasetInputs for the dataset files of `ref` (consumers get "training"/"evaluation" contexts)."""
         import pandas as pd
         from mlflow.entities import DatasetInput, InputTag
@@ -223,7 +225,7 @@ class MlflowTracker:
         out = []
         for name in DATASETS.get(ref.kind, ()):
             path = ref.path / name
-            if not path.is_file():
+            if not path.is_file() or (only is not None and name not in only):
                 continue
             context = "output" if not consumer else ("evaluation" if name.startswith("eval") else "training")
             ds = self._mlflow.data.from_pandas(pd.read_parquet(path), source=str(path),

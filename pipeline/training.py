@@ -24,10 +24,10 @@ from accelerate import Accelerator, PartialState
 from accelerate.state import AcceleratorState
 from accelerate.utils import set_seed
 from torch import Tensor, nn
-from tqdm.auto import tqdm
 from transformers import get_constant_schedule_with_warmup, get_cosine_schedule_with_warmup
 
 from pipeline.config import TrainConfig
+from pipeline.progress import bar as progress_bar_of
 from pipeline.losses import LossOutput, dft_loss, gft_loss, sft_loss, token_logprobs, token_logprobs_from_logits
 
 __all__ = [
@@ -522,7 +522,8 @@ def fit(model: nn.Module, examples: Sequence[Example], objective: Objective, cfg
     last = resume_latest(trainer, checkpoint_dir) if checkpoint_dir is not None else None
     end = min(steps, stop_at_step or steps)
     history: list[dict[str, float]] = []
-    bar = tqdm(total=end, initial=trainer.progress.step, desc="train", disable=not (progress_bar and acc.is_main_process))
+    bar = progress_bar_of(total=end, initial=trainer.progress.step, desc="train",
+                          disable=not (progress_bar and acc.is_main_process))
     while trainer.progress.step < end:
         step = trainer.progress.step
         indices = step_order(len(examples), step, cfg.sequences_per_step, cfg.seed)

@@ -1,0 +1,215 @@
+"""`gft`: run, schedule and look at post-training runs.
+
+    gft run CONFIG [--refresh STAGE] [--root DIR] [--dry-run]   one pipeline run as a Prefect flow run
+    gft serve CONFIG --cron "0 2 * * *"                         a scheduled deployment (needs a Prefect server)
+    gft ui [CONFIG | --root DIR] [--prefect]                    MLflow UI (and Prefect's) on 127.0.0.1
+
+Without PREFECT_API_URL, `gft run` uses Prefect's ephemeral mode (a temporary local API over
+~/.prefect/prefect.db, which `gft ui --prefect` serves afterwards).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import signal
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+from pipeline.config import RunConfig, load_toml
+
+__all__ = ["main"]
+
+# On a 2-core machine the ephemeral Prefect API can take longer than Prefect's default 20 s to start.
+PREFECT_DEFAULTS = {"PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS": "180",
+                    "PREFECT_SERVER_ANALYTICS_ENABLED": "false", "PREFECT_UI_ENABLED": "true"}
+
+
+def _load(config: Path, root: Path | None) -> tuple[RunConfig, Path]:
+    from flows.post_train import resolve_root
+
+    cfg = load_toml(RunConfig, config)
+    return cfg, resolve_root(config, cfg, str(root) if root else None)
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    cfg, root = _load(args.config, args.root)
+    if args.dry_run:
+        return _dry_run(cfg, root, args.refresh)
+    _quiet_libraries()
+    from pipeline import progress
+    from flows.post_train import post_train
+
+    progress.use_rich(not args.no_progress)
+    start = time.perf_counter()
+    state = post_train(config=str(args.config.resolve()), refresh=args.refresh, root=str(root),
+                       progress=not args.no_progress, return_state=True)
+    if not state.is_completed():
+        print(f"\nThe run failed: {state.message}\nRerun the same command: finished stages are served from "
+              f"the cache, and only what failed or changed runs again.", file=sys.stderr)
+        return 1
+    out = state.result()
+    _where_to_look(cfg, root, out, time.perf_counter() - start)
+    return 0
+
+
+def _where_to_look(cfg: RunConfig, root: Path, out: dict, seconds: float) -> None:
+    summary = Path(out["summary"])
+    print(summary.read_text())
+    print(f"Finished in {seconds:.0f} s. Work done this time (cached stages do none): {out['calls']}")
+    print(f"- summary and plots: {summary.parent}")
+    print(f"- stage outputs (each with manifest.json): {root}")
+    if out.get("mlflow"):
+        print(f"- MLflow: start the UI with `gft ui --root {root}`, then open {out['mlflow']}")
+    elif not cfg.tracking.enabled:
+        print("- MLflow: tracking is disabled in this config ([tracking] enabled = false)")
+    print("- Prefect: `gft ui --prefect` -> http://127.0.0.1:4200 (flow `post-train`)")
+
+
+def _dry_run(cfg: RunConfig, root: Path, refresh: str | None) -> int:
+    from pipeline.run import check_refresh, plan
+
+    check_refresh(cfg, refresh)
+    print(f"# resolved config ({cfg.digest()[:12]}), run root {root}\n")
+    print(json.dumps(cfg.model_dump(mode="json"), indent=2))
+    print("\n# stage calls in order (key: the stage's cache key; '-' until an input it depends on exists)\n")
+    forced = False
+    for c in plan(cfg, root):
+        forced = forced or c.name == refresh
+        status = "refresh" if forced else ("cached" if c.cached else "to run")
+        print(f"{c.name:<18} {c.stage:<18} {status:<8} {c.key or '-'}")
+    return 0
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    if not os.environ.get("PREFECT_API_URL"):
+        print("Schedules need a Prefect server: start one with `gft ui --prefect` (or `prefect server start`), "
+              "then export PREFECT_API_URL=http://127.0.0.1:4200/api and run this again.", file=sys.stderr)
+        return 2
+    cfg, root = _load(args.config, args.root)
+    from flows.post_train import post_train
+
+    post_train.serve(name=args.name or f"{cfg.name}-scheduled", cron=args.cron,
+                     parameters={"config": str(args.config.resolve()), "root": str(root), "progress": False})
+    return 0
+
+
+def _start(cmd: list[str], env: dict[str, str], log_path: Path) -> subprocess.Popen:
+    """A server in its own process group (stopped by its group id, never by name), output to a log file."""
+    log_path.parent.mkdir(parents=True, exist_ok=True)
+    with log_path.open("ab") as log:
+        return subprocess.Popen(cmd, env={**os.environ, **env}, stdout=log, stderr=subprocess.STDOUT,
+                                start_new_session=True)
+
+
+def _wait_http(url: str, proc: subprocess.Popen, timeout_s: float) -> None:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"{url}: the server exited with code {proc.returncode}")
+        try:
+            with urllib.request.urlopen(url, timeout=2) as r:
+                if r.status == 200:
+                    return
+        except OSError:
+            time.sleep(0.5)
+    raise TimeoutError(f"{url}: no answer after {timeout_s:.0f} s")
+
+
+def _stop(procs: list[subprocess.Popen]) -> None:
+    for p in procs:
+        if p.poll() is None:
+            os.killpg(p.pid, signal.SIGTERM)
+    for p in procs:
+        try:
+            p.wait(15)
+        except subprocess.TimeoutExpired:
+            os.killpg(p.pid, signal.SIGKILL)
+            p.wait()
+
+
+def ui_commands(root: Path, port: int, prefect_port: int | None) -> list[tuple[str, list[str], dict, str]]:
+    """(name, command, env, health url) of the MLflow server on the run root's database, and Prefect's."""
+    bin_dir = Path(sys.executable).parent
+    mlflow = [str(bin_dir / "mlflow"), "server", "--backend-store-uri", f"sqlite:///{root / 'mlflow.db'}",
+              "--artifacts-destination", str(root / "mlartifacts"), "--host", "127.0.0.1", "--port", str(port),
+              "--workers", "1"]
+    out = [("MLflow", mlflow, {"MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}, f"http://127.0.0.1:{port}/health")]
+    if prefect_port:
+        prefect = [str(bin_dir / "prefect"), "server", "start", "--host", "127.0.0.1", "--port", str(prefect_port)]
+        out.append(("Prefect", prefect, {"PREFECT_SERVER_ANALYTICS_ENABLED": "false"},
+                    f"http://127.0.0.1:{prefect_port}/api/health"))
+    return out
+
+
+def cmd_ui(args: argparse.Namespace) -> int:
+    root = args.root or (_load(args.config, None)[1] if args.config else Path("runs").resolve())
+    if not (root / "mlflow.db").is_file():
+        print(f"{root / 'mlflow.db'}: no MLflow database yet; run `gft run CONFIG` first", file=sys.stderr)
+        return 2
+    procs: list[subprocess.Popen] = []
+    signal.signal(signal.SIGTERM, lambda *_: (_ for _ in ()).throw(KeyboardInterrupt()))
+    try:
+        for name, cmd, env, health in ui_commands(root, args.port, args.prefect_port if args.prefect else None):
+            procs.append(_start(cmd, env, root / "logs" / f"{name.lower()}-ui.log"))
+            _wait_http(health, procs[-1], args.timeout)
+            print(f"{name} UI: {health.rsplit('/', 2 if name == 'Prefect' else 1)[0]}", flush=True)
+        print("Press Ctrl-C to stop.", flush=True)
+        while all(p.poll() is None for p in procs):
+            time.sleep(1)
+        return 1  # a server died on its own; its log says why
+    except KeyboardInterrupt:
+        return 0
+    finally:
+        _stop(procs)
+
+
+def _quiet_libraries() -> None:
+    logging.getLogger("pipeline").setLevel(logging.INFO)
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()  # per-file "Loading weights" bars; ours stay
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="gft", description=__doc__.splitlines()[0])
+    sub = p.add_subparsers(dest="command", required=True)
+    r = sub.add_parser("run", help="run the pipeline (a Prefect flow run)")
+    r.add_argument("config", type=Path, help="RunConfig TOML, e.g. configs/default.toml")
+    r.add_argument("--root", type=Path, help="run root (default: the config's `root`)")
+    r.add_argument("--refresh", metavar="STAGE", help="recompute STAGE and everything after it")
+    r.add_argument("--dry-run", action="store_true", help="print the resolved config and stage keys; run nothing")
+    r.add_argument("--no-progress", action="store_true", help="no progress bars")
+    r.set_defaults(fn=cmd_run)
+    s = sub.add_parser("serve", help="serve a scheduled deployment of the flow")
+    s.add_argument("config", type=Path)
+    s.add_argument("--cron", required=True, help='cron schedule, e.g. "0 2 * * *"')
+    s.add_argument("--name", help="deployment name (default: <run name>-scheduled)")
+    s.add_argument("--root", type=Path)
+    s.set_defaults(fn=cmd_serve)
+    u = sub.add_parser("ui", help="start the MLflow UI (and with --prefect, Prefect's) on 127.0.0.1")
+    u.add_argument("config", type=Path, nargs="?", help="a RunConfig TOML (its run root's database)")
+    u.add_argument("--root", type=Path, help="a run root holding mlflow.db")
+    u.add_argument("--port", type=int, default=5000)
+    u.add_argument("--prefect", action="store_true", help="also start `prefect server start`")
+    u.add_argument("--prefect-port", type=int, default=4200)
+    u.add_argument("--timeout", type=float, default=180, help="seconds to wait for each server")
+    u.set_defaults(fn=cmd_ui)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    for k, v in PREFECT_DEFAULTS.items():
+        os.environ.setdefault(k, v)
+    logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(name)s %(message)s")
+    args = parser().parse_args(argv)
+    return args.fn(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
