@@ -12,7 +12,7 @@ export HF_DATASETS_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 export OMP_NUM_THREADS ?= 1
 
-.PHONY: test run bench env clean
+.PHONY: test run bench env clean chromium
 
 env: $(STAMP)
 
@@ -23,11 +23,18 @@ $(STAMP): pyproject.toml
 	$(PY) -m pip uninstall -q -y torchvision torchaudio torchcodec
 	touch $@
 
-test: $(STAMP)
+# Debian's chromium for the MLflow UI test (headless); apt needs root or passwordless sudo.
+chromium:
+	@command -v chromium >/dev/null 2>&1 || { \
+	  if [ "$$(id -u)" = 0 ]; then SUDO=; elif sudo -n true 2>/dev/null; then SUDO=sudo; else \
+	    echo "chromium is missing and apt needs root: apt-get install -y chromium"; exit 1; fi; \
+	  $$SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq chromium >/dev/null; }
+
+test: $(STAMP) chromium
 	$(PY) -m pytest -q
 
 run: $(STAMP)
-	$(PY) -m pipeline.run configs/default.toml
+	$(VENV)/bin/gft run configs/default.toml
 
 bench: $(STAMP)
 	$(PY) bench/train_step.py

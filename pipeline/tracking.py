@@ -324,10 +324,12 @@ class _MlflowStageRun:
 
     def finish(self, ref: ArtifactRef, manifest: Manifest) -> None:
         t = self.tracker
+        stepped: set[str] = set()
         for row in _history(ref):
-            t.log_metrics({f"train/{k}": v for k, v in row.items() if k != "step"}, step=int(row["step"]),
-                          run_id=self.run_id)
-        t.log_metrics(manifest.metrics, run_id=self.run_id)
+            per_step = {f"train/{k}": v for k, v in row.items() if k != "step"}
+            t.log_metrics(per_step, step=int(row["step"]), run_id=self.run_id)
+            stepped.update(per_step)
+        t.log_metrics({k: v for k, v in manifest.metrics.items() if k not in stepped}, run_id=self.run_id)
         models = t._log_outputs(self.run_id, self.stage, ref, manifest)
         if ref.kind == "eval" and models == []:
             for model in (r for r in manifest.inputs[1:2] if r.kind in MODEL_KINDS):

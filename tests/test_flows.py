@@ -1,0 +1,218 @@
+"""The Prefect flow under `prefect_test_harness`: rerun from cache after a failure (new run and `prefect flow-run
+retry`), a run that executes nothing, `--refresh`, MLflow lineage, the CLI's dry run, and the MLflow UI in
+headless Chromium. Prefect's home and result storage point at temp folders (set before prefect is imported)."""
+
+import os
+import tempfile
+from pathlib import Path
+
+_HOME = Path(tempfile.mkdtemp(prefix="gft-prefect-home-"))
+os.environ.update(PREFECT_HOME=str(_HOME), PREFECT_LOCAL_STORAGE_PATH=str(_HOME / "storage"),
+                  PREFECT_SERVER_ANALYTICS_ENABLED="false", PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS="180",
+                  PREFECT_LOGGING_TO_API_ENABLED="false")
+
+import json
+import signal
+import subprocess
+import sys
+
+import pytest
+
+REPO = Path(__file__).resolve().parent.parent
+TINY = REPO / "tests" / "data" / "tiny_run.toml"
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def harness():
+    from prefect.settings import PREFECT_API_URL
+    from prefect.testing.utilities import prefect_test_harness
+
+    with prefect_test_harness(server_startup_timeout=180):
+        yield PREFECT_API_URL.value()
+
+
+def _task_states(flow_run_id) -> list[tuple[str, str]]:
+    """(task name, final state name) of a flow run's task runs, in start order, latest attempt only."""
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
+
+    with get_client(sync_client=True) as client:
+        runs = client.read_task_runs(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[flow_run_id])))
+    runs = sorted(runs, key=lambda r: (r.expected_start_time or r.created, r.created))
+    return [(r.name.rsplit("-", 1)[0], r.state.name) for r in runs]
+
+
+def _flow(root: Path, **kw):
+    from flows.post_train import post_train
+
+    return post_train(config=str(TINY), root=str(root), progress=False, return_state=True, **kw)
+
+
+def _executed(states) -> list[str]:
+    return [name for name, state in states if state != "Cached"]
+
+
+def _fail_round(monkeypatch, round_idx: int) -> None:
+    from pipeline import stages
+
+    real = stages.gft_round
+
+    def failing(cfg, r, *args, **kw):
+        if r == round_idx:
+            raise RuntimeError(f"injected failure in gft round {r}")
+        return real(cfg, r, *args, **kw)
+
+    monkeypatch.setattr(stages, "gft_round", failing)
+
+
+@pytest.fixture(scope="module")
+def failed_then_rerun(harness, tmp_path_factory):
+    """Run 1 fails in GFT round 1; run 2 (same config, new flow run) completes; run 3 executes nothing."""
+    root = tmp_path_factory.mktemp("flow-root")
+    with pytest.MonkeyPatch.context() as mp:
+        _fail_round(mp, 1)
+        first = _flow(root)
+    second = _flow(root)
+    third = _flow(root)
+    return root, first, second, third
+
+
+def test_failed_stage_reruns_alone(failed_then_rerun):
+    root, first, second, third = failed_then_rerun
+    assert first.is_failed() and "injected failure" in str(first.message) + repr(first)
+    states = _task_states(first.state_details.flow_run_id)
+    assert [s for _, s in states if s == "Failed"] == ["Failed"] and states[-1][0] == "gft_round"
+    assert second.is_completed()
+    done = _task_states(second.state_details.flow_run_id)
+    assert _executed(done) == ["gft_round", "evaluate"]  # round 1 and the evaluation after GFT
+    assert [name for name, s in done].count("gft_round") == 2 and done[6] == ("gft_round", "Cached")
+    assert second.result()["calls"]["gft_round"] == 1 and "sft" not in second.result()["calls"]
+
+
+def test_third_run_executes_nothing(failed_then_rerun):
+    root, first, second, third = failed_then_rerun
+    states = _task_states(third.state_details.flow_run_id)
+    assert len(states) == 9 and _executed(states) == []
+    assert third.result()["calls"] == {}
+    assert third.result()["refs"] == second.result()["refs"]
+
+
+def test_altered_output_is_recomputed_not_served(failed_then_rerun):
+    """Prefect's record says Cached, but the artifact store's files no longer match: the stage recomputes."""
+    root, *_ = failed_then_rerun
+    model = next((root / "sft").glob("*/model/model.safetensors"))
+    model.write_bytes(model.read_bytes()[:-8] + b"\0" * 8)
+    state = _flow(root)
+    states = _task_states(state.state_details.flow_run_id)
+    assert _executed(states) == ["sft"]  # same training, same bytes: everything after is served again
+    assert state.result()["calls"] == {"sft": 1, "optimizer.step": 2}
+
+
+def test_refresh_recomputes_stage_and_downstream(failed_then_rerun):
+    root, *_ = failed_then_rerun
+    state = _flow(root, refresh="gft")
+    states = _task_states(state.state_details.flow_run_id)
+    assert _executed(states) == ["gft_round", "gft_round", "evaluate"]
+    assert state.result()["calls"]["gft_round"] == 2
+
+
+def test_prefect_flow_run_retry_reruns_only_the_failed_stage(harness, tmp_path, monkeypatch):
+    _fail_round(monkeypatch, 0)
+    first = _flow(tmp_path)
+    assert first.is_failed()
+    monkeypatch.undo()
+    flow_run_id = first.state_details.flow_run_id
+    env = {**os.environ, "PREFECT_API_URL": harness, "PYTHONPATH": str(REPO)}
+    proc = subprocess.run([str(Path(sys.executable).parent / "prefect"), "flow-run", "retry", str(flow_run_id),
+                           "--entrypoint", "flows/post_train.py:post_train"], cwd=REPO, env=env,
+                          capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    states = _task_states(flow_run_id)  # both attempts: 7 task runs (the last one failed), then 9
+    assert len(states) == 16 and states[6] == ("gft_round", "Failed")
+    assert _executed(states[7:]) == ["gft_round", "gft_round", "evaluate"]  # the rest served as Cached
+
+
+def test_mlflow_lineage(failed_then_rerun):
+    from mlflow import MlflowClient
+
+    root, first, second, third = failed_then_rerun
+    client = MlflowClient(tracking_uri=f"sqlite:///{root / 'mlflow.db'}")
+    exp = client.get_experiment_by_name("tiny")
+    parents = client.search_runs([exp.experiment_id], "tags.`pipeline.stage` = 'pipeline'")
+    flow_ids = {r.data.tags.get("prefect.flow_run_id") for r in parents}
+    assert str(second.state_details.flow_run_id) in flow_ids
+    parent = next(r for r in parents if r.data.tags["prefect.flow_run_id"] == str(second.state_details.flow_run_id))
+    children = client.search_runs([exp.experiment_id], f"tags.`mlflow.parentRunId` = '{parent.info.run_id}'")
+    assert sorted(c.data.tags["pipeline.stage"] for c in children) == ["evaluate", "gft_round"]
+    assert all(c.data.tags.get("prefect.task_run_id") for c in children)
+    assert parent.data.tags.get("reused.sft")  # served from cache: points at the run that made it
+    prep = client.search_runs([exp.experiment_id], "tags.`pipeline.stage` = 'prepare_data'")[0]
+    names = {d.dataset.name: d.dataset.digest for d in prep.inputs.dataset_inputs}
+    manifest = json.loads(Path(prep.data.tags["pipeline.output_uri"], "manifest.json").read_text())
+    assert names["prepare_data/train"] == manifest["files"]["train.parquet"][:16]
+    assert names["prepare_data/eval"] == manifest["files"]["eval.parquet"][:16]
+    gft = client.get_run([c for c in children if c.data.tags["pipeline.stage"] == "gft_round"][0].info.run_id)
+    assert gft.outputs.model_outputs and gft.inputs.model_inputs  # round 1's model, from round 0's
+    assert any(d.dataset.name.endswith("/groups") for d in gft.inputs.dataset_inputs)
+    history = client.get_metric_history(gft.info.run_id, "train/loss")
+    assert [m.step for m in history] == [3, 4]
+    version = client.get_model_version_by_alias("tiny-policy", "candidate")
+    final = json.loads((Path(second.result()["refs"]["gft"]) / "manifest.json").read_text())["output"]
+    assert version.tags["pipeline.sha256"] == final["sha256"]
+
+
+def test_dry_run_prints_keys_and_runs_nothing(failed_then_rerun, capsys):
+    from flows.cli import main
+    from pipeline import stages
+    from pipeline.config import RunConfig, load_toml
+
+    root, *_ = failed_then_rerun
+    before = sorted(p.name for p in root.iterdir())
+    assert main(["run", str(TINY), "--root", str(root), "--dry-run"]) == 0
+    out = capsys.readouterr().out
+    cfg = load_toml(RunConfig, TINY)
+    key = stages.prepare_data_spec(cfg.data, cfg.synthetic, stages.Resources(None)).key
+    assert f"prepare_data       prepare_data       cached   {key}" in out
+    assert out.count("gft_round") == 2 and '"tau": 0.5' in out
+    assert sorted(p.name for p in root.iterdir()) == before
+
+
+def test_mlflow_ui_in_headless_chromium(failed_then_rerun, tmp_path):
+    """`gft ui` serves the run root's MLflow database; Chromium sees the parent, the stage runs and datasets."""
+    from mlflow import MlflowClient
+
+    from tests.browser import find_chromium, mlflow_urls, render, visible_text, wait_http
+
+    find_chromium()  # fails with the install hint when chromium is missing
+    root, first, second, third = failed_then_rerun
+    client = MlflowClient(tracking_uri=f"sqlite:///{root / 'mlflow.db'}")
+    exp = client.get_experiment_by_name("tiny")
+    parent = client.search_runs([exp.experiment_id], "tags.`pipeline.stage` = 'pipeline'",
+                                order_by=["attributes.start_time ASC"])[0]
+    port = _free_port()
+    proc = subprocess.Popen([sys.executable, "-m", "flows.cli", "ui", "--root", str(root), "--port", str(port)],
+                            cwd=REPO, start_new_session=True, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            text=True)
+    try:
+        wait_http(f"http://127.0.0.1:{port}/health", proc=proc, timeout_s=240)
+        urls = mlflow_urls(f"http://127.0.0.1:{port}", exp.experiment_id, parent.info.run_id)
+        out = Path(os.environ.get("GFT_TEST_OUTPUT", REPO / "test-output"))
+        run_page = visible_text(render(urls["run"], out / "mlflow-parent-run.png"))
+        runs_page = visible_text(render(urls["runs"], out / "mlflow-runs.png"))
+    finally:
+        os.killpg(proc.pid, signal.SIGINT)
+        proc.wait(60)
+    assert parent.info.run_name in run_page and "Child runs" in run_page
+    for stage in ("prepare_data", "bootstrap_models", "teacher_sample", "sft", "gft_round", "evaluate"):
+        assert stage in runs_page
+    assert "/train (" in runs_page and "/groups (" in runs_page  # dataset inputs with their digests
+    assert (out / "mlflow-parent-run.png").stat().st_size > 10_000
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
