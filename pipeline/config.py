@@ -63,6 +63,11 @@ class TrainConfig(Settings):
     """auto = bf16 autocast on GPU, full precision (the model's own dtype) on CPU."""
     gradient_checkpointing: bool = False
     """Recompute decoder activations in backward to save memory."""
+    compile: bool = False
+    """torch.compile the decoder body and the log-prob chunk kernels (GPU speed; the first steps compile)."""
+    packed_attention: Literal["varlen", "mask"] = "varlen"
+    """Packed rows: varlen = each sequence attends to itself only, from its boundaries (flash varlen on CUDA, one
+    SDPA per sequence elsewhere); mask = transformers' dense block-diagonal mask (quadratic in the row length)."""
     seed: int = 0
     """Seed of the data order and of torch/numpy/python RNGs at the start of training."""
     save_every: int | None = Field(None, ge=1)
