@@ -124,3 +124,36 @@ def test_compiled_body_with_varlen_packing_equals_plain_padded_step():
         assert "_orig_mod" not in "".join(trainer.model.state_dict())  # checkpoints keep their names
     for a, b in zip(*grads):
         assert_close(b, a, rtol=1e-4, atol=1e-6)
+
+
+# ------------------------------------------------------------------------------------------ HFEngine settings
+
+
+def test_static_cache_engine_and_engine_over_a_live_model_match_the_plain_engine(tmp_path):
+    from pipeline.config import EngineConfig, SamplingConfig
+    from pipeline.engines import HFEngine
+    from tests.test_engines import PROMPTS, max_teacher_forced_error, save_tiny_checkpoint
+
+    ckpt = save_tiny_checkpoint(tmp_path, seed=0)
+    greedy = SamplingConfig(temperature=0.0, max_new_tokens=10)
+    sample = SamplingConfig(temperature=1.0, max_new_tokens=10, seed=3)
+    plain = HFEngine(ckpt, EngineConfig(batch_size=2, dtype="float32"), progress=False)
+    static = HFEngine(ckpt, EngineConfig(batch_size=4, dtype="float32", hf_cache="static"), progress=False)
+    live = HFEngine.from_model(plain.model, plain.tokenizer, EngineConfig(batch_size=2), progress=False)
+    want = [c[0].token_ids for c in plain.generate(PROMPTS, 1, greedy)]
+    assert [c[0].token_ids for c in static.generate(PROMPTS, 1, greedy)] == want
+    assert [c[0].token_ids for c in live.generate(PROMPTS, 1, greedy)] == want
+    assert max_teacher_forced_error(plain.model, PROMPTS, static.generate(PROMPTS, 3, sample)) < 1e-5
+    assert live.generate(PROMPTS, 2, sample) == plain.generate(PROMPTS, 2, sample)
+
+
+def test_round_perf_metrics_count_policy_and_trained_tokens():
+    from pipeline.groups import Member
+    from pipeline.stages import _round_perf
+
+    members = [[Member("a", "expert", "", [1, 2, 3], False), Member("a", "policy", "", [4, 5], False)],
+               [Member("b", "policy", "", [6, 7, 8, 9], True)]]
+    perf = _round_perf({"perf/sample_s": 2.0, "perf/train_s": 4.0}, members, [{"tokens": 10.0}, {"tokens": 6.0}], 7.0)
+    assert perf["perf/sample_tokens"] == 6 and perf["perf/sample_tokens_per_s"] == 3.0
+    assert perf["perf/train_tokens"] == 16 and perf["perf/throughput"] == 4.0 and perf["perf/round_s"] == 7.0
+    assert all(name.startswith("perf/") for name in perf)
