@@ -225,7 +225,7 @@ class HFEngine:
             do_sample=sample, **knobs, repetition_penalty=1.0, no_repeat_ngram_size=0, min_new_tokens=0,
             max_new_tokens=sampling.max_new_tokens,
             num_return_sequences=num_return_sequences, eos_token_id=sorted(self.eos_ids), pad_token_id=self.pad_id,
-            return_dict_in_generate=True, cache_implementation=self.cfg.hf_cache if static else None,
+            return_dict_in_generate=True, use_cache=True, cache_implementation=self.cfg.hf_cache if static else None,
             disable_compile=not self.cfg.hf_compile)
 
     def generate(self, prompt_ids: Sequence[Sequence[int]], n: int,

@@ -154,6 +154,8 @@ class _FusedHeadLogprobs(torch.autograd.Function):
 # the float32 upcast, log-sum-exp, gather, entropy and softmax-gradient into the passes over the bf16 logits
 # (no float32 [chunk, V] block is ever written to memory). Compiled lazily, once per process.
 _COMPILED: dict[str, object] = {}
+COMPILE_OPTIONS: dict = {}
+"""Keyword arguments of every torch.compile call of the training fast paths (a bench may pick a cheap backend)."""
 
 
 def _chunk_stats(h: Tensor, weight: Tensor, bias: Tensor | None, lab: Tensor, dtype: torch.dtype,
@@ -179,7 +181,7 @@ def _chunk_grad_logits(h: Tensor, weight: Tensor, bias: Tensor | None, lab: Tens
 def _compiled(name: str):
     if name not in _COMPILED:
         fn = {"stats": _chunk_stats, "grad": _chunk_grad_logits}[name]
-        _COMPILED[name] = torch.compile(fn, dynamic=None)
+        _COMPILED[name] = torch.compile(fn, **{"dynamic": None, **COMPILE_OPTIONS})
     return _COMPILED[name]
 
 

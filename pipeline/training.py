@@ -27,7 +27,7 @@ from torch import Tensor, nn
 from tqdm.auto import tqdm
 from transformers import get_constant_schedule_with_warmup, get_cosine_schedule_with_warmup
 
-from pipeline import attention
+from pipeline import attention, losses
 from pipeline.config import TrainConfig
 from pipeline.losses import LossOutput, dft_loss, gft_loss, sft_loss, token_logprobs, token_logprobs_from_logits
 
@@ -261,7 +261,7 @@ class TokenScorer(nn.Module):
         if self.varlen:  # behaves as SDPA unless a forward passes sequence boundaries
             lm.config._attn_implementation = attention.register()
         if compiled:  # in place, so parameter names and checkpoints do not change
-            (lm.get_decoder() if self.fused else lm).compile()
+            (lm.get_decoder() if self.fused else lm).compile(**losses.COMPILE_OPTIONS)
 
     def forward(self, input_ids: Tensor, position_ids: Tensor, attention_mask: Tensor | None,
                 targets: Tensor, loss_mask: Tensor, packed: attention.PackedLengths | None = None,
@@ -364,7 +364,7 @@ def make_trainer(model: nn.Module, cfg: TrainConfig, total_steps: int) -> Traine
     scorer = TokenScorer(model, chunk_size=cfg.logprob_chunk_size, compiled=cfg.compile, varlen=varlen)
     params = [p for p in scorer.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=cfg.lr, betas=cfg.betas, eps=cfg.adam_eps,
-                                  weight_decay=cfg.weight_decay)
+                                  weight_decay=cfg.weight_decay, fused=accelerator.device.type == "cuda" or None)
     make = get_cosine_schedule_with_warmup if cfg.schedule == "cosine" else get_constant_schedule_with_warmup
     kwargs = {"num_training_steps": total_steps} if cfg.schedule == "cosine" else {}
     scheduler = make(optimizer, num_warmup_steps=cfg.warmup_steps, **kwargs)
