@@ -5,8 +5,8 @@ own SDPA path turns that into a dense block-diagonal [L, L] mask, so the attenti
 much as one sequence of the row's whole length (quadratic in L). The "gft_varlen" attention below takes the
 sequence boundaries (`cu_seq_lens_q`, as in flash-attention's varlen API) instead:
 
-- CUDA: `torch.nn.attention.varlen.varlen_attn` (flash varlen kernel), causal within each sequence.
-- elsewhere (CPU, or a torch without varlen_attn): one causal SDPA call per sequence (the reference path).
+- CUDA, bf16/fp16: `torch.nn.attention.varlen.varlen_attn` (flash varlen kernel), causal within each sequence.
+- elsewhere (CPU, float32, or a torch without varlen_attn): one causal SDPA call per sequence (the reference).
 
 Without `cu_seq_lens_q` it is plain SDPA with transformers' SDPA mask, so generation and padded batches on a
 model set to "gft_varlen" behave as with "sdpa". One difference: a packed row given without its boundaries
@@ -112,7 +112,7 @@ def varlen_attention_forward(module, query: Tensor, key: Tensor, value: Tensor, 
     b, hq, length, d = query.shape
     scale = d ** -0.5 if scaling is None else scaling
     q, k, v = (x.transpose(1, 2).reshape(b * length, x.shape[1], d) for x in (query, key, value))  # [T, H, D]
-    if varlen_available(q.device):
+    if varlen_available(q.device) and q.dtype in (torch.float16, torch.bfloat16):
         out = _varlen_kernel(q, k, v, cu.to(q.device, torch.int32), int(kwargs["max_length_q"]), scale)
     else:
         out = _per_sequence(q, k, v, cu.tolist(), scale)

@@ -193,9 +193,9 @@ class _CompiledHeadLogprobs(torch.autograd.Function):
         dtype, stats = _compute_dtype(hidden), _compiled("stats")
         parts = []
         with torch.autocast(hidden.device.type, enabled=False):
+            w = weight.to(dtype)  # [V, H], converted once, not per chunk
             for s in range(0, hidden.shape[0], chunk_size):
-                parts.append(stats(hidden[s:s + chunk_size], weight, bias, labels[s:s + chunk_size], dtype,
-                                   with_entropy))
+                parts.append(stats(hidden[s:s + chunk_size], w, bias, labels[s:s + chunk_size], dtype, with_entropy))
         logprobs, lse, entropy = (torch.cat(x) for x in zip(*parts)) if parts else (
             hidden.new_zeros(0, dtype=torch.promote_types(dtype, torch.float32)),) * 3
         ctx.save_for_backward(hidden, weight, bias, labels, lse)
@@ -215,7 +215,7 @@ class _CompiledHeadLogprobs(torch.autograd.Function):
             w = weight.to(dtype)
             for s in range(0, hidden.shape[0], c):
                 h = hidden[s:s + c]
-                dz = grad_logits(h, weight, bias, labels[s:s + c], lse[s:s + c], grad_logprobs[s:s + c], dtype)
+                dz = grad_logits(h, w, bias, labels[s:s + c], lse[s:s + c], grad_logprobs[s:s + c], dtype)
                 if grad_h is not None:
                     grad_h[s:s + c] = (dz @ w).to(hidden.dtype)
                 if grad_w is not None:  # [V, H], chunks summed in float32

@@ -378,7 +378,10 @@ def make_trainer(model: nn.Module, cfg: TrainConfig, total_steps: int) -> Traine
 def _score(trainer: Trainer, mb: TokenBatch) -> ScoredTokens:
     device = trainer.accelerator.device
     mask = mb.loss_mask.to(device)
-    packed = attention.packed_lengths(mb.position_ids) if trainer.varlen and mb.attention_mask is None else None
+    packed = None
+    if trainer.varlen and mb.attention_mask is None:  # boundaries computed on the host, copied once
+        packed = attention.packed_lengths(mb.position_ids)
+        packed["cu_seq_lens_q"] = packed["cu_seq_lens_q"].to(device)
     logprobs, entropy = trainer.scorer(
         input_ids=mb.input_ids.to(device), position_ids=mb.position_ids.to(device),
         attention_mask=None if mb.attention_mask is None else mb.attention_mask.to(device),
