@@ -162,11 +162,14 @@ def _chunk_stats(h: Tensor, weight: Tensor, bias: Tensor | None, lab: Tensor, dt
                  with_entropy: bool) -> tuple[Tensor, Tensor, Tensor]:
     """(log p(label), log-sum-exp, entropy), each [C], of the logits of one chunk of rows h [C, H]."""
     z = _logits(h, weight, bias, dtype)  # [C, V] float32 (fused away when compiled)
-    lse = torch.logsumexp(z, dim=-1)  # [C]
+    top = z.amax(-1, keepdim=True)  # [C, 1]
+    e = torch.exp(z - top)  # [C, V]; the two sums below share one pass over z
+    total = e.sum(-1)  # [C]
+    lse = top[:, 0] + torch.log(total)  # [C]
     logprobs = z.gather(-1, lab[:, None])[:, 0] - lse  # [C]
     if not with_entropy:
         return logprobs, lse, torch.zeros_like(lse)
-    entropy = lse - (torch.exp(z - lse[:, None]) * z).sum(-1)  # [C]
+    entropy = lse - (e * z).sum(-1) / total  # [C], H = lse - E_p[z]
     return logprobs, lse, entropy
 
 
