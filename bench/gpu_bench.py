@@ -33,10 +33,10 @@ from __future__ import annotations
 import argparse
 import gc
 import json
-import math
 import os
 import platform
 import random
+import signal
 import statistics
 import subprocess
 import sys
@@ -587,14 +587,26 @@ def run_section(args, name: str, seconds: float) -> dict:
     argv += ["--cpu-smoke"] * args.cpu_smoke + ["--round-compile"] * args.round_compile
     t0 = time.perf_counter()
     print(f"[{name}] up to {seconds:.0f}s", flush=True)
+    proc = subprocess.Popen(argv, cwd=ROOT, start_new_session=True)  # its own group: kill compile workers too
     try:
-        proc = subprocess.run(argv, timeout=seconds + 20, cwd=ROOT)
-        status = "ok" if proc.returncode == 0 else f"exit code {proc.returncode}"
+        code = proc.wait(timeout=seconds + 20)
+        status = "ok" if code == 0 else f"exit code {code}"
     except subprocess.TimeoutExpired:
         status = "killed at the section's time limit"
+    finally:
+        _kill_group(proc)
     data = json.loads(result.read_text()) if result.exists() else {"variants": {}, "skipped": {}, "errors": {}}
     result.unlink(missing_ok=True)
     return {**data, "status": status, "section_s": time.perf_counter() - t0}
+
+
+def _kill_group(proc: subprocess.Popen) -> None:
+    """SIGKILL what is left of a section's process group (its compile and scorer workers), then reap it."""
+    try:
+        os.killpg(proc.pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+    proc.wait()
 
 
 def environment(args) -> dict:

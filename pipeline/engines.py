@@ -329,6 +329,8 @@ class VLLMEngine:
         from vllm import LLM
         from vllm.platforms import current_platform
 
+        from pipeline.data import load_tokenizer
+
         self.cfg = cfg
         self.model_dir = Path(model_dir).resolve()
         self.on_cpu = current_platform.is_cpu()
