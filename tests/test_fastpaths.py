@@ -157,3 +157,20 @@ def test_round_perf_metrics_count_policy_and_trained_tokens():
     assert perf["perf/sample_tokens"] == 6 and perf["perf/sample_tokens_per_s"] == 3.0
     assert perf["perf/train_tokens"] == 16 and perf["perf/throughput"] == 4.0 and perf["perf/round_s"] == 7.0
     assert all(name.startswith("perf/") for name in perf)
+
+
+def test_bench_modules_import_without_the_packages_the_gpu_machine_lacks():
+    """bench/gpu_bench.py runs where pandas, pyarrow, datasets, math-verify, prefect, mlflow and vllm are
+    missing: the modules it uses must not import them at module level."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    code = ("import sys\n"
+            "for m in ('pandas', 'pyarrow', 'datasets', 'math_verify', 'prefect', 'mlflow', 'vllm'):\n"
+            "    sys.modules[m] = None\n"
+            "import pipeline.engines, pipeline.training, pipeline.synthetic, pipeline.advantages, pipeline.rewards\n"
+            "import bench.gpu_bench\n")
+    root = Path(__file__).resolve().parents[1]
+    proc = subprocess.run([sys.executable, "-c", code], cwd=root, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-2000:]
