@@ -611,14 +611,18 @@ def _kill_group(proc: subprocess.Popen) -> None:
 
 
 def environment(args) -> dict:
-    torch = _torch()
-    import transformers
+    env = {"python": platform.python_version(), "cpu_smoke": args.cpu_smoke, "machine": platform.machine()}
+    try:
+        torch = _torch()
+        import transformers
 
-    env = {"python": platform.python_version(), "torch": torch.__version__, "transformers": transformers.__version__,
-           "device": "cuda" if torch.cuda.is_available() else "cpu", "cpu_smoke": args.cpu_smoke}
-    if torch.cuda.is_available():
-        env["gpu"] = torch.cuda.get_device_name(0)
-        env["gpu_memory_gib"] = torch.cuda.get_device_properties(0).total_memory / GIB
+        env.update(torch=torch.__version__, transformers=transformers.__version__,
+                   device="cuda" if torch.cuda.is_available() else "cpu")
+        if torch.cuda.is_available():
+            env["gpu"] = torch.cuda.get_device_name(0)
+            env["gpu_memory_gib"] = torch.cuda.get_device_properties(0).total_memory / GIB
+    except Exception as exc:  # noqa: BLE001 - the report is written whatever the environment lacks
+        env["error"] = f"{type(exc).__name__}: {exc}"
     return env
 
 
