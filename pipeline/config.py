@@ -63,6 +63,11 @@ class TrainConfig(Settings):
     """auto = bf16 autocast on GPU, full precision (the model's own dtype) on CPU."""
     gradient_checkpointing: bool = False
     """Recompute decoder activations in backward to save memory."""
+    compile: bool = False
+    """torch.compile the decoder body and the log-prob chunk kernels (GPU speed; the first steps compile)."""
+    packed_attention: Literal["varlen", "mask"] = "varlen"
+    """Packed rows: varlen = each sequence attends to itself only, from its boundaries (flash varlen on CUDA, one
+    SDPA per sequence elsewhere); mask = transformers' dense block-diagonal mask (quadratic in the row length)."""
     seed: int = 0
     """Seed of the data order and of torch/numpy/python RNGs at the start of training."""
     save_every: int | None = Field(None, ge=1)
@@ -101,6 +106,11 @@ class EngineConfig(Settings):
     """Weights and activations dtype; auto = bfloat16 on GPU, float32 on CPU."""
     batch_size: int = Field(64, ge=1)
     """hf: prompts per `generate` call (each expanded to n completions)."""
+    hf_cache: Literal["dynamic", "static"] = "dynamic"
+    """hf: KV cache of `generate`; static = preallocated, and on CUDA transformers compiles the decoding step
+    (CUDA graphs): much faster decoding, one compile per new batch shape (prompts are padded to a multiple of 64)."""
+    hf_compile: bool = True
+    """hf: let transformers compile the decoding step when the cache is static; False decodes eagerly."""
     max_model_len: int = Field(2048, ge=16)
     """vllm: longest prompt + completion, in tokens."""
     tensor_parallel_size: int = Field(1, ge=1)

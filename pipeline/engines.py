@@ -25,7 +25,6 @@ from typing import TYPE_CHECKING, Any, Protocol
 import torch
 
 from pipeline.config import EngineConfig, SamplingConfig
-from pipeline.data import load_tokenizer
 from pipeline.progress import bar as progress_bar_of
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -135,9 +134,10 @@ def _eos_ids(tokenizer: PreTrainedTokenizerBase, generation_config: GenerationCo
     return frozenset(ids)
 
 
-def _left_pad(batch: Sequence[Sequence[int]], pad_id: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-    """Left-padded input ids [B, L] and the attention mask that hides the padding."""
-    width = max(len(ids) for ids in batch)
+def _left_pad(batch: Sequence[Sequence[int]], pad_id: int, device: torch.device,
+              multiple: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
+    """Left-padded input ids [B, L] (L a multiple of `multiple`) and the attention mask that hides the padding."""
+    width = -(-max(len(ids) for ids in batch) // multiple) * multiple
     input_ids = torch.full((len(batch), width), pad_id, dtype=torch.long)
     mask = torch.zeros((len(batch), width), dtype=torch.long)
     for row, ids in enumerate(batch):
@@ -189,13 +189,27 @@ class HFEngine:
     def __init__(self, model_dir: str | Path, cfg: EngineConfig, *, progress: bool = True):
         from transformers import AutoModelForCausalLM
 
-        self.cfg = cfg
-        self.progress = progress
-        self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-        dtype = _DTYPES[_resolve_dtype(cfg.dtype, self.device.type == "cuda")]
-        self.tokenizer = load_tokenizer(model_dir, trust_remote_code=cfg.trust_remote_code)
-        self.model: PreTrainedModel = AutoModelForCausalLM.from_pretrained(
-            model_dir, dtype=dtype, trust_remote_code=cfg.trust_remote_code).to(self.device).eval()
+        from pipeline.data import load_tokenizer
+
+        device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        dtype = _DTYPES[_resolve_dtype(cfg.dtype, device.type == "cuda")]
+        tokenizer = load_tokenizer(model_dir, trust_remote_code=cfg.trust_remote_code)
+        model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype, trust_remote_code=cfg.trust_remote_code)
+        self._setup(model.to(device).eval(), tokenizer, cfg, progress)
+
+    @classmethod
+    def from_model(cls, model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, cfg: EngineConfig, *,
+                   progress: bool = True) -> HFEngine:
+        """An engine over a live model (no copy, its own device and dtype): a trainer's weights are sampled as
+        they are, with no checkpoint round trip. The caller keeps the model in eval mode while generating."""
+        engine = cls.__new__(cls)
+        engine._setup(model, tokenizer, cfg, progress)
+        return engine
+
+    def _setup(self, model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, cfg: EngineConfig,
+               progress: bool) -> None:
+        self.cfg, self.progress, self.tokenizer, self.model = cfg, progress, tokenizer, model
+        self.device = next(model.parameters()).device
         self.eos_ids = _eos_ids(self.tokenizer, self.model.generation_config)
         pad = self.tokenizer.pad_token_id
         self.pad_id = pad if pad is not None else min(self.eos_ids)
@@ -204,14 +218,15 @@ class HFEngine:
         """Neutral settings (no top-k, no penalties) so only `sampling` shapes the distribution."""
         from transformers import GenerationConfig
 
-        sample = sampling.temperature > 0
+        sample, static = sampling.temperature > 0, self.cfg.hf_cache == "static"
         knobs = dict(temperature=sampling.temperature, top_p=sampling.top_p, top_k=0, min_p=0.0, typical_p=1.0,
                      epsilon_cutoff=0.0, eta_cutoff=0.0) if sample else {}
         return GenerationConfig(
             do_sample=sample, **knobs, repetition_penalty=1.0, no_repeat_ngram_size=0, min_new_tokens=0,
             max_new_tokens=sampling.max_new_tokens,
             num_return_sequences=num_return_sequences, eos_token_id=sorted(self.eos_ids), pad_token_id=self.pad_id,
-            return_dict_in_generate=True)
+            return_dict_in_generate=True, use_cache=True, cache_implementation=self.cfg.hf_cache if static else None,
+            disable_compile=not self.cfg.hf_compile)
 
     def generate(self, prompt_ids: Sequence[Sequence[int]], n: int,
                  sampling: SamplingConfig) -> list[list[Completion]]:
@@ -233,7 +248,8 @@ class HFEngine:
                         sampling: SamplingConfig) -> list[list[Completion]]:
         greedy = sampling.temperature == 0
         copies = 1 if greedy else n  # greedy: decode once, repeat n times
-        input_ids, mask = _left_pad(batch, self.pad_id, self.device)
+        multiple = 64 if self.cfg.hf_cache == "static" else 1  # fewer distinct shapes: fewer recompiles
+        input_ids, mask = _left_pad(batch, self.pad_id, self.device, multiple)
         from transformers import LogitsProcessorList
 
         recorder = _RawLogprobRecorder()
@@ -312,6 +328,8 @@ class VLLMEngine:
         _prepare_vllm_env(torch.cuda.is_available())
         from vllm import LLM
         from vllm.platforms import current_platform
+
+        from pipeline.data import load_tokenizer
 
         self.cfg = cfg
         self.model_dir = Path(model_dir).resolve()

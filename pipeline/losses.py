@@ -150,6 +150,86 @@ class _FusedHeadLogprobs(torch.autograd.Function):
         return grad_h, grad_w, grad_b, None, None, None
 
 
+# Compiled chunk kernels: the same math as _FusedHeadLogprobs, written without in-place ops so inductor fuses
+# the float32 upcast, log-sum-exp, gather, entropy and softmax-gradient into the passes over the bf16 logits
+# (no float32 [chunk, V] block is ever written to memory). Compiled lazily, once per process.
+_COMPILED: dict[str, object] = {}
+COMPILE_OPTIONS: dict = {}
+"""Keyword arguments of every torch.compile call of the training fast paths (a bench may pick a cheap backend)."""
+
+
+def _chunk_stats(h: Tensor, weight: Tensor, bias: Tensor | None, lab: Tensor, dtype: torch.dtype,
+                 with_entropy: bool) -> tuple[Tensor, Tensor, Tensor]:
+    """(log p(label), log-sum-exp, entropy), each [C], of the logits of one chunk of rows h [C, H]."""
+    z = _logits(h, weight, bias, dtype)  # [C, V] float32 (fused away when compiled)
+    top = z.amax(-1, keepdim=True)  # [C, 1]
+    e = torch.exp(z - top)  # [C, V]; the two sums below share one pass over z
+    total = e.sum(-1)  # [C]
+    lse = top[:, 0] + torch.log(total)  # [C]
+    logprobs = z.gather(-1, lab[:, None])[:, 0] - lse  # [C]
+    if not with_entropy:
+        return logprobs, lse, torch.zeros_like(lse)
+    entropy = lse - (e * z).sum(-1) / total  # [C], H = lse - E_p[z]
+    return logprobs, lse, entropy
+
+
+def _chunk_grad_logits(h: Tensor, weight: Tensor, bias: Tensor | None, lab: Tensor, lse: Tensor, g: Tensor,
+                       dtype: torch.dtype) -> Tensor:
+    """d loss / d logits of one chunk, g * (onehot(label) - softmax(z)), [C, V] in the matmul dtype."""
+    z = _logits(h, weight, bias, dtype)  # [C, V]
+    onehot = torch.arange(z.shape[-1], device=z.device)[None, :] == lab[:, None]  # [C, V] bool
+    return (g[:, None] * (onehot.to(z.dtype) - torch.exp(z - lse[:, None]))).to(dtype)  # [C, V]
+
+
+def _compiled(name: str):
+    if name not in _COMPILED:
+        fn = {"stats": _chunk_stats, "grad": _chunk_grad_logits}[name]
+        _COMPILED[name] = torch.compile(fn, **{"dynamic": None, **COMPILE_OPTIONS})
+    return _COMPILED[name]
+
+
+class _CompiledHeadLogprobs(torch.autograd.Function):
+    """_FusedHeadLogprobs with each chunk's logits math compiled (GPU fast path; CPU works, compiles slowly)."""
+
+    @staticmethod
+    def forward(ctx, hidden, weight, bias, labels, chunk_size: int, with_entropy: bool):
+        dtype, stats = _compute_dtype(hidden), _compiled("stats")
+        parts = []
+        with torch.autocast(hidden.device.type, enabled=False):
+            w = weight.to(dtype)  # [V, H], converted once, not per chunk
+            for s in range(0, hidden.shape[0], chunk_size):
+                parts.append(stats(hidden[s:s + chunk_size], w, bias, labels[s:s + chunk_size], dtype, with_entropy))
+        logprobs, lse, entropy = (torch.cat(x) for x in zip(*parts)) if parts else (
+            hidden.new_zeros(0, dtype=torch.promote_types(dtype, torch.float32)),) * 3
+        ctx.save_for_backward(hidden, weight, bias, labels, lse)
+        ctx.chunk_size, ctx.dtype = chunk_size, dtype
+        ctx.mark_non_differentiable(entropy)
+        return logprobs, entropy
+
+    @staticmethod
+    def backward(ctx, grad_logprobs, _grad_entropy):
+        hidden, weight, bias, labels, lse = ctx.saved_tensors
+        dtype, grad_logits, c = ctx.dtype, _compiled("grad"), ctx.chunk_size
+        grad_h = torch.empty_like(hidden) if ctx.needs_input_grad[0] else None
+        acc = torch.promote_types(weight.dtype, torch.float32)
+        grad_w = torch.zeros_like(weight, dtype=acc) if ctx.needs_input_grad[1] else None
+        grad_b = torch.zeros_like(bias, dtype=acc) if bias is not None and ctx.needs_input_grad[2] else None
+        with torch.autocast(hidden.device.type, enabled=False):
+            w = weight.to(dtype)
+            for s in range(0, hidden.shape[0], c):
+                h = hidden[s:s + c]
+                dz = grad_logits(h, w, bias, labels[s:s + c], lse[s:s + c], grad_logprobs[s:s + c], dtype)
+                if grad_h is not None:
+                    grad_h[s:s + c] = (dz @ w).to(hidden.dtype)
+                if grad_w is not None:  # [V, H], chunks summed in float32
+                    grad_w += dz.T @ h.to(dtype)
+                if grad_b is not None:
+                    grad_b += dz.sum(0).to(acc)
+        grad_w = None if grad_w is None else grad_w.to(weight.dtype)
+        grad_b = None if grad_b is None else grad_b.to(bias.dtype)
+        return grad_h, grad_w, grad_b, None, None, None
+
+
 def _check_rows(x: Tensor, labels: Tensor, name: str) -> None:
     if x.dim() != 2 or labels.dim() != 1 or x.shape[0] != labels.shape[0]:
         raise ValueError(f"{name} must be [N, D] with labels [N]; got {name} {tuple(x.shape)} "
@@ -177,7 +257,7 @@ def _chunked(fn, rows: Tensor, labels: Tensor, extra: tuple, chunk_size: int, wi
 
 def token_logprobs(
     hidden: Tensor, weight: Tensor, labels: Tensor, *, bias: Tensor | None = None,
-    chunk_size: int = 1024, with_entropy: bool = True,
+    chunk_size: int = 1024, with_entropy: bool = True, compiled: bool = False,
 ) -> TokenStats:
     """Log p(label) and entropy from final hidden states and the output projection, chunked over rows.
 
@@ -187,12 +267,14 @@ def token_logprobs(
         labels: [N] int64 target token ids.
     Returns TokenStats with float32 (float64 for float64 inputs) logprobs [N] (differentiable) and entropy [N]
     (detached). Logits are never kept: forward saves one log-sum-exp per row and backward recomputes each
-    chunk's logits once, so memory holds a few [chunk_size, V] float32 blocks at a time.
+    chunk's logits once, so memory holds a few [chunk_size, V] float32 blocks at a time. `compiled=True` runs
+    each chunk's math through torch.compile: only the [chunk_size, V] logits in the matmul dtype are written.
     """
     _check_rows(hidden, labels, "hidden")
     if chunk_size < 1:
         raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
-    logprobs, entropy = _FusedHeadLogprobs.apply(hidden, weight, bias, labels, chunk_size, with_entropy)
+    fn = _CompiledHeadLogprobs if compiled else _FusedHeadLogprobs
+    logprobs, entropy = fn.apply(hidden, weight, bias, labels, chunk_size, with_entropy)
     return TokenStats(logprobs=logprobs, entropy=entropy if with_entropy else None)
 
 

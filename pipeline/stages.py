@@ -370,9 +370,26 @@ def gft_round(cfg: GFTConfig, round_idx: int, prompts: ArtifactRef, teacher: Art
         history = _train_round(res, cfg, prev, prompt_ids, table, round_idx, out, tok)
         times["perf/train_s"] = time.perf_counter() - t0 - times["perf/sample_s"] - times["perf/score_s"]
         _write_history(out / "history.jsonl", history)
+        times.update(_round_perf(times, members, history, time.perf_counter() - t0))
         return {**groups.round_metrics(scored), **times, **{f"train/{k}": v for k, v in history[-1].items()}}
 
     return cached(res, gft_round_spec(cfg, round_idx, prompts, teacher, prev, res, seed=seed), build)
+
+
+def _round_perf(times: dict[str, float], members: list[list[groups.Member]], history: list[dict[str, float]],
+                round_s: float) -> dict[str, float]:
+    """Throughput of one round: sampled policy tokens per second of sampling, trained tokens per second of
+    training (both phases end to end: engine and model loading included), and the CUDA peak memory if any."""
+    import torch
+
+    sampled = sum(len(m.token_ids) for group in members for m in group if m.source == "policy")
+    trained = sum(h.get("tokens", 0.0) for h in history)
+    out = {"perf/round_s": round_s, "perf/sample_tokens": float(sampled), "perf/train_tokens": float(trained),
+           "perf/sample_tokens_per_s": sampled / max(times["perf/sample_s"], 1e-9),
+           "perf/throughput": trained / max(times["perf/train_s"], 1e-9)}
+    if torch.cuda.is_available():
+        out["perf/peak_gpu_mem_gib"] = torch.cuda.max_memory_allocated() / 2**30
+    return out
 
 
 def gft(cfg: GFTConfig, prompts: ArtifactRef, teacher: ArtifactRef | None, init: ArtifactRef, res: Resources,

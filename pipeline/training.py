@@ -26,6 +26,7 @@ from accelerate.utils import set_seed
 from torch import Tensor, nn
 from transformers import get_constant_schedule_with_warmup, get_cosine_schedule_with_warmup
 
+from pipeline import attention, losses
 from pipeline.config import TrainConfig
 from pipeline.progress import bar as progress_bar_of
 from pipeline.losses import LossOutput, dft_loss, gft_loss, sft_loss, token_logprobs, token_logprobs_from_logits
@@ -247,22 +248,33 @@ class TokenScorer(nn.Module):
     The fused path runs the decoder, keeps only hidden states at scored positions and applies the output
     projection in checkpointed chunks; models whose logits are not a plain projection go through the full
     forward and chunked log-softmax. Wrapping in one module keeps DDP's hooks on the whole computation.
+    `compiled` compiles the decoder (the whole model off the fused path) and the log-prob chunk kernels;
+    `varlen` makes packed rows (`packed` given to forward) attend per sequence without a mask tensor.
     """
 
-    def __init__(self, lm: nn.Module, *, chunk_size: int = 2048, fused: bool | None = None):
+    def __init__(self, lm: nn.Module, *, chunk_size: int = 2048, fused: bool | None = None,
+                 compiled: bool = False, varlen: bool = False):
         super().__init__()
-        self.lm, self.chunk_size = lm, chunk_size
+        self.lm, self.chunk_size, self.compiled = lm, chunk_size, compiled
         self.fused = _plain_head(lm) is not None if fused is None else fused
+        self.varlen = varlen and not getattr(lm.config, "use_sliding_window", False)
+        if self.varlen:  # behaves as SDPA unless a forward passes sequence boundaries
+            lm.config._attn_implementation = attention.register()
+        if compiled:  # in place, so parameter names and checkpoints do not change
+            (lm.get_decoder() if self.fused else lm).compile(**losses.COMPILE_OPTIONS)
 
     def forward(self, input_ids: Tensor, position_ids: Tensor, attention_mask: Tensor | None,
-                targets: Tensor, loss_mask: Tensor) -> tuple[Tensor, Tensor]:
+                targets: Tensor, loss_mask: Tensor, packed: attention.PackedLengths | None = None,
+                ) -> tuple[Tensor, Tensor]:
         inputs = dict(input_ids=input_ids, position_ids=position_ids, attention_mask=attention_mask)
+        if packed is not None and self.varlen:  # no mask is built; the attention splits the sequences
+            inputs.update(packed)
         labels = targets[loss_mask]  # [M]
         if self.fused:
             hidden = self.lm.get_decoder()(**inputs, use_cache=False).last_hidden_state  # [R, L, H]
             head = self.lm.get_output_embeddings()
             stats = token_logprobs(hidden[loss_mask], head.weight, labels, bias=head.bias,
-                                   chunk_size=self.chunk_size)
+                                   chunk_size=self.chunk_size, compiled=self.compiled)
         else:
             logits = self.lm(**inputs, use_cache=False).logits  # [R, L, V]
             stats = token_logprobs_from_logits(logits[loss_mask], labels, chunk_size=self.chunk_size)
@@ -325,6 +337,7 @@ class Trainer:
     optimizer: torch.optim.Optimizer
     scheduler: torch.optim.lr_scheduler.LRScheduler
     progress: Progress = field(default_factory=Progress)
+    varlen: bool = False  # packed micro-batches pass their sequence boundaries to the attention
 
     @property
     def model(self) -> nn.Module:
@@ -347,15 +360,16 @@ def make_trainer(model: nn.Module, cfg: TrainConfig, total_steps: int) -> Traine
     if cfg.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     model.train()
-    scorer = TokenScorer(model, chunk_size=cfg.logprob_chunk_size)
+    varlen = cfg.packing and cfg.packed_attention == "varlen"
+    scorer = TokenScorer(model, chunk_size=cfg.logprob_chunk_size, compiled=cfg.compile, varlen=varlen)
     params = [p for p in scorer.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=cfg.lr, betas=cfg.betas, eps=cfg.adam_eps,
-                                  weight_decay=cfg.weight_decay)
+                                  weight_decay=cfg.weight_decay, fused=accelerator.device.type == "cuda" or None)
     make = get_cosine_schedule_with_warmup if cfg.schedule == "cosine" else get_constant_schedule_with_warmup
     kwargs = {"num_training_steps": total_steps} if cfg.schedule == "cosine" else {}
     scheduler = make(optimizer, num_warmup_steps=cfg.warmup_steps, **kwargs)
     scorer, optimizer = accelerator.prepare(scorer, optimizer)
-    trainer = Trainer(accelerator, scorer, optimizer, scheduler)
+    trainer = Trainer(accelerator, scorer, optimizer, scheduler, varlen=varlen)
     # The scheduler stays unprepared: accelerate's wrapper steps it once per process, not once per step.
     accelerator.register_for_checkpointing(trainer.scheduler, trainer.progress)
     return trainer
@@ -364,10 +378,14 @@ def make_trainer(model: nn.Module, cfg: TrainConfig, total_steps: int) -> Traine
 def _score(trainer: Trainer, mb: TokenBatch) -> ScoredTokens:
     device = trainer.accelerator.device
     mask = mb.loss_mask.to(device)
+    packed = None
+    if trainer.varlen and mb.attention_mask is None:  # boundaries computed on the host, copied once
+        packed = attention.packed_lengths(mb.position_ids)
+        packed["cu_seq_lens_q"] = packed["cu_seq_lens_q"].to(device)
     logprobs, entropy = trainer.scorer(
         input_ids=mb.input_ids.to(device), position_ids=mb.position_ids.to(device),
         attention_mask=None if mb.attention_mask is None else mb.attention_mask.to(device),
-        targets=mb.targets.to(device), loss_mask=mask)
+        targets=mb.targets.to(device), loss_mask=mask, packed=packed)
     old = None if mb.old_logprobs is None else mb.old_logprobs.to(device)[mask]
     return ScoredTokens(logprobs=logprobs, entropy=entropy, advantages=mb.advantages.to(device)[mask],
                         old_logprobs=old, rows=mb.rows.to(device)[mask], mask=torch.ones_like(logprobs, dtype=torch.bool))
