@@ -216,3 +216,43 @@ def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+def test_gft_serve_creates_a_scheduled_deployment(harness):
+    """`gft serve CONFIG --cron ...` against a Prefect server: a deployment of post-train with that schedule."""
+    env = {**os.environ, "PREFECT_API_URL": harness}
+    proc = subprocess.Popen([str(Path(sys.executable).parent / "gft"), "serve", str(TINY), "--cron", "0 2 * * *",
+                             "--name", "nightly-test"], cwd=REPO, env=env, start_new_session=True,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        deployment = _wait_for_deployment("post-train/nightly-test", proc)
+    finally:
+        os.killpg(proc.pid, signal.SIGINT)
+        proc.wait(60)
+    assert [s.schedule.cron for s in deployment.schedules] == ["0 2 * * *"]
+    assert deployment.parameters["config"] == str(TINY)
+
+
+def _wait_for_deployment(name: str, proc, timeout_s: float = 240):
+    import time
+
+    from prefect.client.orchestration import get_client
+    from prefect.exceptions import ObjectNotFound
+
+    deadline = time.monotonic() + timeout_s
+    with get_client(sync_client=True) as client:
+        while time.monotonic() < deadline:
+            assert proc.poll() is None, proc.stdout.read()[-3000:]
+            try:
+                return client.read_deployment_by_name(name)
+            except ObjectNotFound:
+                time.sleep(1)
+    raise TimeoutError(f"no deployment {name} after {timeout_s} s")
+
+
+def test_gft_serve_without_a_server_says_how_to_start_one(capsys, monkeypatch):
+    from flows.cli import main
+
+    monkeypatch.delenv("PREFECT_API_URL", raising=False)
+    assert main(["serve", str(TINY), "--cron", "0 2 * * *"]) == 2
+    assert "gft ui --prefect" in capsys.readouterr().err
