@@ -256,3 +256,27 @@ def test_gft_serve_without_a_server_says_how_to_start_one(capsys, monkeypatch):
     monkeypatch.delenv("PREFECT_API_URL", raising=False)
     assert main(["serve", str(TINY), "--cron", "0 2 * * *"]) == 2
     assert "gft ui --prefect" in capsys.readouterr().err
+
+
+def test_embedded_default_end_to_end(harness, tmp_path):
+    """configs/default.toml as users run it (`make run`), under the harness: every stage, every evaluation."""
+    from flows.post_train import post_train
+    from pipeline.config import RunConfig, load_toml
+
+    config = REPO / "configs" / "default.toml"
+    cfg = load_toml(RunConfig, config)
+    state = post_train(config=str(config), root=str(tmp_path), progress=False, return_state=True)
+    assert state.is_completed(), state.message
+    out = state.result()
+    assert set(out["refs"]) >= {"prompts", "base", "teacher", "eval/base"} | {f"eval/{s}" for s in cfg.chain}
+    summary = Path(out["summary"]).read_text()
+    for checkpoint in ("base", *cfg.chain):
+        assert f"| {checkpoint} |" in summary
+    for name in ("accuracy.png", "training.png", "rewards.png"):
+        assert (Path(out["summary"]).parent / name).stat().st_size > 10_000
+    metrics = json.loads((Path(out["refs"][f"eval/{cfg.chain[-1]}"]) / "metrics.json").read_text())
+    assert 0.0 <= metrics["greedy_accuracy"] <= 1.0 and metrics["kl_base_policy"] > 0
+    states = _task_states(state.state_details.flow_run_id)
+    training_tasks = sum(1 if s == "sft" else getattr(cfg, s).rounds for s in cfg.chain)
+    assert len(states) == 4 + training_tasks + len(cfg.chain)  # data, models, teacher, eval(base); stages; evals
+    assert all(state == "Completed" for _, state in states)
