@@ -231,3 +231,23 @@ def test_later_steps_use_the_old_logprobs_of_the_rounds_start():
     for ex, lp in zip(examples.stale, start):
         assert_close(torch.tensor(ex.old_logprobs), lp, rtol=1e-4, atol=1e-5)
     assert all(ex.old_logprobs is None for ex in examples.fresh)
+
+
+def test_the_first_step_of_a_round_never_reads_the_stored_old_logprobs():
+    # Whatever the stored lp_old, the round's first step takes the current log-probs detached: shift the
+    # stored ones by 1 nat, and the first step's ratio is still exactly 1 (the second's is about e).
+    from dataclasses import replace
+
+    model = tiny_lm(seed=4)
+    prompt_ids, table = _on_policy_round(model, seed=6)
+    cfg = GRPOConfig(num_generations=4, minibatches_per_round=2, importance_sampling="none",
+                     train=TrainConfig(lr=1e-4, micro_batch_size=8))
+    behave = grpo.behaviour(model, table, prompt_ids, cfg, pad_id=PAD)
+    examples = grpo.round_examples(table, prompt_ids, behave, None)
+    shifted = grpo.RoundExamples(fresh=examples.fresh, stale=[
+        replace(ex, old_logprobs=[x - 1.0 for x in ex.old_logprobs]) for ex in examples.stale])
+    train_cfg = cfg.train.model_copy(update={"sequences_per_step": len(table) // 2})
+    trainer = make_trainer(model, train_cfg, total_steps=2)
+    history = grpo.train_round(trainer, shifted, cfg, train_cfg, 0, pad_id=PAD)
+    assert history[0]["ratio_mean"] == 1.0
+    assert history[1]["ratio_mean"] == pytest.approx(math.e, rel=0.05)
