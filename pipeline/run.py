@@ -76,6 +76,8 @@ def _train(name: str, cfg: RunConfig, refs: dict[str, ArtifactRef], res: stages.
     teacher = refs.get("teacher")
     if name == "sft":
         return stages.sft(cfg.sft, refs["prompts"], teacher, refs["base"], res)
+    if name == "grpo":
+        return stages.grpo(cfg.grpo, refs["prompts"], refs["base"], res, seed=cfg.seed)[-1]
     return stages.gft(cfg.gft, refs["prompts"], teacher, refs["base"], res, seed=cfg.seed)[-1]
 
 
