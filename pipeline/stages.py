@@ -399,8 +399,16 @@ def grpo_round_spec(cfg: GRPOConfig, round_idx: int, prompts: ArtifactRef, refer
     return StageSpec("grpo_round", (cfg, res.engine_cfg), inputs, "model", extra_key=f"round={round_idx},seed={seed}")
 
 
+@dataclass(frozen=True)
+class _GRPOTraining:
+    """One history row per optimizer step of the round, and the behaviour pass (lp_old, IS weights, gap)."""
+
+    history: list[dict[str, float]]
+    behave: grpo_lib.Behaviour
+
+
 def _grpo_train(res: Resources, cfg: GRPOConfig, round_idx: int, reference: ArtifactRef, prev: ArtifactRef,
-                rollouts: grpo_lib.Rollouts, table: pd.DataFrame, out: Path, tok) -> tuple[list[dict], grpo_lib.Behaviour]:
+                rollouts: grpo_lib.Rollouts, table: pd.DataFrame, out: Path, tok) -> _GRPOTraining:
     """lp_old and the IS weights under the round's starting policy, reference log-probs when beta > 0, then
     the round's optimizer steps. Optimizer state continues from the previous GRPO round only: round 0 starts
     a fresh optimizer even when `prev` (an SFT or GFT output) carries a state/ of its own."""
@@ -422,7 +430,7 @@ def _grpo_train(res: Resources, cfg: GRPOConfig, round_idx: int, reference: Arti
     res.count("optimizer.step", len(history))
     trainer.accelerator.save_state(str(out / "state"))
     save_model(trainer, out / "model", tok)
-    return history, behave
+    return _GRPOTraining(history=history, behave=behave)
 
 
 def grpo_round(cfg: GRPOConfig, round_idx: int, prompts: ArtifactRef, reference: ArtifactRef, prev: ArtifactRef,
@@ -442,12 +450,12 @@ def grpo_round(cfg: GRPOConfig, round_idx: int, prompts: ArtifactRef, reference:
         scored = grpo_lib.score_rollouts([res.scorer(r) for r in cfg.rewards], cfg, rows, rollouts)
         scored.table.to_parquet(out / "groups.parquet")
         times["perf/score_s"] = time.perf_counter() - t0 - times["perf/sample_s"]
-        history, behave = _grpo_train(res, cfg, round_idx, reference, prev, rollouts, scored.table, out, tok)
+        trained = _grpo_train(res, cfg, round_idx, reference, prev, rollouts, scored.table, out, tok)
         times["perf/train_s"] = time.perf_counter() - t0 - times["perf/sample_s"] - times["perf/score_s"]
-        _write_history(out / "history.jsonl", history)
+        _write_history(out / "history.jsonl", trained.history)
         prompt_tokens = sum(len(p) for p in rollouts.prompt_ids) * cfg.num_generations
         names = [grpo_lib.reward_name(r) for r in cfg.rewards]
-        return grpo_lib.round_metrics(scored, behave, history, names, times, prompt_tokens)
+        return grpo_lib.round_metrics(scored, trained.behave, trained.history, names, times, prompt_tokens)
 
     return cached(res, grpo_round_spec(cfg, round_idx, prompts, reference, prev, res, seed=seed), build)
 
