@@ -5,6 +5,10 @@
 Every stage goes through `pipeline.stages`, so finished stages are served from the store under --root. The
 script prints and writes (to --out) the mean reward of every GRPO round of both chains and the held-out
 accuracy after each stage, with the wall time of every stage that ran.
+
+Each round draws fresh prompts, so the per-round mean reward mixes learning with how hard that round's
+prompts are. `--control` also runs every chain with a learning rate of 1e-12 (the policy does not move: the
+same samples as the start policy would draw on each round's prompts) and reports reward minus control.
 """
 
 from __future__ import annotations
@@ -50,7 +54,7 @@ def _eval(res: stages.Resources, cfg: RunConfig, prompts: ArtifactRef, model: Ar
     return json.loads((Path(ref.uri) / "metrics.json").read_text())
 
 
-def run(cfg: RunConfig, root: Path) -> dict:
+def run(cfg: RunConfig, root: Path, *, control: bool = False) -> dict:
     """Both chains; returns per-round rewards, held-out metrics per stage and wall times."""
     torch.set_num_threads(cfg.threads)
     res = stages.Resources(StageStore(root), engine_cfg=cfg.engine, progress=False)
@@ -70,6 +74,10 @@ def run(cfg: RunConfig, root: Path) -> dict:
             out["curves"][name] = per_round
             out["wall_s"][f"{name}->grpo (stage sum)"] = sum(m["wall_time_s"] for m in per_round)
             out["eval"][f"{name}->grpo"] = _eval(res, cfg, prompts, rounds[-1], base)
+            if control:
+                frozen = cfg.grpo.model_copy(update={"train": cfg.grpo.train.model_copy(update={"lr": 1e-12})})
+                out["curves"][f"{name} (control)"] = [_metrics(res, r) for r in stages.grpo(
+                    frozen, prompts, start, res, seed=cfg.seed)]
         out["calls"] = dict(res.calls)
         return out
     finally:
@@ -92,10 +100,7 @@ def report(result: dict, cfg: RunConfig) -> str:
         lines.append("|---" * (len(KEYS) + 1) + "|")
         for r, m in enumerate(curve):
             lines.append(f"| {r} | " + " | ".join(f"{m.get(key, float('nan')):.4g}" for key in KEYS) + " |")
-        rewards = [m["reward"] for m in curve]
-        lines.append(f"mean reward: start {rewards[0]:.4f}, end {rewards[-1]:.4f}, "
-                     f"mean of first half {sum(rewards[:len(rewards) // 2]) / max(1, len(rewards) // 2):.4f}, "
-                     f"second half {sum(rewards[len(rewards) // 2:]) / max(1, len(rewards) - len(rewards) // 2):.4f}")
+        lines += _reward_summary([m["reward"] for m in curve], result["curves"].get(f"{name} (control)"))
         lines.append("")
     lines.append(f"| checkpoint | greedy_accuracy | mean@{k} | pass@{k} | entropy | kl_base_policy |")
     lines.append("|---|---|---|---|---|---|")
@@ -107,16 +112,34 @@ def report(result: dict, cfg: RunConfig) -> str:
     return "\n".join(lines)
 
 
+def _half_means(values: list[float]) -> tuple[float, float]:
+    half = len(values) // 2
+    return sum(values[:half]) / max(1, half), sum(values[half:]) / max(1, len(values) - half)
+
+
+def _reward_summary(rewards: list[float], control: list[dict] | None) -> list[str]:
+    first, second = _half_means(rewards)
+    lines = [f"mean reward: start {rewards[0]:.4f}, end {rewards[-1]:.4f}, first half {first:.4f}, "
+             f"second half {second:.4f}"]
+    if control is not None:
+        lift = [r - c["reward"] for r, c in zip(rewards, control)]
+        a, b = _half_means(lift)
+        lines.append("reward - control per round: " + ", ".join(f"{x:+.4f}" for x in lift)
+                     + f"; first half {a:+.4f}, second half {b:+.4f}")
+    return lines
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--config", type=Path, default=Path("configs/default.toml"))
     parser.add_argument("--root", type=Path, default=Path("runs"))
     parser.add_argument("--out", type=Path, help="write the report (markdown) and raw results (json) here")
+    parser.add_argument("--control", action="store_true", help="also run each chain with lr 1e-12")
     parser.add_argument("--set", dest="overrides", action="append", default=[], help="section.field=value")
     args = parser.parse_args(argv)
     cfg = _override(load_toml(RunConfig, args.config), args.overrides)
     start = time.perf_counter()
-    result = run(cfg, args.root.resolve())
+    result = run(cfg, args.root.resolve(), control=args.control)
     text = report(result, cfg) + f"\ntotal {time.perf_counter() - start:.0f} s\n"
     print(text)
     if args.out:
