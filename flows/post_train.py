@@ -30,14 +30,14 @@ from prefect.serializers import JSONSerializer
 from pipeline import stages
 from pipeline.artifacts import ArtifactRef
 from pipeline.config import (
-    DataConfig, EvalConfig, GFTConfig, RunConfig, SFTConfig, SyntheticConfig, TeacherSampleConfig, load_toml,
+    DataConfig, EvalConfig, GFTConfig, GRPOConfig, RunConfig, SFTConfig, SyntheticConfig, TeacherSampleConfig, load_toml,
 )
 from pipeline.run import Ops, RunResult, run
 
 __all__ = ["post_train", "resolve_root"]
 
 RES: stages.Resources | None = None  # the running flow's resources (engines, reward workers, store, tracker)
-RETRIES = {"teacher_sample": 2, "evaluate": 2, "gft_round": 1}  # sampling stages retry; a failed step resumes
+RETRIES = {"teacher_sample": 2, "evaluate": 2, "gft_round": 1, "grpo_round": 1}  # sampling stages retry; a failed step resumes
 
 
 def _key(stage: str) -> Callable:
@@ -77,13 +77,19 @@ def gft_round(cfg: GFTConfig, round_idx: int, prompts: ArtifactRef, teacher: Art
     return stages.gft_round(cfg, round_idx, prompts, teacher, prev, RES, seed=seed)
 
 
+@_stage_task("grpo_round")
+def grpo_round(cfg: GRPOConfig, round_idx: int, prompts: ArtifactRef, reference: ArtifactRef, prev: ArtifactRef,
+               seed: int = 0) -> ArtifactRef:
+    return stages.grpo_round(cfg, round_idx, prompts, reference, prev, RES, seed=seed)
+
+
 @_stage_task("evaluate")
 def evaluate(cfg: EvalConfig, prompts: ArtifactRef, model: ArtifactRef, base: ArtifactRef) -> ArtifactRef:
     return stages.evaluate(cfg, prompts, model, base, RES)
 
 
 TASKS = {"prepare_data": prepare_data, "bootstrap_models": bootstrap_models, "teacher_sample": teacher_sample,
-         "sft": sft, "gft_round": gft_round, "evaluate": evaluate}
+         "sft": sft, "gft_round": gft_round, "grpo_round": grpo_round, "evaluate": evaluate}
 
 
 def _results(root: Path) -> LocalFileSystem:

@@ -6,6 +6,11 @@ with b_k the group mean (GRPO/GFT) or the mean of the other members (leave-one-o
 group's standard deviation with Bessel's correction (N - 1), or 1 with `scale="none"` (Dr.GRPO).
 A singleton group has b = 0 and s = 1, so A = R. Vectorized over flat arrays with index_add, in the
 rewards' dtype, and differentiable in the rewards.
+
+Several rewards combine as TRL's reward_funcs + reward_weights: R_i = sum_f w_f R_{i,f} over the functions f
+that apply to row i (a None reward is NaN and skipped: nansum). A row where no function applies has R = NaN:
+`masked_group_advantages` leaves it out of its group's mean and std and gives it A = 0 (current TRL), instead
+of nansum's 0, which would bias the baseline and hand the row a spurious advantage.
 """
 
 from __future__ import annotations
@@ -18,7 +23,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-__all__ = ["AdvantageOutput", "group_advantages"]
+__all__ = ["AdvantageOutput", "group_advantages", "CombinedRewards", "combine_rewards", "masked_group_advantages"]
 
 
 @dataclass(frozen=True)
@@ -97,3 +102,44 @@ def _stats(r: Tensor, adv: Tensor, std: Tensor, single: Tensor) -> dict[str, flo
         "advantage_mean": float(adv.detach().mean()) if n else 0.0,
         "advantage_std": float(adv.detach().std()) if n > 1 else 0.0,
     }
+
+
+@dataclass(frozen=True)
+class CombinedRewards:
+    """One reward per row [N] (NaN where no function applies) and which rows some function applies to [N]."""
+
+    rewards: Tensor
+    applicable: Tensor
+
+
+def combine_rewards(per_func: Tensor, weights: Tensor | Sequence[float] | None = None) -> CombinedRewards:
+    """Weighted sum over the applicable rewards: per_func [N, F] with NaN for None, weights [F] (None: all 1)."""
+    if per_func.dim() != 2:
+        raise ValueError(f"per_func must be [rows, rewards], got shape {tuple(per_func.shape)}")
+    w = torch.ones(per_func.shape[1], dtype=per_func.dtype) if weights is None else torch.as_tensor(
+        weights, dtype=per_func.dtype)
+    if w.shape != per_func.shape[1:]:
+        raise ValueError(f"{w.numel()} weights for {per_func.shape[1]} rewards")
+    inf = torch.isinf(per_func)
+    if inf.any():
+        row, col = inf.nonzero()[0].tolist()
+        raise ValueError(f"reward {col} is infinite at row {row}")
+    applies = ~torch.isnan(per_func)  # [N, F]
+    total = torch.where(applies, per_func * w, torch.zeros_like(per_func)).sum(-1)  # [N]
+    applicable = applies.any(-1)  # [N]
+    return CombinedRewards(rewards=torch.where(applicable, total, torch.full_like(total, float("nan"))),
+                           applicable=applicable)
+
+
+def masked_group_advantages(rewards: Tensor, group_ids: Sequence, *, scale: Literal["group", "none"] = "group",
+                            baseline: Literal["mean", "leave_one_out"] = "mean", eps: float = 1e-6) -> AdvantageOutput:
+    """`group_advantages` over the rows with a finite reward; rows with a NaN reward get A = 0."""
+    ids = list(group_ids)
+    if len(ids) != rewards.shape[0]:
+        raise ValueError(f"group_ids has {len(ids)} entries but rewards has {rewards.shape[0]}")
+    keep = ~torch.isnan(rewards)  # [N]
+    kept = keep.nonzero().flatten()
+    inner = group_advantages(rewards[kept], [ids[i] for i in kept.tolist()], scale=scale, baseline=baseline, eps=eps)
+    adv = torch.zeros_like(rewards).index_put((kept,), inner.advantages)  # [N]
+    stats = dict(inner.stats, frac_reward_missing=float((~keep).double().mean()) if keep.numel() else 0.0)
+    return AdvantageOutput(advantages=adv, stats=stats)

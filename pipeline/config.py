@@ -11,7 +11,7 @@ from typing import Literal, TypeVar
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 __all__ = ["Settings", "TrainConfig", "SamplingConfig", "EngineConfig", "DataConfig", "ModelsConfig",
-           "TeacherSampleConfig", "SFTConfig", "GFTConfig", "EvalConfig", "SyntheticConfig", "RunConfig",
+           "TeacherSampleConfig", "SFTConfig", "GFTConfig", "GRPOConfig", "EvalConfig", "SyntheticConfig", "RunConfig",
            "load_toml"]
 
 S = TypeVar("S", bound="Settings")
@@ -230,6 +230,73 @@ class GFTConfig(Settings):
         return self
 
 
+class GRPOConfig(Settings):
+    """GRPO in rounds: policy-only groups, group advantages, the clipped ratio surrogate, optional k3 KL."""
+
+    rounds: int = Field(4, ge=1)
+    """Rounds; each samples `num_generations` completions for each of `prompts_per_round` prompts."""
+    prompts_per_round: int = Field(32, ge=1)
+    """Prompts per round (TRL: per-device batch x processes x steps_per_generation / num_generations)."""
+    num_generations: int = Field(8, ge=2)
+    """Group size G: completions per prompt (TRL's default, 8)."""
+    advantage_scale: Literal["group", "none"] = "group"
+    """group: divide by the group's std (TRL's scale_rewards="group"); none: Dr.GRPO. Our std has Bessel's
+    correction and eps 1e-6 like verl; TRL adds eps 1e-4, so advantages differ slightly in the last digits."""
+    advantage_baseline: Literal["mean", "leave_one_out"] = "mean"
+    """mean: the group mean (GRPO); leave_one_out: the mean of the other members (RLOO)."""
+    eps_low: float = Field(0.2, ge=0, lt=1)
+    """Lower clip: the ratio is clipped below at 1 - eps_low (TRL's epsilon, 0.2)."""
+    eps_high: float = Field(0.28, ge=0)
+    """Upper clip: the ratio is clipped above at 1 + eps_high. TRL's default is epsilon (0.2, symmetric); we
+    chose DAPO's clip-higher 0.28, which lets low-probability tokens gain mass and slows entropy collapse.
+    It only matters when the ratio can leave 1 (num_iterations > 1 or minibatches_per_round > 1)."""
+    beta: float = Field(0.0, ge=0)
+    """Weight of the k3 KL to the frozen reference (the checkpoint the GRPO stage started from), added to the
+    per-token loss. 0 (TRL's default) loads no reference model and logs no `kl`."""
+    aggregation: Literal["token_mean", "sequence_mean", "constant"] = "token_mean"
+    """token_mean: sum over the step's tokens / their count (DAPO; TRL's default loss_type "dapo");
+    sequence_mean: mean over sequences of per-sequence token means (the 2024 GRPO paper, TRL "grpo");
+    constant: sum / (sequences x max_response_tokens) (Dr.GRPO, TRL "dr_grpo")."""
+    num_iterations: int = Field(1, ge=1)
+    """Passes over each round's rollouts (TRL's num_iterations, mu; default 1). The old log-probs of the
+    ratio are recomputed by the trainer before the round's first update; the first optimizer step of a
+    round uses the current log-probs detached, so with 1 pass and 1 minibatch the ratio is exactly 1."""
+    minibatches_per_round: int = Field(1, ge=1)
+    """Optimizer steps per pass over the round's rollouts, each on an equal share (TRL's default: one
+    optimizer step per generation batch, as here). Steps after the first are off-policy: the ratio leaves 1."""
+    max_response_tokens: int = Field(128, ge=1)
+    """Completions stop at this many tokens (TRL's max_completion_length, 512; ours fits the tiny task);
+    the cut ones are `truncated` and counted in completions/clipped_ratio. Overrides sampling.max_new_tokens."""
+    sampling: SamplingConfig = SamplingConfig(temperature=1.0, max_new_tokens=128)
+    """How completions are sampled (seeded per round). The trainer scores tokens at temperature 1, as the
+    engines report sampler log-probs; TRL divides logits by the sampling temperature instead, so keep
+    temperature 1 (TRL's default too) unless you mean to optimise the untempered policy on tempered samples."""
+    rewards: tuple[str, ...] = Field(("math_answer",), min_length=1)
+    """Reward functions by name or `module:function` (TRL's reward_funcs). A function may return None for a
+    row it does not apply to."""
+    reward_weights: tuple[float, ...] | None = None
+    """One weight per reward (TRL's reward_weights; None = all 1). The reward of a completion is the weighted
+    sum over the functions that apply to it (None skipped, TRL's nansum); where none applies the reward is
+    NaN, the completion is left out of its group's baseline and gets advantage 0 (current TRL)."""
+    importance_sampling: Literal["none", "token", "sequence"] = "token"
+    """Truncated importance-sampling correction of the sampler/trainer mismatch, weight
+    min(pi_trainer / pi_sampler, cap) per token (TIS) or per sequence (product over its tokens). TRL's
+    default is "sequence_mask" (drop sequences above the cap); we chose token truncation, which keeps every
+    sequence's gradient and matches TRL's "token_truncate" and verl's token-level rollout IS."""
+    importance_sampling_cap: float = Field(3.0, ge=1)
+    """Upper bound C of the importance weight (TRL's vllm_importance_sampling_clip_max, 3.0)."""
+    train: TrainConfig = TrainConfig(lr=1e-6, sequences_per_step=256, micro_batch_size=64)
+    """Optimizer settings (TRL's lr 1e-6); the step count and batch follow from rounds, minibatches_per_round
+    and num_iterations."""
+
+    @model_validator(mode="after")
+    def _weights_match(self) -> GRPOConfig:
+        if self.reward_weights is not None and len(self.reward_weights) != len(self.rewards):
+            raise ValueError(f"reward_weights has {len(self.reward_weights)} entries for {len(self.rewards)} "
+                             f"rewards {list(self.rewards)}")
+        return self
+
+
 class EvalConfig(Settings):
     """Held-out evaluation of every checkpoint."""
 
@@ -327,7 +394,7 @@ class RunConfig(Settings):
     """Seed of round prompt order and of everything not seeded by its own table."""
     threads: int = Field(1, ge=1)
     """torch threads (1 is fastest on a busy 2-core machine)."""
-    chain: tuple[Literal["sft", "gft"], ...] = ("sft", "gft")
+    chain: tuple[Literal["sft", "gft", "grpo"], ...] = ("sft", "gft")
     """Training stages in order, each starting from the previous one's checkpoint (the first from the base),
     each followed by evaluation; any subsequence of sft -> gft -> grpo."""
     data: DataConfig = DataConfig()
@@ -344,6 +411,8 @@ class RunConfig(Settings):
     """The SFT stage."""
     gft: GFTConfig = GFTConfig()
     """The GFT stage."""
+    grpo: GRPOConfig = GRPOConfig()
+    """The GRPO stage."""
     eval: EvalConfig = EvalConfig()
     """Evaluation after each stage."""
     tracking: TrackingConfig = TrackingConfig()

@@ -6,6 +6,7 @@ engines or DataFrames; engines and reward workers are process-level resources ke
 
     prepare_data -> bootstrap_models -> teacher_sample -> sft ----------------> evaluate
                                                        \\-> gft_round x R ----> evaluate
+    any checkpoint (base, SFT, GFT) -> grpo_round x R -----------------------> evaluate
 """
 
 from __future__ import annotations
@@ -23,10 +24,11 @@ from pathlib import Path
 import pandas as pd
 
 from pipeline import data as data_lib
+from pipeline import grpo as grpo_lib
 from pipeline import groups, synthetic
 from pipeline.artifacts import ArtifactRef, StageStore, stage_key, tree_sha256
 from pipeline.config import (
-    DataConfig, EngineConfig, EvalConfig, GFTConfig, Settings, SFTConfig, SyntheticConfig,
+    DataConfig, EngineConfig, EvalConfig, GFTConfig, GRPOConfig, Settings, SFTConfig, SyntheticConfig,
     TeacherSampleConfig,
 )
 from pipeline.engines import Engine, build_engine
@@ -41,7 +43,8 @@ from pipeline.training import (
 log = logging.getLogger(__name__)
 
 # Bump a stage's version when its code changes what it writes: the key covers configs and inputs, not code.
-VERSIONS = {"prepare_data": 2, "bootstrap_models": 1, "teacher_sample": 1, "sft": 1, "gft_round": 1, "evaluate": 1}
+VERSIONS = {"prepare_data": 2, "bootstrap_models": 1, "teacher_sample": 1, "sft": 1, "gft_round": 1, "grpo_round": 1,
+            "evaluate": 1}
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -403,6 +406,89 @@ def gft(cfg: GFTConfig, prompts: ArtifactRef, teacher: ArtifactRef | None, init:
 
 
 # ---------------------------------------------------------------------------------------------------------
+# GRPO rounds
+# ---------------------------------------------------------------------------------------------------------
+
+
+def grpo_round_spec(cfg: GRPOConfig, round_idx: int, prompts: ArtifactRef, reference: ArtifactRef,
+                    prev: ArtifactRef, res: Resources, *, seed: int = 0) -> StageSpec:
+    """The reference is an input only when beta > 0 (otherwise it changes nothing the round writes); the
+    engine settings are part of the key, since they change the samples."""
+    inputs = (prompts, prev) + ((reference,) if cfg.beta > 0 else ())
+    return StageSpec("grpo_round", (cfg, res.engine_cfg), inputs, "model", extra_key=f"round={round_idx},seed={seed}")
+
+
+@dataclass(frozen=True)
+class _GRPOTraining:
+    """One history row per optimizer step of the round, and the behaviour pass (lp_old, IS weights, gap)."""
+
+    history: list[dict[str, float]]
+    behave: grpo_lib.Behaviour
+
+
+def _grpo_train(res: Resources, cfg: GRPOConfig, round_idx: int, reference: ArtifactRef, prev: ArtifactRef,
+                rollouts: grpo_lib.Rollouts, table: pd.DataFrame, out: Path, tok) -> _GRPOTraining:
+    """lp_old and the IS weights under the round's starting policy, reference log-probs when beta > 0, then
+    the round's optimizer steps. Optimizer state continues from the previous GRPO round only: round 0 starts
+    a fresh optimizer even when `prev` (an SFT or GFT output) carries a state/ of its own."""
+    pad_id = _pad_id(tok)
+    model = _load_model(model_dir(prev))
+    behave = grpo_lib.behaviour(model, table, rollouts.prompt_ids, cfg, pad_id=pad_id)
+    ref = None
+    if cfg.beta > 0:
+        prompts = [rollouts.prompt_ids[g] for g in table["group_index"]]
+        ref = score_responses(_load_model(model_dir(reference)), prompts, list(table["token_ids"]),
+                              pad_id=pad_id).logprobs
+    examples = grpo_lib.round_examples(table, rollouts.prompt_ids, behave, ref)
+    m = cfg.minibatches_per_round
+    train_cfg = cfg.train.model_copy(update={"sequences_per_step": max(1, len(table) // m)})
+    trainer = make_trainer(model, train_cfg, total_steps=cfg.rounds * m * cfg.num_iterations)
+    if round_idx > 0 and (Path(prev.uri) / "state").is_dir():
+        trainer.accelerator.load_state(str(Path(prev.uri) / "state"))
+    history = grpo_lib.train_round(trainer, examples, cfg, train_cfg, round_idx, pad_id=pad_id)
+    res.count("optimizer.step", len(history))
+    trainer.accelerator.save_state(str(out / "state"))
+    save_model(trainer, out / "model", tok)
+    return _GRPOTraining(history=history, behave=behave)
+
+
+def grpo_round(cfg: GRPOConfig, round_idx: int, prompts: ArtifactRef, reference: ArtifactRef, prev: ArtifactRef,
+               res: Resources, *, seed: int = 0) -> ArtifactRef:
+    """One GRPO round from `prev`: sample G completions per prompt, score, advantages, clipped-surrogate steps
+    (KL to `reference`, the checkpoint the GRPO stage started from, when beta > 0). Writes groups.parquet
+    (GFT's columns), history.jsonl (one line per optimizer step), model/ and state/."""
+
+    def build(out: Path, key: str) -> dict[str, float]:
+        times: dict[str, float] = {}
+        t0 = time.perf_counter()
+        rows = groups.round_prompts(_read_parquet(prompts, "train.parquet"), cfg, round_idx, seed)
+        tok = _tokenizer(model_dir(prev))
+        rollouts = grpo_lib.sample_rollouts(res.engine("policy", model_dir(prev)), cfg, rows, tok, round_idx)
+        res.count("engine.generate")
+        times["perf/sample_s"] = time.perf_counter() - t0
+        scored = grpo_lib.score_rollouts([res.scorer(r) for r in cfg.rewards], cfg, rows, rollouts)
+        scored.table.to_parquet(out / "groups.parquet")
+        times["perf/score_s"] = time.perf_counter() - t0 - times["perf/sample_s"]
+        trained = _grpo_train(res, cfg, round_idx, reference, prev, rollouts, scored.table, out, tok)
+        times["perf/train_s"] = time.perf_counter() - t0 - times["perf/sample_s"] - times["perf/score_s"]
+        _write_history(out / "history.jsonl", trained.history)
+        prompt_tokens = sum(len(p) for p in rollouts.prompt_ids) * cfg.num_generations
+        names = [grpo_lib.reward_name(r) for r in cfg.rewards]
+        return grpo_lib.round_metrics(scored, trained.behave, trained.history, names, times, prompt_tokens)
+
+    return cached(res, grpo_round_spec(cfg, round_idx, prompts, reference, prev, res, seed=seed), build)
+
+
+def grpo(cfg: GRPOConfig, prompts: ArtifactRef, init: ArtifactRef, res: Resources, *, seed: int = 0) -> list[ArtifactRef]:
+    """All rounds from `init` (also the KL reference); each round is its own cached stage."""
+    refs, prev = [], init
+    for r in range(cfg.rounds):
+        prev = grpo_round(cfg, r, prompts, init, prev, res, seed=seed)
+        refs.append(prev)
+    return refs
+
+
+# ---------------------------------------------------------------------------------------------------------
 # Evaluation
 # ---------------------------------------------------------------------------------------------------------
 
@@ -467,5 +553,6 @@ def _samples_table(rows: pd.DataFrame, sampled, greedy, per_prompt) -> pd.DataFr
 # The key of every stage call from the stage's own arguments (Prefect's cache_key_fn uses these).
 SPECS: dict[str, Callable[..., StageSpec]] = {
     "prepare_data": prepare_data_spec, "bootstrap_models": bootstrap_models_spec,
-    "teacher_sample": teacher_sample_spec, "sft": sft_spec, "gft_round": gft_round_spec, "evaluate": evaluate_spec,
+    "teacher_sample": teacher_sample_spec, "sft": sft_spec, "gft_round": gft_round_spec, "grpo_round": grpo_round_spec,
+    "evaluate": evaluate_spec,
 }

@@ -28,13 +28,16 @@ from transformers import get_constant_schedule_with_warmup, get_cosine_schedule_
 
 from pipeline import attention, losses
 from pipeline.config import TrainConfig
+from pipeline.losses import (
+    Aggregation, LossOutput, dft_loss, gft_loss, grpo_loss, sft_loss, token_logprobs, token_logprobs_from_logits,
+)
 from pipeline.progress import bar as progress_bar_of
-from pipeline.losses import LossOutput, dft_loss, gft_loss, sft_loss, token_logprobs, token_logprobs_from_logits
 
 __all__ = [
     "Example", "TokenBatch", "ScoredTokens", "StepTotals", "Objective", "TokenScorer", "Trainer",
     "NonFiniteError", "collate_padded", "collate_packed", "plan_step", "make_trainer", "accumulate_gradients", "train_step", "fit",
-    "gft_objective", "sft_objective", "dft_objective", "FitResult", "ResponseScores", "score_responses",
+    "gft_objective", "sft_objective", "dft_objective", "grpo_objective", "FitResult", "ResponseScores",
+    "score_responses",
 ]
 
 
@@ -49,12 +52,15 @@ class NonFiniteError(FloatingPointError):
 
 @dataclass(frozen=True)
 class Example:
-    """One response with its prompt context. `advantage` is one float or one per response token."""
+    """One response with its prompt context. `advantage` is one float or one per response token; the optional
+    per-token fields feed GRPO: old log-probs of the ratio, reference log-probs of the KL, importance weights."""
 
     prompt_ids: Sequence[int]
     response_ids: Sequence[int]
     advantage: float | Sequence[float] = 1.0
     old_logprobs: Sequence[float] | None = None
+    ref_logprobs: Sequence[float] | None = None
+    is_weights: Sequence[float] | None = None
 
 
 @dataclass(frozen=True)
@@ -70,6 +76,8 @@ class TokenBatch:
     advantages: Tensor  # [R, L]
     rows: Tensor  # [R, L] long
     old_logprobs: Tensor | None  # [R, L]
+    ref_logprobs: Tensor | None = None  # [R, L]
+    is_weights: Tensor | None = None  # [R, L]
 
     @property
     def num_tokens(self) -> int:
@@ -81,7 +89,7 @@ def _check_example(i: int, ex: Example) -> None:
         raise ValueError(f"example {i}: field 'response_ids' is empty")
     if len(ex.prompt_ids) == 0:
         raise ValueError(f"example {i}: field 'prompt_ids' is empty (a response needs context to be predicted)")
-    for name in ("advantage", "old_logprobs"):
+    for name in ("advantage",) + _OPTIONAL:
         value = getattr(ex, name)
         if value is None:
             continue
@@ -98,21 +106,38 @@ def _row_arrays(i: int, ex: Example) -> dict[str, list]:
     ids = list(ex.prompt_ids) + list(ex.response_ids)
     n_p, n_r = len(ex.prompt_ids), len(ex.response_ids)
     adv = [float(ex.advantage)] * n_r if isinstance(ex.advantage, (int, float)) else [float(a) for a in ex.advantage]
-    old = [0.0] * n_r if ex.old_logprobs is None else [float(x) for x in ex.old_logprobs]
     pad = [0.0] * (n_p - 1)
-    return {
+    out = {
         "input_ids": ids[:-1], "position_ids": list(range(len(ids) - 1)), "targets": ids[1:],
-        "loss_mask": [False] * (n_p - 1) + [True] * n_r, "advantages": pad + adv,
-        "old_logprobs": pad + old, "rows": [i] * (len(ids) - 1),
+        "loss_mask": [False] * (n_p - 1) + [True] * n_r, "advantages": pad + adv, "rows": [i] * (len(ids) - 1),
     }
+    for name in _OPTIONAL:
+        value = getattr(ex, name)
+        out[name] = pad + ([_FILL[name]] * n_r if value is None else [float(x) for x in value])
+    return out
 
 
+_OPTIONAL = ("old_logprobs", "ref_logprobs", "is_weights")  # per-token floats an example may carry
 _FILL = {"input_ids": 0, "position_ids": 0, "targets": 0, "loss_mask": False, "advantages": 0.0,
-         "old_logprobs": 0.0, "rows": -1}
-_DTYPE = {"loss_mask": torch.bool, "advantages": torch.float32, "old_logprobs": torch.float32}
+         "old_logprobs": 0.0, "ref_logprobs": 0.0, "is_weights": 1.0, "rows": -1}
+_DTYPE = {"loss_mask": torch.bool, "advantages": torch.float32, "old_logprobs": torch.float32,
+          "ref_logprobs": torch.float32, "is_weights": torch.float32}
 
 
-def _to_batch(rows: list[dict[str, list]], pad_id: int, padded: bool, has_old: bool) -> TokenBatch:
+def _present(examples: Sequence[Example], indices: Sequence[int]) -> frozenset[str]:
+    """The optional fields the examples carry: all of them or none, per field."""
+    out = set()
+    for name in _OPTIONAL:
+        has = [getattr(examples[i], name) is not None for i in indices]
+        if any(has) and not all(has):
+            raise ValueError(f"examples {[i for i, h in zip(indices, has) if not h][:10]} lack field {name!r} "
+                             f"that others in the same step carry")
+        if has and has[0]:
+            out.add(name)
+    return frozenset(out)
+
+
+def _to_batch(rows: list[dict[str, list]], pad_id: int, padded: bool, present: frozenset[str]) -> TokenBatch:
     width = max(len(r["input_ids"]) for r in rows)
     cols = {}
     for key, fill in _FILL.items():
@@ -122,14 +147,15 @@ def _to_batch(rows: list[dict[str, list]], pad_id: int, padded: bool, has_old: b
     mask = None
     if padded:
         mask = torch.tensor([[1] * len(r["input_ids"]) + [0] * (width - len(r["input_ids"])) for r in rows])
-    old = cols.pop("old_logprobs")
-    return TokenBatch(attention_mask=mask, old_logprobs=old if has_old else None, **cols)
+    optional = {name: cols.pop(name) for name in _OPTIONAL}
+    optional = {name: value if name in present else None for name, value in optional.items()}
+    return TokenBatch(attention_mask=mask, **optional, **cols)
 
 
 def collate_padded(examples: Sequence[Example], indices: Sequence[int], pad_id: int) -> TokenBatch:
     """One right-padded row per example, with an attention mask."""
     rows = [_row_arrays(i, examples[i]) for i in indices]
-    return _to_batch(rows, pad_id, padded=True, has_old=examples[indices[0]].old_logprobs is not None)
+    return _to_batch(rows, pad_id, padded=True, present=_present(examples, indices))
 
 
 def collate_packed(examples: Sequence[Example], indices: Sequence[int], pad_id: int,
@@ -137,7 +163,7 @@ def collate_packed(examples: Sequence[Example], indices: Sequence[int], pad_id: 
     """Examples packed in order into single rows of at most `max_tokens` positions (a longer example gets a
     row of its own). Position ids restart at each example, which transformers turns into a block-diagonal
     causal mask, so no position attends across examples and no compute goes to pad tokens."""
-    has_old = examples[indices[0]].old_logprobs is not None
+    present = _present(examples, indices)
     batches, current = [], None
     for i in indices:
         row = _row_arrays(i, examples[i])
@@ -146,9 +172,9 @@ def collate_packed(examples: Sequence[Example], indices: Sequence[int], pad_id: 
                 current[key] += row[key]
             continue
         if current is not None:
-            batches.append(_to_batch([current], pad_id, padded=False, has_old=has_old))
+            batches.append(_to_batch([current], pad_id, padded=False, present=present))
         current = row
-    batches.append(_to_batch([current], pad_id, padded=False, has_old=has_old))
+    batches.append(_to_batch([current], pad_id, padded=False, present=present))
     return batches
 
 
@@ -204,6 +230,8 @@ class ScoredTokens:
     old_logprobs: Tensor | None
     rows: Tensor
     mask: Tensor
+    ref_logprobs: Tensor | None = None
+    is_weights: Tensor | None = None
 
 
 class Objective(Protocol):
@@ -228,6 +256,25 @@ def dft_objective() -> Objective:
     """DFT (advantages are ignored)."""
     def objective(s: ScoredTokens, totals: StepTotals) -> LossOutput:
         return dft_loss(s.logprobs, s.mask, normalizer=totals.tokens, entropy=s.entropy)
+    return objective
+
+
+def grpo_objective(*, eps_low: float, eps_high: float, beta: float = 0.0, aggregation: Aggregation = "token_mean",
+                   max_response_tokens: int | None = None) -> Objective:
+    """GRPO's clipped surrogate over the step's global normalizer: tokens (token_mean), sequences
+    (sequence_mean) or sequences x max_response_tokens (constant). A batch without old log-probs is on-policy:
+    the old log-probs are the current ones detached, so the ratio is exactly 1 and the gradient is the
+    advantage-weighted policy gradient."""
+    if aggregation == "constant" and max_response_tokens is None:
+        raise ValueError("aggregation 'constant' needs max_response_tokens")
+
+    def objective(s: ScoredTokens, totals: StepTotals) -> LossOutput:
+        old = s.logprobs.detach() if s.old_logprobs is None else s.old_logprobs
+        normalizer = {"token_mean": totals.tokens, "sequence_mean": totals.sequences,
+                      "constant": totals.sequences * (max_response_tokens or 0)}[aggregation]
+        return grpo_loss(s.logprobs, old, s.advantages, s.mask, eps_low=eps_low, eps_high=eps_high, beta=beta,
+                         ref_logprobs=s.ref_logprobs, aggregation=aggregation, normalizer=normalizer,
+                         is_weights=s.is_weights, seq_index=s.rows, entropy=s.entropy)
     return objective
 
 
@@ -386,9 +433,10 @@ def _score(trainer: Trainer, mb: TokenBatch) -> ScoredTokens:
         input_ids=mb.input_ids.to(device), position_ids=mb.position_ids.to(device),
         attention_mask=None if mb.attention_mask is None else mb.attention_mask.to(device),
         targets=mb.targets.to(device), loss_mask=mask, packed=packed)
-    old = None if mb.old_logprobs is None else mb.old_logprobs.to(device)[mask]
+    flat = {name: None if getattr(mb, name) is None else getattr(mb, name).to(device)[mask]
+            for name in ("old_logprobs", "ref_logprobs", "is_weights")}  # each [M] or None
     return ScoredTokens(logprobs=logprobs, entropy=entropy, advantages=mb.advantages.to(device)[mask],
-                        old_logprobs=old, rows=mb.rows.to(device)[mask], mask=torch.ones_like(logprobs, dtype=torch.bool))
+                        rows=mb.rows.to(device)[mask], mask=torch.ones_like(logprobs, dtype=torch.bool), **flat)
 
 
 def _check_finite(step: int, what: str, values: Tensor, rows: Tensor) -> None:

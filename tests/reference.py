@@ -23,7 +23,7 @@ def gft_reference(logprobs, advantages, mask, *, tau, normalizer=None):
 
 
 def grpo_reference(logprobs, old_logprobs, advantages, mask, *, eps_low, eps_high, beta=0.0, ref_logprobs=None,
-                   aggregation="token_mean", normalizer=None):
+                   aggregation="token_mean", normalizer=None, is_weights=None):
     lp = logprobs.double()
     n, t_len = lp.shape
     zero = 0.0 * lp.sum()  # keeps the graph connected when every token is clipped
@@ -41,6 +41,8 @@ def grpo_reference(logprobs, old_logprobs, advantages, mask, *, eps_low, eps_hig
             clipped = ratio if 1 - eps_low <= r <= 1 + eps_high else torch.tensor(min(max(r, 1 - eps_low), 1 + eps_high),
                                                                                  dtype=torch.float64)
             term = -(ratio * a) if ratio * a <= clipped * a else -(clipped * a)
+            if is_weights is not None:
+                term = term * float(is_weights[i, t])
             if beta:
                 d = ref_logprobs[i, t].item() - lp[i, t]
                 term = term + beta * (torch.exp(d) - d - 1)
@@ -83,3 +85,33 @@ def token_stats_reference(hidden, weight, bias, labels):
         logits = logits + bias.double()
     logp = torch.log_softmax(logits, -1)
     return logp.gather(-1, labels[:, None]).squeeze(-1), -(logp.exp() * logp).sum(-1)
+
+
+def importance_weights_reference(trainer_lp, sampler_lp, mask, *, level, cap):
+    """Per token: min(exp(lp - q), cap); per sequence: min(exp(sum of lp - q over its tokens), cap); 1 elsewhere."""
+    n, t_len = trainer_lp.shape
+    w = [[1.0] * t_len for _ in range(n)]
+    for i in range(n):
+        seq = sum(float(trainer_lp[i, t]) - float(sampler_lp[i, t]) for t in range(t_len) if mask[i, t])
+        for t in range(t_len):
+            if not mask[i, t] or level == "none":
+                continue
+            d = seq if level == "sequence" else float(trainer_lp[i, t]) - float(sampler_lp[i, t])
+            w[i][t] = min(math.exp(d), cap)
+    return torch.tensor(w, dtype=torch.float64)
+
+
+def mismatch_reference(trainer_lp, sampler_lp, mask):
+    diffs = [float(trainer_lp[i, t]) - float(sampler_lp[i, t])
+             for i in range(trainer_lp.shape[0]) for t in range(trainer_lp.shape[1]) if mask[i, t]]
+    return {"mean": sum(abs(d) for d in diffs) / len(diffs), "max": max(abs(d) for d in diffs),
+            "k3": sum(math.exp(d) - d - 1 for d in diffs) / len(diffs)}
+
+
+def combine_rewards_reference(per_func, weights):
+    """Weighted sum over the non-None entries of each row; None when every entry is None."""
+    out = []
+    for row in per_func:
+        vals = [w * r for r, w in zip(row, weights) if r is not None]
+        out.append(sum(vals) if vals else None)
+    return out

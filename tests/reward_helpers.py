@@ -40,3 +40,15 @@ def dies(response, row):
 def returns_text(response, row):
     """A buggy reward that returns something that is not a float."""
     return "one"
+
+
+def none_for_odd_id(response, row):
+    """Applies only to rows whose id ends in an even digit: 1.0 if the response contains "4", else 0.0."""
+    if int(str(row["id"])[-1]) % 2:
+        return None
+    return 1.0 if "4" in response else 0.0
+
+
+def none_unless_long(response, row):
+    """Applies only to responses of more than 3 characters: their length / 10."""
+    return len(response) / 10 if len(response) > 3 else None

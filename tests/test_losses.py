@@ -7,8 +7,13 @@ import torch
 from torch.testing import assert_close
 
 from pipeline.advantages import group_advantages
-from pipeline.losses import dft_loss, gft_loss, grpo_loss, sft_loss, token_logprobs, token_logprobs_from_logits
-from tests.reference import gft_reference, grpo_reference, token_stats_reference
+from pipeline.losses import (
+    dft_loss, gft_loss, grpo_loss, importance_weights, sampler_mismatch, sft_loss, token_logprobs,
+    token_logprobs_from_logits,
+)
+from tests.reference import (
+    gft_reference, grpo_reference, importance_weights_reference, mismatch_reference, token_stats_reference,
+)
 
 SHAPES = [(1, 1), (3, 7), (8, 16)]
 
@@ -192,6 +197,86 @@ def test_grpo_matches_reference(shape, seed, aggregation, beta, normalizer):
     ref = grpo_reference(lp, old, adv, mask, **kw)
     assert_close(out.loss, ref, rtol=1e-12, atol=1e-12)
     assert_close(_grad(out.loss, lp), _grad(ref, lp), rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+@pytest.mark.parametrize("aggregation", ["token_mean", "sequence_mean", "constant"])
+def test_grpo_with_importance_weights_matches_reference(seed, aggregation):
+    lp, adv, mask = _inputs((5, 8), seed)
+    g = torch.Generator().manual_seed(seed + 7)
+    old = lp.detach() + 0.4 * torch.randn(5, 8, generator=g, dtype=torch.float64)
+    w = 3.0 * torch.rand(5, 8, generator=g, dtype=torch.float64)  # weights in [0, 3): a truncated IS ratio
+    kw = dict(eps_low=0.2, eps_high=0.28, beta=0.04, ref_logprobs=old - 0.1, aggregation=aggregation,
+              is_weights=w)
+    out = grpo_loss(lp, old, adv, mask, **kw)
+    ref = grpo_reference(lp, old, adv, mask, **kw)
+    assert_close(out.loss, ref, rtol=1e-12, atol=1e-12)
+    assert_close(_grad(out.loss, lp), _grad(ref, lp), rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("aggregation", ["token_mean", "sequence_mean", "constant"])
+def test_grpo_flat_tokens_with_sequence_index_equal_padded_rows(aggregation):
+    # The trainer hands grpo_loss flat [M] tokens with each token's sequence: the same loss and gradient as
+    # the padded [N, T] rows, with the step's global normalizer (constant: sequences x T).
+    lp, adv, mask = _inputs((6, 7), 4)
+    old = lp.detach() + 0.3 * torch.randn(6, 7, generator=torch.Generator().manual_seed(2), dtype=torch.float64)
+    rows = torch.arange(6)[:, None].expand(6, 7)
+    normalizer = {"token_mean": None, "sequence_mean": None, "constant": 6 * 7}[aggregation]
+    padded = grpo_loss(lp, old, adv, mask, eps_low=0.2, eps_high=0.28, aggregation=aggregation)
+    flat = grpo_loss(lp[mask], old[mask], adv[:, None].expand(6, 7)[mask], torch.ones(int(mask.sum()), dtype=torch.bool),
+                     eps_low=0.2, eps_high=0.28, aggregation=aggregation, normalizer=normalizer, seq_index=rows[mask])
+    assert_close(flat.loss, padded.loss, rtol=1e-13, atol=1e-15)
+    assert_close(_grad(flat.loss, lp), _grad(padded.loss, lp), rtol=1e-13, atol=1e-15)
+    with pytest.raises(ValueError, match="seq_index"):
+        grpo_loss(lp[mask], old[mask], adv[:, None].expand(6, 7)[mask], torch.ones(int(mask.sum()), dtype=torch.bool),
+                  eps_low=0.2, eps_high=0.2, aggregation="sequence_mean")
+
+
+@pytest.mark.parametrize("level", ["none", "token", "sequence"])
+@pytest.mark.parametrize("cap", [1.0, 1.5, 3.0, 1e9])
+@pytest.mark.parametrize("seed", [0, 1])
+def test_importance_weights_match_reference(level, cap, seed):
+    g = torch.Generator().manual_seed(seed)
+    lp = -3 * torch.rand(6, 9, generator=g, dtype=torch.float64)
+    q = lp + 0.3 * torch.randn(6, 9, generator=g, dtype=torch.float64)  # a visible sampler/trainer gap
+    mask = torch.rand(6, 9, generator=g) < 0.7
+    mask[:, 0] = True
+    out = importance_weights(lp, q, mask, level=level, cap=cap)
+    ref = importance_weights_reference(lp, q, mask, level=level, cap=cap)
+    assert_close(out.weights, ref, rtol=1e-13, atol=0)
+    values = ref[mask] if level != "sequence" else ref[:, 0]
+    name = "sampling/importance_sampling_ratio"
+    assert out.metrics[f"{name}/max"].item() == pytest.approx(float(values.max()), rel=1e-13)
+    assert out.metrics[f"{name}/mean"].item() == pytest.approx(float(values.mean()), rel=1e-13)
+    assert out.metrics[f"{name}/min"].item() == pytest.approx(float(values.min()), rel=1e-13)
+    assert float(out.weights.max()) <= cap
+
+
+def test_importance_weights_hand_cases():
+    # One sequence of two tokens with log(p / q) = [log 2, log 2]: token weights [2, 2]; sequence weight 4,
+    # truncated to the cap 3; a masked token keeps weight 1.
+    lp = torch.tensor([[math.log(2.0), math.log(2.0), 5.0]], dtype=torch.float64)
+    q = torch.zeros(1, 3, dtype=torch.float64)
+    mask = torch.tensor([[True, True, False]])
+    assert importance_weights(lp, q, mask, level="token", cap=3.0).weights.tolist() == [[2.0, 2.0, 1.0]]
+    assert importance_weights(lp, q, mask, level="sequence", cap=3.0).weights.tolist() == [[3.0, 3.0, 1.0]]
+    assert importance_weights(lp, q, mask, level="sequence", cap=10.0).weights[0, :2].tolist() == pytest.approx([4, 4])
+    with pytest.raises(ValueError, match="unknown importance sampling level"):
+        importance_weights(lp, q, mask, level="tokens", cap=3.0)
+
+
+def test_sampler_mismatch_matches_reference():
+    g = torch.Generator().manual_seed(3)
+    lp = -2 * torch.rand(4, 6, generator=g, dtype=torch.float64)
+    q = lp + 0.2 * torch.randn(4, 6, generator=g, dtype=torch.float64)
+    mask = torch.rand(4, 6, generator=g) < 0.8
+    mask[:, 0] = True
+    out, ref = sampler_mismatch(lp, q, mask), mismatch_reference(lp, q, mask)
+    assert out["sampling/sampling_logp_difference/mean"].item() == pytest.approx(ref["mean"], rel=1e-13)
+    assert out["sampling/sampling_logp_difference/max"].item() == pytest.approx(ref["max"], rel=1e-13)
+    assert out["sampling/kl_k3"].item() == pytest.approx(ref["k3"], rel=1e-12)
+    same = sampler_mismatch(lp, lp.clone(), mask)
+    assert all(v.item() == 0.0 for v in same.values())
 
 
 CLIP_CASES = [
