@@ -237,6 +237,10 @@ class GRPOConfig(Settings):
     """Rounds; each samples `num_generations` completions for each of `prompts_per_round` prompts."""
     prompts_per_round: int = Field(32, ge=1)
     """Prompts per round (TRL: per-device batch x processes x steps_per_generation / num_generations)."""
+    prompt_pool: int | None = Field(None, ge=1)
+    """Draw the rounds' prompts from the first `prompt_pool` training prompts only (None: all of them): rounds
+    revisit the same prompts, like TRL's epochs over a small dataset, so the reward curve measures learning
+    rather than which prompts each round happened to draw."""
     num_generations: int = Field(8, ge=2)
     """Group size G: completions per prompt (TRL's default, 8)."""
     advantage_scale: Literal["group", "none"] = "group"

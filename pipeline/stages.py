@@ -461,7 +461,8 @@ def grpo_round(cfg: GRPOConfig, round_idx: int, prompts: ArtifactRef, reference:
     def build(out: Path, key: str) -> dict[str, float]:
         times: dict[str, float] = {}
         t0 = time.perf_counter()
-        rows = groups.round_prompts(_read_parquet(prompts, "train.parquet"), cfg, round_idx, seed)
+        pool = _read_parquet(prompts, "train.parquet").iloc[: cfg.prompt_pool]  # all of them when None
+        rows = groups.round_prompts(pool, cfg, round_idx, seed)
         tok = _tokenizer(model_dir(prev))
         rollouts = grpo_lib.sample_rollouts(res.engine("policy", model_dir(prev)), cfg, rows, tok, round_idx)
         res.count("engine.generate")

@@ -43,6 +43,16 @@ def _task_states(flow_run_id) -> list[tuple[str, str]]:
     return [(r.name.rsplit("-", 1)[0], r.state.name) for r in runs]
 
 
+def _link_artifacts(flow_run_id) -> dict[str, str]:
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterFlowRunId
+
+    with get_client(sync_client=True) as client:
+        found = client.read_artifacts(artifact_filter=ArtifactFilter(flow_run_id=ArtifactFilterFlowRunId(
+            any_=[flow_run_id])))
+    return {a.key: str(a.data) for a in sorted(found, key=lambda a: a.created) if a.type == "link"}
+
+
 def _flow(root: Path, **kw):
     from flows.post_train import post_train
 
@@ -157,6 +167,9 @@ def test_mlflow_lineage(failed_then_rerun):
     assert any(d.dataset.name.endswith("/groups") for d in gft.inputs.dataset_inputs)
     history = client.get_metric_history(gft.info.run_id, "train/loss")
     assert [m.step for m in history] == [3, 4]
+    links = _link_artifacts(second.state_details.flow_run_id)  # Prefect -> MLflow: each stage's run
+    assert f"/runs/{gft.info.run_id}" in links["mlflow-gft-round"]
+    assert f"/runs/{prep.info.run_id}" in links["mlflow-prepare-data"]  # a cached stage links to its maker
     version = client.get_model_version_by_alias("tiny-policy", "candidate")
     final = json.loads((Path(second.result()["refs"]["gft"]) / "manifest.json").read_text())["output"]
     assert version.tags["pipeline.sha256"] == final["sha256"]

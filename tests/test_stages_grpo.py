@@ -104,3 +104,21 @@ def test_grpo_resumes_after_its_last_finished_round(grpo_run):
         res.close()
     assert res.calls == {"grpo_round": 1, "engine.generate": 1, "optimizer.step": 4}
     assert rounds[0] == first["rounds"][0]
+
+
+def test_prompt_pool_makes_rounds_revisit_the_same_prompts(grpo_run):
+    """With prompt_pool = prompts_per_round every round draws the same prompts; without it, the next ones."""
+    root, first, *_ = grpo_run
+    pooled = GRPO.model_copy(update={"prompt_pool": GRPO.prompts_per_round, "rounds": 2})
+    res = stages.Resources(StageStore(root), progress=False)
+    try:
+        rounds = stages.grpo(pooled, first["prompts"], first["base"], res, seed=1)
+    finally:
+        res.close()
+
+    def ids(ref):
+        return set(pd.read_parquet(Path(ref.uri) / "groups.parquet")["prompt_id"])
+
+    train = pd.read_parquet(Path(first["prompts"].uri) / "train.parquet")
+    assert ids(rounds[0]) == ids(rounds[1]) == set(train["id"].astype(str)[: GRPO.prompts_per_round])
+    assert ids(first["rounds"][0]) != ids(first["rounds"][1])
