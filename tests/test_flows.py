@@ -50,7 +50,8 @@ def _link_artifacts(flow_run_id) -> dict[str, str]:
     with get_client(sync_client=True) as client:
         found = client.read_artifacts(artifact_filter=ArtifactFilter(flow_run_id=ArtifactFilterFlowRunId(
             any_=[flow_run_id])))
-    return {a.key: str(a.data) for a in sorted(found, key=lambda a: a.created) if a.type == "link"}
+    found = sorted(found, key=lambda a: a.created)  # link artifacts come back with type "markdown" on 3.7
+    return {a.key: str(a.data) for a in found if (a.key or "").startswith("mlflow-")}
 
 
 def _flow(root: Path, **kw):
