@@ -162,23 +162,29 @@ def _check_state_dict(model: torch.nn.Module, state: dict[str, torch.Tensor], mo
 class _RawLogprobRecorder:
     """A logits processor that keeps the raw log-prob of every chosen token. transformers runs custom processors
     before its temperature and top-p warpers, so `scores` are the raw logits; the token chosen from step t is
-    read at step t + 1 (the last one in `finish`), so memory holds one step's [B*n, V] log-softmax, not all."""
+    read at step t + 1 (the last one in `finish`). Per step it computes one log-sum-exp per row and keeps a
+    reference to that step's logits: no [B*n, V] log-softmax is written (the warpers after it return new
+    tensors, which the test against teacher-forced log-probs checks)."""
 
     def __init__(self):
-        self.previous: torch.Tensor | None = None  # [B*n, V] log-softmax of the last step
+        self.previous: torch.Tensor | None = None  # [B*n, V] raw logits of the last step
+        self.lse: torch.Tensor | None = None  # [B*n] their log-sum-exp
         self.steps: list[torch.Tensor] = []  # one [B*n] log-prob per generated token
 
     def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
         if self.previous is not None:
-            self.steps.append(self.previous.gather(-1, input_ids[:, -1:])[:, 0])
-        self.previous = torch.log_softmax(scores.float(), dim=-1)
+            self._record(input_ids[:, -1:])
+        self.previous, self.lse = scores, torch.logsumexp(scores.float(), dim=-1)
         return scores
+
+    def _record(self, chosen: torch.Tensor) -> None:
+        self.steps.append(self.previous.gather(-1, chosen)[:, 0].float() - self.lse)
 
     def finish(self, new_ids: torch.Tensor) -> torch.Tensor:
         """[B*n, T] log-probs of the generated ids [B*n, T]."""
         if self.previous is not None and len(self.steps) < new_ids.shape[1]:
-            self.steps.append(self.previous.gather(-1, new_ids[:, -1:])[:, 0])
-        self.previous = None
+            self._record(new_ids[:, -1:])
+        self.previous = self.lse = None
         return torch.stack(self.steps, dim=1)
 
 
