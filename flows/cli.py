@@ -147,13 +147,17 @@ def ui_commands(root: Path, port: int, prefect_port: int | None) -> list[tuple[s
     return out
 
 
+def _interrupt(signum, frame) -> None:
+    raise KeyboardInterrupt
+
+
 def cmd_ui(args: argparse.Namespace) -> int:
     root = args.root or (_load(args.config, None)[1] if args.config else Path("runs").resolve())
     if not (root / "mlflow.db").is_file():
         print(f"{root / 'mlflow.db'}: no MLflow database yet; run `gft run CONFIG` first", file=sys.stderr)
         return 2
     procs: list[subprocess.Popen] = []
-    signal.signal(signal.SIGTERM, lambda *_: (_ for _ in ()).throw(KeyboardInterrupt()))
+    signal.signal(signal.SIGTERM, _interrupt)  # stop the servers the same way on SIGTERM as on Ctrl-C
     try:
         for name, cmd, env, health in ui_commands(root, args.port, args.prefect_port if args.prefect else None):
             procs.append(_start(cmd, env, root / "logs" / f"{name.lower()}-ui.log"))

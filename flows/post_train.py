@@ -96,23 +96,21 @@ def _results(root: Path) -> LocalFileSystem:
     return LocalFileSystem(basepath=str(root / "prefect-results"))
 
 
-def _record_matches(t, key: str, root: Path) -> bool:
-    """Whether the artifact store holds a verified output for `key` and Prefect's record (if any) names it."""
-    stage = t.name
-    ref = RES.store.lookup(stage, key.removeprefix(f"{stage}-"))
+def _record_matches(stage: str, key: str, root: Path) -> bool:
+    """Whether the artifact store holds a verified output for (stage, key) and Prefect's record (if any) names it."""
+    ref = RES.store.lookup(stage, key)
     if ref is None:
         return False
     store = ResultStore(result_storage=_results(root), serializer=JSONSerializer())
-    if not store.exists(key):
-        return True
-    return store.read(key).result.sha256 == ref.sha256
+    prefect_key = f"{stage}-{key}"
+    return not store.exists(prefect_key) or store.read(prefect_key).result.sha256 == ref.sha256
 
 
 def _call(t, root: Path) -> Callable[..., ArtifactRef]:
     """A stage call through task `t`: verified cache (refresh when stale or forced), then an MLflow link."""
     def call(*args, **kw) -> ArtifactRef:
         spec = stages.SPECS[t.name](*args, res=RES, **kw)
-        refresh = RES.force or not _record_matches(t, f"{t.name}-{spec.key}", root)
+        refresh = RES.force or not _record_matches(t.name, spec.key, root)
         ref = t.with_options(refresh_cache=refresh, result_storage=root / "prefect-results")(*args, **kw)
         url = RES.tracker.run_url(ref)
         if url:

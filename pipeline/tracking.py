@@ -144,6 +144,7 @@ class MlflowTracker:
     context_tags: Callable[[], dict[str, str]] = dict
     parent_run_id: str | None = None
     _produced: set[str] = field(default_factory=set)
+    _entities: dict[tuple[str, str], Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         import mlflow
@@ -219,7 +220,6 @@ class MlflowTracker:
 
     def _datasets(self, ref: ArtifactRef, *, consumer: bool, only: Sequence[str] | None = None) -> list[Any]:
         """DatasetInputs for the dataset files of `ref` (consumers get "training"/"evaluation" contexts)."""
-        import pandas as pd
         from mlflow.entities import DatasetInput, InputTag
 
         out = []
@@ -228,11 +228,20 @@ class MlflowTracker:
             if not path.is_file() or (only is not None and name not in only):
                 continue
             context = "output" if not consumer else ("evaluation" if name.startswith("eval") else "training")
-            ds = self._mlflow.data.from_pandas(pd.read_parquet(path), source=str(path),
-                                               name=f"{ref.path.parent.name}/{name.removesuffix('.parquet')}",
-                                               digest=_file_digest(ref, name)[:16])
-            out.append(DatasetInput(ds._to_mlflow_entity(), tags=[InputTag("mlflow.data.context", context)]))
+            out.append(DatasetInput(self._dataset_entity(ref, name), tags=[InputTag("mlflow.data.context", context)]))
         return out
+
+    def _dataset_entity(self, ref: ArtifactRef, name: str) -> Any:
+        """The MLflow dataset of one parquet file, read once per tracker (every round consumes the same prompts)."""
+        import pandas as pd
+
+        digest = _file_digest(ref, name)[:16]
+        key = (str(ref.path / name), digest)
+        if key not in self._entities:
+            ds = self._mlflow.data.from_pandas(pd.read_parquet(ref.path / name), source=key[0], digest=digest,
+                                               name=f"{ref.path.parent.name}/{name.removesuffix('.parquet')}")
+            self._entities[key] = ds._to_mlflow_entity()
+        return self._entities[key]
 
     def model_id(self, ref: ArtifactRef) -> str:
         """The LoggedModel of a model reference: found by its sha256, else created (external or cached models)."""
@@ -251,7 +260,7 @@ class MlflowTracker:
         self.client.finalize_logged_model(model.model_id, "READY")
         return model.model_id
 
-    def _log_outputs(self, run_id: str, stage: str, ref: ArtifactRef, manifest: Manifest) -> list[str]:
+    def _log_outputs(self, run_id: str, stage: str, ref: ArtifactRef) -> list[str]:
         from mlflow.entities import LoggedModelOutput
 
         datasets = self._datasets(ref, consumer=False)
@@ -330,8 +339,8 @@ class _MlflowStageRun:
             t.log_metrics(per_step, step=int(row["step"]), run_id=self.run_id)
             stepped.update(per_step)
         t.log_metrics({k: v for k, v in manifest.metrics.items() if k not in stepped}, run_id=self.run_id)
-        models = t._log_outputs(self.run_id, self.stage, ref, manifest)
-        if ref.kind == "eval" and models == []:
+        t._log_outputs(self.run_id, self.stage, ref)
+        if ref.kind == "eval":
             for model in (r for r in manifest.inputs[1:2] if r.kind in MODEL_KINDS):
                 for k, v in manifest.metrics.items():  # model-scoped: shown on the LoggedModel's page
                     t.client.log_metric(self.run_id, metric_name(f"eval/{k}"), v, model_id=t.model_id(model))
