@@ -1,6 +1,7 @@
 """`gft`: run, schedule and look at post-training runs.
 
     gft run CONFIG [--refresh STAGE] [--root DIR] [--dry-run]   one pipeline run as a Prefect flow run
+    gft experiment EXPERIMENT [--only a,b] [--dry-run]          a grid of runs, summarised over seeds
     gft serve CONFIG --cron "0 2 * * *"                         a scheduled deployment (needs a Prefect server)
     gft ui [CONFIG | --root DIR] [--prefect]                    MLflow UI (and Prefect's) on 127.0.0.1
 
@@ -83,6 +84,36 @@ def _dry_run(cfg: RunConfig, root: Path, refresh: str | None) -> int:
         forced = forced or c.name == refresh
         status = "refresh" if forced else ("cached" if c.cached else "to run")
         print(f"{c.name:<18} {c.stage:<18} {status:<8} {c.key or '-'}")
+    return 0
+
+
+def cmd_experiment(args: argparse.Namespace) -> int:
+    from pipeline.experiment import expand, experiment_root, load_experiment, print_plan
+
+    exp = load_experiment(args.config)
+    root = (args.root or experiment_root(exp)).resolve()
+    only = args.only.split(",") if args.only else None
+    if args.dry_run:
+        print_plan(exp, expand(exp, only=only), root)
+        return 0
+    _quiet_libraries()
+    from pipeline import progress
+    from flows.experiment import experiment
+
+    progress.use_rich(not args.no_progress)
+    start = time.perf_counter()
+    state = experiment(config=str(args.config.resolve()), root=str(root), only=only, progress=not args.no_progress,
+                       return_state=True)
+    report = root / "reports" / exp.name / "results.md"
+    if report.is_file():
+        print(report.read_text())
+    print(f"Finished in {time.perf_counter() - start:.0f} s.\n- report and plots: {report.parent}\n"
+          f"- MLflow: `gft ui --root {root}`, experiment {exp.name!r} (one parent run, a child run per trial)\n"
+          f"- Prefect: `gft ui --prefect` -> flow `experiment`, a `post-train` subflow per trial")
+    if not state.is_completed():
+        print(f"\nThe experiment failed: {state.message}\nRerun the same command: finished stages are served "
+              f"from the cache.", file=sys.stderr)
+        return 1
     return 0
 
 
@@ -190,6 +221,13 @@ def parser() -> argparse.ArgumentParser:
     r.add_argument("--dry-run", action="store_true", help="print the resolved config and stage keys; run nothing")
     r.add_argument("--no-progress", action="store_true", help="no progress bars")
     r.set_defaults(fn=cmd_run)
+    e = sub.add_parser("experiment", help="run an experiment: variants x seeds, a table and plots")
+    e.add_argument("config", type=Path, help="experiment TOML, e.g. experiments/paper_table.toml")
+    e.add_argument("--root", type=Path, help="artifact store (default: the experiment's or its base config's)")
+    e.add_argument("--only", help="comma-separated variant or sweep names to run")
+    e.add_argument("--dry-run", action="store_true", help="list every trial and what it changes; run nothing")
+    e.add_argument("--no-progress", action="store_true", help="no progress bars")
+    e.set_defaults(fn=cmd_experiment)
     s = sub.add_parser("serve", help="serve a scheduled deployment of the flow")
     s.add_argument("config", type=Path)
     s.add_argument("--cron", required=True, help='cron schedule, e.g. "0 2 * * *"')

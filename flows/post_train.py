@@ -19,6 +19,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import fields
 from pathlib import Path
+from typing import Any
 
 from prefect import flow, get_run_logger, task
 from prefect.artifacts import create_link_artifact, create_markdown_artifact
@@ -30,7 +31,8 @@ from prefect.serializers import JSONSerializer
 from pipeline import stages
 from pipeline.artifacts import ArtifactRef
 from pipeline.config import (
-    DataConfig, EvalConfig, GFTConfig, GRPOConfig, RunConfig, SFTConfig, SyntheticConfig, TeacherSampleConfig, load_toml,
+    DataConfig, EvalConfig, GFTConfig, GRPOConfig, RunConfig, SFTConfig, SyntheticConfig, TeacherSampleConfig,
+    apply_overrides, load_toml,
 )
 from pipeline.run import Ops, RunResult, run
 
@@ -134,11 +136,12 @@ def resolve_root(config: str | Path, cfg: RunConfig, root: str | None = None) ->
 
 
 @flow(name="post-train", log_prints=True)
-def post_train(config: str, refresh: str | None = None, root: str | None = None,
-               progress: bool = True) -> dict:
-    """Post-train a model per the RunConfig TOML at `config`; `refresh` names the first stage to recompute."""
+def post_train(config: str, refresh: str | None = None, root: str | None = None, progress: bool = True,
+               overrides: dict[str, Any] | None = None, tags: dict[str, str] | None = None) -> dict:
+    """Post-train a model per the RunConfig TOML at `config` with dotted-field `overrides` (an experiment's
+    trial); `refresh` names the first stage to recompute; `tags` go on the MLflow parent run."""
     global RES
-    cfg = load_toml(RunConfig, config)
+    cfg = apply_overrides(load_toml(RunConfig, config), overrides or {}, where=f"{config} overrides")
     run_root = resolve_root(config, cfg, root)
 
     def ops(res: stages.Resources) -> Ops:
@@ -148,12 +151,13 @@ def post_train(config: str, refresh: str | None = None, root: str | None = None,
         return Ops(**{f.name: calls.get(f.name) for f in fields(Ops)})
 
     try:
-        result = run(cfg, root=run_root, progress=progress, ops=ops, context_tags=prefect_tags, refresh=refresh)
+        result = run(cfg, root=run_root, progress=progress, ops=ops, context_tags=prefect_tags, refresh=refresh,
+                     tags=tags)
     finally:
         RES = None
     _report(result)
     return {"summary": str(result.summary_path), "calls": result.calls, "mlflow": result.mlflow_url,
-            "refs": {name: ref.uri for name, ref in result.refs.items()}}
+            "refs": {name: ref.model_dump(mode="json") for name, ref in result.refs.items()}}
 
 
 def _report(result: RunResult) -> None:

@@ -5,14 +5,15 @@ from __future__ import annotations
 import hashlib
 import json
 import tomllib
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Literal, TypeVar
+from typing import Any, Literal, TypeVar
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 __all__ = ["Settings", "TrainConfig", "SamplingConfig", "EngineConfig", "DataConfig", "ModelsConfig",
            "TeacherSampleConfig", "SFTConfig", "GFTConfig", "GRPOConfig", "EvalConfig", "SyntheticConfig", "RunConfig",
-           "load_toml"]
+           "load_toml", "apply_overrides"]
 
 S = TypeVar("S", bound="Settings")
 
@@ -331,6 +332,30 @@ def load_toml(model: type[S], path: str | Path, *, section: str | None = None) -
         raise ValueError(f"{path}: {exc}") from exc
 
 
+def apply_overrides(cfg: S, overrides: Mapping[str, Any], *, where: str = "override") -> S:
+    """A copy of `cfg` with dotted fields replaced, e.g. {"gft.tau": 0.7, "sft.train.lr": 1e-4}, validated again.
+    An unknown field or a bad value raises ValueError naming `where` and the field."""
+    data = cfg.model_dump(mode="json")
+    for path, value in overrides.items():
+        *parents, leaf = path.split(".")
+        node = data
+        for key in parents:
+            node = _field(node, key, path, where)
+        _field(node, leaf, path, where)
+        node[leaf] = value
+    try:
+        return type(cfg).model_validate(data)
+    except ValueError as exc:
+        raise ValueError(f"{where}: {exc}") from exc
+
+
+def _field(node: Any, key: str, path: str, where: str) -> Any:
+    if not isinstance(node, dict) or key not in node:
+        known = sorted(node) if isinstance(node, dict) else "none: not a table"
+        raise ValueError(f"{where}: unknown field {path!r} ({key!r} is not a field there; known: {known})")
+    return node[key]
+
+
 class SyntheticConfig(Settings):
     """The built-in arithmetic task and the pretraining of its teacher and base models (`pipeline.synthetic`)."""
 
@@ -427,4 +452,8 @@ class RunConfig(Settings):
         order = ("sft", "gft", "grpo")
         if list(self.chain) != sorted(set(self.chain), key=order.index):
             raise ValueError(f"chain {list(self.chain)} must be a subsequence of {list(order)} (no repeats)")
+        sampled = self.models.teacher is not None and self.teacher_sample.k > 0
+        if "gft" in self.chain and sampled and self.gft.teacher > self.teacher_sample.k:
+            raise ValueError(f"gft.teacher = {self.gft.teacher} teacher members per group, but the teacher stage "
+                             f"samples teacher_sample.k = {self.teacher_sample.k} per prompt: raise teacher_sample.k")
         return self

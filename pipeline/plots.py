@@ -9,7 +9,7 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
-__all__ = ["training_curves", "rewards_by_source", "accuracy_by_stage"]
+__all__ = ["training_curves", "rewards_by_source", "accuracy_by_stage", "accuracy_vs_prompts", "sweep"]
 
 
 def _pyplot():
@@ -19,6 +19,12 @@ def _pyplot():
     import matplotlib.pyplot as plt
 
     return plt
+
+
+def _plain_ticks():
+    from matplotlib.ticker import FuncFormatter
+
+    return FuncFormatter(lambda x, _: f"{x:g}")
 
 
 def _save(fig, path: Path) -> Path:
@@ -31,7 +37,8 @@ def _save(fig, path: Path) -> Path:
 
 
 def training_curves(histories: Mapping[str, Sequence[Mapping[str, float]]], path: Path,
-                    keys: Sequence[str] = ("loss", "grad_norm", "entropy", "rectified_frac")) -> Path:
+                    keys: Sequence[str] = ("loss", "grad_norm", "entropy", "rectified_frac"),
+                    title: str = "Training curves") -> Path:
     """One panel per metric, one line per training stage, x = the stage's optimizer step."""
     plt = _pyplot()
     fig, axes = plt.subplots(1, len(keys), figsize=(4.2 * len(keys), 3.2), squeeze=False)
@@ -44,7 +51,7 @@ def training_curves(histories: Mapping[str, Sequence[Mapping[str, float]]], path
         ax.set_xlabel("optimizer step")
         ax.grid(alpha=0.3)
     axes[0][0].legend(fontsize=8)
-    fig.suptitle("Training curves")
+    fig.suptitle(title)
     return _save(fig, path)
 
 
@@ -78,4 +85,50 @@ def accuracy_by_stage(metrics: Mapping[str, Mapping[str, float]], path: Path, ke
     ax.set_title("Held-out accuracy by stage")
     ax.legend(fontsize=8)
     ax.grid(axis="y", alpha=0.3)
+    return _save(fig, path)
+
+
+def _errorbar(ax, xs: Sequence[float], pairs: Sequence[tuple[float, float] | None], **kw) -> None:
+    """Mean with a ±std bar per point (no bar where the std is unknown: a single seed)."""
+    pts = [(x, p) for x, p in zip(xs, pairs) if p is not None]
+    if pts:
+        errs = [0.0 if s != s else s for _, (_, s) in pts]  # NaN std (one seed): no bar
+        ax.errorbar([x for x, _ in pts], [m for _, (m, _) in pts], yerr=errs, capsize=3, **kw)
+
+
+def accuracy_vs_prompts(curves: Mapping[str, Sequence[Mapping]], path: Path, keys: Sequence[str]) -> Path:
+    """One panel per accuracy metric; one line per variant through its checkpoints (base, then each stage of its
+    chain), x = training prompts seen so far, y = mean ± std over seeds."""
+    plt = _pyplot()
+    fig, axes = plt.subplots(1, len(keys), figsize=(6 * len(keys), 4), squeeze=False)
+    for ax, key in zip(axes[0], keys):
+        for label, points in curves.items():
+            _errorbar(ax, [p["prompts_seen"] for p in points], [p.get(key) for p in points], marker="o",
+                      label=label, alpha=0.85)
+        ax.set_xscale("symlog", linthresh=10)
+        ax.xaxis.set_major_formatter(_plain_ticks())
+        ax.set_xlabel("training prompts seen (log scale above 10)")
+        ax.set_title(f"held-out {key}")
+        ax.grid(alpha=0.3)
+    axes[0][-1].legend(fontsize=7, loc="center left", bbox_to_anchor=(1.02, 0.5))
+    return _save(fig, path)
+
+
+def sweep(points: Sequence[tuple[object, Mapping[str, tuple[float, float] | None]]], path: Path,
+          axis: str) -> Path:
+    """One panel per metric against the swept value (numeric values on a numeric axis, names as categories),
+    mean ± std over seeds, e.g. the rectified fraction and accuracy against tau."""
+    plt = _pyplot()
+    keys = list(dict.fromkeys(k for _, m in points for k, v in m.items() if v is not None))
+    numeric = all(isinstance(x, (int, float)) and not isinstance(x, bool) for x, _ in points)
+    xs = [float(x) for x, _ in points] if numeric else list(range(len(points)))
+    fig, axes = plt.subplots(1, max(len(keys), 1), figsize=(4.5 * max(len(keys), 1), 3.4), squeeze=False)
+    for ax, key in zip(axes[0], keys):
+        _errorbar(ax, xs, [m.get(key) for _, m in points], marker="o")
+        if not numeric:
+            ax.set_xticks(xs, [str(x) for x, _ in points])
+        ax.set_xlabel(axis)
+        ax.set_title(key)
+        ax.grid(alpha=0.3)
+    fig.suptitle(f"Sweep over {axis} (mean ± std over seeds)", y=1.03)
     return _save(fig, path)

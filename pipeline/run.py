@@ -26,7 +26,7 @@ from pipeline.config import RunConfig, load_toml
 from pipeline.evaluation import comparison_table
 from pipeline.tracking import MlflowTracker, NullTracker, sqlite_uri
 
-__all__ = ["RunResult", "Ops", "local_ops", "execute", "plan", "run", "main"]
+__all__ = ["RunResult", "Ops", "local_ops", "execute", "plan", "run", "stage_history", "round_metrics", "main"]
 
 TABLE_COLUMNS = ["greedy_accuracy", "mean@{k}", "pass@{k}", "entropy", "kl_base_policy", "distinct_answers"]
 
@@ -176,13 +176,15 @@ def _walk_name(stage: str) -> str:
 
 
 def run(cfg: RunConfig, *, root: Path, progress: bool = True, ops: Callable[[stages.Resources], Ops] = local_ops,
-        context_tags: Callable[[], dict[str, str]] = dict, refresh: str | None = None) -> RunResult:
-    """Run the configured DAG with tracking; writes the summary, the plots, and registers the final model."""
+        context_tags: Callable[[], dict[str, str]] = dict, refresh: str | None = None,
+        tags: dict[str, str] | None = None) -> RunResult:
+    """Run the configured DAG with tracking; writes the summary, the plots, and registers the final model.
+    `tags` go on the run's MLflow parent run (an experiment nests its runs with `mlflow.parentRunId`)."""
     torch.set_num_threads(cfg.threads)
     tracker = make_tracker(cfg, root, context_tags)
     res = stages.Resources(StageStore(root), engine_cfg=cfg.engine, progress=progress, tracker=tracker)
     tracker.start_pipeline(f"{cfg.name}-{time.strftime('%Y%m%d-%H%M%S')}", cfg.model_dump(mode="json"),
-                           {"pipeline.config_digest": cfg.digest(), "pipeline.root": str(root)})
+                           {"pipeline.config_digest": cfg.digest(), "pipeline.root": str(root), **(tags or {})})
     try:
         refs = execute(cfg, ops(res), res, refresh=refresh)
         result = finish(cfg, refs, res, root)
@@ -227,8 +229,8 @@ def finish(cfg: RunConfig, refs: dict[str, ArtifactRef], res: stages.Resources, 
 def write_plots(cfg: RunConfig, refs: dict[str, ArtifactRef], metrics: dict[str, dict[str, float]],
                 out: Path) -> list[Path]:
     """accuracy.png, training.png (loss, grad norm, entropy, rectified fraction per step), rewards.png."""
-    histories = {name: _rounds_history(refs, name) for name in cfg.chain}
-    rounds = {name: _round_metrics(refs, name) for name in cfg.chain if name != "sft"}
+    histories = {name: stage_history(refs, name) for name in cfg.chain}
+    rounds = {name: round_metrics(refs, name) for name in cfg.chain if name != "sft"}
     keys = ["greedy_accuracy", f"mean@{cfg.eval.k}", f"pass@{cfg.eval.k}"]
     paths = [plots.accuracy_by_stage(metrics, out / "accuracy.png", keys)]
     if any(histories.values()):
@@ -251,7 +253,8 @@ def _chain_outputs(refs: dict[str, ArtifactRef], name: str) -> list[Path]:
     return folders[::-1]
 
 
-def _rounds_history(refs: dict[str, ArtifactRef], name: str) -> list[dict[str, float]]:
+def stage_history(refs: dict[str, ArtifactRef], name: str) -> list[dict[str, float]]:
+    """The per-step training history of chain stage `name` (every round's history.jsonl, in order)."""
     rows = []
     for folder in _chain_outputs(refs, name):
         path = folder / "history.jsonl"
@@ -259,7 +262,8 @@ def _rounds_history(refs: dict[str, ArtifactRef], name: str) -> list[dict[str, f
     return rows
 
 
-def _round_metrics(refs: dict[str, ArtifactRef], name: str) -> list[dict[str, float]]:
+def round_metrics(refs: dict[str, ArtifactRef], name: str) -> list[dict[str, float]]:
+    """The manifest metrics of each output of chain stage `name` (one per round; SFT's one)."""
     return [json.loads((f / "manifest.json").read_text())["metrics"] for f in _chain_outputs(refs, name)]
 
 

@@ -90,6 +90,9 @@ class NullTracker:
     def log_artifact(self, path: str | Path, folder: str | None = None) -> None:
         pass
 
+    def log_metrics(self, metrics: Mapping[str, float], *, step: int = 0, run_id: str | None = None) -> None:
+        pass
+
     def register(self, ref: ArtifactRef, name: str, alias: str) -> None:
         return None
 

@@ -172,7 +172,7 @@ def test_mlflow_lineage(failed_then_rerun):
     assert f"/runs/{gft.info.run_id}" in links["mlflow-gft-round"]
     assert f"/runs/{prep.info.run_id}" in links["mlflow-prepare-data"]  # a cached stage links to its maker
     version = client.get_model_version_by_alias("tiny-policy", "candidate")
-    final = json.loads((Path(second.result()["refs"]["gft"]) / "manifest.json").read_text())["output"]
+    final = json.loads((Path(second.result()["refs"]["gft"]["uri"]) / "manifest.json").read_text())["output"]
     assert version.tags["pipeline.sha256"] == final["sha256"]
 
 
@@ -288,7 +288,7 @@ def test_embedded_default_end_to_end(harness, tmp_path):
         assert f"| {checkpoint} |" in summary
     for name in ("accuracy.png", "training.png", "rewards.png"):
         assert (Path(out["summary"]).parent / name).stat().st_size > 10_000
-    metrics = json.loads((Path(out["refs"][f"eval/{cfg.chain[-1]}"]) / "metrics.json").read_text())
+    metrics = json.loads((Path(out["refs"][f"eval/{cfg.chain[-1]}"]["uri"]) / "metrics.json").read_text())
     assert 0.0 <= metrics["greedy_accuracy"] <= 1.0 and metrics["kl_base_policy"] > 0
     states = _task_states(state.state_details.flow_run_id)
     training_tasks = sum(1 if s == "sft" else getattr(cfg, s).rounds for s in cfg.chain)

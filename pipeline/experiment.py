@@ -1,0 +1,590 @@
+"""Experiments: a grid of variants derived from one base run config, run as pipeline runs from the same base
+model and seeds, then summarised over seeds in a table and plots, all logged to one MLflow parent run.
+
+    gft experiment experiments/paper_table.toml [--dry-run] [--only gft,sft]   (Prefect: flows.experiment)
+    python -m pipeline.experiment experiments/paper_table.toml                  (in-process, no Prefect)
+
+An experiment TOML names the base `RunConfig` and the grid. A trial's config is the base with dotted-field
+overrides applied in this order: the experiment's `overrides`, the variant's (or the sweep point's), the
+variant's `chain`, then the seed, written into every field of `seed_fields`. No variant is a copied config,
+and `--dry-run` prints exactly what each trial changes.
+
+    name = "paper_table"
+    base = "../configs/default.toml"      # relative to this file
+    seeds = [0, 1, 2]
+    [overrides]                            # every trial
+    "gft.rounds" = 4
+    [variants.dft]                         # one row of the table
+    chain = ["sft"]
+    overrides = { "sft.loss" = "dft" }
+    [sweeps.tau]                           # one knob over values: variants tau-0, tau-0.5, ...
+    field = "gft.tau"
+    values = [0, 0.5, 1.5]
+    [sweeps.composition.points]            # or named points, each a set of overrides
+    "8:0" = { "gft.teacher" = 7, "gft.policy" = 0 }
+
+`extends = "other.toml"` inherits another experiment: top-level values are replaced, `overrides` merge field by
+field, and variants and sweeps merge by name.
+
+All trials share one artifact store (by default the base config's root, so `gft run` and the experiment serve
+each other's stages): what several trials have in common (the bootstrap models, teacher responses, the SFT
+before GRPO, an identical sweep point) runs once, and a rerun of the experiment computes only what is missing.
+A failed trial does not stop the others: it is listed in the report and the experiment ends as failed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import math
+import re
+import sys
+import time
+import tomllib
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import Field, model_validator
+
+from pipeline import plots
+from pipeline.artifacts import ArtifactRef
+from pipeline.config import RunConfig, Settings, apply_overrides, load_toml
+from pipeline.progress import bar
+
+__all__ = ["VariantConfig", "SweepConfig", "ExperimentConfig", "Trial", "TrialResult", "ExperimentResult",
+           "load_experiment", "expand", "run_experiment", "summarise", "main"]
+
+log = logging.getLogger(__name__)
+
+Chain = tuple[Literal["sft", "gft", "grpo"], ...]
+SEED_FIELDS = ("seed", "sft.train.seed", "gft.train.seed", "gft.sampling.seed", "grpo.train.seed",
+               "grpo.sampling.seed")
+METRICS = ("mean@{k}", "pass@{k}", "greedy_accuracy", "entropy", "kl_base_policy", "rectified_frac")
+_NAME = re.compile(r"^[A-Za-z0-9_-]+$")
+
+
+class VariantConfig(Settings):
+    """One row of the table: the chain it trains from the base model and the fields it changes."""
+
+    chain: Chain = ()
+    """Training stages from the base model, in order; () evaluates the base model only."""
+    label: str | None = None
+    """Row label in the report (default: the variant's name)."""
+    overrides: dict[str, Any] = {}
+    """Dotted RunConfig fields and their values, e.g. {"sft.loss" = "dft"}."""
+    seeds: tuple[int, ...] | None = Field(None, min_length=1)
+    """Seeds of this variant (default: the experiment's); e.g. [0] for a variant that no seed changes."""
+
+
+class SweepConfig(Settings):
+    """One knob over several values (`field` + `values`) or several named `points`: one variant per value."""
+
+    chain: Chain = ("gft",)
+    """Training stages of every point."""
+    label: str | None = None
+    """Axis label in the report and plots (default: `field`, or the sweep's name)."""
+    field: str | None = None
+    """The dotted field the sweep sets, e.g. "gft.tau"."""
+    values: tuple[Any, ...] = ()
+    """The values of `field`, one variant each (named "<sweep>-<value>")."""
+    points: dict[str, dict[str, Any]] = {}
+    """Named points, each a set of dotted-field overrides (instead of `field` + `values`)."""
+    overrides: dict[str, Any] = {}
+    """Fields every point of the sweep changes (applied before the point's own)."""
+    seeds: tuple[int, ...] | None = Field(None, min_length=1)
+    """Seeds of the sweep (default: the experiment's)."""
+
+    @model_validator(mode="after")
+    def _one_axis(self) -> SweepConfig:
+        if (self.field is not None) == bool(self.points) or (self.field is not None) != bool(self.values):
+            raise ValueError("a sweep needs either `field` with `values`, or `points` (not both)")
+        return self
+
+
+class ExperimentConfig(Settings):
+    """A base run config, the variants and sweeps derived from it, and the seeds every variant runs with."""
+
+    name: str = Field(pattern=_NAME.pattern)
+    """Name of the experiment: its MLflow experiment and its report folder `<root>/reports/<name>`."""
+    base: str
+    """The base RunConfig TOML (relative to the experiment file that names it)."""
+    root: str | None = None
+    """Artifact store (relative to the experiment file); default: the base config's root."""
+    seeds: tuple[int, ...] = Field((0,), min_length=1)
+    """Seeds every variant runs with (unless it names its own)."""
+    seed_fields: tuple[str, ...] = SEED_FIELDS
+    """RunConfig fields a trial's seed is written into (the base model and data do not change with it)."""
+    overrides: dict[str, Any] = {}
+    """Dotted fields every trial changes from the base config."""
+    variants: dict[str, VariantConfig] = {}
+    """The table's rows by name."""
+    sweeps: dict[str, SweepConfig] = {}
+    """One-knob sweeps by name, each reported as its own table and plot."""
+
+    @model_validator(mode="after")
+    def _names(self) -> ExperimentConfig:
+        if not self.variants and not self.sweeps:
+            raise ValueError("an experiment needs at least one variant or sweep")
+        bad = [n for n in [*self.variants, *self.sweeps] if not _NAME.match(n)]
+        if bad:
+            raise ValueError(f"variant/sweep names may hold letters, digits, '_' and '-' only: {bad}")
+        return self
+
+
+def load_experiment(path: str | Path) -> ExperimentConfig:
+    """Read an experiment TOML (following `extends`), paths resolved against the file that names them."""
+    path = Path(path).resolve()
+    data = _layer(path, ())
+    try:
+        return ExperimentConfig.model_validate(data)
+    except ValueError as exc:
+        raise ValueError(f"{path}: {exc}") from exc
+
+
+def _layer(path: Path, seen: tuple[Path, ...]) -> dict[str, Any]:
+    if path in seen:
+        raise ValueError(f"{path}: `extends` loops back to itself ({' -> '.join(map(str, seen))})")
+    if not path.is_file():
+        raise FileNotFoundError(f"experiment file {path} not found" + (f" (extended by {seen[-1]})" if seen else ""))
+    with path.open("rb") as fh:
+        data = tomllib.load(fh)
+    for key in ("base", "root"):
+        if isinstance(data.get(key), str):
+            data[key] = str((path.parent / data[key]).resolve())
+    parent = data.pop("extends", None)
+    if parent is None:
+        return data
+    merged = _layer((path.parent / parent).resolve(), (*seen, path))
+    for key, value in data.items():
+        merge = key in ("overrides", "variants", "sweeps") and isinstance(value, dict)
+        merged[key] = {**merged.get(key, {}), **value} if merge else value
+    return merged
+
+
+@dataclass(frozen=True)
+class Trial:
+    """One pipeline run of the experiment: a variant at one seed, with every field it changes from the base."""
+
+    variant: str
+    group: str  # "variants" or the sweep's name
+    label: str
+    seed: int
+    overrides: dict[str, Any]
+    config: RunConfig
+    x: Any = None  # the sweep's value or point name
+
+    @property
+    def id(self) -> str:
+        return f"{self.variant}.s{self.seed}"
+
+
+@dataclass(frozen=True)
+class _Variant:
+    name: str
+    group: str
+    label: str
+    chain: Chain
+    overrides: dict[str, Any]
+    seeds: tuple[int, ...]
+    x: Any = None
+
+
+def _variants(exp: ExperimentConfig) -> list[_Variant]:
+    out = [_Variant(n, "variants", v.label or n, v.chain, dict(v.overrides), v.seeds or exp.seeds)
+           for n, v in exp.variants.items()]
+    for name, s in exp.sweeps.items():
+        points = [(_fmt(v), {s.field: v}, v) for v in s.values] if s.field else [
+            (p, sets, p) for p, sets in s.points.items()]
+        for point, sets, x in points:
+            label = f"{s.label or s.field or name} = {point}"
+            out.append(_Variant(f"{name}-{_slug(point)}", name, label, s.chain, {**s.overrides, **sets},
+                                s.seeds or exp.seeds, x))
+    return out
+
+
+def _fmt(value: Any) -> str:
+    return f"{value:g}" if isinstance(value, float) else str(value)
+
+
+def _slug(text: str) -> str:
+    return re.sub(r"[^A-Za-z0-9_.]+", "-", text).strip("-")
+
+
+def expand(exp: ExperimentConfig, *, only: Iterable[str] | None = None) -> list[Trial]:
+    """Every trial of the experiment, seed by seed (a whole table per seed), each config derived from the base.
+    `only` keeps the named variants (or sweeps); an unknown name raises ValueError listing the known ones."""
+    base = load_toml(RunConfig, exp.base)
+    variants = _variants(exp)
+    if only is not None:
+        wanted = set(only)
+        known = {v.name for v in variants} | {v.group for v in variants}
+        if wanted - known:
+            raise ValueError(f"--only {sorted(wanted - known)}: not in the experiment; known: {sorted(known)}")
+        variants = [v for v in variants if v.name in wanted or v.group in wanted]
+    seeds = list(dict.fromkeys(s for v in variants for s in v.seeds))
+    return [_trial(exp, base, v, seed) for seed in seeds for v in variants if seed in v.seeds]
+
+
+def _trial(exp: ExperimentConfig, base: RunConfig, v: _Variant, seed: int) -> Trial:
+    sets = {**exp.overrides, **v.overrides, "chain": list(v.chain), **{f: seed for f in exp.seed_fields},
+            "name": f"{exp.name}.{v.name}.s{seed}", "tracking.experiment": exp.name,
+            "tracking.registered_model": f"{exp.name}.{v.name}"}
+    cfg = apply_overrides(base, sets, where=f"experiment {exp.name!r}, variant {v.name!r}, seed {seed}")
+    return Trial(v.name, v.group, v.label, seed, sets, cfg, v.x)
+
+
+def experiment_root(exp: ExperimentConfig) -> Path:
+    """The artifact store: the experiment's `root`, else the base config's root (beside the base config)."""
+    if exp.root:
+        return Path(exp.root)
+    return (Path(exp.base).parent / load_toml(RunConfig, exp.base).root).resolve()
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Running
+# ---------------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class TrialResult:
+    """A finished trial's stage references (None when it failed, with the error)."""
+
+    trial: Trial
+    refs: dict[str, ArtifactRef] | None
+    error: str | None = None
+    wall_s: float = 0.0
+
+
+@dataclass(frozen=True)
+class ExperimentResult:
+    """Every trial's result, the report and plots, and the experiment's MLflow run."""
+
+    trials: list[TrialResult]
+    report: Path
+    plots: list[Path]
+    mlflow_url: str | None
+    failed: list[str] = field(default_factory=list)
+
+
+RunTrial = Callable[[Trial, dict[str, str]], dict[str, ArtifactRef]]
+
+
+def run_experiment(exp: ExperimentConfig, root: Path, run_trial: RunTrial, *, only: Iterable[str] | None = None,
+                   progress: bool = True) -> ExperimentResult:
+    """Run every trial through `run_trial(trial, mlflow_tags)` (a pipeline run), then write and log the report.
+    Each trial's MLflow run is a child of the experiment's parent run."""
+    from pipeline.run import make_tracker
+
+    trials = expand(exp, only=only)
+    first = trials[0].config
+    tracker = make_tracker(first, root)
+    parent = tracker.start_pipeline(f"experiment-{exp.name}-{time.strftime('%Y%m%d-%H%M%S')}",
+                                    exp.model_dump(mode="json"), {"pipeline.stage": "experiment"})
+    results = []
+    try:
+        for trial in bar(trials, desc=f"experiment {exp.name}", unit="trial", disable=not progress):
+            results.append(_run_one(trial, run_trial, _trial_tags(trial, parent)))
+        out = write_report(exp, results, root / "reports" / exp.name)
+        for path in [out.report, out.table_json, *out.plots]:
+            tracker.log_artifact(path, "report")
+        tracker.log_metrics(out.flat_metrics)
+    except BaseException:
+        tracker.end_pipeline("FAILED")
+        raise
+    failed = [r.trial.id for r in results if r.error]
+    tracker.end_pipeline("FAILED" if failed else "FINISHED")
+    return ExperimentResult(results, out.report, out.plots, tracker.parent_url(), failed)
+
+
+def _trial_tags(trial: Trial, parent: str | None) -> dict[str, str]:
+    tags = {"experiment.variant": trial.variant, "experiment.seed": str(trial.seed),
+            "experiment.group": trial.group, "experiment.overrides": json.dumps(trial.overrides)[:5000]}
+    return {**tags, "mlflow.parentRunId": parent} if parent else tags
+
+
+def _run_one(trial: Trial, run_trial: RunTrial, tags: dict[str, str]) -> TrialResult:
+    start = time.perf_counter()
+    try:
+        refs = run_trial(trial, tags)
+    except Exception as exc:  # reported in the table and in the experiment's final status, never swallowed
+        log.exception("trial %s failed", trial.id)
+        return TrialResult(trial, None, f"{type(exc).__name__}: {exc}", time.perf_counter() - start)
+    return TrialResult(trial, refs, None, time.perf_counter() - start)
+
+
+def local_trial(root: Path, progress: bool = False) -> RunTrial:
+    """Run a trial in this process (`pipeline.run.run`), without Prefect."""
+    from pipeline.run import run
+
+    def run_trial(trial: Trial, tags: dict[str, str]) -> dict[str, ArtifactRef]:
+        return run(trial.config, root=root, progress=progress, tags=tags).refs
+    return run_trial
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Summaries
+# ---------------------------------------------------------------------------------------------------------
+
+
+def trial_metrics(result: TrialResult) -> dict[str, Any]:
+    """A finished trial's numbers: final held-out metrics, the chain's checkpoints with cumulative prompts seen,
+    its per-step history (steps continued across the chain), and GFT's mean rectified fraction."""
+    from pipeline.run import round_metrics, stage_history
+
+    refs, cfg = result.refs, result.trial.config
+    checkpoints = [("base", 0.0, _eval(refs, "base"))]
+    history, seen, offset = [], 0.0, 0
+    for stage in cfg.chain:
+        rows = stage_history(refs, stage)
+        seen += _prompts_seen(cfg, stage, rows, round_metrics(refs, stage), refs)
+        checkpoints.append((stage, seen, _eval(refs, stage)))
+        history += [{**r, "step": r["step"] + offset, "stage": stage} for r in rows]
+        offset += int(max((r["step"] for r in rows), default=0))
+    final = dict(checkpoints[-1][2])
+    rect = [r["rectified_frac"] for r in history if r["stage"] == "gft" and "rectified_frac" in r]
+    if rect:
+        final["rectified_frac"] = sum(rect) / len(rect)
+    return {"final": final, "checkpoints": checkpoints, "history": history, "prompts_seen": seen}
+
+
+def _eval(refs: Mapping[str, ArtifactRef], checkpoint: str) -> dict[str, float]:
+    return json.loads((refs[f"eval/{checkpoint}"].path / "metrics.json").read_text())
+
+
+def _prompts_seen(cfg: RunConfig, stage: str, history: Sequence[Mapping[str, float]],
+                  rounds: Sequence[Mapping[str, float]], refs: Mapping[str, ArtifactRef]) -> float:
+    """Training prompts a stage visited: rounds x prompts per round (GFT, GRPO); for SFT the prompts times the
+    passes over its examples (sequences trained / examples), whatever traces per prompt it trained on."""
+    if stage == "gft":
+        return float(cfg.gft.rounds * cfg.gft.prompts_per_round)
+    if stage == "grpo":
+        return float(cfg.grpo.rounds * cfg.grpo.prompts_per_round)
+    import pyarrow.parquet as pq
+
+    n_prompts = pq.ParquetFile(refs["prompts"].path / "train.parquet").metadata.num_rows
+    passes = sum(r.get("sequences", 0.0) for r in history) / max(rounds[0].get("examples", 1.0), 1.0)
+    return n_prompts * passes
+
+
+def _mean_std(values: Sequence[float]) -> tuple[float, float]:
+    mean = sum(values) / len(values)
+    if len(values) < 2:
+        return mean, float("nan")
+    return mean, math.sqrt(sum((v - mean) ** 2 for v in values) / (len(values) - 1))
+
+
+def summarise(results: Sequence[TrialResult], k: int) -> dict[str, dict[str, Any]]:
+    """Per variant, in grid order: mean and sample std over seeds of every reported metric, the seeds that
+    finished, prompts seen, and the mean checkpoint trajectory and per-step history."""
+    by_variant: dict[str, list[tuple[TrialResult, dict[str, Any]]]] = {}
+    for r in results:
+        by_variant.setdefault(r.trial.variant, [])
+        if r.refs is not None:
+            by_variant[r.trial.variant].append((r, trial_metrics(r)))
+    first = {r.trial.variant: r.trial for r in results}
+    out = {}
+    for name, done in by_variant.items():
+        t = first[name]
+        row: dict[str, Any] = {"label": t.label, "group": t.group, "x": t.x, "chain": list(t.config.chain),
+                               "seeds": [r.trial.seed for r, _ in done]}
+        if done:
+            row["prompts_seen"] = done[0][1]["prompts_seen"]
+            for col in (c.format(k=k) for c in METRICS):
+                values = [m["final"][col] for _, m in done if col in m["final"]]
+                if values:
+                    row[col] = _mean_std(values)
+            row["checkpoints"] = _mean_checkpoints([m["checkpoints"] for _, m in done], k)
+            row["history"] = _mean_history([m["history"] for _, m in done])
+        out[name] = row
+    return out
+
+
+def _mean_checkpoints(runs: Sequence[Sequence[tuple]], k: int) -> list[dict[str, Any]]:
+    """[(stage, prompts seen, metrics)] per seed -> per checkpoint: prompts seen and (mean, std) per metric."""
+    out = []
+    for i, (stage, seen, _) in enumerate(runs[0]):
+        point = {"stage": stage, "prompts_seen": seen}
+        for col in ("greedy_accuracy", f"mean@{k}"):
+            point[col] = _mean_std([run[i][2][col] for run in runs])
+        out.append(point)
+    return out
+
+
+def _mean_history(runs: Sequence[Sequence[Mapping[str, Any]]]) -> list[dict[str, float]]:
+    """Per-step means over seeds (steps every seed reached)."""
+    rows = []
+    for step_rows in zip(*runs):
+        keys = set.intersection(*(set(k for k, v in r.items() if isinstance(v, (int, float))) for r in step_rows))
+        rows.append({key: sum(r[key] for r in step_rows) / len(step_rows) for key in keys})
+    return rows
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Report
+# ---------------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Report:
+    """The written report: markdown, the table as JSON, the plots, and flat metrics for MLflow."""
+
+    report: Path
+    table_json: Path
+    plots: list[Path]
+    flat_metrics: dict[str, float]
+
+
+def write_report(exp: ExperimentConfig, results: Sequence[TrialResult], out: Path) -> Report:
+    """results.md (a table per group: mean ± std over seeds), results.json, and the plots, under `out`."""
+    k = results[0].trial.config.eval.k
+    rows = summarise(results, k)
+    plot_paths = write_plots(exp, rows, k, out)
+    md = _markdown(exp, results, rows, k, plot_paths)
+    report = _atomic_write(out / "results.md", md)
+    table = _atomic_write(out / "results.json", json.dumps(
+        {"experiment": exp.model_dump(mode="json"), "k": k, "variants": rows,
+         "trials": [_trial_json(r) for r in results]}, indent=1, default=_json_default))
+    flat = {f"{name}/{col}_{stat}": v for name, row in rows.items() for col, pair in row.items()
+            if isinstance(pair, tuple) for stat, v in zip(("mean", "std"), pair) if not math.isnan(v)}
+    return Report(report, table, plot_paths, flat)
+
+
+def _trial_json(r: TrialResult) -> dict[str, Any]:
+    return {"id": r.trial.id, "variant": r.trial.variant, "seed": r.trial.seed, "overrides": r.trial.overrides,
+            "wall_s": round(r.wall_s, 1), "error": r.error,
+            "refs": {k: v.model_dump(mode="json") for k, v in (r.refs or {}).items()}}
+
+
+def _json_default(obj: Any) -> Any:
+    return obj.item() if hasattr(obj, "item") else str(obj)
+
+
+def _atomic_write(path: Path, text: str) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text)
+    tmp.replace(path)
+    return path
+
+
+def _cell(pair: tuple[float, float] | None) -> str:
+    if pair is None:
+        return "-"
+    mean, std = pair
+    return f"{mean:.3f}" if math.isnan(std) else f"{mean:.3f} ± {std:.3f}"
+
+
+def _table(rows: Mapping[str, Mapping[str, Any]], k: int) -> list[str]:
+    cols = [c.format(k=k) for c in METRICS]
+    lines = ["| variant | chain | prompts seen | seeds | " + " | ".join(cols) + " |",
+             "|---" * (len(cols) + 4) + "|"]
+    for name, row in rows.items():
+        chain = " → ".join(row["chain"]) or "(base)"
+        seen = f"{row['prompts_seen']:.0f}" if "prompts_seen" in row else "-"
+        cells = " | ".join(_cell(row.get(c)) for c in cols)
+        lines.append(f"| {row['label']} | {chain} | {seen} | {len(row['seeds'])} | {cells} |")
+    return lines
+
+
+def _markdown(exp: ExperimentConfig, results: Sequence[TrialResult], rows: Mapping[str, Mapping[str, Any]],
+              k: int, plot_paths: Sequence[Path]) -> str:
+    lines = [f"# Experiment `{exp.name}`", "",
+             f"Base config `{exp.base}`; seeds {list(exp.seeds)}. Cells: mean ± sample std over seeds of the "
+             f"final checkpoint's held-out metrics (mean@{k}, pass@{k} and greedy accuracy, token entropy, "
+             f"KL(base || policy)); rectified_frac is the mean over GFT steps of the share of tokens with p <= tau.",
+             ""]
+    for group in dict.fromkeys(r["group"] for r in rows.values()):
+        title = "Variants" if group == "variants" else f"Sweep `{group}`"
+        lines += [f"## {title}", "", *_table({n: r for n, r in rows.items() if r["group"] == group}, k), ""]
+    failed = [r for r in results if r.error]
+    if failed:
+        lines += ["## Failed trials", ""] + [f"- `{r.trial.id}`: {r.error}" for r in failed] + [""]
+    lines += ["## Plots", ""] + [f"![{p.stem}]({p.name})" for p in plot_paths] + [""]
+    lines += ["## Trials", "", f"Every trial sets {_short(exp.overrides) or 'nothing else'} and writes its seed "
+              f"into {', '.join(exp.seed_fields)}. Wall time includes stages served from the cache.", "",
+              "| trial | chain | wall s | its own overrides |", "|---|---|---|---|"]
+    lines += [f"| {r.trial.id} | {' → '.join(r.trial.config.chain) or '(base)'} | {r.wall_s:.0f} | "
+              f"`{_short(_own(exp, r.trial))}` |" for r in results]
+    return "\n".join(lines) + "\n"
+
+
+def _own(exp: ExperimentConfig, trial: Trial) -> dict[str, Any]:
+    """The fields a trial changes beyond what every trial changes (the experiment's overrides, seed, names)."""
+    common = {*exp.overrides, *exp.seed_fields, "chain", "name", "tracking.experiment", "tracking.registered_model"}
+    return {k: v for k, v in trial.overrides.items() if k not in common or v != exp.overrides.get(k, v)}
+
+
+def _short(overrides: Mapping[str, Any]) -> str:
+    return ", ".join(f"{k}={json.dumps(v)}" for k, v in overrides.items()).replace("|", "\\|")
+
+
+def write_plots(exp: ExperimentConfig, rows: Mapping[str, Mapping[str, Any]], k: int, out: Path) -> list[Path]:
+    """accuracy_vs_prompts.png and steps.png for the variants; one plot per sweep (rectified fraction and
+    accuracy against the swept value, e.g. against tau)."""
+    done = {n: r for n, r in rows.items() if "checkpoints" in r}
+    main = {n: r for n, r in done.items() if r["group"] == "variants"}
+    paths = []
+    if main:
+        curves = {r["label"]: r["checkpoints"] for r in main.values()}
+        paths.append(plots.accuracy_vs_prompts(curves, out / "accuracy_vs_prompts.png",
+                                               ("greedy_accuracy", f"mean@{k}")))
+        steps = {r["label"]: r["history"] for r in main.values() if r["history"]}
+        if steps:
+            paths.append(plots.training_curves(steps, out / "steps.png", keys=("entropy", "grad_norm"),
+                                               title="Entropy and grad norm per optimizer step (mean over seeds)"))
+    for group in dict.fromkeys(r["group"] for r in done.values() if r["group"] != "variants"):
+        points = [r for r in done.values() if r["group"] == group]
+        axis = exp.sweeps[group].label or exp.sweeps[group].field or group
+        paths.append(plots.sweep([(r["x"], {c: r.get(c) for c in ("rectified_frac", "greedy_accuracy", f"mean@{k}")})
+                                  for r in points], out / f"sweep_{group}.png", axis))
+    return paths
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Command line (in-process; `gft experiment` runs the same through Prefect)
+# ---------------------------------------------------------------------------------------------------------
+
+
+def print_plan(exp: ExperimentConfig, trials: Sequence[Trial], root: Path) -> None:
+    """The dry run: each trial and the fields it changes from the base config."""
+    print(f"# experiment {exp.name}: {len(trials)} trials, base {exp.base}, store {root}")
+    print(f"# every trial: {_short(exp.overrides)}; its seed goes into {', '.join(exp.seed_fields)}\n")
+    for t in trials:
+        print(f"{t.id:<24} chain={'/'.join(t.config.chain) or '(base)':<14} {_short(_own(exp, t))}")
+
+
+def where_to_look(result: ExperimentResult, seconds: float) -> str:
+    lines = [result.report.read_text(), f"Finished {len(result.trials)} trials in {seconds:.0f} s."]
+    lines.append(f"- report and plots: {result.report.parent}")
+    if result.mlflow_url:
+        lines.append(f"- MLflow (parent run of every trial): {result.mlflow_url} (start the UI with `gft ui`)")
+    if result.failed:
+        lines.append(f"- FAILED trials: {', '.join(result.failed)} (rerun: finished stages are served from cache)")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m pipeline.experiment", description=__doc__.splitlines()[0])
+    p.add_argument("config", type=Path, help="an experiment TOML, e.g. experiments/paper_table.toml")
+    p.add_argument("--root", type=Path, help="artifact store (default: the experiment's or base config's root)")
+    p.add_argument("--only", help="comma-separated variants or sweeps to run")
+    p.add_argument("--dry-run", action="store_true", help="list the trials and what each changes; run nothing")
+    args = p.parse_args(argv)
+    logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(name)s %(message)s")
+    exp = load_experiment(args.config)
+    root = (args.root or experiment_root(exp)).resolve()
+    only = args.only.split(",") if args.only else None
+    if args.dry_run:
+        print_plan(exp, expand(exp, only=only), root)
+        return 0
+    start = time.perf_counter()
+    result = run_experiment(exp, root, local_trial(root), only=only)
+    print(where_to_look(result, time.perf_counter() - start))
+    return 1 if result.failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
