@@ -294,3 +294,39 @@ def test_embedded_default_end_to_end(harness, tmp_path):
     training_tasks = sum(1 if s == "sft" else getattr(cfg, s).rounds for s in cfg.chain)
     assert len(states) == 4 + training_tasks + len(cfg.chain)  # data, models, teacher, eval(base); stages; evals
     assert all(state == "Completed" for _, state in states)
+
+
+def test_paper_table_ci_experiment(harness, tmp_path):
+    """`gft experiment experiments/paper_table_ci.toml` (every variant and sweep point of the paper table, tiny
+    sizes, one seed): each variant has its metrics, the plots exist, and every trial is a post-train subflow
+    whose MLflow run is a child of the experiment's parent run. No claim about which variant wins."""
+    from flows.cli import main
+    from pipeline.experiment import expand, load_experiment
+
+    config = REPO / "experiments" / "paper_table_ci.toml"
+    assert main(["experiment", str(config), "--root", str(tmp_path), "--no-progress"]) == 0
+    exp = load_experiment(config)
+    trials = expand(exp)
+    out = tmp_path / "reports" / exp.name
+    table = json.loads((out / "results.json").read_text())
+    assert set(table["variants"]) == {t.variant for t in trials}
+    for name, row in table["variants"].items():
+        for col in ("mean@2", "pass@2", "greedy_accuracy"):
+            assert 0.0 <= row[col][0] <= 1.0, (name, col)
+        for col in ("entropy", "kl_base_policy"):  # the sampled KL estimate may dip below 0 by rounding
+            assert row[col][0] > -1e-4 and row[col][0] < float("inf"), (name, col)
+        if "gft" in row["chain"]:
+            assert 0.0 <= row["rectified_frac"][0] <= 1.0, name
+    for name in ("accuracy_vs_prompts.png", "steps.png", "sweep_composition.png", "sweep_tau.png"):
+        assert (out / name).stat().st_size > 10_000, name
+    assert not [t for t in table["trials"] if t["error"]]
+
+    from mlflow import MlflowClient
+
+    client = MlflowClient(tracking_uri=f"sqlite:///{tmp_path / 'mlflow.db'}")
+    xp = client.get_experiment_by_name(exp.name)
+    parent = client.search_runs([xp.experiment_id], filter_string="tags.`pipeline.stage` = 'experiment'")[0]
+    children = client.search_runs([xp.experiment_id], max_results=1000,
+                                  filter_string=f"tags.`mlflow.parentRunId` = '{parent.info.run_id}'")
+    assert len(children) == len(trials) and parent.info.status == "FINISHED"
+    assert {c.data.tags["prefect.flow_run_name"] for c in children} == {t.id for t in trials}  # Prefect subflows
