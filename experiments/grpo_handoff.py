@@ -23,25 +23,21 @@ import torch
 
 from pipeline import stages
 from pipeline.artifacts import ArtifactRef, StageStore
-from pipeline.config import RunConfig, load_toml
+from pipeline.config import RunConfig, apply_overrides, load_toml
 from pipeline.run import resolve_models
 
 
 def _override(cfg: RunConfig, assignments: list[str]) -> RunConfig:
     """`section.field=value` (value parsed as JSON, else kept as a string) applied to a RunConfig."""
-    data = cfg.model_dump(mode="json")
-    for item in assignments:
-        path, _, raw = item.partition("=")
-        try:
-            value = json.loads(raw)
-        except json.JSONDecodeError:
-            value = raw
-        *parents, leaf = path.split(".")
-        node = data
-        for key in parents:
-            node = node[key]
-        node[leaf] = value
-    return RunConfig.model_validate(data)
+    return apply_overrides(cfg, dict(_assignment(item) for item in assignments), where="--set")
+
+
+def _assignment(item: str) -> tuple[str, object]:
+    path, _, raw = item.partition("=")
+    try:
+        return path, json.loads(raw)
+    except json.JSONDecodeError:
+        return path, raw
 
 
 def _metrics(res: stages.Resources, ref: ArtifactRef) -> dict:
