@@ -50,8 +50,8 @@ def training_curves(histories: Mapping[str, Sequence[Mapping[str, float]]], path
         ax.set_title(key)
         ax.set_xlabel("optimizer step")
         ax.grid(alpha=0.3)
-    axes[0][0].legend(fontsize=8)
-    fig.suptitle(title)
+    axes[0][-1].legend(fontsize=7, loc="center left", bbox_to_anchor=(1.02, 0.5))
+    fig.suptitle(title, y=1.03)
     return _save(fig, path)
 
 

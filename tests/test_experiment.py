@@ -65,7 +65,7 @@ def test_paper_table_trials_change_only_what_their_variant_names():
     exp = load_experiment(PAPER)
     base = load_toml(RunConfig, exp.base)
     trials = expand(exp)
-    assert len(trials) == 1 + 9 * 3 + 5 * 3 + 7 * 3  # base at one seed; 9 variants, 5 + 7 sweep points, 3 seeds
+    assert len(trials) == 1 + 10 * 3 + 5 * 3 + 7 * 3  # base at one seed; 10 variants, 5 + 7 sweep points, 3 seeds
     assert len({t.id for t in trials}) == len(trials)
     for t in trials:
         expected = {k: v for k, v in t.overrides.items() if not k.startswith(("name", "tracking."))}
@@ -89,7 +89,7 @@ def test_paper_table_ci_extends_the_paper_table(tmp_path):
     assert list(ci.variants) == list(full.variants) and ci.sweeps == full.sweeps
     assert ci.seeds == (0,) and Path(ci.base) == TINY
     assert ci.overrides["gft.teacher"] == 3 and ci.overrides["gft.rounds"] == 1  # merged field by field
-    assert len(expand(ci)) == 1 + 9 + 5 + 7
+    assert len(expand(ci)) == 1 + 10 + 5 + 7
 
 
 def test_paper_gpu_is_the_papers_setting():
