@@ -10,8 +10,10 @@ What it measures, at the Qwen2-0.5B shape (random init, bf16 autocast over float
               eager, compiled (TrainConfig.compile) at several log-prob chunk sizes, packed (varlen and mask).
               An uneven batch (prompts 64-256, responses 64-768) shows what padding costs and packing saves.
   (b) sample  HFEngine: 128 prompts x 8 samples x 256 new tokens. plain = 32 prompts per generate call,
-              dynamic cache; then 128 prompts per call (dynamic, static + compiled decoding). A long, uneven
-              case (completions stop at random, up to 768 tokens) measures padding and early finishes.
+              dynamic cache; then 128 prompts per call (dynamic, static + compiled decoding). Beside them, plain
+              `model.generate` (raw_generate_*, no engine) at 128 and 32 prompts per call on the same prompts:
+              the engine's overhead, side by side. A long, uneven case (completions stop at random, up to 512
+              tokens) measures padding and early finishes.
   (c) round   One GFT round on the GPU: sample (HFEngine, bf16 copy), score (exact_match in the Scorer's
               worker process), advantages, 4 optimizer steps over 1024 responses (packed, varlen), weight
               sync to the engine; seconds per phase.
@@ -31,6 +33,7 @@ How to run
 from __future__ import annotations
 
 import argparse
+import functools
 import gc
 import json
 import os
@@ -155,6 +158,12 @@ def guarded(rec: Record, name: str, fn, *args) -> None:
 
 def time_left(deadline: float, need_s: float) -> bool:
     return time.time() + need_s < deadline
+
+
+def _wanted(args, names: list[str]) -> set[str] | None:
+    """The variants of a section that --variants names; None (run them all) when it names none of them."""
+    chosen = set(args.variants.split(",")) & set(names) if args.variants else set()
+    return chosen or None
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -336,7 +345,7 @@ def section_train(args, shape: dict, rec: Record, deadline: float) -> None:
     ceiling = measure_ceiling(device)
     rec.set("ceiling", ceiling)
     rec.set("shape", shape)
-    wanted = set(args.variants.split(",")) if args.variants else None
+    wanted = _wanted(args, [name for name, _, _ in TRAIN_VARIANTS])
     for name, kind, opts in TRAIN_VARIANTS:
         if (wanted and name not in wanted) or (args.cpu_smoke and name in SMOKE_SKIP):
             continue
@@ -364,6 +373,13 @@ def _prompts(shape: dict, n: int, seed: int) -> list[list[int]]:
     return [[1] + [rng.randrange(3, shape["vocab"]) for _ in range(rng.randint(32, 128))] for _ in range(n)]
 
 
+def _rate(lengths: list[int], stopped: list[bool], wall: float) -> dict:
+    """Generated tokens (up to and including eos) per wall second, and the completions' lengths."""
+    return {"wall_s": wall, "tokens": sum(lengths), "tokens_per_s": sum(lengths) / wall, "completions": len(lengths),
+            "mean_len": sum(lengths) / len(lengths), "max_len": max(lengths),
+            "stopped_frac": sum(stopped) / len(lengths)}
+
+
 def _generate(engine, prompts, n: int, max_new: int) -> dict:
     from pipeline.config import SamplingConfig
 
@@ -373,10 +389,8 @@ def _generate(engine, prompts, n: int, max_new: int) -> dict:
     out = engine.generate(prompts, n, sampling)
     _sync()
     wall = time.perf_counter() - t0
-    lengths = [len(c.token_ids) for group in out for c in group]
-    return {"wall_s": wall, "tokens": sum(lengths), "tokens_per_s": sum(lengths) / wall,
-            "completions": len(lengths), "mean_len": sum(lengths) / len(lengths), "max_len": max(lengths),
-            "stopped_frac": sum(c.finish_reason == "stop" for g in out for c in g) / len(lengths)}
+    completions = [c for group in out for c in group]
+    return _rate([len(c.token_ids) for c in completions], [c.finish_reason == "stop" for c in completions], wall)
 
 
 def sample_variant(model, tok, prompts, shape, *, batch: int, cache: str, max_new: int, warm: bool) -> dict:
@@ -386,7 +400,41 @@ def sample_variant(model, tok, prompts, shape, *, batch: int, cache: str, max_ne
     result = _generate(engine, prompts, shape["samples"], max_new)
     _free()
     return {**result, "first_pass_s": None if first is None else first["wall_s"], "batch_prompts": batch,
-            "cache": cache, "prompts": len(prompts), "samples": shape["samples"], "max_new_tokens": max_new}
+            "cache": cache, "prompts": len(prompts), "samples": shape["samples"], "max_new_tokens": max_new,
+            "engine": "HFEngine"}
+
+
+def _raw_generate(model, prompts, n: int, max_new: int, batch: int, eos: list[int], pad: int) -> dict:
+    """Time plain `model.generate` calls of `batch` left-padded prompts, n samples each; the tokens are counted
+    after the clock stops, as HFEngine counts them (up to and including the first eos)."""
+    torch = _torch()
+    from pipeline.engines import _left_pad
+
+    torch.manual_seed(1)
+    outs = []  # (prompt width, [B*n, L+T] sequences) per call
+    _sync()
+    t0 = time.perf_counter()
+    for s in range(0, len(prompts), batch):
+        ids, mask = _left_pad(prompts[s:s + batch], pad, _device())  # [B, L] each
+        outs.append((ids.shape[1], model.generate(
+            input_ids=ids, attention_mask=mask, do_sample=True, temperature=1.0, top_k=0, top_p=1.0,
+            max_new_tokens=max_new, num_return_sequences=n, eos_token_id=eos, pad_token_id=pad)))
+    _sync()
+    wall = time.perf_counter() - t0
+    hits = [torch.isin(seq[:, width:], torch.tensor(eos, device=seq.device)) for width, seq in outs]  # [B*n, T]
+    stopped = torch.cat([h.any(1) for h in hits])  # [completions]
+    lengths = torch.cat([torch.where(h.any(1), h.int().argmax(1) + 1, h.shape[1]) for h in hits])  # [completions]
+    return _rate(lengths.tolist(), stopped.tolist(), wall)
+
+
+def raw_generate_variant(model, tok, prompts, shape, *, batch: int, max_new: int) -> dict:
+    """Plain transformers `model.generate`, no engine, for HFEngine's overhead: the same prompts, left padding,
+    pad and eos ids, n samples per prompt (num_return_sequences), temperature 1 with no top-k or top-p."""
+    engine = _engine(model, tok, batch, "dynamic")  # only for the pad and eos ids HFEngine uses
+    result = _raw_generate(model, prompts, shape["samples"], max_new, batch, sorted(engine.eos_ids), engine.pad_id)
+    _free()
+    return {**result, "first_pass_s": None, "batch_prompts": batch, "cache": "dynamic", "prompts": len(prompts),
+            "samples": shape["samples"], "max_new_tokens": max_new, "engine": "model.generate"}
 
 
 def _uneven_eos(model, shape: dict, mean_len: int) -> None:
@@ -394,6 +442,39 @@ def _uneven_eos(model, shape: dict, mean_len: int) -> None:
     after about mean_len tokens on average (geometric lengths: long and uneven)."""
     k = max(1, shape["vocab"] // mean_len)
     model.generation_config.eos_token_id = [2] + list(range(shape["vocab"] - k, shape["vocab"]))
+
+
+def _sample_plans(model, tok, shape: dict) -> tuple[list, list]:
+    """(name, seconds needed on CUDA, run) of the sampling variants in priority order: the round shape
+    (HFEngine at 32 and 128 prompts per call, plain `model.generate` at the same two, the static cache), then
+    the long uneven case (run after `_uneven_eos`)."""
+    prompts = _prompts(shape, shape["prompts"], seed=0)
+    plain_prompts = prompts[: 2 * shape["sample_batch"]]  # two calls: tokens/s is a per-call rate
+    long_prompts = _prompts(shape, shape["long_prompts"], seed=1)
+    big, small, compile_need = shape["prompts"], shape["sample_batch"], 90 if _device().type == "cuda" else 5
+    engine = functools.partial(sample_variant, model, tok, shape=shape, max_new=shape["new_tokens"])
+    raw = functools.partial(raw_generate_variant, model, tok, shape=shape, max_new=shape["new_tokens"])
+    long = functools.partial(sample_variant, model, tok, long_prompts, shape, batch=len(long_prompts),
+                             max_new=shape["long_tokens"])
+    return [
+        ("round_plain_b32_dynamic", 30, lambda: engine(plain_prompts, batch=small, cache="dynamic", warm=False)),
+        ("round_b128_dynamic", 30, lambda: engine(prompts, batch=big, cache="dynamic", warm=False)),
+        ("raw_generate_b128_dynamic", 20, lambda: raw(prompts, batch=big)),
+        ("raw_generate_b32_dynamic", 30, lambda: raw(plain_prompts, batch=small)),
+        ("round_b128_static", compile_need, lambda: engine(prompts, batch=big, cache="static", warm=True)),
+    ], [
+        ("long_uneven_dynamic", 40, lambda: long(cache="dynamic", warm=False)),
+        ("long_uneven_static", compile_need + 20, lambda: long(cache="static", warm=True)),
+    ]
+
+
+def _run_sample(rec: Record, deadline: float, wanted: set[str] | None, name: str, need: int, run) -> None:
+    if wanted is not None and name not in wanted:
+        return
+    if not time_left(deadline, need if _device().type == "cuda" else 2):
+        rec.variant("skipped", name, f"not started: under {need}s left in the section")
+        return
+    guarded(rec, name, run)
 
 
 def section_sample(args, shape: dict, rec: Record, deadline: float) -> None:
@@ -404,30 +485,13 @@ def section_sample(args, shape: dict, rec: Record, deadline: float) -> None:
     dtype = torch.bfloat16 if _device().type == "cuda" else torch.float32
     model = build_model(shape, dtype=dtype).eval()
     model.generation_config.eos_token_id = 2
-    prompts = _prompts(shape, shape["prompts"], seed=0)
-    plain_prompts = prompts[: 2 * shape["sample_batch"]]  # two calls: tokens/s is a per-call rate
-    big = shape["prompts"]
-    compile_need = 90 if _device().type == "cuda" else 5
-    plan = [
-        ("round_plain_b32_dynamic", dict(batch=shape["sample_batch"], cache="dynamic", warm=False), plain_prompts, 30),
-        ("round_b128_dynamic", dict(batch=big, cache="dynamic", warm=False), prompts, 30),
-        ("round_b128_static", dict(batch=big, cache="static", warm=True), prompts, compile_need),
-    ]
-    for name, kw, ps, need in plan:
-        if not time_left(deadline, need if _device().type == "cuda" else 2):
-            rec.variant("skipped", name, f"not started: under {need}s left in the section")
-            continue
-        guarded(rec, name, lambda ps=ps, kw=kw: sample_variant(model, tok, ps, shape, max_new=shape["new_tokens"],
-                                                               **kw))
+    rounds, longs = _sample_plans(model, tok, shape)
+    wanted = _wanted(args, [name for name, _, _ in rounds + longs])
+    for name, need, run in rounds:
+        _run_sample(rec, deadline, wanted, name, need, run)
     _uneven_eos(model, shape, mean_len=max(4, shape["long_tokens"] // 3))
-    long_prompts = _prompts(shape, shape["long_prompts"], seed=1)
-    for name, kw, need in [("long_uneven_dynamic", dict(cache="dynamic", warm=False), 40),
-                           ("long_uneven_static", dict(cache="static", warm=True), compile_need + 20)]:
-        if not time_left(deadline, need if _device().type == "cuda" else 2):
-            rec.variant("skipped", name, f"not started: under {need}s left in the section")
-            continue
-        guarded(rec, name, lambda kw=kw: sample_variant(model, tok, long_prompts, shape, batch=len(long_prompts),
-                                                        max_new=shape["long_tokens"], **kw))
+    for name, need, run in longs:
+        _run_sample(rec, deadline, wanted, name, need, run)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -555,7 +619,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--cpu-smoke", action="store_true", help="tiny shapes on CPU: checks the plumbing, not speed")
     p.add_argument("--budget-s", type=float, default=360.0, help="total seconds for all sections (+20 s grace each)")
     p.add_argument("--sections", default=",".join(SECTIONS), help="comma-separated subset of " + ",".join(SECTIONS))
-    p.add_argument("--variants", default="", help="train: comma-separated subset of the training variants")
+    p.add_argument("--variants", default="", help="comma-separated train and sample variants to run; a section "
+                   "none of whose variants is named runs all of them")
     p.add_argument("--round-cache", choices=("dynamic", "static"), default="dynamic",
                    help="round: HFEngine cache (static compiles the decoding step: ~1 min more)")
     p.add_argument("--round-compile", action="store_true", help="round: TrainConfig.compile (compiles: ~1 min)")
@@ -665,6 +730,29 @@ def goals(sections: dict) -> dict:
     return out
 
 
+ENGINE_PAIRS = {"b128": ("round_b128_dynamic", "raw_generate_b128_dynamic"),
+                "b32": ("round_plain_b32_dynamic", "raw_generate_b32_dynamic")}  # HFEngine, plain generate
+
+
+def engine_vs_raw(sections: dict) -> dict:
+    """HFEngine's sampling tokens/s over plain `model.generate`'s at the same prompts per call (the engine's
+    overhead: below 1 is slower); null where either variant did not run."""
+    sample = sections.get("sample", {}).get("variants", {})
+    out = {}
+    for key, (engine, raw) in ENGINE_PAIRS.items():
+        e, r = (sample.get(name, {}).get("tokens_per_s") for name in (engine, raw))
+        out[key] = {"engine": engine, "raw": raw, "engine_tokens_per_s": e, "raw_tokens_per_s": r,
+                    "engine_vs_raw": None if e is None or r is None else e / r}
+    return out
+
+
+def _print_engine_vs_raw(pairs: dict) -> None:
+    ratio = {key: "-" if v["engine_vs_raw"] is None else f"{v['engine_vs_raw']:.2f}x" for key, v in pairs.items()}
+    parts = [f"{key} {_fmt(v['engine_tokens_per_s'], '.0f')} / {_fmt(v['raw_tokens_per_s'], '.0f')} = {ratio[key]}"
+             for key, v in pairs.items()]
+    print("HFEngine vs plain model.generate, tokens/s: " + "; ".join(parts))
+
+
 def _fmt(x, spec: str = ".1f") -> str:
     return "-" if x is None else format(x, spec)
 
@@ -681,6 +769,7 @@ def print_table(report: dict) -> None:
     for name, v in s.get("sample", {}).get("variants", {}).items():
         print(f"{name:44} {v['tokens_per_s']:9.0f} {v['tokens']:8d} {v['mean_len']:8.1f} {v['wall_s']:7.1f}"
               f" {_fmt(v['first_pass_s']):>7}")
+    _print_engine_vs_raw(report["engine_vs_raw_generate"])
     rnd = s.get("round", {}).get("variants", {}).get("gft_round")
     if rnd:
         phases = ", ".join(f"{k} {v:.1f}s" for k, v in rnd["phase_s"].items())
@@ -712,6 +801,11 @@ DEFINITIONS = {
                             "memory goal compares; start_gib is normally ~0)",
     "step": "forward, backward, clip_grad_norm 1.0, fused AdamW step, zero_grad; collation excluded",
     "sampling tokens_per_s": "generated tokens (up to and including eos) / wall time of the generate calls",
+    "raw_generate": "plain model.generate(input_ids, attention_mask, do_sample, temperature 1, top_k 0, top_p 1, "
+                    "num_return_sequences=n), no engine: HFEngine's prompts, left padding, pad and eos ids; its "
+                    "wall time covers the padding and generate calls (HFEngine's also covers its log-prob "
+                    "recording, copies to the host and decoding)",
+    "engine_vs_raw_generate": "HFEngine tokens/s / raw_generate tokens/s at the same prompts per call",
     "first_pass_s": "an identical first pass when the variant compiles (static cache): compile time included",
 }
 
@@ -729,7 +823,7 @@ def main(argv=None) -> None:
         sections[name] = run_section(args, name, max(30.0, left - later))
     report = {"benchmark": "bench/gpu_bench.py", "argv": sys.argv[1:], "environment": environment(args),
               "total_s": time.time() - start, "goals": goals(sections), "goal_bounds": GOALS,
-              "definitions": DEFINITIONS, "sections": sections}
+              "engine_vs_raw_generate": engine_vs_raw(sections), "definitions": DEFINITIONS, "sections": sections}
     path = args.out / ("gpu_bench_cpu_smoke.json" if args.cpu_smoke else "gpu_bench.json")
     path.write_text(json.dumps(report, indent=1, default=str))
     print_table(report)

@@ -311,20 +311,23 @@ class TokenScorer(nn.Module):
             (lm.get_decoder() if self.fused else lm).compile(**losses.COMPILE_OPTIONS)
 
     def forward(self, input_ids: Tensor, position_ids: Tensor, attention_mask: Tensor | None,
-                targets: Tensor, loss_mask: Tensor, packed: attention.PackedLengths | None = None,
-                ) -> tuple[Tensor, Tensor]:
+                targets: Tensor, loss_mask: Tensor | None, packed: attention.PackedLengths | None = None,
+                positions: Tensor | None = None) -> tuple[Tensor, Tensor]:
+        """log p and entropy [M] of the scored positions: `loss_mask` [R, L], or `positions` [M], the flat
+        indices of its true entries found on the host (a mask on the device must be counted there: a sync)."""
         inputs = dict(input_ids=input_ids, position_ids=position_ids, attention_mask=attention_mask)
         if packed is not None and self.varlen:  # no mask is built; the attention splits the sequences
             inputs.update(packed)
-        labels = targets[loss_mask]  # [M]
+        index = loss_mask.reshape(-1).nonzero()[:, 0] if positions is None else positions  # [M] into R * L
+        labels = targets.reshape(-1)[index]  # [M]
         if self.fused:
             hidden = self.lm.get_decoder()(**inputs, use_cache=False).last_hidden_state  # [R, L, H]
             head = self.lm.get_output_embeddings()
-            stats = token_logprobs(hidden[loss_mask], head.weight, labels, bias=head.bias,
+            stats = token_logprobs(hidden.flatten(0, 1)[index], head.weight, labels, bias=head.bias,
                                    chunk_size=self.chunk_size, compiled=self.compiled)
         else:
             logits = self.lm(**inputs, use_cache=False).logits  # [R, L, V]
-            stats = token_logprobs_from_logits(logits[loss_mask], labels, chunk_size=self.chunk_size)
+            stats = token_logprobs_from_logits(logits.flatten(0, 1)[index], labels, chunk_size=self.chunk_size)
         return stats.logprobs, stats.entropy
 
 
@@ -422,28 +425,63 @@ def make_trainer(model: nn.Module, cfg: TrainConfig, total_steps: int) -> Traine
     return trainer
 
 
+def _to_device(x: Tensor, device: torch.device) -> Tensor:
+    """A host tensor on the device without waiting for the GPU: a plain copy from pageable memory synchronizes
+    the CUDA stream, so on CUDA the tensor is pinned and copied asynchronously."""
+    if device.type != "cuda":
+        return x.to(device)
+    return x.pin_memory().to(device, non_blocking=True)
+
+
 def _score(trainer: Trainer, mb: TokenBatch) -> ScoredTokens:
+    """Score one micro-batch. The scored positions are found, and their per-token fields picked, on the host,
+    and every copy is asynchronous: nothing here waits for the GPU."""
     device = trainer.accelerator.device
-    mask = mb.loss_mask.to(device)
+    positions = mb.loss_mask.reshape(-1).nonzero()[:, 0]  # [M] flat indices into R * L
     packed = None
     if trainer.varlen and mb.attention_mask is None:  # boundaries computed on the host, copied once
         packed = attention.packed_lengths(mb.position_ids)
-        packed["cu_seq_lens_q"] = packed["cu_seq_lens_q"].to(device)
+        packed["cu_seq_lens_q"] = _to_device(packed["cu_seq_lens_q"], device)
     logprobs, entropy = trainer.scorer(
-        input_ids=mb.input_ids.to(device), position_ids=mb.position_ids.to(device),
-        attention_mask=None if mb.attention_mask is None else mb.attention_mask.to(device),
-        targets=mb.targets.to(device), loss_mask=mask, packed=packed)
-    flat = {name: None if getattr(mb, name) is None else getattr(mb, name).to(device)[mask]
-            for name in ("old_logprobs", "ref_logprobs", "is_weights")}  # each [M] or None
-    return ScoredTokens(logprobs=logprobs, entropy=entropy, advantages=mb.advantages.to(device)[mask],
-                        rows=mb.rows.to(device)[mask], mask=torch.ones_like(logprobs, dtype=torch.bool), **flat)
+        input_ids=_to_device(mb.input_ids, device), position_ids=_to_device(mb.position_ids, device),
+        attention_mask=None if mb.attention_mask is None else _to_device(mb.attention_mask, device),
+        targets=_to_device(mb.targets, device), loss_mask=None, packed=packed,
+        positions=_to_device(positions, device))
+    names = ("advantages", "rows", "old_logprobs", "ref_logprobs", "is_weights")
+    flat = {name: None if getattr(mb, name) is None else _to_device(getattr(mb, name).reshape(-1)[positions], device)
+            for name in names}  # each [M] or None, picked on the host
+    return ScoredTokens(logprobs=logprobs, entropy=entropy, mask=torch.ones_like(logprobs, dtype=torch.bool),
+                        **flat)
 
 
-def _check_finite(step: int, what: str, values: Tensor, rows: Tensor) -> None:
-    bad = ~torch.isfinite(values.detach())
-    if bad.any():
-        where = sorted(set(rows[bad].tolist())) if bad.shape == rows.shape else sorted(set(rows.tolist()))
-        raise NonFiniteError(f"step {step}: non-finite {what} in example rows {where[:20]}")
+class _FiniteChecks:
+    """The finite checks of one step's log-probs and losses, queued on the device and read once per step
+    (reading each one would make the host wait for the GPU after every micro-batch)."""
+
+    def __init__(self, device: torch.device):
+        self.bad = torch.zeros((), dtype=torch.bool, device=device)  # [] any non-finite value so far
+        self.found: list[tuple[str, Tensor, Tensor]] = []  # (what, non-finite flags [M] or [], rows [M])
+
+    def add(self, what: str, values: Tensor, rows: Tensor) -> None:
+        flags = ~torch.isfinite(values.detach())
+        self.bad |= flags.any()
+        self.found.append((what, flags, rows))
+
+    def raise_first(self, step: int) -> None:
+        """NonFiniteError naming the first check that failed, in micro-batch order (reads: error path only)."""
+        for what, flags, rows in self.found:
+            if flags.any():
+                where = sorted(set((rows[flags] if flags.shape == rows.shape else rows).tolist()))
+                raise NonFiniteError(f"step {step}: non-finite {what} in example rows {where[:20]}")
+
+
+def _raise_non_finite(trainer: Trainer, checks: _FiniteChecks, step: int,
+                      grad_norm: float | None = None) -> None:
+    """Clear the step's gradients (every micro-batch's backward has run) and raise: the first non-finite
+    log-probs or loss of this process, else the gradient norm."""
+    trainer.optimizer.zero_grad(set_to_none=True)
+    checks.raise_first(step)
+    raise NonFiniteError(f"step {step}: non-finite gradient norm {grad_norm}")
 
 
 @dataclass(frozen=True)
@@ -453,50 +491,66 @@ class StepResult:
     metrics: dict[str, float]
 
 
-def accumulate_gradients(trainer: Trainer, micro_batches: Sequence[TokenBatch], objective: Objective,
-                         totals: StepTotals, *, step: int) -> tuple[Tensor, dict[str, Tensor]]:
-    """Forward/backward over this process's micro-batches, syncing gradients on the last one.
-    Returns the summed loss and token-weighted metric sums of this process."""
+def _accumulate(trainer: Trainer, micro_batches: Sequence[TokenBatch], objective: Objective,
+                totals: StepTotals) -> tuple[Tensor, dict[str, Tensor], _FiniteChecks]:
+    """Forward/backward over this process's micro-batches, syncing gradients on the last one, without reading
+    anything back from the device: the summed loss, token-weighted metric sums and the queued finite checks."""
     acc, world = trainer.accelerator, trainer.accelerator.num_processes
+    checks = _FiniteChecks(acc.device)
     sums: dict[str, Tensor] = {}
     loss_sum = torch.zeros((), device=acc.device, dtype=torch.float64)
     for i, mb in enumerate(micro_batches):
         sync = i == len(micro_batches) - 1
         with nullcontext() if sync else acc.no_sync(trainer.scorer):
             scored = _score(trainer, mb)
-            _check_finite(step, "log-probs", scored.logprobs, scored.rows)
+            checks.add("log-probs", scored.logprobs, scored.rows)
             out = objective(scored, totals)
-            _check_finite(step, "loss", out.loss, scored.rows)
+            checks.add("loss", out.loss, scored.rows)
             acc.backward(out.loss * world)  # DDP averages gradients over processes; we want their sum
         loss_sum += out.loss.detach().double()
         for name, value in out.metrics.items():  # token-weighted, so micro-batch sizes do not matter
             sums[name] = sums.get(name, 0.0) + value.double() * scored.logprobs.numel()
+    return loss_sum, sums, checks
+
+
+def accumulate_gradients(trainer: Trainer, micro_batches: Sequence[TokenBatch], objective: Objective,
+                         totals: StepTotals, *, step: int) -> tuple[Tensor, dict[str, Tensor]]:
+    """Forward/backward over this process's micro-batches, syncing gradients on the last one.
+    Returns the summed loss and token-weighted metric sums of this process. A non-finite log-prob or loss
+    raises NonFiniteError after the last backward (the finite checks are read once), gradients cleared."""
+    loss_sum, sums, checks = _accumulate(trainer, micro_batches, objective, totals)
+    if checks.bad.item():
+        _raise_non_finite(trainer, checks, step)
     return loss_sum, sums
 
 
 def train_step(trainer: Trainer, micro_batches: Sequence[TokenBatch], objective: Objective,
                totals: StepTotals, *, max_grad_norm: float | None, step: int) -> StepResult:
-    """One optimizer step: accumulate gradients, clip, AdamW, advance the schedule."""
-    loss_sum, sums = accumulate_gradients(trainer, micro_batches, objective, totals, step=step)
+    """One optimizer step: accumulate gradients, clip, AdamW, advance the schedule. The host waits for the
+    GPU once, before the optimizer step, reading the finite checks, gradient norm and metrics together."""
+    loss_sum, sums, checks = _accumulate(trainer, micro_batches, objective, totals)
     grad_norm = trainer.accelerator.clip_grad_norm_(trainer.scorer.parameters(), max_grad_norm or float("inf"))
-    if not torch.isfinite(grad_norm):
-        raise NonFiniteError(f"step {step}: non-finite gradient norm {float(grad_norm)}")
     lr = trainer.scheduler.get_last_lr()[0]
+    metrics, bad = _reduce_metrics(trainer.accelerator, loss_sum, sums, totals, grad_norm, lr, checks.bad)
+    if bad or not math.isfinite(metrics["grad_norm"]):
+        _raise_non_finite(trainer, checks, step, metrics["grad_norm"])
     trainer.optimizer.step()
     trainer.scheduler.step()
     trainer.optimizer.zero_grad(set_to_none=True)
-    return StepResult(metrics=_reduce_metrics(trainer.accelerator, loss_sum, sums, totals, grad_norm, lr))
+    return StepResult(metrics=metrics)
 
 
 def _reduce_metrics(acc: Accelerator, loss_sum: Tensor, sums: dict[str, Tensor], totals: StepTotals,
-                    grad_norm: Tensor, lr: float) -> dict[str, float]:
+                    grad_norm: Tensor, lr: float, bad: Tensor) -> tuple[dict[str, float], bool]:
+    """The step's metrics (summed over processes) and this process's non-finite flag, read in one transfer."""
     names = sorted(sums)
-    local = torch.stack([loss_sum] + [torch.as_tensor(sums[n], device=acc.device) for n in names])
+    local = torch.stack([loss_sum] + [torch.as_tensor(sums[n], device=acc.device) for n in names])  # [1 + K]
     total = acc.reduce(local, reduction="sum") if acc.num_processes > 1 else local
-    metrics = {name: float(total[1 + k]) / max(totals.tokens, 1) for k, name in enumerate(names)}
-    metrics.update(loss=float(total[0]), grad_norm=float(grad_norm), lr=lr, tokens=float(totals.tokens),
+    read = torch.cat([total, grad_norm.double().reshape(1), bad.double().reshape(1)]).tolist()  # [K + 3]
+    metrics = {name: read[1 + k] / max(totals.tokens, 1) for k, name in enumerate(names)}
+    metrics.update(loss=read[0], grad_norm=read[-2], lr=lr, tokens=float(totals.tokens),
                    sequences=float(totals.sequences))
-    return metrics
+    return metrics, read[-1] > 0
 
 
 def total_steps(cfg: TrainConfig, n_examples: int) -> int:

@@ -1,6 +1,7 @@
 """The training loop: packing, fused log-probs, accumulation, data parallelism, resume, bad input."""
 
 import os
+import re
 import socket
 import subprocess
 import sys
@@ -13,7 +14,7 @@ from torch.testing import assert_close
 from pipeline.config import TrainConfig
 from pipeline.training import (
     Example, NonFiniteError, StepTotals, TokenScorer, accumulate_gradients, collate_packed, collate_padded,
-    fit, gft_objective, make_trainer, plan_step, save_model, sft_objective, step_order,
+    fit, gft_objective, make_trainer, plan_step, save_model, sft_objective, step_order, train_step,
 )
 from tests.conftest import PAD, random_examples, tiny_lm
 
@@ -154,6 +155,34 @@ def test_nan_loss_names_the_rows():
     cfg = TrainConfig(num_steps=1, sequences_per_step=2, micro_batch_size=2)
     with pytest.raises(NonFiniteError, match=r"step 0: non-finite loss in example rows \[0, 1\]"):
         fit(tiny_lm(), random_examples(2), bad_objective, cfg, pad_id=PAD, progress_bar=False)
+
+
+def _nan_loss_in_row_5(scored, totals):
+    out = sft_objective()(scored, totals)
+    poison = torch.where((scored.rows == 5).any(), float("nan"), 0.0)  # a NaN loss with finite gradients
+    return type(out)(loss=out.loss + poison, metrics=out.metrics)
+
+
+@pytest.mark.parametrize("what", ["log-probs", "loss"])
+def test_nan_in_a_later_micro_batch_is_named_and_nothing_is_updated(what):
+    # The finite checks are read once per step, after every micro-batch's backward: the error still names the
+    # step and the rows of the bad micro-batch (the third of four), the weights are untouched and the
+    # gradients are cleared. A NaN loss is caught even when the gradients stay finite.
+    model, bad_token = tiny_lm("llama"), 40
+    if what == "log-probs":
+        with torch.no_grad():
+            model.get_input_embeddings().weight[bad_token] = float("nan")
+    examples = [Example([3, 4], [5, 6])] * 5 + [Example([bad_token, 4], [5, 6])] + [Example([3, 4], [5, 6])] * 2
+    cfg = TrainConfig(lr=1e-2, sequences_per_step=8, micro_batch_size=2)
+    trainer = make_trainer(model, cfg, total_steps=1)
+    micro, totals = plan_step(examples, list(range(8)), cfg, rank=0, world=1, pad_id=PAD)
+    before = {k: v.clone() for k, v in trainer.model.state_dict().items()}
+    objective, rows = (sft_objective(), "[5]") if what == "log-probs" else (_nan_loss_in_row_5, "[4, 5]")
+    with pytest.raises(NonFiniteError, match=re.escape(f"step 3: non-finite {what} in example rows {rows}")):
+        train_step(trainer, micro, objective, totals, max_grad_norm=1.0, step=3)
+    assert len(micro) == 4 and all(p.grad is None for p in trainer.model.parameters())
+    for k, v in trainer.model.state_dict().items():
+        assert_close(v, before[k], rtol=0, atol=0, equal_nan=True)
 
 
 @pytest.mark.parametrize("example,message", [
