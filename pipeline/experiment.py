@@ -30,6 +30,7 @@ All trials share one artifact store (by default the base config's root, so `gft 
 each other's stages): what several trials have in common (the bootstrap models, teacher responses, the SFT
 before GRPO, an identical sweep point) runs once, and a rerun of the experiment computes only what is missing.
 A failed trial does not stop the others: it is listed in the report and the experiment ends as failed.
+The report (tables, JSON, plots) is `pipeline.report`.
 """
 
 from __future__ import annotations
@@ -37,32 +38,30 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import math
 import re
 import sys
 import time
 import tomllib
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
 from pydantic import Field, model_validator
 
-from pipeline import plots
 from pipeline.artifacts import ArtifactRef
 from pipeline.config import RunConfig, Settings, apply_overrides, load_toml
 from pipeline.progress import bar
+from pipeline.report import own_overrides, short, write_report
 
 __all__ = ["VariantConfig", "SweepConfig", "ExperimentConfig", "Trial", "TrialResult", "ExperimentResult",
-           "load_experiment", "expand", "run_experiment", "summarise", "main"]
+           "load_experiment", "expand", "experiment_root", "run_experiment", "local_trial", "main"]
 
 log = logging.getLogger(__name__)
 
 Chain = tuple[Literal["sft", "gft", "grpo"], ...]
 SEED_FIELDS = ("seed", "sft.train.seed", "gft.train.seed", "gft.sampling.seed", "grpo.train.seed",
                "grpo.sampling.seed")
-METRICS = ("mean@{k}", "pass@{k}", "greedy_accuracy", "entropy", "kl_base_policy", "rectified_frac")
 _NAME = re.compile(r"^[A-Za-z0-9_-]+$")
 
 
@@ -325,225 +324,6 @@ def local_trial(root: Path, progress: bool = False) -> RunTrial:
 
 
 # ---------------------------------------------------------------------------------------------------------
-# Summaries
-# ---------------------------------------------------------------------------------------------------------
-
-
-def trial_metrics(result: TrialResult) -> dict[str, Any]:
-    """A finished trial's numbers: final held-out metrics, the chain's checkpoints with cumulative prompts seen,
-    its per-step history (steps continued across the chain), and GFT's mean rectified fraction."""
-    from pipeline.run import round_metrics, stage_history
-
-    refs, cfg = result.refs, result.trial.config
-    checkpoints = [("base", 0.0, _eval(refs, "base"))]
-    history, seen, offset = [], 0.0, 0
-    for stage in cfg.chain:
-        rows = stage_history(refs, stage)
-        seen += _prompts_seen(cfg, stage, rows, round_metrics(refs, stage), refs)
-        checkpoints.append((stage, seen, _eval(refs, stage)))
-        history += [{**r, "step": r["step"] + offset, "stage": stage} for r in rows]
-        offset += int(max((r["step"] for r in rows), default=0))
-    final = dict(checkpoints[-1][2])
-    rect = [r["rectified_frac"] for r in history if r["stage"] == "gft" and "rectified_frac" in r]
-    if rect:
-        final["rectified_frac"] = sum(rect) / len(rect)
-    return {"final": final, "checkpoints": checkpoints, "history": history, "prompts_seen": seen}
-
-
-def _eval(refs: Mapping[str, ArtifactRef], checkpoint: str) -> dict[str, float]:
-    return json.loads((refs[f"eval/{checkpoint}"].path / "metrics.json").read_text())
-
-
-def _prompts_seen(cfg: RunConfig, stage: str, history: Sequence[Mapping[str, float]],
-                  rounds: Sequence[Mapping[str, float]], refs: Mapping[str, ArtifactRef]) -> float:
-    """Training prompts a stage visited: rounds x prompts per round (GFT, GRPO); for SFT the prompts times the
-    passes over its examples (sequences trained / examples), whatever traces per prompt it trained on."""
-    if stage == "gft":
-        return float(cfg.gft.rounds * cfg.gft.prompts_per_round)
-    if stage == "grpo":
-        return float(cfg.grpo.rounds * cfg.grpo.prompts_per_round)
-    import pyarrow.parquet as pq
-
-    n_prompts = pq.ParquetFile(refs["prompts"].path / "train.parquet").metadata.num_rows
-    passes = sum(r.get("sequences", 0.0) for r in history) / max(rounds[0].get("examples", 1.0), 1.0)
-    return n_prompts * passes
-
-
-def _mean_std(values: Sequence[float]) -> tuple[float, float]:
-    mean = sum(values) / len(values)
-    if len(values) < 2:
-        return mean, float("nan")
-    return mean, math.sqrt(sum((v - mean) ** 2 for v in values) / (len(values) - 1))
-
-
-def summarise(results: Sequence[TrialResult], k: int) -> dict[str, dict[str, Any]]:
-    """Per variant, in grid order: mean and sample std over seeds of every reported metric, the seeds that
-    finished, prompts seen, and the mean checkpoint trajectory and per-step history."""
-    by_variant: dict[str, list[tuple[TrialResult, dict[str, Any]]]] = {}
-    for r in results:
-        by_variant.setdefault(r.trial.variant, [])
-        if r.refs is not None:
-            by_variant[r.trial.variant].append((r, trial_metrics(r)))
-    first = {r.trial.variant: r.trial for r in results}
-    out = {}
-    for name, done in by_variant.items():
-        t = first[name]
-        row: dict[str, Any] = {"label": t.label, "group": t.group, "x": t.x, "chain": list(t.config.chain),
-                               "seeds": [r.trial.seed for r, _ in done]}
-        if done:
-            row["prompts_seen"] = done[0][1]["prompts_seen"]
-            for col in (c.format(k=k) for c in METRICS):
-                values = [m["final"][col] for _, m in done if col in m["final"]]
-                if values:
-                    row[col] = _mean_std(values)
-            row["checkpoints"] = _mean_checkpoints([m["checkpoints"] for _, m in done], k)
-            row["history"] = _mean_history([m["history"] for _, m in done])
-        out[name] = row
-    return out
-
-
-def _mean_checkpoints(runs: Sequence[Sequence[tuple]], k: int) -> list[dict[str, Any]]:
-    """[(stage, prompts seen, metrics)] per seed -> per checkpoint: prompts seen and (mean, std) per metric."""
-    out = []
-    for i, (stage, seen, _) in enumerate(runs[0]):
-        point = {"stage": stage, "prompts_seen": seen}
-        for col in ("greedy_accuracy", f"mean@{k}"):
-            point[col] = _mean_std([run[i][2][col] for run in runs])
-        out.append(point)
-    return out
-
-
-def _mean_history(runs: Sequence[Sequence[Mapping[str, Any]]]) -> list[dict[str, float]]:
-    """Per-step means over seeds (steps every seed reached)."""
-    rows = []
-    for step_rows in zip(*runs):
-        keys = set.intersection(*(set(k for k, v in r.items() if isinstance(v, (int, float))) for r in step_rows))
-        rows.append({key: sum(r[key] for r in step_rows) / len(step_rows) for key in keys})
-    return rows
-
-
-# ---------------------------------------------------------------------------------------------------------
-# Report
-# ---------------------------------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class Report:
-    """The written report: markdown, the table as JSON, the plots, and flat metrics for MLflow."""
-
-    report: Path
-    table_json: Path
-    plots: list[Path]
-    flat_metrics: dict[str, float]
-
-
-def write_report(exp: ExperimentConfig, results: Sequence[TrialResult], out: Path) -> Report:
-    """results.md (a table per group: mean ± std over seeds), results.json, and the plots, under `out`."""
-    k = results[0].trial.config.eval.k
-    rows = summarise(results, k)
-    plot_paths = write_plots(exp, rows, k, out)
-    md = _markdown(exp, results, rows, k, plot_paths)
-    report = _atomic_write(out / "results.md", md)
-    table = _atomic_write(out / "results.json", json.dumps(
-        {"experiment": exp.model_dump(mode="json"), "k": k, "variants": rows,
-         "trials": [_trial_json(r) for r in results]}, indent=1, default=_json_default))
-    flat = {f"{name}/{col}_{stat}": v for name, row in rows.items() for col, pair in row.items()
-            if isinstance(pair, tuple) for stat, v in zip(("mean", "std"), pair) if not math.isnan(v)}
-    return Report(report, table, plot_paths, flat)
-
-
-def _trial_json(r: TrialResult) -> dict[str, Any]:
-    return {"id": r.trial.id, "variant": r.trial.variant, "seed": r.trial.seed, "overrides": r.trial.overrides,
-            "wall_s": round(r.wall_s, 1), "error": r.error,
-            "refs": {k: v.model_dump(mode="json") for k, v in (r.refs or {}).items()}}
-
-
-def _json_default(obj: Any) -> Any:
-    return obj.item() if hasattr(obj, "item") else str(obj)
-
-
-def _atomic_write(path: Path, text: str) -> Path:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text)
-    tmp.replace(path)
-    return path
-
-
-def _cell(pair: tuple[float, float] | None) -> str:
-    if pair is None:
-        return "-"
-    mean, std = pair
-    return f"{mean:.3f}" if math.isnan(std) else f"{mean:.3f} ± {std:.3f}"
-
-
-def _table(rows: Mapping[str, Mapping[str, Any]], k: int) -> list[str]:
-    cols = [c.format(k=k) for c in METRICS]
-    lines = ["| variant | chain | prompts seen | seeds | " + " | ".join(cols) + " |",
-             "|---" * (len(cols) + 4) + "|"]
-    for name, row in rows.items():
-        chain = " → ".join(row["chain"]) or "(base)"
-        seen = f"{row['prompts_seen']:.0f}" if "prompts_seen" in row else "-"
-        cells = " | ".join(_cell(row.get(c)) for c in cols)
-        lines.append(f"| {row['label']} | {chain} | {seen} | {len(row['seeds'])} | {cells} |")
-    return lines
-
-
-def _markdown(exp: ExperimentConfig, results: Sequence[TrialResult], rows: Mapping[str, Mapping[str, Any]],
-              k: int, plot_paths: Sequence[Path]) -> str:
-    lines = [f"# Experiment `{exp.name}`", "",
-             f"Base config `{exp.base}`; seeds {list(exp.seeds)}. Cells: mean ± sample std over seeds of the "
-             f"final checkpoint's held-out metrics (mean@{k}, pass@{k} and greedy accuracy, token entropy, "
-             f"KL(base || policy)); rectified_frac is the mean over GFT steps of the share of tokens with p <= tau.",
-             ""]
-    for group in dict.fromkeys(r["group"] for r in rows.values()):
-        title = "Variants" if group == "variants" else f"Sweep `{group}`"
-        lines += [f"## {title}", "", *_table({n: r for n, r in rows.items() if r["group"] == group}, k), ""]
-    failed = [r for r in results if r.error]
-    if failed:
-        lines += ["## Failed trials", ""] + [f"- `{r.trial.id}`: {r.error}" for r in failed] + [""]
-    lines += ["## Plots", ""] + [f"![{p.stem}]({p.name})" for p in plot_paths] + [""]
-    lines += ["## Trials", "", f"Every trial sets {_short(exp.overrides) or 'nothing else'} and writes its seed "
-              f"into {', '.join(exp.seed_fields)}. Wall time includes stages served from the cache.", "",
-              "| trial | chain | wall s | its own overrides |", "|---|---|---|---|"]
-    lines += [f"| {r.trial.id} | {' → '.join(r.trial.config.chain) or '(base)'} | {r.wall_s:.0f} | "
-              f"`{_short(_own(exp, r.trial))}` |" for r in results]
-    return "\n".join(lines) + "\n"
-
-
-def _own(exp: ExperimentConfig, trial: Trial) -> dict[str, Any]:
-    """The fields a trial changes beyond what every trial changes (the experiment's overrides, seed, names)."""
-    common = {*exp.overrides, *exp.seed_fields, "chain", "name", "tracking.experiment", "tracking.registered_model"}
-    return {k: v for k, v in trial.overrides.items() if k not in common or v != exp.overrides.get(k, v)}
-
-
-def _short(overrides: Mapping[str, Any]) -> str:
-    return ", ".join(f"{k}={json.dumps(v)}" for k, v in overrides.items()).replace("|", "\\|")
-
-
-def write_plots(exp: ExperimentConfig, rows: Mapping[str, Mapping[str, Any]], k: int, out: Path) -> list[Path]:
-    """accuracy_vs_prompts.png and steps.png for the variants; one plot per sweep (rectified fraction and
-    accuracy against the swept value, e.g. against tau)."""
-    done = {n: r for n, r in rows.items() if "checkpoints" in r}
-    main = {n: r for n, r in done.items() if r["group"] == "variants"}
-    paths = []
-    if main:
-        curves = {r["label"]: r["checkpoints"] for r in main.values()}
-        paths.append(plots.accuracy_vs_prompts(curves, out / "accuracy_vs_prompts.png",
-                                               ("greedy_accuracy", f"mean@{k}")))
-        steps = {r["label"]: r["history"] for r in main.values() if r["history"]}
-        if steps:
-            paths.append(plots.training_curves(steps, out / "steps.png", keys=("entropy", "grad_norm"),
-                                               title="Entropy and grad norm per optimizer step (mean over seeds)"))
-    for group in dict.fromkeys(r["group"] for r in done.values() if r["group"] != "variants"):
-        points = [r for r in done.values() if r["group"] == group]
-        axis = exp.sweeps[group].label or exp.sweeps[group].field or group
-        paths.append(plots.sweep([(r["x"], {c: r.get(c) for c in ("rectified_frac", "greedy_accuracy", f"mean@{k}")})
-                                  for r in points], out / f"sweep_{group}.png", axis))
-    return paths
-
-
-# ---------------------------------------------------------------------------------------------------------
 # Command line (in-process; `gft experiment` runs the same through Prefect)
 # ---------------------------------------------------------------------------------------------------------
 
@@ -551,9 +331,9 @@ def write_plots(exp: ExperimentConfig, rows: Mapping[str, Mapping[str, Any]], k:
 def print_plan(exp: ExperimentConfig, trials: Sequence[Trial], root: Path) -> None:
     """The dry run: each trial and the fields it changes from the base config."""
     print(f"# experiment {exp.name}: {len(trials)} trials, base {exp.base}, store {root}")
-    print(f"# every trial: {_short(exp.overrides)}; its seed goes into {', '.join(exp.seed_fields)}\n")
+    print(f"# every trial: {short(exp.overrides)}; its seed goes into {', '.join(exp.seed_fields)}\n")
     for t in trials:
-        print(f"{t.id:<24} chain={'/'.join(t.config.chain) or '(base)':<14} {_short(_own(exp, t))}")
+        print(f"{t.id:<24} chain={'/'.join(t.config.chain) or '(base)':<14} {short(own_overrides(exp, t))}")
 
 
 def where_to_look(result: ExperimentResult, seconds: float) -> str:
