@@ -215,13 +215,23 @@ def test_mlflow_ui_in_headless_chromium(failed_then_rerun, tmp_path):
         run_page = visible_text(render(urls["run"], out / "mlflow-parent-run.png"))
         runs_page = visible_text(render(urls["runs"], out / "mlflow-runs.png"))
     finally:
-        os.killpg(proc.pid, signal.SIGINT)
-        proc.wait(60)
+        _stop_group(proc, signal.SIGTERM)  # gft ui stops its servers on SIGTERM as on Ctrl-C
     assert parent.info.run_name in run_page and "Child runs" in run_page
     for stage in ("prepare_data", "bootstrap_models", "teacher_sample", "sft", "gft_round", "evaluate"):
         assert stage in runs_page
     assert "/train (" in runs_page and "/groups (" in runs_page  # dataset inputs with their digests
     assert (out / "mlflow-parent-run.png").stat().st_size > 10_000
+
+
+def _stop_group(proc: subprocess.Popen, sig: int, timeout_s: float = 60) -> None:
+    """Signal the process group a test started, then SIGKILL it if it is still running after `timeout_s` (a
+    process started from a non-interactive shell's background job inherits SIGINT ignored)."""
+    os.killpg(proc.pid, sig)
+    try:
+        proc.wait(timeout_s)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait(30)
 
 
 def _free_port() -> int:
@@ -241,8 +251,7 @@ def test_gft_serve_creates_a_scheduled_deployment(harness):
     try:
         deployment = _wait_for_deployment("post-train/nightly-test", proc)
     finally:
-        os.killpg(proc.pid, signal.SIGINT)
-        proc.wait(60)
+        _stop_group(proc, signal.SIGINT)  # Ctrl-C
     assert [s.schedule.cron for s in deployment.schedules] == ["0 2 * * *"]
     assert deployment.parameters["config"] == str(TINY)
 
