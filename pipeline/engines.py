@@ -225,7 +225,11 @@ class HFEngine:
         from transformers import GenerationConfig
 
         sample, static = sampling.temperature > 0, self.cfg.hf_cache == "static"
-        knobs = dict(temperature=sampling.temperature, top_p=sampling.top_p, top_k=0, min_p=0.0, typical_p=1.0,
+        # min_p=0.0 would add a min-p warper that removes nothing but costs a softmax over [B*n, V] at every
+        # decoding step; None adds none, and is only wrong when the model's own generation config sets a min_p
+        # (None values are filled from it).
+        min_p = 0.0 if getattr(self.model.generation_config, "min_p", None) else None
+        knobs = dict(temperature=sampling.temperature, top_p=sampling.top_p, top_k=0, min_p=min_p, typical_p=1.0,
                      epsilon_cutoff=0.0, eta_cutoff=0.0) if sample else {}
         return GenerationConfig(
             do_sample=sample, **knobs, repetition_penalty=1.0, no_repeat_ngram_size=0, min_new_tokens=0,

@@ -310,7 +310,7 @@ class TokenScorer(nn.Module):
         if compiled:  # in place, so parameter names and checkpoints do not change
             (lm.get_decoder() if self.fused else lm).compile(**losses.COMPILE_OPTIONS)
 
-    def forward(self, input_ids: Tensor, position_ids: Tensor, attention_mask: Tensor | None,
+    def forward(self, input_ids: Tensor, position_ids: Tensor | None, attention_mask: Tensor | None,
                 targets: Tensor, loss_mask: Tensor | None, packed: attention.PackedLengths | None = None,
                 positions: Tensor | None = None) -> tuple[Tensor, Tensor]:
         """log p and entropy [M] of the scored positions: `loss_mask` [R, L], or `positions` [M], the flat
@@ -443,15 +443,24 @@ def _score(trainer: Trainer, mb: TokenBatch) -> ScoredTokens:
         packed = attention.packed_lengths(mb.position_ids)
         packed["cu_seq_lens_q"] = _to_device(packed["cu_seq_lens_q"], device)
     logprobs, entropy = trainer.scorer(
-        input_ids=_to_device(mb.input_ids, device), position_ids=_to_device(mb.position_ids, device),
-        attention_mask=None if mb.attention_mask is None else _to_device(mb.attention_mask, device),
-        targets=_to_device(mb.targets, device), loss_mask=None, packed=packed,
+        **_model_inputs(mb, device), targets=_to_device(mb.targets, device), loss_mask=None, packed=packed,
         positions=_to_device(positions, device))
     names = ("advantages", "rows", "old_logprobs", "ref_logprobs", "is_weights")
     flat = {name: None if getattr(mb, name) is None else _to_device(getattr(mb, name).reshape(-1)[positions], device)
             for name in names}  # each [M] or None, picked on the host
     return ScoredTokens(logprobs=logprobs, entropy=entropy, mask=torch.ones_like(logprobs, dtype=torch.bool),
                         **flat)
+
+
+def _model_inputs(mb: TokenBatch, device: torch.device) -> dict[str, Tensor | None]:
+    """input_ids, plus position ids and attention mask where they say more than the model's defaults. A padded
+    micro-batch without pad positions has an all-ones mask and 0..L-1 positions in every row: passing neither
+    lets SDPA take its causal fast path (under torch.compile, transformers cannot see that a mask is all ones and
+    builds an explicit one). Decided on the host copy: no device sync."""
+    full = mb.attention_mask is not None and bool(mb.attention_mask.all())
+    return {"input_ids": _to_device(mb.input_ids, device),
+            "position_ids": None if full else _to_device(mb.position_ids, device),
+            "attention_mask": None if full or mb.attention_mask is None else _to_device(mb.attention_mask, device)}
 
 
 class _FiniteChecks:

@@ -213,3 +213,24 @@ def test_bad_requests_are_named(engine):
         engine.generate([[1, 2], []], 1, SAMPLE)
     with pytest.raises(ValueError, match="n must be"):
         engine.generate([[1, 2]], 0, SAMPLE)
+
+
+def test_no_min_p_warper_unless_the_model_sets_one(engine):
+    """min_p = 0.0 filters nothing yet adds a warper (a softmax over the vocabulary) to every decoding step; the
+    engine passes none, except to override a min_p the model's own generation config sets."""
+    from transformers.generation import MinPLogitsWarper
+
+    sampling = SamplingConfig(temperature=1.0, max_new_tokens=4)
+
+    def warpers() -> list:
+        cfg = engine._generation_config(sampling, 2)
+        return [type(w) for w in engine.model._get_logits_processor(
+            generation_config=engine.model._prepare_generation_config(cfg)[0], input_ids_seq_length=3,
+            encoder_input_ids=None, prefix_allowed_tokens_fn=None, logits_processor=None)]
+
+    assert MinPLogitsWarper not in warpers()
+    engine.model.generation_config.min_p = 0.3
+    try:
+        assert engine._generation_config(sampling, 2).min_p == 0.0  # the model's 0.3 is overridden
+    finally:
+        engine.model.generation_config.min_p = None

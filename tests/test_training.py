@@ -242,3 +242,27 @@ def test_trainers_of_different_precision_in_one_process():
         result = fit(tiny_lm(), random_examples(2), sft_objective(), cfg, pad_id=PAD, progress_bar=False)
         assert result.trainer.accelerator.mixed_precision == ("bf16" if precision == "bf16" or (
             precision == "auto" and torch.cuda.is_available()) else "no")
+
+
+@pytest.mark.parametrize("equal", [True, False])
+def test_full_padded_micro_batch_passes_neither_mask_nor_positions(equal, monkeypatch):
+    """Rows of equal length: the padded micro-batch's mask is all ones and its positions 0..L-1, so the model gets
+    neither (its causal default, SDPA's fast path); uneven rows keep both. Log-probs equal the reference."""
+    from pipeline.training import _score
+
+    examples = random_examples(6, seed=3)
+    if equal:
+        examples = [Example(list(ex.prompt_ids[:1]) * 3, [5, 6, 7, 8], ex.advantage) for ex in examples]
+    model = tiny_lm(dtype=torch.float64)
+    trainer = make_trainer(model, TrainConfig(lr=1e-3, sequences_per_step=6, micro_batch_size=6), total_steps=1)
+    seen = []
+    real = TokenScorer.forward
+
+    def spy(self, input_ids, position_ids, attention_mask, *args, **kw):
+        seen.append((position_ids, attention_mask))
+        return real(self, input_ids, position_ids, attention_mask, *args, **kw)
+
+    monkeypatch.setattr(TokenScorer, "forward", spy)
+    scored = _score(trainer, collate_padded(examples, list(range(6)), PAD))
+    assert (seen[0][0] is None and seen[0][1] is None) == equal
+    assert_close(scored.logprobs.detach(), _reference_logprobs(model, examples, range(6)), rtol=1e-10, atol=1e-10)
