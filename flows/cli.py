@@ -88,13 +88,11 @@ def _dry_run(cfg: RunConfig, root: Path, refresh: str | None) -> int:
 
 
 def cmd_experiment(args: argparse.Namespace) -> int:
-    from pipeline.experiment import expand, experiment_root, load_experiment, print_plan
+    from pipeline.experiment import open_experiment, print_plan
 
-    exp = load_experiment(args.config)
-    root = (args.root or experiment_root(exp)).resolve()
-    only = args.only.split(",") if args.only else None
+    exp, root, only = open_experiment(args.config, args.root, args.only)
     if args.dry_run:
-        print_plan(exp, expand(exp, only=only), root)
+        print_plan(exp, root, only)
         return 0
     _quiet_libraries()
     from pipeline import progress

@@ -37,7 +37,7 @@ import pipeline
 
 __all__ = [
     "ArtifactRef", "Manifest", "PendingOutput", "StageStore", "ArtifactError",
-    "file_sha256", "tree_sha256", "files_sha256", "hash_tree", "stage_key", "git_commit",
+    "file_sha256", "tree_sha256", "files_sha256", "hash_tree", "stage_key", "git_commit", "write_text_atomic",
 ]
 
 log = logging.getLogger(__name__)
@@ -288,7 +288,7 @@ class StageStore:
             m = _build_manifest(tmp, final, kind=kind, version=version, config=config, inputs=inputs,
                                 schema_version=schema_version, metrics=pending.metrics,
                                 wall_time_s=time.monotonic() - start)
-            _write_json_atomic(tmp / MANIFEST, m.model_dump_json(indent=2))
+            write_text_atomic(tmp / MANIFEST, m.model_dump_json(indent=2))
             pending.ref = self._publish(tmp, final, m)
         finally:
             try:
@@ -376,13 +376,17 @@ def _build_manifest(tmp: Path, final: Path, *, kind: str, version: int, config: 
                     created_at=datetime.now(timezone.utc), wall_time_s=wall_time_s, metrics=metrics, output=output)
 
 
-def _write_json_atomic(path: Path, text: str) -> None:
+def write_text_atomic(path: Path, text: str) -> Path:
+    """Write `text` to `path` through a uniquely named temp file, fsync and rename: readers see the old file or the
+    new one, never a part (the parent folder is created if missing)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.{secrets.token_hex(4)}")
     with tmp.open("w", encoding="utf-8") as fh:
         fh.write(text)
         fh.flush()
         os.fsync(fh.fileno())
     os.replace(tmp, path)
+    return path
 
 
 def _fsync_dir(path: Path) -> None:

@@ -328,8 +328,17 @@ def local_trial(root: Path, progress: bool = False) -> RunTrial:
 # ---------------------------------------------------------------------------------------------------------
 
 
-def print_plan(exp: ExperimentConfig, trials: Sequence[Trial], root: Path) -> None:
+def open_experiment(config: Path, root: Path | None, only: str | None,
+                    ) -> tuple[ExperimentConfig, Path, list[str] | None]:
+    """What the command lines take: the experiment file, its store (`root`, else the experiment's own), and the
+    comma-separated `only` as a list."""
+    exp = load_experiment(config)
+    return exp, (root or experiment_root(exp)).resolve(), only.split(",") if only else None
+
+
+def print_plan(exp: ExperimentConfig, root: Path, only: Sequence[str] | None) -> None:
     """The dry run: each trial and the fields it changes from the base config."""
+    trials = expand(exp, only=only)
     print(f"# experiment {exp.name}: {len(trials)} trials, base {exp.base}, store {root}")
     print(f"# every trial: {short(exp.overrides)}; its seed goes into {', '.join(exp.seed_fields)}\n")
     for t in trials:
@@ -354,11 +363,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--dry-run", action="store_true", help="list the trials and what each changes; run nothing")
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(name)s %(message)s")
-    exp = load_experiment(args.config)
-    root = (args.root or experiment_root(exp)).resolve()
-    only = args.only.split(",") if args.only else None
+    exp, root, only = open_experiment(args.config, args.root, args.only)
     if args.dry_run:
-        print_plan(exp, expand(exp, only=only), root)
+        print_plan(exp, root, only)
         return 0
     start = time.perf_counter()
     result = run_experiment(exp, root, local_trial(root), only=only)

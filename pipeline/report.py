@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from pipeline import plots
-from pipeline.artifacts import ArtifactRef
+from pipeline.artifacts import ArtifactRef, write_text_atomic
 from pipeline.config import RunConfig
 
 if TYPE_CHECKING:  # the experiment module imports this one
@@ -138,8 +138,8 @@ def write_report(exp: ExperimentConfig, results: Sequence[TrialResult], out: Pat
     rows = summarise(results, k)
     plot_paths = write_plots(exp, rows, k, out)
     md = _markdown(exp, results, rows, k, plot_paths)
-    report = _atomic_write(out / "results.md", md)
-    table = _atomic_write(out / "results.json", json.dumps(
+    report = write_text_atomic(out / "results.md", md)
+    table = write_text_atomic(out / "results.json", json.dumps(
         {"experiment": exp.model_dump(mode="json"), "k": k, "variants": rows,
          "trials": [_trial_json(r) for r in results]}, indent=1, default=_json_default))
     flat = {f"{name}/{col}_{stat}": v for name, row in rows.items() for col, pair in row.items()
@@ -155,14 +155,6 @@ def _trial_json(r: TrialResult) -> dict[str, Any]:
 
 def _json_default(obj: Any) -> Any:
     return obj.item() if hasattr(obj, "item") else str(obj)
-
-
-def _atomic_write(path: Path, text: str) -> Path:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text)
-    tmp.replace(path)
-    return path
 
 
 def _cell(pair: tuple[float, float] | None) -> str:

@@ -21,7 +21,7 @@ from pathlib import Path
 import torch
 
 from pipeline import plots, stages
-from pipeline.artifacts import ArtifactRef, StageStore
+from pipeline.artifacts import ArtifactRef, StageStore, write_text_atomic
 from pipeline.config import RunConfig, load_toml
 from pipeline.evaluation import comparison_table
 from pipeline.tracking import MlflowTracker, NullTracker, sqlite_uri
@@ -279,11 +279,7 @@ def _write_summary(path: Path, cfg: RunConfig, refs: dict[str, ArtifactRef], met
     url = tracker.parent_url()
     if url:
         lines += ["", f"MLflow: {url} (start the UI with `gft ui`)"]
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text("\n".join(lines) + "\n")
-    tmp.replace(path)
-    return path
+    return write_text_atomic(path, "\n".join(lines) + "\n")
 
 
 def main(argv: list[str] | None = None) -> int:
