@@ -60,6 +60,9 @@ class TrainConfig(Settings):
     """Token budget of one packed micro-batch row (packed mode)."""
     logprob_chunk_size: int = Field(1024, ge=1)
     """Tokens per chunk of the output projection + log-softmax (bounds the float32 logits in memory)."""
+    keep_logits: bool = False
+    """Keep each chunk's logits (matmul dtype: scored tokens x vocab x 2 bytes under bf16) from forward for
+    backward instead of recomputing them: one output-projection matmul fewer per chunk, for that memory."""
     precision: Literal["auto", "bf16", "fp32"] = "auto"
     """auto = bf16 autocast on GPU, full precision (the model's own dtype) on CPU."""
     gradient_checkpointing: bool = False

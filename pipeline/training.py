@@ -296,13 +296,14 @@ class TokenScorer(nn.Module):
     projection in checkpointed chunks; models whose logits are not a plain projection go through the full
     forward and chunked log-softmax. Wrapping in one module keeps DDP's hooks on the whole computation.
     `compiled` compiles the decoder (the whole model off the fused path) and the log-prob chunk kernels;
-    `varlen` makes packed rows (`packed` given to forward) attend per sequence without a mask tensor.
+    `varlen` makes packed rows (`packed` given to forward) attend per sequence without a mask tensor;
+    `keep_logits` keeps the fused head's logits for backward instead of recomputing them.
     """
 
     def __init__(self, lm: nn.Module, *, chunk_size: int = 2048, fused: bool | None = None,
-                 compiled: bool = False, varlen: bool = False):
+                 compiled: bool = False, varlen: bool = False, keep_logits: bool = False):
         super().__init__()
-        self.lm, self.chunk_size, self.compiled = lm, chunk_size, compiled
+        self.lm, self.chunk_size, self.compiled, self.keep_logits = lm, chunk_size, compiled, keep_logits
         self.fused = _plain_head(lm) is not None if fused is None else fused
         self.varlen = varlen and not getattr(lm.config, "use_sliding_window", False)
         if self.varlen:  # behaves as SDPA unless a forward passes sequence boundaries
@@ -324,7 +325,7 @@ class TokenScorer(nn.Module):
             hidden = self.lm.get_decoder()(**inputs, use_cache=False).last_hidden_state  # [R, L, H]
             head = self.lm.get_output_embeddings()
             stats = token_logprobs(hidden.flatten(0, 1)[index], head.weight, labels, bias=head.bias,
-                                   chunk_size=self.chunk_size, compiled=self.compiled)
+                                   chunk_size=self.chunk_size, compiled=self.compiled, keep_logits=self.keep_logits)
         else:
             logits = self.lm(**inputs, use_cache=False).logits  # [R, L, V]
             stats = token_logprobs_from_logits(logits.flatten(0, 1)[index], labels, chunk_size=self.chunk_size)
@@ -411,7 +412,8 @@ def make_trainer(model: nn.Module, cfg: TrainConfig, total_steps: int) -> Traine
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     model.train()
     varlen = cfg.packing and cfg.packed_attention == "varlen"
-    scorer = TokenScorer(model, chunk_size=cfg.logprob_chunk_size, compiled=cfg.compile, varlen=varlen)
+    scorer = TokenScorer(model, chunk_size=cfg.logprob_chunk_size, compiled=cfg.compile, varlen=varlen,
+                         keep_logits=cfg.keep_logits)
     params = [p for p in scorer.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=cfg.lr, betas=cfg.betas, eps=cfg.adam_eps,
                                   weight_decay=cfg.weight_decay, fused=accelerator.device.type == "cuda" or None)

@@ -91,24 +91,41 @@ def test_varlen_kernel_arguments_for_both_torch_signatures(monkeypatch, new_api)
 # ------------------------------------------------------------------------------------------ compiled paths
 
 
-def test_compiled_head_matches_fused_head_float32_and_bf16():
+def test_compiled_head_and_kept_logits_match_plain_head_float32_and_bf16():
     g = torch.Generator().manual_seed(1)
     hidden = torch.randn(37, 16, generator=g, requires_grad=True)
     weight = (0.3 * torch.randn(50, 16, generator=g)).requires_grad_()
+    bias = torch.randn(50, generator=g).requires_grad_()
     labels, upstream = torch.randint(0, 50, (37,), generator=g), torch.randn(37, generator=g)
     for autocast in (False, True):
         out = []
-        for compiled in (False, True):
+        for compiled, keep in ((False, False), (True, False), (True, True)):
             with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
-                stats = token_logprobs(hidden, weight, labels, chunk_size=16, compiled=compiled)
-            grads = torch.autograd.grad((stats.logprobs * upstream).sum(), [hidden, weight])
+                stats = token_logprobs(hidden, weight, labels, bias=bias, chunk_size=16, compiled=compiled,
+                                       keep_logits=keep)
+            grads = torch.autograd.grad((stats.logprobs * upstream).sum(), [hidden, weight, bias])
             out.append((stats.logprobs.detach(), stats.entropy, *grads))
-        tol = dict(rtol=2e-2, atol=2e-2) if autocast else dict(rtol=1e-5, atol=1e-5)
-        for a, b in zip(*out):
-            assert a.dtype == b.dtype
-            assert_close(b, a, **tol)
-    ref_lp, ref_ent = token_stats_reference(hidden.double(), weight.double(), None, labels)
+        # the bf16 logits (bias added) are rounded the same way on both paths; only the float32 sums differ
+        for plain, fast in ((out[0], out[1]), (out[0], out[2])):
+            for a, b in zip(plain, fast):
+                assert a.dtype == b.dtype
+                assert_close(b, a, rtol=1e-5, atol=1e-5)
+    ref_lp, ref_ent = token_stats_reference(hidden.double(), weight.double(), bias.double(), labels)
     assert_close(out[1][0].double(), ref_lp.detach(), rtol=0, atol=0.05)  # bf16 run against float64
+
+
+def test_train_config_keep_logits_gives_the_same_step():
+    examples = random_examples(8, seed=6)
+    base = TrainConfig(sequences_per_step=8, micro_batch_size=4, precision="fp32", logprob_chunk_size=7)
+    grads = []
+    for cfg in (base, base.model_copy(update={"keep_logits": True})):
+        trainer = make_trainer(tiny_lm(), cfg, total_steps=1)
+        assert trainer.scorer.keep_logits is cfg.keep_logits
+        micro, totals = plan_step(examples, list(range(8)), cfg, rank=0, world=1, pad_id=PAD)
+        accumulate_gradients(trainer, micro, gft_objective(tau=0.5), totals, step=0)
+        grads.append([p.grad.clone() for p in trainer.model.parameters()])
+    for a, b in zip(*grads):
+        assert torch.equal(a, b)
 
 
 @pytest.mark.slow

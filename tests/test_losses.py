@@ -338,13 +338,14 @@ def test_grpo_k3_kl_value():
 
 @pytest.mark.parametrize("chunk_size", [1, 3, 7, 1000])
 @pytest.mark.parametrize("with_bias", [False, True])
-def test_token_logprobs_from_hidden_match_full_log_softmax(chunk_size, with_bias):
+@pytest.mark.parametrize("keep_logits", [False, True])
+def test_token_logprobs_from_hidden_match_full_log_softmax(chunk_size, with_bias, keep_logits):
     g = torch.Generator().manual_seed(chunk_size)
     hidden = torch.randn(13, 8, generator=g, dtype=torch.float64, requires_grad=True)
     weight = torch.randn(29, 8, generator=g, dtype=torch.float64, requires_grad=True)
     bias = torch.randn(29, generator=g, dtype=torch.float64, requires_grad=True) if with_bias else None
     labels = torch.randint(0, 29, (13,), generator=g)
-    stats = token_logprobs(hidden, weight, labels, bias=bias, chunk_size=chunk_size)
+    stats = token_logprobs(hidden, weight, labels, bias=bias, chunk_size=chunk_size, keep_logits=keep_logits)
     ref_lp, ref_ent = token_stats_reference(hidden, weight, bias, labels)
     assert_close(stats.logprobs, ref_lp, rtol=1e-12, atol=1e-12)
     assert_close(stats.entropy, ref_ent.detach(), rtol=1e-12, atol=1e-12)
@@ -393,6 +394,67 @@ def test_no_full_vocab_float32_tensor_is_saved_for_backward():
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
         torch.log_softmax(hidden @ weight.T, -1)
     assert max(saved) >= n * v
+
+
+class _MatmulCount(torch.utils._python_dispatch.TorchDispatchMode):
+    """Counts the matmuls (mm / addmm) that run under it."""
+
+    def __init__(self):
+        super().__init__()
+        self.count = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.count += func.overloadpacket in (torch.ops.aten.mm, torch.ops.aten.addmm)
+        return func(*args, **(kwargs or {}))
+
+
+def test_keep_logits_saves_them_and_skips_the_recompute_matmul():
+    n, h, v, chunk = 40, 8, 300, 16
+    g = torch.Generator().manual_seed(5)
+    hidden = torch.randn(n, h, generator=g, requires_grad=True)
+    weight = torch.randn(v, h, generator=g, requires_grad=True)
+    labels = torch.randint(0, v, (n,), generator=g)
+    chunks = -(-n // chunk)
+    grads, counts = [], []
+    for keep in (False, True):
+        saved = []
+        with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(tuple(t.shape)) or t, lambda t: t):
+            stats = token_logprobs(hidden, weight, labels, chunk_size=chunk, keep_logits=keep)
+        logits = [s for s in saved if len(s) == 2 and s[1] == v]  # [rows, V] blocks
+        assert logits == ([(chunk, v)] * (n // chunk) + [(n % chunk, v)] if keep else [])
+        with _MatmulCount() as mm:
+            grads.append(torch.autograd.grad(stats.logprobs.sum(), [hidden, weight]))
+        counts.append(mm.count)
+    assert counts == [3 * chunks, 2 * chunks]  # recompute + grad_h + grad_w per chunk, then without the recompute
+    for a, b in zip(*grads):
+        assert torch.equal(a, b)
+
+
+
+def test_keep_logits_keeps_nothing_without_grad(monkeypatch):
+    import weakref
+
+    from pipeline import losses
+
+    made, live = [], []  # weak references to every chunk's logits; how many were alive at each new chunk
+
+    def logits(*args):
+        live.append(sum(r() is not None for r in made))
+        made.append(weakref.ref(z := head_logits(*args)))
+        return z
+
+    head_logits = losses._head_logits
+    monkeypatch.setattr(losses, "_head_logits", logits)
+    g = torch.Generator().manual_seed(6)
+    hidden, weight = torch.randn(40, 8, generator=g), torch.randn(300, 8, generator=g, requires_grad=True)
+    labels = torch.randint(0, 300, (40,), generator=g)
+    stats = token_logprobs(hidden, weight, labels, chunk_size=16, keep_logits=True)
+    assert live == [0, 1, 2]  # with grad, every chunk's logits stay for backward
+    made.clear(), live.clear()
+    with torch.no_grad():
+        token_logprobs(hidden, weight, labels, chunk_size=16, keep_logits=True)
+    assert live == [0, 1, 1]  # without: only the previous chunk's, until it is replaced
+    del stats
 
 
 def test_fused_head_under_bf16_autocast_close_to_float32():
