@@ -57,10 +57,10 @@ SECTIONS = ("train", "sample", "round")
 SHARES = {"train": 0.5, "sample": 0.32, "round": 0.18}  # of the total budget; unused time carries over
 FULL = dict(hidden=896, layers=24, heads=14, kv_heads=2, intermediate=4864, vocab=151936, batch=8, prompt=256,
             response=768, prompts=128, samples=8, new_tokens=256, long_prompts=32, long_tokens=512,
-            round_prompts=128, round_policy=7, round_tokens=256, warmup=2, steps=6, sample_batch=32)
+            round_prompts=128, round_policy=7, round_tokens=256, warmup=2, steps=6, sample_batch=32, profile_tokens=32)
 SMOKE = dict(hidden=64, layers=2, heads=4, kv_heads=2, intermediate=128, vocab=512, batch=4, prompt=16,
              response=48, prompts=8, samples=2, new_tokens=16, long_prompts=4, long_tokens=32,
-             round_prompts=8, round_policy=3, round_tokens=16, warmup=1, steps=2, sample_batch=2)
+             round_prompts=8, round_policy=3, round_tokens=16, warmup=1, steps=2, sample_batch=2, profile_tokens=8)
 SMOKE_SKIP = {"uneven_gft_packed_varlen_compiled_c4096"}  # on CPU its per-sequence attention compiles slowly
 GOALS = {"gft_vs_best_sft_tokens_per_s_min": 0.95, "gft_vs_best_sft_peak_memory_max": 1.05, "gft_mfu_min": 0.45,
          "round_sampling_tokens_per_s_min": 30000.0, "round_sampling_vs_plain_min": 2.5}
@@ -133,7 +133,7 @@ class Record:
     """A section's results, rewritten to its file after every change (a killed section keeps what it had)."""
 
     def __init__(self, path: Path):
-        self.path, self.data = path, {"variants": {}, "skipped": {}, "errors": {}}
+        self.path, self.data = path, {"variants": {}, "skipped": {}, "errors": {}, "profiles": {}}
 
     def set(self, key: str, value) -> None:
         self.data[key] = value
@@ -149,11 +149,11 @@ class Record:
         tmp.replace(self.path)
 
 
-def guarded(rec: Record, name: str, fn, *args) -> None:
+def guarded(rec: Record, name: str, fn, *args, group: str = "variants") -> None:
     """Run one variant; an error (CUDA OOM included) is recorded and the section goes on."""
     t0 = time.perf_counter()
     try:
-        rec.variant("variants", name, {**fn(*args), "wall_s": time.perf_counter() - t0})
+        rec.variant(group, name, {**fn(*args), "wall_s": time.perf_counter() - t0})
     except Exception as exc:  # noqa: BLE001 - a bench records every failure and moves on
         rec.variant("errors", name, f"{type(exc).__name__}: {exc}"[:2000])
     finally:
@@ -444,6 +444,39 @@ def raw_generate_variant(model, tok, prompts, shape, *, batch: int, max_new: int
             "samples": shape["samples"], "max_new_tokens": max_new, "engine": "model.generate"}
 
 
+def _profile(fn) -> dict:
+    """Where one call's time goes: torch.profiler's top ops by self device time and by self CPU time, and the
+    host syncs and copies it made (counts). A first, unprofiled call takes the one-time costs."""
+    torch = _torch()
+    from torch.profiler import ProfilerActivity, profile
+
+    fn()
+    activities = [ProfilerActivity.CPU] + [ProfilerActivity.CUDA] * torch.cuda.is_available()
+    with profile(activities=activities) as prof:
+        result = fn()
+    events = prof.key_averages()
+
+    def top(key: str) -> list[dict]:
+        rows = sorted(events, key=lambda e: getattr(e, key), reverse=True)[:25]
+        return [{"op": e.key, "calls": e.count, "self_cpu_ms": e.self_cpu_time_total / 1e3,
+                 "self_device_ms": e.self_device_time_total / 1e3} for e in rows]
+
+    syncs = {e.key: e.count for e in events if any(w in e.key for w in ("Synchronize", "Memcpy", "item", "nonzero"))}
+    return {**result, "top_by_device": top("self_device_time_total"), "top_by_cpu": top("self_cpu_time_total"),
+            "syncs": syncs}
+
+
+def profile_variant(model, tok, prompts, shape, *, raw: bool, max_new: int) -> dict:
+    """One profiled generate call (HFEngine, or plain `model.generate` with raw) of `prompts` x n samples."""
+    engine = _engine(model, tok, len(prompts), "dynamic")
+    n = shape["samples"]
+    call = (functools.partial(_raw_generate, model, prompts, n, max_new, len(prompts), sorted(engine.eos_ids),
+                              engine.pad_id) if raw else functools.partial(_generate, engine, prompts, n, max_new))
+    out = _profile(call)
+    return {**out, "ms_per_step": 1e3 * out["wall_s"] / max_new, "prompts": len(prompts), "samples": n,
+            "max_new_tokens": max_new, "engine": "model.generate" if raw else "HFEngine"}
+
+
 def _uneven_eos(model, shape: dict, mean_len: int) -> None:
     """Make completions stop at random: about vocab / mean_len eos ids, so a near-uniform random model stops
     after about mean_len tokens on average (geometric lengths: long and uneven)."""
@@ -461,6 +494,7 @@ def _sample_plans(model, tok, shape: dict) -> tuple[list, list]:
     big, small, compile_need = shape["prompts"], shape["sample_batch"], 90 if _device().type == "cuda" else 5
     engine = functools.partial(sample_variant, model, tok, shape=shape, max_new=shape["new_tokens"])
     raw = functools.partial(raw_generate_variant, model, tok, shape=shape, max_new=shape["new_tokens"])
+    prof = functools.partial(profile_variant, model, tok, shape=shape, max_new=shape["profile_tokens"])
     long = functools.partial(sample_variant, model, tok, long_prompts, shape, batch=len(long_prompts),
                              max_new=shape["long_tokens"])
     return [
@@ -469,6 +503,8 @@ def _sample_plans(model, tok, shape: dict) -> tuple[list, list]:
         ("raw_generate_b128_dynamic", 20, lambda: raw(prompts, batch=big)),
         ("raw_generate_b32_dynamic", 30, lambda: raw(plain_prompts, batch=small)),
         ("round_b128_static", compile_need, lambda: engine(prompts, batch=big, cache="static", warm=True)),
+        ("profile_engine_b32", 25, lambda: prof(plain_prompts[:small], raw=False)),
+        ("profile_raw_b32", 25, lambda: prof(plain_prompts[:small], raw=True)),
     ], [
         ("long_uneven_dynamic", 40, lambda: long(cache="dynamic", warm=False)),
         ("long_uneven_static", compile_need + 20, lambda: long(cache="static", warm=True)),
@@ -481,7 +517,7 @@ def _run_sample(rec: Record, deadline: float, wanted: set[str] | None, name: str
     if not time_left(deadline, need if _device().type == "cuda" else 2):
         rec.variant("skipped", name, f"not started: under {need}s left in the section")
         return
-    guarded(rec, name, run)
+    guarded(rec, name, run, group="profiles" if name.startswith("profile_") else "variants")
 
 
 def section_sample(args, shape: dict, rec: Record, deadline: float) -> None:
@@ -762,6 +798,14 @@ def _print_engine_vs_raw(pairs: dict) -> None:
     print("HFEngine vs plain model.generate, tokens/s: " + "; ".join(parts))
 
 
+def _print_profiles(profiles: dict) -> None:
+    for name, p in profiles.items():
+        print(f"\n{name}: {p['prompts']} prompts x {p['samples']} x {p['max_new_tokens']} tokens, "
+              f"{p['ms_per_step']:.1f} ms per decoding step (profiled); syncs {p['syncs']}")
+        for key, label in (("top_by_device", "self_device_ms"), ("top_by_cpu", "self_cpu_ms")):
+            print(f"  top by {label}: " + "; ".join(f"{r['op']} {r[label]:.1f} ({r['calls']})" for r in p[key][:8]))
+
+
 def _fmt(x, spec: str = ".1f") -> str:
     return "-" if x is None else format(x, spec)
 
@@ -779,6 +823,7 @@ def print_table(report: dict) -> None:
         print(f"{name:44} {v['tokens_per_s']:9.0f} {v['tokens']:8d} {v['mean_len']:8.1f} {v['wall_s']:7.1f}"
               f" {_fmt(v['first_pass_s']):>7}")
     _print_engine_vs_raw(report["engine_vs_raw_generate"])
+    _print_profiles(s.get("sample", {}).get("profiles", {}))
     rnd = s.get("round", {}).get("variants", {}).get("gft_round")
     if rnd:
         phases = ", ".join(f"{k} {v:.1f}s" for k, v in rnd["phase_s"].items())

@@ -5,7 +5,8 @@ own SDPA path turns that into a dense block-diagonal [L, L] mask, so the attenti
 much as one sequence of the row's whole length (quadratic in L). The "gft_varlen" attention below takes the
 sequence boundaries (`cu_seq_lens_q`, as in flash-attention's varlen API) instead:
 
-- CUDA, bf16/fp16: `torch.nn.attention.varlen.varlen_attn` (flash varlen kernel), causal within each sequence.
+- CUDA, bf16/fp16 (autocast's dtype when it is on): `torch.nn.attention.varlen.varlen_attn` (flash varlen
+  kernel), causal within each sequence.
 - elsewhere (CPU, float32, or a torch without varlen_attn): one causal SDPA call per sequence (the reference).
 
 Without `cu_seq_lens_q` it is plain SDPA with transformers' SDPA mask, so generation and padded batches on a
@@ -111,7 +112,12 @@ def varlen_attention_forward(module, query: Tensor, key: Tensor, value: Tensor, 
         raise ValueError("gft_varlen attention does not implement attention dropout")
     b, hq, length, d = query.shape
     scale = d ** -0.5 if scaling is None else scaling
-    q, k, v = (x.transpose(1, 2).reshape(b * length, x.shape[1], d) for x in (query, key, value))  # [T, H, D]
+    # Under autocast, q and k arrive in float32 (RoPE multiplies the bf16 projections by float32 cos/sin) and v
+    # in bf16. Autocast casts SDPA's inputs itself; the flash kernel is not an autocast op, so cast them here.
+    kind = query.device.type
+    dtype = torch.get_autocast_dtype(kind) if torch.is_autocast_enabled(kind) else None
+    q, k, v = (x.transpose(1, 2).reshape(b * length, x.shape[1], d).to(dtype or x.dtype)
+               for x in (query, key, value))  # [T, H, D]
     if varlen_available(q.device) and q.dtype in (torch.float16, torch.bfloat16):
         out = _varlen_kernel(q, k, v, cu.to(q.device, torch.int32), int(kwargs["max_length_q"]), scale)
     else:

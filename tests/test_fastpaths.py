@@ -88,6 +88,32 @@ def test_varlen_kernel_arguments_for_both_torch_signatures(monkeypatch, new_api)
     assert_close(got, attention._per_sequence(q, k, v, cu, 8 ** -0.5))
 
 
+def test_varlen_under_autocast_reaches_the_flash_kernel_in_bf16(monkeypatch):
+    """Float32 weights under bf16 autocast (GPU training): RoPE hands the attention q and k in float32 and v in
+    bf16. The flash kernel, which autocast does not cast for, must still get all three in bf16."""
+    import inspect
+
+    new, calls = _fake_varlen(True), []
+
+    def fake(q, k, v, *args, **kwargs):
+        calls.append((q.dtype, k.dtype, v.dtype))
+        return new(q, k, v, *args, **kwargs)
+
+    monkeypatch.setattr(attention, "_VARLEN_ATTN", fake)
+    monkeypatch.setattr(attention, "_VARLEN_PARAMS", tuple(inspect.signature(new).parameters))
+    monkeypatch.setattr(attention, "varlen_available", lambda device: True)  # as on CUDA
+    examples, idx = random_examples(6, seed=7), list(range(6))
+    packed = collate_packed(examples, idx, PAD, max_tokens=40)
+    out = []
+    for autocast in (False, True):  # float32 goes to the per-sequence reference, bf16 autocast to the kernel
+        scorer = TokenScorer(tiny_lm(), chunk_size=5, varlen=True)
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+            out.append(torch.cat([_score(scorer, b, attention.packed_lengths(b.position_ids)) for b in packed]))
+    assert calls and set(calls) == {(torch.bfloat16,) * 3}
+    assert len(calls) == 2 * len(packed)  # every layer of every packed row
+    assert_close(out[1], out[0], rtol=0, atol=0.05)
+
+
 # ------------------------------------------------------------------------------------------ compiled paths
 
 
