@@ -69,11 +69,12 @@ class _Walk:
     res: stages.Resources
     refresh: str | None
 
-    def __call__(self, name: str, op: Callable[..., ArtifactRef], *args, step: int | None = None, **kw):
+    def __call__(self, name: str, op: Callable[..., ArtifactRef], *args, step: int | None = None,
+                 label: str | None = None, **kw):
         if name == self.refresh:
             self.res.force = True  # this stage and everything after it recompute
         ref = op(*args, **kw)
-        self.res.tracker.observe(name, ref, step=step)
+        self.res.tracker.observe(label or name, ref, step=step)  # label: which call of a repeated stage
         return ref
 
 
@@ -86,11 +87,13 @@ def execute(cfg: RunConfig, ops: Ops, res: stages.Resources, *, refresh: str | N
     refs["base"], teacher_model = resolve_models(cfg, res, ops, call)
     if teacher_model is not None and cfg.teacher_sample.k > 0:
         refs["teacher"] = call("teacher_sample", ops.teacher_sample, cfg.teacher_sample, refs["prompts"], teacher_model)
-    refs["eval/base"] = call("evaluate", ops.evaluate, cfg.eval, refs["prompts"], refs["base"], refs["base"])
+    refs["eval/base"] = call("evaluate", ops.evaluate, cfg.eval, refs["prompts"], refs["base"], refs["base"],
+                             label="eval/base")
     init = refs["base"]
     for name in cfg.chain:
         refs[name] = init = _train(name, cfg, refs, init, ops, call)
-        refs[f"eval/{name}"] = call("evaluate", ops.evaluate, cfg.eval, refs["prompts"], init, refs["base"])
+        refs[f"eval/{name}"] = call("evaluate", ops.evaluate, cfg.eval, refs["prompts"], init, refs["base"],
+                                    label=f"eval/{name}")
     return refs
 
 

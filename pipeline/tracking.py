@@ -282,11 +282,22 @@ class MlflowTracker:
 
     # -- after each stage call --------------------------------------------------------------------------------
 
+    def _producer(self, ref: ArtifactRef) -> Any | None:
+        """The RunInfo of the run whose output has this digest: in this experiment if one is, else the earliest
+        in any experiment of the tracking server (an experiment's trials reuse what another run made)."""
+        query = dict(filter_string=f"tags.`pipeline.output_sha256` = '{ref.sha256}'", max_results=1,
+                     order_by=["attributes.start_time ASC"])
+        runs = self.client.search_runs([self.experiment_id], **query)
+        if not runs:
+            others = [e.experiment_id for e in self.client.search_experiments(max_results=1000)
+                      if e.experiment_id != self.experiment_id]
+            runs = self.client.search_runs(others, **query) if others else []
+        return runs[0].info if runs else None
+
     def producer_run(self, ref: ArtifactRef) -> str | None:
-        """The run whose output has this digest (None if it was never tracked here)."""
-        runs = self.client.search_runs([self.experiment_id], max_results=1,
-                                       filter_string=f"tags.`pipeline.output_sha256` = '{ref.sha256}'")
-        return runs[0].info.run_id if runs else None
+        """The id of the run that produced this output (None if it was never tracked on this server)."""
+        info = self._producer(ref)
+        return None if info is None else info.run_id
 
     def observe(self, name: str, ref: ArtifactRef, *, step: int | None = None) -> None:
         """Round and stage metrics on the parent (per round: step = round); reused outputs tagged."""
@@ -300,10 +311,10 @@ class MlflowTracker:
             self.log_metrics({f"{name}/{k}": v for k, v in manifest.metrics.items()}, step=step or 0)
 
     def run_url(self, ref: ArtifactRef) -> str | None:
-        run_id = self.producer_run(ref)
-        if run_id is None or not self.ui_url:
+        info = self._producer(ref) if self.ui_url else None
+        if info is None:
             return None
-        return f"{self.ui_url.rstrip('/')}/#/experiments/{self.experiment_id}/runs/{run_id}"
+        return f"{self.ui_url.rstrip('/')}/#/experiments/{info.experiment_id}/runs/{info.run_id}"
 
     def parent_url(self) -> str | None:
         if self.parent_run_id is None or not self.ui_url:

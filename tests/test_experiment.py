@@ -262,6 +262,34 @@ def test_report_files_and_mlflow_parent_run(mini):
     assert {"report/results.md", "report/sweep_tau.png"} <= artifacts
 
 
+def result_refs(result, trial_id: str) -> dict:
+    return next(r.refs for r in result.trials if r.trial.id == trial_id)
+
+
+def test_reuse_from_another_mlflow_experiment_names_its_producer(mini):
+    exp, root, result = mini
+    from mlflow import MlflowClient
+
+    from pipeline.run import run
+
+    trial = next(t for t in expand(exp) if t.id == "sft.s0")
+    cfg = apply_overrides(trial.config, {"tracking.experiment": "elsewhere"})
+    run(cfg, root=root, progress=False)  # every stage is served from the store the experiment filled
+    client = MlflowClient(tracking_uri=f"sqlite:///{root / 'mlflow.db'}")
+    mini_id = client.get_experiment_by_name("mini").experiment_id
+    there = client.get_experiment_by_name("elsewhere").experiment_id
+    (parent,) = client.search_runs([there], filter_string="tags.`pipeline.stage` = 'pipeline'")
+    reused = {k: v for k, v in parent.data.tags.items() if k.startswith("reused.")}
+    assert {"reused.sft", "reused.eval/base", "reused.eval/sft"} <= set(reused), sorted(reused)
+    sft_eval = json.loads((result_refs(result, "sft.s0")["eval/sft"].path / "metrics.json").read_text())
+    assert parent.data.metrics["eval/sft/greedy_accuracy"] == pytest.approx(sft_eval["greedy_accuracy"])
+    assert "eval/base/greedy_accuracy" in parent.data.metrics  # each evaluation under its own name
+    for name, run_id in reused.items():  # each points at the run in `mini` that made that output
+        producer = client.get_run(run_id)
+        assert producer.info.experiment_id == mini_id, name
+        assert producer.data.tags["pipeline.output_sha256"], name
+
+
 def test_rerun_serves_every_finished_stage(mini):
     exp, root, _ = mini
     from pipeline import stages
