@@ -66,13 +66,14 @@ GOALS = {"gft_vs_best_sft_tokens_per_s_min": 0.95, "gft_vs_best_sft_peak_memory_
          "round_sampling_tokens_per_s_min": 30000.0, "round_sampling_vs_plain_min": 2.5}
 GIB = 2**30
 
-# Training variants in priority order: (name, kind, options). Options: compile, packing, attention, chunk, keep
-# (TrainConfig.keep_logits), batch, weights ("bf16": bf16 parameters and AdamW state, no autocast; SFT only, to
+# Training variants in priority order: (name, kind, options). Options: compile, scope (TrainConfig.compile_scope:
+# layers, the default, or model), packing, attention, chunk, keep (TrainConfig.keep_logits), batch, weights ("bf16": bf16 parameters and AdamW state, no autocast; SFT only, to
 # compare with the issue's reference figures; the library trains float32 weights, as a 1e-6 step is lost in bf16).
 TRAIN_VARIANTS = [
     ("sft_eager", "sft", {}),
     ("sft_compiled", "sft", {"compile": True}),
     ("gft_compiled_c4096_keep", "gft", {"compile": True, "chunk": 4096, "keep": True}),
+    ("gft_compiled_c4096_keep_model", "gft", {"compile": True, "chunk": 4096, "keep": True, "scope": "model"}),
     ("gft_compiled_c4096", "gft", {"compile": True, "chunk": 4096}),
     ("gft_eager", "gft", {}),
     ("gft_compiled_c8192_keep", "gft", {"compile": True, "chunk": 8192, "keep": True}),
@@ -298,7 +299,7 @@ def gft_step_fn(shape: dict, examples, opts: dict):
     tokens = sum(len(e.prompt_ids) + len(e.response_ids) for e in examples)
     cfg = TrainConfig(lr=1e-5, sequences_per_step=n, micro_batch_size=n, packing=opts.get("packing", False),
                       micro_batch_tokens=tokens, logprob_chunk_size=opts.get("chunk", 1024),
-                      keep_logits=opts.get("keep", False),
+                      keep_logits=opts.get("keep", False), compile_scope=opts.get("scope", "layers"),
                       compile=opts.get("compile", False), packed_attention=opts.get("attention", "varlen"),
                       max_grad_norm=1.0)
     trainer = make_trainer(build_model(shape), cfg, total_steps=1000)

@@ -69,6 +69,9 @@ class TrainConfig(Settings):
     """Recompute decoder activations in backward to save memory."""
     compile: bool = False
     """torch.compile the decoder body and the log-prob chunk kernels (GPU speed; the first steps compile)."""
+    compile_scope: Literal["layers", "model"] = "layers"
+    """With `compile`: compile each decoder layer (one graph all layers reuse: fast to compile) or the whole body
+    as one graph (compile time grows with the layer count)."""
     packed_attention: Literal["varlen", "mask"] = "varlen"
     """Packed rows: varlen = each sequence attends to itself only, from its boundaries (flash varlen on CUDA, one
     SDPA per sequence elsewhere); mask = transformers' dense block-diagonal mask (quadratic in the row length)."""

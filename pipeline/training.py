@@ -289,27 +289,42 @@ def _plain_head(lm: nn.Module) -> nn.Linear | None:
     return head
 
 
+def _compile_in_place(lm: nn.Module, scope: str, *, whole_model: bool) -> None:
+    """torch.compile in place, so parameter names and checkpoints do not change. "layers": each decoder layer,
+    one graph that every layer of the same code and shapes reuses (compiling costs about one layer, as
+    torchtitan compiles per block); "model": the decoder body (the whole model when `whole_model`), one graph
+    of every layer (compiling takes about as many times longer as there are layers)."""
+    layers = getattr(lm.get_decoder(), "layers", None)
+    if scope == "layers" and isinstance(layers, nn.ModuleList) and len(layers):
+        for layer in layers:
+            layer.compile(**losses.COMPILE_OPTIONS)
+    else:
+        (lm if whole_model else lm.get_decoder()).compile(**losses.COMPILE_OPTIONS)
+
+
 class TokenScorer(nn.Module):
     """Wraps a causal LM so that one forward returns log p and entropy of the scored tokens, flat [M].
 
     The fused path runs the decoder, keeps only hidden states at scored positions and applies the output
     projection in checkpointed chunks; models whose logits are not a plain projection go through the full
     forward and chunked log-softmax. Wrapping in one module keeps DDP's hooks on the whole computation.
-    `compiled` compiles the decoder (the whole model off the fused path) and the log-prob chunk kernels;
+    `compiled` compiles the decoder (`_compile_in_place`: each layer, or the whole body with `compile_scope`
+    "model") and the log-prob chunk kernels;
     `varlen` makes packed rows (`packed` given to forward) attend per sequence without a mask tensor;
     `keep_logits` keeps the fused head's logits for backward instead of recomputing them.
     """
 
     def __init__(self, lm: nn.Module, *, chunk_size: int = 2048, fused: bool | None = None,
-                 compiled: bool = False, varlen: bool = False, keep_logits: bool = False):
+                 compiled: bool = False, varlen: bool = False, keep_logits: bool = False,
+                 compile_scope: str = "layers"):
         super().__init__()
         self.lm, self.chunk_size, self.compiled, self.keep_logits = lm, chunk_size, compiled, keep_logits
         self.fused = _plain_head(lm) is not None if fused is None else fused
         self.varlen = varlen and not getattr(lm.config, "use_sliding_window", False)
         if self.varlen:  # behaves as SDPA unless a forward passes sequence boundaries
             lm.config._attn_implementation = attention.register()
-        if compiled:  # in place, so parameter names and checkpoints do not change
-            (lm.get_decoder() if self.fused else lm).compile(**losses.COMPILE_OPTIONS)
+        if compiled:
+            _compile_in_place(lm, compile_scope, whole_model=not self.fused)
 
     def forward(self, input_ids: Tensor, position_ids: Tensor | None, attention_mask: Tensor | None,
                 targets: Tensor, loss_mask: Tensor | None, packed: attention.PackedLengths | None = None,
@@ -413,7 +428,7 @@ def make_trainer(model: nn.Module, cfg: TrainConfig, total_steps: int) -> Traine
     model.train()
     varlen = cfg.packing and cfg.packed_attention == "varlen"
     scorer = TokenScorer(model, chunk_size=cfg.logprob_chunk_size, compiled=cfg.compile, varlen=varlen,
-                         keep_logits=cfg.keep_logits)
+                         keep_logits=cfg.keep_logits, compile_scope=cfg.compile_scope)
     params = [p for p in scorer.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=cfg.lr, betas=cfg.betas, eps=cfg.adam_eps,
                                   weight_decay=cfg.weight_decay, fused=accelerator.device.type == "cuda" or None)

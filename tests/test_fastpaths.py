@@ -155,12 +155,17 @@ def test_train_config_keep_logits_gives_the_same_step():
 
 
 @pytest.mark.slow
-def test_compiled_body_with_varlen_packing_equals_plain_padded_step():
+@pytest.mark.parametrize("scope", ["layers", "model"])
+def test_compiled_body_with_varlen_packing_equals_plain_padded_step(scope):
     examples = random_examples(8, seed=3)
     base = TrainConfig(sequences_per_step=8, micro_batch_size=8, precision="fp32")
     grads = []
-    for cfg in (base, base.model_copy(update={"compile": True, "packing": True, "micro_batch_tokens": 40})):
+    fast = {"compile": True, "compile_scope": scope, "packing": True, "micro_batch_tokens": 40}
+    for cfg in (base, base.model_copy(update=fast)):
         trainer = make_trainer(tiny_lm(), cfg, total_steps=1)
+        decoder = trainer.model.get_decoder()
+        compiled = [m for m in (decoder, *decoder.layers) if getattr(m, "_compiled_call_impl", None) is not None]
+        assert compiled == ([] if not cfg.compile else list(decoder.layers) if scope == "layers" else [decoder])
         micro, totals = plan_step(examples, list(range(8)), cfg, rank=0, world=1, pad_id=PAD)
         accumulate_gradients(trainer, micro, gft_objective(tau=0.5), totals, step=0)
         grads.append([p.grad.clone() for p in trainer.model.parameters()])
