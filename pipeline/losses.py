@@ -33,9 +33,9 @@ Deliberate deviations from the paper and its released code:
 3. Token entropy is computed as a detached diagnostic; no loss here has an entropy bonus.
 
 Token log-probs come from `token_logprobs` (hidden states and the output projection, fused: forward keeps
-one log-sum-exp per row, backward recomputes each chunk's logits, or reuses them with `keep_logits`) or `token_logprobs_from_logits` (row
-chunks under activation checkpointing, for heads that are not a plain projection). Neither holds a float32
-copy of the full [tokens, vocab] logits at once, in forward or backward.
+one log-sum-exp per row; backward recomputes each chunk's logits, or reuses them with `keep_logits`) or
+`token_logprobs_from_logits` (row chunks under activation checkpointing, for heads that are not a plain
+projection). Neither holds a float32 copy of the full [tokens, vocab] logits at once, in forward or backward.
 """
 
 from __future__ import annotations
