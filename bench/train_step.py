@@ -3,7 +3,7 @@
 What it measures
     A full optimizer step (forward, backward, AdamW, zero_grad) on a random-init Qwen2-style causal LM
     (`transformers.Qwen2ForCausalLM` built from a `Qwen2Config`, no download) and one fixed batch of random
-    examples (prompt 16-64 tokens, response 32-192 tokens by default, random advantages), in four variants:
+    examples (prompt 16-64 tokens, response 32-192 tokens by default, random advantages), in five variants:
 
       sft_plain    `model(input_ids, attention_mask, labels=labels)` with labels = -100 on prompt and pad
                    positions (Hugging Face's own cross-entropy), `loss.backward()`, `optimizer.step()`.
@@ -12,6 +12,8 @@ What it measures
       gft_packed   the same with `TrainConfig(packing=True)` (`collate_packed`, no pad tokens).
       sft_library  `train_step` with `sft_objective()`: the library plumbing with the SFT loss, so
                    sft_library vs sft_plain isolates the plumbing and gft vs sft_library the loss.
+      gft_keep     gft with `TrainConfig(keep_logits=True)`: backward reuses the forward's chunk logits
+                   instead of recomputing them (one output-projection matmul fewer per chunk).
 
     Per variant: median step time over the timed steps (after warmup), tokens/s (all non-pad input tokens
     of the batch, prompt + response, per step: the same numerator for every variant, so throughput ratios
@@ -46,7 +48,7 @@ How to run
     Results are printed as a table and written as JSON (default bench/results/train_step.json).
 
 Goal
-    The GFT step (gft, gft_packed) at >= 0.95x the throughput of sft_plain and <= 1.05x its peak memory.
+    The GFT step (gft, gft_packed, gft_keep) at >= 0.95x the throughput of sft_plain and <= 1.05x its peak memory.
     This is a benchmark, not a test: it reports the ratios and marks them ok/MISS, and always exits 0
     unless a variant fails to run.
 """
@@ -76,7 +78,7 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-VARIANTS = ("sft_plain", "gft", "gft_packed", "sft_library")
+VARIANTS = ("sft_plain", "gft", "gft_packed", "sft_library", "gft_keep")
 GOAL_THROUGHPUT = 0.95  # GFT tokens/s >= this x sft_plain
 GOAL_MEMORY = 1.05  # GFT peak memory <= this x sft_plain
 PAD_ID = 0
@@ -245,7 +247,7 @@ def setup_variant(args):
     examples = build_examples(args)
     n = len(examples)
     cfg = TrainConfig(sequences_per_step=n, micro_batch_size=n, packing=args.variant == "gft_packed",
-                      precision="auto", seed=args.seed)
+                      keep_logits=args.variant == "gft_keep", precision="auto", seed=args.seed)
 
     t0 = time.perf_counter()
     if args.variant == "sft_plain":
@@ -475,7 +477,7 @@ def summarize(args, runs: dict[str, list[dict]]) -> dict:
         if ref["peak_mib"] > 0:
             row["memory_vs_sft_plain"] = row["peak_mib"] / ref["peak_mib"]
     goal = {}
-    for v in ("gft", "gft_packed"):
+    for v in ("gft", "gft_packed", "gft_keep"):
         if v in rows and ref is not None:
             thr, mem = rows[v]["throughput_vs_sft_plain"], rows[v]["memory_vs_sft_plain"]
             goal[v] = {"throughput_ok": thr >= GOAL_THROUGHPUT, "memory_ok": mem is not None and mem <= GOAL_MEMORY}

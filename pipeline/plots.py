@@ -56,14 +56,14 @@ def training_curves(histories: Mapping[str, Sequence[Mapping[str, float]]], path
 
 
 def rewards_by_source(rounds: Mapping[str, Sequence[Mapping[str, float]]], path: Path) -> Path:
-    """Mean reward of each group source (expert, teacher, policy) per round, one panel per round-based stage."""
+    """Mean reward of each group source (expert, teacher, policy) per round, one panel per round-based stage;
+    a stage without sources (GRPO: every sample is the policy's) shows its mean reward as the policy's."""
     plt = _pyplot()
     fig, axes = plt.subplots(1, max(len(rounds), 1), figsize=(5 * max(len(rounds), 1), 3.4), squeeze=False)
     for ax, (stage, metrics) in zip(axes[0], rounds.items()):
         sources = sorted({k.split("/", 1)[1] for m in metrics for k in m if k.startswith("reward/")})
-        for src in sources:
-            ax.plot(range(len(metrics)), [m.get(f"reward/{src}", float("nan")) for m in metrics], marker="o",
-                    label=src)
+        for src, key in [(src, f"reward/{src}") for src in sources] or [("policy", "reward")]:
+            ax.plot(range(len(metrics)), [m.get(key, float("nan")) for m in metrics], marker="o", label=src)
         ax.set_title(f"{stage}: reward by source")
         ax.set_xlabel("round")
         ax.set_ylim(-0.05, 1.05)
