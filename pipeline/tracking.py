@@ -23,6 +23,7 @@ from __future__ import annotations
 import json
 import logging
 import time
+import warnings
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -241,9 +242,12 @@ class MlflowTracker:
         digest = _file_digest(ref, name)[:16]
         key = (str(ref.path / name), digest)
         if key not in self._entities:
-            ds = self._mlflow.data.from_pandas(pd.read_parquet(ref.path / name), source=key[0], digest=digest,
-                                               name=f"{ref.path.parent.name}/{name.removesuffix('.parquet')}")
-            self._entities[key] = ds._to_mlflow_entity()
+            with warnings.catch_warnings():  # MLflow's own: a source class registered twice; a schema hint
+                warnings.filterwarnings("ignore", message="The specified dataset source can be interpreted")
+                warnings.filterwarnings("ignore", message="Hint: Inferred schema contains integer column")
+                ds = self._mlflow.data.from_pandas(pd.read_parquet(ref.path / name), source=key[0], digest=digest,
+                                                   name=f"{ref.path.parent.name}/{name.removesuffix('.parquet')}")
+                self._entities[key] = ds._to_mlflow_entity()
         return self._entities[key]
 
     def model_id(self, ref: ArtifactRef) -> str:
