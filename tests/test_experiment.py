@@ -103,6 +103,10 @@ def test_paper_gpu_is_the_papers_setting():
     assert gft.gft.rounds * gft.gft.prompts_per_round * 10 <= gft.data.max_prompts  # a tenth of SFT's prompts
     assert (gft.eval.k, gft.eval.sampling.temperature) == (16, 0.5)
     assert [trials[f"tau-{v}.s0"].gft.tau for v in ("0", "0.7", "1.5")] == [0.0, 0.7, 1.5]
+    grpo = trials["gft_grpo.s0"].grpo  # from the base config: the paper's GRPO after GFT
+    assert (grpo.rounds, grpo.prompts_per_round, grpo.num_generations, grpo.train.lr) == (78, 128, 8, 1e-6)
+    assert grpo.max_response_tokens == grpo.sampling.max_new_tokens == 2048
+    assert (grpo.minibatches_per_round, grpo.num_iterations, grpo.beta) == (1, 1, 0.0)  # one on-policy step a round
 
 
 def _write(path: Path, text: str) -> Path:
