@@ -67,8 +67,9 @@ GOALS = {"gft_vs_best_sft_tokens_per_s_min": 0.95, "gft_vs_best_sft_peak_memory_
 GIB = 2**30
 
 # Training variants in priority order: (name, kind, options). Options: compile, scope (TrainConfig.compile_scope:
-# layers, the default, or model), packing, attention, chunk, keep (TrainConfig.keep_logits), batch, weights ("bf16": bf16 parameters and AdamW state, no autocast; SFT only, to
-# compare with the issue's reference figures; the library trains float32 weights, as a 1e-6 step is lost in bf16).
+# layers, the default, or model), packing, attention, chunk, keep (TrainConfig.keep_logits), batch, weights
+# ("bf16": bf16 parameters and AdamW state, no autocast; SFT only, to compare with the issue's reference figures;
+# the library trains float32 weights, as a 1e-6 step is lost in bf16).
 TRAIN_VARIANTS = [
     ("sft_eager", "sft", {}),
     ("sft_compiled", "sft", {"compile": True}),

@@ -251,10 +251,10 @@ class MlflowTracker:
         return self._entities[key]
 
     def model_id(self, ref: ArtifactRef) -> str:
-        """The LoggedModel of a model reference: found by its sha256, else created (external or cached models)."""
-        found = self.client.search_logged_models([self.experiment_id],
-                                                 filter_string=f"tags.`pipeline.sha256` = '{ref.sha256}'",
-                                                 max_results=1)
+        """The LoggedModel of a model reference: found by its sha256 (here, else in another experiment), else
+        created (external models, or outputs of runs that were not tracked)."""
+        found = self._here_then_elsewhere(lambda ids: self.client.search_logged_models(
+            ids, filter_string=f"tags.`pipeline.sha256` = '{ref.sha256}'", max_results=1))
         if len(found):
             return found[0].model_id
         name = ref.path.name if ref.kind == "external_model" else f"{ref.path.parent.name}-{ref.path.name[:8]}"
@@ -286,17 +286,22 @@ class MlflowTracker:
 
     # -- after each stage call --------------------------------------------------------------------------------
 
+    def _here_then_elsewhere(self, search: Callable[[list[str]], Sequence[Any]]) -> Sequence[Any]:
+        """`search(experiment_ids)` in this experiment, then, if that found nothing, in every other experiment of
+        the tracking server (a run reuses what a run of another experiment made)."""
+        found = search([self.experiment_id])
+        if len(found):
+            return found
+        others = [e.experiment_id for e in self.client.search_experiments(max_results=1000)
+                  if e.experiment_id != self.experiment_id]
+        return search(others) if others else []
+
     def _producer(self, ref: ArtifactRef) -> Any | None:
-        """The RunInfo of the run whose output has this digest: in this experiment if one is, else the earliest
-        in any experiment of the tracking server (an experiment's trials reuse what another run made)."""
-        query = dict(filter_string=f"tags.`pipeline.output_sha256` = '{ref.sha256}'", max_results=1,
-                     order_by=["attributes.start_time ASC"])
-        runs = self.client.search_runs([self.experiment_id], **query)
-        if not runs:
-            others = [e.experiment_id for e in self.client.search_experiments(max_results=1000)
-                      if e.experiment_id != self.experiment_id]
-            runs = self.client.search_runs(others, **query) if others else []
-        return runs[0].info if runs else None
+        """The RunInfo of the (earliest) run whose output has this digest."""
+        runs = self._here_then_elsewhere(lambda ids: self.client.search_runs(
+            ids, filter_string=f"tags.`pipeline.output_sha256` = '{ref.sha256}'", max_results=1,
+            order_by=["attributes.start_time ASC"]))
+        return runs[0].info if len(runs) else None
 
     def producer_run(self, ref: ArtifactRef) -> str | None:
         """The id of the run that produced this output (None if it was never tracked on this server)."""

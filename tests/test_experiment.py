@@ -294,6 +294,28 @@ def test_reuse_from_another_mlflow_experiment_names_its_producer(mini):
         assert producer.data.tags["pipeline.output_sha256"], name
 
 
+def test_stage_of_another_experiment_takes_the_producers_logged_model_as_input(mini):
+    exp, root, result = mini
+    from mlflow import MlflowClient
+
+    from pipeline.run import run
+
+    trial = next(t for t in expand(exp) if t.id == "sft.s0")
+    cfg = apply_overrides(trial.config, {"tracking.experiment": "elsewhere-gft", "chain": ["sft", "gft"]})
+    refs = run(cfg, root=root, progress=False).refs  # SFT served from `mini`'s store, GFT computed here
+    client = MlflowClient(tracking_uri=f"sqlite:///{root / 'mlflow.db'}")
+    mini_id = client.get_experiment_by_name("mini").experiment_id
+    there = client.get_experiment_by_name("elsewhere-gft").experiment_id
+    first_round = client.search_runs([there], filter_string="tags.`pipeline.stage` = 'gft_round'",
+                                     order_by=["attributes.start_time ASC"])[0]
+    inputs = [client.get_logged_model(m.model_id)
+              for m in client.get_run(first_round.info.run_id).inputs.model_inputs]  # search_runs omits them
+    sft_model = next(m for m in inputs if m.tags["pipeline.sha256"] == refs["sft"].sha256)
+    assert sft_model.experiment_id == mini_id and sft_model.source_run_id  # the model the SFT run logged
+    copies = client.search_logged_models([there], filter_string=f"tags.`pipeline.sha256` = '{refs['sft'].sha256}'")
+    assert len(copies) == 0  # no second entity for the same checkpoint
+
+
 def test_rerun_serves_every_finished_stage(mini):
     exp, root, _ = mini
     from pipeline import stages
