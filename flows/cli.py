@@ -181,6 +181,8 @@ def _interrupt(signum, frame) -> None:
 
 
 def cmd_ui(args: argparse.Namespace) -> int:
+    from pipeline.tracking import experiment_addresses, sqlite_uri
+
     root = args.root or (_load(args.config, None)[1] if args.config else Path("runs").resolve())
     if not (root / "mlflow.db").is_file():
         print(f"{root / 'mlflow.db'}: no MLflow database yet; run `gft run CONFIG` first", file=sys.stderr)
@@ -192,6 +194,9 @@ def cmd_ui(args: argparse.Namespace) -> int:
             procs.append(_start(cmd, env, root / "logs" / f"{name.lower()}-ui.log"))
             _wait_http(health, procs[-1], args.timeout)
             print(f"{name} UI: {health.rsplit('/', 2 if name == 'Prefect' else 1)[0]}", flush=True)
+        mlflow_ui = f"http://127.0.0.1:{args.port}"
+        for name, address in experiment_addresses(sqlite_uri(root / "mlflow.db"), mlflow_ui):
+            print(f"  experiment {name}: {address}", flush=True)
         print("Press Ctrl-C to stop.", flush=True)
         while all(p.poll() is None for p in procs):
             time.sleep(1)

@@ -106,6 +106,22 @@ def sqlite_uri(path: str | Path) -> str:
     return "sqlite:///" + str(Path(path).resolve())
 
 
+def ui_address(ui_url: str, experiment_id: str, run_id: str | None = None) -> str:
+    """An experiment's (or run's) page in the MLflow UI, in its "Model training" view: MLflow 3 opens experiments
+    in its GenAI view (traces, sessions, judges) unless the address asks for the run table's."""
+    page = f"{ui_url.rstrip('/')}/#/experiments/{experiment_id}" + (f"/runs/{run_id}" if run_id else "")
+    return page + "?workflowType=machine_learning"
+
+
+def experiment_addresses(uri: str, ui_url: str) -> list[tuple[str, str]]:
+    """(name, UI address) of every experiment on a tracking server that has runs."""
+    from mlflow import MlflowClient
+
+    client = MlflowClient(tracking_uri=uri)
+    return [(e.name, ui_address(ui_url, e.experiment_id)) for e in client.search_experiments()
+            if len(client.search_runs([e.experiment_id], max_results=1))]
+
+
 def _flatten(obj: Any, prefix: str = "") -> dict[str, str]:
     """Nested config -> {"SFTConfig.train.lr": "0.001", ...} (MLflow params are flat strings of <= 6000 chars)."""
     if isinstance(obj, Mapping):
@@ -323,12 +339,12 @@ class MlflowTracker:
         info = self._producer(ref) if self.ui_url else None
         if info is None:
             return None
-        return f"{self.ui_url.rstrip('/')}/#/experiments/{info.experiment_id}/runs/{info.run_id}"
+        return ui_address(self.ui_url, info.experiment_id, info.run_id)
 
     def parent_url(self) -> str | None:
         if self.parent_run_id is None or not self.ui_url:
             return None
-        return f"{self.ui_url.rstrip('/')}/#/experiments/{self.experiment_id}/runs/{self.parent_run_id}"
+        return ui_address(self.ui_url, self.experiment_id, self.parent_run_id)
 
     def register(self, ref: ArtifactRef, name: str, alias: str) -> str:
         """Register the model of `ref` as a new version of `name` and point `alias` at it; returns the version."""

@@ -216,7 +216,10 @@ def test_mlflow_ui_in_headless_chromium(failed_then_rerun, tmp_path):
         runs_page = visible_text(render(urls["runs"], out / "mlflow-runs.png"))
     finally:
         _stop_group(proc, signal.SIGTERM)  # gft ui stops its servers on SIGTERM as on Ctrl-C
+    printed = proc.stdout.read()
+    assert f"experiment tiny: http://127.0.0.1:{port}/#/experiments/{exp.experiment_id}?workflowType=" in printed
     assert parent.info.run_name in run_page and "Child runs" in run_page
+    assert "Model registry" in run_page and "Judges" not in run_page  # the Model training view, not GenAI's
     for stage in ("prepare_data", "bootstrap_models", "teacher_sample", "sft", "gft_round", "evaluate"):
         assert stage in runs_page
     assert "/train (" in runs_page and "/groups (" in runs_page  # dataset inputs with their digests
