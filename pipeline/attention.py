@@ -23,6 +23,8 @@ import torch
 from torch import Tensor
 from torch.nn import functional as F
 
+from pipeline.losses import compute_dtype
+
 __all__ = ["VARLEN", "PackedLengths", "packed_lengths", "register", "varlen_available"]
 
 VARLEN = "gft_varlen"
@@ -114,9 +116,7 @@ def varlen_attention_forward(module, query: Tensor, key: Tensor, value: Tensor, 
     scale = d ** -0.5 if scaling is None else scaling
     # Under autocast, q and k arrive in float32 (RoPE multiplies the bf16 projections by float32 cos/sin) and v
     # in bf16. Autocast casts SDPA's inputs itself; the flash kernel is not an autocast op, so cast them here.
-    kind = query.device.type
-    dtype = torch.get_autocast_dtype(kind) if torch.is_autocast_enabled(kind) else None
-    q, k, v = (x.transpose(1, 2).reshape(b * length, x.shape[1], d).to(dtype or x.dtype)
+    q, k, v = (x.transpose(1, 2).reshape(b * length, x.shape[1], d).to(compute_dtype(x))
                for x in (query, key, value))  # [T, H, D]
     if varlen_available(q.device) and q.dtype in (torch.float16, torch.bfloat16):
         out = _varlen_kernel(q, k, v, cu.to(q.device, torch.int32), int(kwargs["max_length_q"]), scale)

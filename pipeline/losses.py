@@ -96,7 +96,7 @@ def _stats_from_logits(logits: Tensor, labels: Tensor, with_entropy: bool) -> tu
     return logprobs, entropy
 
 
-def _compute_dtype(x: Tensor) -> torch.dtype:
+def compute_dtype(x: Tensor) -> torch.dtype:
     """The matmul dtype: autocast's when it is on for x's device (bf16 training), else x's own."""
     kind = x.device.type
     return torch.get_autocast_dtype(kind) if torch.is_autocast_enabled(kind) else x.dtype
@@ -179,7 +179,7 @@ class _HeadLogprobs(torch.autograd.Function):
     @staticmethod
     def forward(ctx, hidden, weight, bias, labels, chunk_size: int, with_entropy: bool, compiled: bool,
                 keep_logits: bool):
-        dtype, (stats, _) = _compute_dtype(hidden), _kernels(compiled)
+        dtype, (stats, _) = compute_dtype(hidden), _kernels(compiled)
         parts, kept = [], []
         with torch.autocast(hidden.device.type, enabled=False):
             w = weight.to(dtype)  # [V, H], converted once, not per chunk
