@@ -91,6 +91,19 @@ class TrainConfig(Settings):
         return self
 
 
+# Round stages (GFT, GRPO) set the step count and batch from their own fields and save once per round.
+_ROUND_OWNED = ("num_steps", "epochs", "sequences_per_step", "save_every", "keep_checkpoints", "log_every")
+
+
+def _reject_round_owned(section: str, train: TrainConfig, instead: str) -> None:
+    """Raise if `train` sets a field the round loop replaces: a value there would silently do nothing."""
+    for name in _ROUND_OWNED:
+        value, default = getattr(train, name), TrainConfig.model_fields[name].default
+        if value != default:
+            raise ValueError(f"{section}.train.{name} = {value!r} has no effect in {section} rounds (leave it at "
+                             f"{default!r}): {instead}; every round saves one checkpoint and logs every step")
+
+
 class SamplingConfig(Settings):
     """How an engine samples completions."""
 
@@ -225,8 +238,15 @@ class GFTConfig(Settings):
     """How policy members are sampled (seeded per round)."""
     reward: str = "math_answer"
     """The verifier that scores every member, by name or `module:function`."""
-    train: TrainConfig = TrainConfig(lr=1e-4, sequences_per_step=64, micro_batch_size=64)
-    """Optimizer settings; the step count and batch follow from rounds and minibatches_per_round."""
+    train: TrainConfig = TrainConfig(lr=1e-4, micro_batch_size=64)
+    """Optimizer settings; the step count and batch follow from rounds and minibatches_per_round, so
+    num_steps, epochs, sequences_per_step, save_every, keep_checkpoints and log_every stay at their defaults."""
+
+    @model_validator(mode="after")
+    def _round_owns_batching(self) -> GFTConfig:
+        _reject_round_owned("gft", self.train, "the run takes rounds x minibatches_per_round optimizer steps, "
+                            "each on 1/minibatches_per_round of the round's responses")
+        return self
 
     @model_validator(mode="after")
     def _group_not_empty(self) -> GFTConfig:
@@ -296,9 +316,16 @@ class GRPOConfig(Settings):
     sequence's gradient and matches TRL's "token_truncate" and verl's token-level rollout IS."""
     importance_sampling_cap: float = Field(3.0, ge=1)
     """Upper bound C of the importance weight (TRL's vllm_importance_sampling_clip_max, 3.0)."""
-    train: TrainConfig = TrainConfig(lr=1e-6, sequences_per_step=256, micro_batch_size=64)
+    train: TrainConfig = TrainConfig(lr=1e-6, micro_batch_size=64)
     """Optimizer settings (TRL's lr 1e-6); the step count and batch follow from rounds, minibatches_per_round
-    and num_iterations."""
+    and num_iterations, so num_steps, epochs, sequences_per_step, save_every, keep_checkpoints and log_every
+    stay at their defaults."""
+
+    @model_validator(mode="after")
+    def _round_owns_batching(self) -> GRPOConfig:
+        _reject_round_owned("grpo", self.train, "the run takes rounds x num_iterations x minibatches_per_round "
+                            "optimizer steps, each on 1/minibatches_per_round of the round's completions")
+        return self
 
     @model_validator(mode="after")
     def _weights_match(self) -> GRPOConfig:

@@ -49,11 +49,28 @@ def test_apply_overrides_changes_exactly_the_named_fields():
     ({"nope": 1}, "unknown field 'nope'"),
     ({"gft.tau": -1}, "gft.tau"),
     ({"gft.teacher": 5}, "raise teacher_sample.k"),
+    # the round loops set these; a value would silently do nothing
+    ({"gft.train.sequences_per_step": 64}, "gft.train.sequences_per_step = 64 has no effect"),
+    ({"gft.train.num_steps": 3}, "gft.train.num_steps = 3 has no effect"),
+    ({"grpo.train.epochs": 2.0}, "grpo.train.epochs = 2.0 has no effect"),
+    ({"grpo.train.save_every": 5}, "grpo.train.save_every = 5 has no effect"),
 ])
 def test_apply_overrides_names_the_bad_field(overrides, needle):
     with pytest.raises(ValueError, match="variant v") as err:
         apply_overrides(load_toml(RunConfig, TINY), overrides, where="variant v")
     assert needle in str(err.value)
+
+
+def test_round_owned_train_field_in_a_toml_names_the_file_and_field(tmp_path):
+    bad = tmp_path / "bad.toml"
+    text = TINY.read_text()
+    gft_train = "train = { lr = 1e-3, micro_batch_size = 16 }"
+    assert text.index("[gft]") < text.index(gft_train) < text.index("[eval]")
+    bad.write_text(text.replace(gft_train, "train = { lr = 1e-3, sequences_per_step = 8, keep_checkpoints = 2 }"))
+    with pytest.raises(ValueError, match="bad.toml") as err:
+        load_toml(RunConfig, bad)
+    assert "gft.train.keep_checkpoints = 2 has no effect" in str(err.value)  # 8 is the default: allowed
+    assert load_toml(RunConfig, TINY).gft.train.sequences_per_step == 8
 
 
 # ---------------------------------------------------------------------------------------------------------
