@@ -212,7 +212,7 @@ def step_flops(shape: dict, lengths: list[int]) -> float:
 
 def make_examples(shape: dict, kind: str, seed: int = 0):
     """Random examples: uniform (every prompt/response at the shape's length) or uneven (random lengths)."""
-    from pipeline.training import Example
+    from pipeline.batches import Example
 
     rng = random.Random(seed)
     out = []
@@ -294,7 +294,9 @@ def sft_step_fn(shape: dict, examples, opts: dict):
 def gft_step_fn(shape: dict, examples, opts: dict):
     """The library GFT step: make_trainer + plan_step + train_step with gft_objective(tau=0.5)."""
     from pipeline.config import TrainConfig
-    from pipeline.training import gft_objective, make_trainer, plan_step, train_step
+    from pipeline.batches import plan_step
+    from pipeline.scoring import gft_objective
+    from pipeline.training import make_trainer, train_step
 
     n = len(examples)
     tokens = sum(len(e.prompt_ids) + len(e.response_ids) for e in examples)
@@ -583,7 +585,9 @@ def _round_members(tok, rows, experts, completions):
 
 def _round_train(model, experts, flat, advantages, args) -> tuple[object, list[dict], int]:
     from pipeline.config import TrainConfig
-    from pipeline.training import Example, gft_objective, make_trainer, plan_step, train_step
+    from pipeline.batches import Example, plan_step
+    from pipeline.scoring import gft_objective
+    from pipeline.training import make_trainer, train_step
 
     examples = [Example(experts[k].prompt_ids, ids, float(a)) for (k, ids, _), a in zip(flat, advantages)]
     steps = 4

@@ -42,7 +42,9 @@ from pipeline.engines import Engine
 from pipeline.groups import Member
 from pipeline.losses import importance_weights, sampler_mismatch
 from pipeline.rewards import Scorer
-from pipeline.training import Example, Trainer, grpo_objective, plan_step, score_responses, train_step
+from pipeline.batches import Example, plan_step
+from pipeline.scoring import grpo_objective, score_responses
+from pipeline.training import Trainer, train_step
 
 __all__ = ["Rollouts", "sample_rollouts", "ScoredRollouts", "score_rollouts", "Behaviour", "behaviour",
            "RoundExamples", "round_examples", "train_round", "round_metrics", "reward_name"]

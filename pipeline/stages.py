@@ -35,10 +35,9 @@ from pipeline.engines import Engine, build_engine
 from pipeline.evaluation import accuracy_metrics, kl_per_token, score_prompt
 from pipeline.rewards import Scorer
 from pipeline.tracking import NullTracker, Tracker
-from pipeline.training import (
-    Example, dft_objective, fit, gft_objective, make_trainer, plan_step, save_model, score_responses,
-    sft_objective, train_step,
-)
+from pipeline.batches import Example, plan_step
+from pipeline.scoring import dft_objective, gft_objective, score_responses, sft_objective
+from pipeline.training import fit, make_trainer, save_model, train_step
 
 log = logging.getLogger(__name__)
 

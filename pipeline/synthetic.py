@@ -30,7 +30,9 @@ from transformers import PreTrainedTokenizerFast, Qwen2Config, Qwen2ForCausalLM
 
 from pipeline.config import SyntheticConfig, TrainConfig
 from pipeline.rewards import Unscorable, math_answer
-from pipeline.training import Example, Trainer, fit, make_trainer, save_model, sft_objective
+from pipeline.batches import Example
+from pipeline.scoring import sft_objective
+from pipeline.training import Trainer, fit, make_trainer, save_model
 
 __all__ = ["ALPHABET", "SPECIAL_TOKENS", "CHAT_TEMPLATE", "BootstrapResult", "make_problems", "build_tokenizer",
            "build_model", "tokenize_example", "greedy_accuracy", "split_problems", "bootstrap"]

@@ -5,19 +5,18 @@ step plan, takes its strided share and splits it into micro-batches (padded rows
 tokens). Each micro-batch loss is a token sum divided by the step's global token count, so gradient
 accumulation and data parallelism give the gradient of one big batch; DDP averages over processes, so the
 loss is scaled by the process count before backward. The data order is a pure function of (seed, step), so
-a checkpoint of model, optimizer, scheduler, RNG and step number resumes exactly.
+a checkpoint of model, optimizer, scheduler, RNG and step number resumes exactly. Examples and step plans
+live in `pipeline.batches`; the token scorer and the objectives in `pipeline.scoring`.
 """
 
 from __future__ import annotations
 
-import functools
 import math
 import shutil
 from collections.abc import Callable, Sequence
 from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Protocol
 
 import torch
 from accelerate import Accelerator, PartialState
@@ -26,354 +25,18 @@ from accelerate.utils import set_seed
 from torch import Tensor, nn
 from transformers import get_constant_schedule_with_warmup, get_cosine_schedule_with_warmup
 
-from pipeline import attention, losses
+from pipeline import attention
+from pipeline.batches import Example, StepTotals, TokenBatch, check_example, plan_step, step_order
 from pipeline.config import TrainConfig
-from pipeline.losses import (
-    Aggregation, LossOutput, dft_loss, gft_loss, grpo_loss, sft_loss, token_logprobs, token_logprobs_from_logits,
-)
+from pipeline.scoring import Objective, ScoredTokens, TokenScorer
 from pipeline.progress import bar as progress_bar_of
 
-__all__ = [
-    "Example", "TokenBatch", "ScoredTokens", "StepTotals", "Objective", "TokenScorer", "Trainer",
-    "NonFiniteError", "collate_padded", "collate_packed", "plan_step", "make_trainer", "accumulate_gradients", "train_step", "fit",
-    "gft_objective", "sft_objective", "dft_objective", "grpo_objective", "FitResult", "ResponseScores",
-    "score_responses",
-]
+__all__ = ["Trainer", "Progress", "NonFiniteError", "StepResult", "FitResult", "make_trainer", "accumulate_gradients",
+           "train_step", "total_steps", "save_checkpoint", "resume_latest", "save_model", "fit"]
 
 
 class NonFiniteError(FloatingPointError):
     """A NaN or inf in log-probs, loss or gradients; the message names the step and the example rows."""
-
-
-# ---------------------------------------------------------------------------------------------------------
-# Data: examples, collation, step plans
-# ---------------------------------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class Example:
-    """One response with its prompt context. `advantage` is one float or one per response token; the optional
-    per-token fields feed GRPO: old log-probs of the ratio, reference log-probs of the KL, importance weights."""
-
-    prompt_ids: Sequence[int]
-    response_ids: Sequence[int]
-    advantage: float | Sequence[float] = 1.0
-    old_logprobs: Sequence[float] | None = None
-    ref_logprobs: Sequence[float] | None = None
-    is_weights: Sequence[float] | None = None
-
-
-@dataclass(frozen=True)
-class TokenBatch:
-    """Rows of prompt + response tokens. Position t of a row predicts `targets[r, t]`; `loss_mask` marks the
-    positions whose target is a response token. `rows` gives the example index of every position (-1: pad)."""
-
-    input_ids: Tensor  # [R, L]
-    position_ids: Tensor  # [R, L]
-    attention_mask: Tensor | None  # [R, L] in padded mode; None when packed
-    targets: Tensor  # [R, L]
-    loss_mask: Tensor  # [R, L] bool
-    advantages: Tensor  # [R, L]
-    rows: Tensor  # [R, L] long
-    old_logprobs: Tensor | None  # [R, L]
-    ref_logprobs: Tensor | None = None  # [R, L]
-    is_weights: Tensor | None = None  # [R, L]
-
-    @property
-    def num_tokens(self) -> int:
-        return int(self.loss_mask.sum())
-
-
-def _check_example(i: int, ex: Example) -> None:
-    if len(ex.response_ids) == 0:
-        raise ValueError(f"example {i}: field 'response_ids' is empty")
-    if len(ex.prompt_ids) == 0:
-        raise ValueError(f"example {i}: field 'prompt_ids' is empty (a response needs context to be predicted)")
-    for name in ("advantage",) + _OPTIONAL:
-        value = getattr(ex, name)
-        if value is None:
-            continue
-        values = [value] if isinstance(value, (int, float)) else list(value)
-        if not isinstance(value, (int, float)) and len(values) != len(ex.response_ids):
-            raise ValueError(f"example {i}: field {name!r} has {len(values)} values for "
-                             f"{len(ex.response_ids)} response tokens")
-        if not all(math.isfinite(v) for v in values):
-            raise ValueError(f"example {i}: field {name!r} holds a NaN or inf")
-
-
-def _row_arrays(i: int, ex: Example) -> dict[str, list]:
-    """Unshifted per-position lists for one example: position t predicts token t + 1."""
-    ids = list(ex.prompt_ids) + list(ex.response_ids)
-    n_p, n_r = len(ex.prompt_ids), len(ex.response_ids)
-    adv = [float(ex.advantage)] * n_r if isinstance(ex.advantage, (int, float)) else [float(a) for a in ex.advantage]
-    pad = [0.0] * (n_p - 1)
-    out = {
-        "input_ids": ids[:-1], "position_ids": list(range(len(ids) - 1)), "targets": ids[1:],
-        "loss_mask": [False] * (n_p - 1) + [True] * n_r, "advantages": pad + adv, "rows": [i] * (len(ids) - 1),
-    }
-    for name in _OPTIONAL:
-        value = getattr(ex, name)
-        out[name] = pad + ([_FILL[name]] * n_r if value is None else [float(x) for x in value])
-    return out
-
-
-_OPTIONAL = ("old_logprobs", "ref_logprobs", "is_weights")  # per-token floats an example may carry
-_FILL = {"input_ids": 0, "position_ids": 0, "targets": 0, "loss_mask": False, "advantages": 0.0,
-         "old_logprobs": 0.0, "ref_logprobs": 0.0, "is_weights": 1.0, "rows": -1}
-_DTYPE = {"loss_mask": torch.bool, "advantages": torch.float32, "old_logprobs": torch.float32,
-          "ref_logprobs": torch.float32, "is_weights": torch.float32}
-
-
-def _present(examples: Sequence[Example], indices: Sequence[int]) -> frozenset[str]:
-    """The optional fields the examples carry: all of them or none, per field."""
-    out = set()
-    for name in _OPTIONAL:
-        has = [getattr(examples[i], name) is not None for i in indices]
-        if any(has) and not all(has):
-            raise ValueError(f"examples {[i for i, h in zip(indices, has) if not h][:10]} lack field {name!r} "
-                             f"that others in the same step carry")
-        if has and has[0]:
-            out.add(name)
-    return frozenset(out)
-
-
-def _to_batch(rows: list[dict[str, list]], pad_id: int, padded: bool, present: frozenset[str]) -> TokenBatch:
-    width = max(len(r["input_ids"]) for r in rows)
-    cols = {}
-    for key, fill in _FILL.items():
-        fill = pad_id if key == "input_ids" else fill
-        data = [r[key] + [fill] * (width - len(r[key])) for r in rows]
-        cols[key] = torch.tensor(data, dtype=_DTYPE.get(key, torch.long))  # [R, L]
-    mask = None
-    if padded:
-        mask = torch.tensor([[1] * len(r["input_ids"]) + [0] * (width - len(r["input_ids"])) for r in rows])
-    optional = {name: cols.pop(name) for name in _OPTIONAL}
-    optional = {name: value if name in present else None for name, value in optional.items()}
-    return TokenBatch(attention_mask=mask, **optional, **cols)
-
-
-def collate_padded(examples: Sequence[Example], indices: Sequence[int], pad_id: int) -> TokenBatch:
-    """One right-padded row per example, with an attention mask."""
-    rows = [_row_arrays(i, examples[i]) for i in indices]
-    return _to_batch(rows, pad_id, padded=True, present=_present(examples, indices))
-
-
-def collate_packed(examples: Sequence[Example], indices: Sequence[int], pad_id: int,
-                   max_tokens: int) -> list[TokenBatch]:
-    """Examples packed in order into single rows of at most `max_tokens` positions (a longer example gets a
-    row of its own). Position ids restart at each example, which transformers turns into a block-diagonal
-    causal mask, so no position attends across examples and no compute goes to pad tokens."""
-    present = _present(examples, indices)
-    batches, current = [], None
-    for i in indices:
-        row = _row_arrays(i, examples[i])
-        if current is not None and len(current["input_ids"]) + len(row["input_ids"]) <= max_tokens:
-            for key in current:
-                current[key] += row[key]
-            continue
-        if current is not None:
-            batches.append(_to_batch([current], pad_id, padded=False, present=present))
-        current = row
-    batches.append(_to_batch([current], pad_id, padded=False, present=present))
-    return batches
-
-
-@dataclass(frozen=True)
-class StepTotals:
-    """Global counts of one optimizer step (all micro-batches, all processes): the loss normalizers."""
-
-    tokens: int
-    sequences: int
-
-
-def step_order(n: int, step: int, per_step: int, seed: int) -> list[int]:
-    """Example indices of optimizer step `step`: consecutive slices of one seeded permutation per epoch."""
-    out = []
-    for pos in range(step * per_step, (step + 1) * per_step):
-        epoch, offset = divmod(pos, n)
-        perm = _permutation(n, seed, epoch)
-        out.append(perm[offset])
-    return out
-
-
-@functools.lru_cache(maxsize=2)
-def _permutation(n: int, seed: int, epoch: int) -> tuple[int, ...]:
-    gen = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
-    return tuple(torch.randperm(n, generator=gen).tolist())
-
-
-def plan_step(examples: Sequence[Example], indices: Sequence[int], cfg: TrainConfig, *, rank: int,
-              world: int, pad_id: int) -> tuple[list[TokenBatch], StepTotals]:
-    """This process's micro-batches of one step, and the step's global totals."""
-    if len(indices) < world:
-        raise ValueError(f"a step of {len(indices)} sequences cannot feed {world} processes")
-    totals = StepTotals(tokens=sum(len(examples[i].response_ids) for i in indices), sequences=len(indices))
-    local = list(indices)[rank::world]
-    if cfg.packing:
-        return collate_packed(examples, local, pad_id, cfg.micro_batch_tokens), totals
-    size = cfg.micro_batch_size
-    return [collate_padded(examples, local[s:s + size], pad_id) for s in range(0, len(local), size)], totals
-
-
-# ---------------------------------------------------------------------------------------------------------
-# Scoring tokens with a causal LM, and objectives
-# ---------------------------------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class ScoredTokens:
-    """The scored (response) tokens of one micro-batch, flat: every tensor is [M]."""
-
-    logprobs: Tensor
-    entropy: Tensor | None
-    advantages: Tensor
-    old_logprobs: Tensor | None
-    rows: Tensor
-    mask: Tensor
-    ref_logprobs: Tensor | None = None
-    is_weights: Tensor | None = None
-
-
-class Objective(Protocol):
-    def __call__(self, scored: ScoredTokens, totals: StepTotals) -> LossOutput: ...
-
-
-def gft_objective(*, tau: float) -> Objective:
-    """GFT with DCR threshold tau, token mean over the step's global token count."""
-    def objective(s: ScoredTokens, totals: StepTotals) -> LossOutput:
-        return gft_loss(s.logprobs, s.advantages, s.mask, tau=tau, normalizer=totals.tokens, entropy=s.entropy)
-    return objective
-
-
-def sft_objective() -> Objective:
-    """Plain SFT (advantages are ignored)."""
-    def objective(s: ScoredTokens, totals: StepTotals) -> LossOutput:
-        return sft_loss(s.logprobs, s.mask, normalizer=totals.tokens, entropy=s.entropy)
-    return objective
-
-
-def dft_objective() -> Objective:
-    """DFT (advantages are ignored)."""
-    def objective(s: ScoredTokens, totals: StepTotals) -> LossOutput:
-        return dft_loss(s.logprobs, s.mask, normalizer=totals.tokens, entropy=s.entropy)
-    return objective
-
-
-def grpo_objective(*, eps_low: float, eps_high: float, beta: float = 0.0, aggregation: Aggregation = "token_mean",
-                   max_response_tokens: int | None = None) -> Objective:
-    """GRPO's clipped surrogate over the step's global normalizer: tokens (token_mean), sequences
-    (sequence_mean) or sequences x max_response_tokens (constant). A batch without old log-probs is on-policy:
-    the old log-probs are the current ones detached, so the ratio is exactly 1 and the gradient is the
-    advantage-weighted policy gradient."""
-    if aggregation == "constant" and max_response_tokens is None:
-        raise ValueError("aggregation 'constant' needs max_response_tokens")
-
-    def objective(s: ScoredTokens, totals: StepTotals) -> LossOutput:
-        old = s.logprobs.detach() if s.old_logprobs is None else s.old_logprobs
-        normalizer = {"token_mean": totals.tokens, "sequence_mean": totals.sequences,
-                      "constant": totals.sequences * (max_response_tokens or 0)}[aggregation]
-        return grpo_loss(s.logprobs, old, s.advantages, s.mask, eps_low=eps_low, eps_high=eps_high, beta=beta,
-                         ref_logprobs=s.ref_logprobs, aggregation=aggregation, normalizer=normalizer,
-                         is_weights=s.is_weights, seq_index=s.rows, entropy=s.entropy)
-    return objective
-
-
-def _plain_head(lm: nn.Module) -> nn.Linear | None:
-    """The output projection when logits are exactly `hidden @ W.T + b`; None for softcapped or scaled heads."""
-    head = lm.get_output_embeddings()
-    cfg = lm.config
-    if not isinstance(head, nn.Linear):
-        return None
-    if getattr(cfg, "final_logit_softcapping", None) or getattr(cfg, "logit_scale", None):
-        return None
-    return head
-
-
-def _compile_in_place(lm: nn.Module, scope: str, *, whole_model: bool) -> None:
-    """torch.compile in place, so parameter names and checkpoints do not change. "layers": each decoder layer,
-    one graph that every layer of the same code and shapes reuses (compiling costs about one layer, as
-    torchtitan compiles per block); "model": the decoder body (the whole model when `whole_model`), one graph
-    of every layer (compiling takes about as many times longer as there are layers)."""
-    layers = getattr(lm.get_decoder(), "layers", None)
-    if scope == "layers" and isinstance(layers, nn.ModuleList) and len(layers):
-        for layer in layers:
-            layer.compile(**losses.COMPILE_OPTIONS)
-    else:
-        (lm if whole_model else lm.get_decoder()).compile(**losses.COMPILE_OPTIONS)
-
-
-class TokenScorer(nn.Module):
-    """Wraps a causal LM so that one forward returns log p and entropy of the scored tokens, flat [M].
-
-    The fused path runs the decoder, keeps only hidden states at scored positions and applies the output
-    projection in checkpointed chunks; models whose logits are not a plain projection go through the full
-    forward and chunked log-softmax. Wrapping in one module keeps DDP's hooks on the whole computation.
-    `compiled` compiles the decoder (`_compile_in_place`: each layer, or the whole body with `compile_scope`
-    "model") and the log-prob chunk kernels;
-    `varlen` makes packed rows (`packed` given to forward) attend per sequence without a mask tensor;
-    `keep_logits` keeps the fused head's logits for backward instead of recomputing them.
-    """
-
-    def __init__(self, lm: nn.Module, *, chunk_size: int = 2048, fused: bool | None = None,
-                 compiled: bool = False, varlen: bool = False, keep_logits: bool = False,
-                 compile_scope: str = "layers"):
-        super().__init__()
-        self.lm, self.chunk_size, self.compiled, self.keep_logits = lm, chunk_size, compiled, keep_logits
-        self.fused = _plain_head(lm) is not None if fused is None else fused
-        self.varlen = varlen and not getattr(lm.config, "use_sliding_window", False)
-        if self.varlen:  # behaves as SDPA unless a forward passes sequence boundaries
-            lm.config._attn_implementation = attention.register()
-        if compiled:
-            _compile_in_place(lm, compile_scope, whole_model=not self.fused)
-
-    def forward(self, input_ids: Tensor, position_ids: Tensor | None, attention_mask: Tensor | None,
-                targets: Tensor, loss_mask: Tensor | None, packed: attention.PackedLengths | None = None,
-                positions: Tensor | None = None) -> tuple[Tensor, Tensor]:
-        """log p and entropy [M] of the scored positions: `loss_mask` [R, L], or `positions` [M], the flat
-        indices of its true entries found on the host (a mask on the device must be counted there: a sync)."""
-        inputs = dict(input_ids=input_ids, position_ids=position_ids, attention_mask=attention_mask)
-        if packed is not None and self.varlen:  # no mask is built; the attention splits the sequences
-            inputs.update(packed)
-        index = loss_mask.reshape(-1).nonzero()[:, 0] if positions is None else positions  # [M] into R * L
-        labels = targets.reshape(-1)[index]  # [M]
-        if self.fused:
-            hidden = self.lm.get_decoder()(**inputs, use_cache=False).last_hidden_state  # [R, L, H]
-            head = self.lm.get_output_embeddings()
-            stats = token_logprobs(hidden.flatten(0, 1)[index], head.weight, labels, bias=head.bias,
-                                   chunk_size=self.chunk_size, compiled=self.compiled, keep_logits=self.keep_logits)
-        else:
-            logits = self.lm(**inputs, use_cache=False).logits  # [R, L, V]
-            stats = token_logprobs_from_logits(logits.flatten(0, 1)[index], labels, chunk_size=self.chunk_size)
-        return stats.logprobs, stats.entropy
-
-
-@dataclass(frozen=True)
-class ResponseScores:
-    """Per-response token log-probs and entropies under a model (teacher-forced, no gradient)."""
-
-    logprobs: list[Tensor]  # one [T_k] float tensor per response
-    entropy: list[Tensor]  # one [T_k] float tensor per response
-
-
-@torch.no_grad()
-def score_responses(model: nn.Module, prompts: Sequence[Sequence[int]], responses: Sequence[Sequence[int]], *,
-                    pad_id: int, batch_size: int = 16, chunk_size: int = 2048) -> ResponseScores:
-    """log p and entropy of every response token given its prompt, in padded batches on the model's device."""
-    if len(prompts) != len(responses):
-        raise ValueError(f"{len(prompts)} prompts but {len(responses)} responses")
-    examples = [Example(p, r) for p, r in zip(prompts, responses)]
-    scorer, device = TokenScorer(model, chunk_size=chunk_size), next(model.parameters()).device
-    logps, ents = [], []
-    for start in range(0, len(examples), batch_size):
-        batch = collate_padded(examples, range(start, min(start + batch_size, len(examples))), pad_id)
-        mask = batch.loss_mask.to(device)
-        lp, ent = scorer(batch.input_ids.to(device), batch.position_ids.to(device),
-                         batch.attention_mask.to(device), batch.targets.to(device), mask)
-        rows = batch.rows.to(device)[mask]  # [M] example index of every scored token
-        for i in range(start, min(start + batch_size, len(examples))):
-            logps.append(lp[rows == i].float().cpu())
-            ents.append(ent[rows == i].float().cpu())
-    return ResponseScores(logprobs=logps, entropy=ents)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -660,7 +323,7 @@ def fit(model: nn.Module, examples: Sequence[Example], objective: Objective, cfg
     `stop_at_step` ends this call early (as a preemption would) without changing the schedule.
     """
     for i, ex in enumerate(examples):
-        _check_example(i, ex)
+        check_example(i, ex)
     set_seed(cfg.seed)
     steps = total_steps(cfg, len(examples))
     trainer = make_trainer(model, cfg, steps)

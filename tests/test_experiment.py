@@ -12,7 +12,7 @@ import pytest
 
 from pipeline.config import RunConfig, apply_overrides, load_toml
 from pipeline.experiment import (
-    ExperimentConfig, expand, experiment_root, load_experiment, local_trial, run_experiment,
+    expand, experiment_root, load_experiment, local_trial, run_experiment,
 )
 
 REPO = Path(__file__).resolve().parent.parent

@@ -8,9 +8,9 @@ from torch.testing import assert_close
 from pipeline import attention
 from pipeline.config import TrainConfig
 from pipeline.losses import token_logprobs
-from pipeline.training import (
-    TokenScorer, accumulate_gradients, collate_packed, collate_padded, gft_objective, make_trainer, plan_step,
-)
+from pipeline.batches import collate_packed, collate_padded, plan_step
+from pipeline.scoring import TokenScorer, gft_objective
+from pipeline.training import accumulate_gradients, make_trainer
 from tests.conftest import PAD, random_examples, tiny_lm
 from tests.reference import token_stats_reference
 

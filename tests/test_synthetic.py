@@ -242,7 +242,8 @@ def test_base_is_the_first_probe_that_reaches_the_target(tok, monkeypatch):
 
 
 def test_probing_does_not_change_the_training_run(tok):
-    from pipeline.training import fit, sft_objective
+    from pipeline.scoring import sft_objective
+    from pipeline.training import fit
 
     cfg = SyntheticConfig(teacher_steps=3, base_steps=2, probe_every=1, base_accuracy=1.0, warmup_steps=0)
     examples = [tokenize_example(tok, row) for row in ROWS[:24]]

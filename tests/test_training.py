@@ -12,10 +12,9 @@ import torch
 from torch.testing import assert_close
 
 from pipeline.config import TrainConfig
-from pipeline.training import (
-    Example, NonFiniteError, StepTotals, TokenScorer, accumulate_gradients, collate_packed, collate_padded,
-    fit, gft_objective, make_trainer, plan_step, save_model, sft_objective, step_order, train_step,
-)
+from pipeline.batches import Example, StepTotals, collate_packed, collate_padded, plan_step, step_order
+from pipeline.scoring import TokenScorer, gft_objective, sft_objective
+from pipeline.training import NonFiniteError, accumulate_gradients, fit, make_trainer, save_model, train_step
 from tests.conftest import PAD, random_examples, tiny_lm
 
 ROOT = Path(__file__).resolve().parents[1]

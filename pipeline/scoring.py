@@ -1,0 +1,181 @@
+"""Scoring tokens with a causal LM, and the objectives that turn scored tokens into a loss.
+
+`TokenScorer` runs the model and returns log p and entropy of the scored (response) tokens only, flat [M]:
+the fused path projects just those hidden states in chunks (`losses.token_logprobs`). An `Objective` maps
+one micro-batch's `ScoredTokens` and the step's totals to a `LossOutput` (GFT, SFT, DFT, GRPO).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Protocol
+
+import torch
+from torch import Tensor, nn
+
+from pipeline import attention, losses
+from pipeline.batches import Example, StepTotals, collate_padded
+from pipeline.losses import (
+    Aggregation, LossOutput, dft_loss, gft_loss, grpo_loss, sft_loss, token_logprobs, token_logprobs_from_logits,
+)
+
+__all__ = ["ScoredTokens", "Objective", "gft_objective", "sft_objective", "dft_objective", "grpo_objective",
+           "TokenScorer", "ResponseScores", "score_responses"]
+
+
+
+@dataclass(frozen=True)
+class ScoredTokens:
+    """The scored (response) tokens of one micro-batch, flat: every tensor is [M]."""
+
+    logprobs: Tensor
+    entropy: Tensor | None
+    advantages: Tensor
+    old_logprobs: Tensor | None
+    rows: Tensor
+    mask: Tensor
+    ref_logprobs: Tensor | None = None
+    is_weights: Tensor | None = None
+
+
+class Objective(Protocol):
+    def __call__(self, scored: ScoredTokens, totals: StepTotals) -> LossOutput: ...
+
+
+def gft_objective(*, tau: float) -> Objective:
+    """GFT with DCR threshold tau, token mean over the step's global token count."""
+    def objective(s: ScoredTokens, totals: StepTotals) -> LossOutput:
+        return gft_loss(s.logprobs, s.advantages, s.mask, tau=tau, normalizer=totals.tokens, entropy=s.entropy)
+    return objective
+
+
+def sft_objective() -> Objective:
+    """Plain SFT (advantages are ignored)."""
+    def objective(s: ScoredTokens, totals: StepTotals) -> LossOutput:
+        return sft_loss(s.logprobs, s.mask, normalizer=totals.tokens, entropy=s.entropy)
+    return objective
+
+
+def dft_objective() -> Objective:
+    """DFT (advantages are ignored)."""
+    def objective(s: ScoredTokens, totals: StepTotals) -> LossOutput:
+        return dft_loss(s.logprobs, s.mask, normalizer=totals.tokens, entropy=s.entropy)
+    return objective
+
+
+def grpo_objective(*, eps_low: float, eps_high: float, beta: float = 0.0, aggregation: Aggregation = "token_mean",
+                   max_response_tokens: int | None = None) -> Objective:
+    """GRPO's clipped surrogate over the step's global normalizer: tokens (token_mean), sequences
+    (sequence_mean) or sequences x max_response_tokens (constant). A batch without old log-probs is on-policy:
+    the old log-probs are the current ones detached, so the ratio is exactly 1 and the gradient is the
+    advantage-weighted policy gradient."""
+    if aggregation == "constant" and max_response_tokens is None:
+        raise ValueError("aggregation 'constant' needs max_response_tokens")
+
+    def objective(s: ScoredTokens, totals: StepTotals) -> LossOutput:
+        old = s.logprobs.detach() if s.old_logprobs is None else s.old_logprobs
+        normalizer = {"token_mean": totals.tokens, "sequence_mean": totals.sequences,
+                      "constant": totals.sequences * (max_response_tokens or 0)}[aggregation]
+        return grpo_loss(s.logprobs, old, s.advantages, s.mask, eps_low=eps_low, eps_high=eps_high, beta=beta,
+                         ref_logprobs=s.ref_logprobs, aggregation=aggregation, normalizer=normalizer,
+                         is_weights=s.is_weights, seq_index=s.rows, entropy=s.entropy)
+    return objective
+
+
+def _plain_head(lm: nn.Module) -> nn.Linear | None:
+    """The output projection when logits are exactly `hidden @ W.T + b`; None for softcapped or scaled heads."""
+    head = lm.get_output_embeddings()
+    cfg = lm.config
+    if not isinstance(head, nn.Linear):
+        return None
+    if getattr(cfg, "final_logit_softcapping", None) or getattr(cfg, "logit_scale", None):
+        return None
+    return head
+
+
+def _compile_in_place(lm: nn.Module, scope: str, *, whole_model: bool) -> None:
+    """torch.compile in place, so parameter names and checkpoints do not change. "layers": each decoder layer,
+    one graph that every layer of the same code and shapes reuses (compiling costs about one layer, as
+    torchtitan compiles per block); "model": the decoder body (the whole model when `whole_model`), one graph
+    of every layer (compiling takes about as many times longer as there are layers)."""
+    layers = getattr(lm.get_decoder(), "layers", None)
+    if scope == "layers" and isinstance(layers, nn.ModuleList) and len(layers):
+        for layer in layers:
+            layer.compile(**losses.COMPILE_OPTIONS)
+    else:
+        (lm if whole_model else lm.get_decoder()).compile(**losses.COMPILE_OPTIONS)
+
+
+class TokenScorer(nn.Module):
+    """Wraps a causal LM so that one forward returns log p and entropy of the scored tokens, flat [M].
+
+    The fused path runs the decoder, keeps only hidden states at scored positions and applies the output
+    projection in checkpointed chunks; models whose logits are not a plain projection go through the full
+    forward and chunked log-softmax. Wrapping in one module keeps DDP's hooks on the whole computation.
+    `compiled` compiles the decoder (`_compile_in_place`: each layer, or the whole body with `compile_scope`
+    "model") and the log-prob chunk kernels;
+    `varlen` makes packed rows (`packed` given to forward) attend per sequence without a mask tensor;
+    `keep_logits` keeps the fused head's logits for backward instead of recomputing them.
+    """
+
+    def __init__(self, lm: nn.Module, *, chunk_size: int = 2048, fused: bool | None = None,
+                 compiled: bool = False, varlen: bool = False, keep_logits: bool = False,
+                 compile_scope: str = "layers"):
+        super().__init__()
+        self.lm, self.chunk_size, self.compiled, self.keep_logits = lm, chunk_size, compiled, keep_logits
+        self.fused = _plain_head(lm) is not None if fused is None else fused
+        self.varlen = varlen and not getattr(lm.config, "use_sliding_window", False)
+        if self.varlen:  # behaves as SDPA unless a forward passes sequence boundaries
+            lm.config._attn_implementation = attention.register()
+        if compiled:
+            _compile_in_place(lm, compile_scope, whole_model=not self.fused)
+
+    def forward(self, input_ids: Tensor, position_ids: Tensor | None, attention_mask: Tensor | None,
+                targets: Tensor, loss_mask: Tensor | None, packed: attention.PackedLengths | None = None,
+                positions: Tensor | None = None) -> tuple[Tensor, Tensor]:
+        """log p and entropy [M] of the scored positions: `loss_mask` [R, L], or `positions` [M], the flat
+        indices of its true entries found on the host (a mask on the device must be counted there: a sync)."""
+        inputs = dict(input_ids=input_ids, position_ids=position_ids, attention_mask=attention_mask)
+        if packed is not None and self.varlen:  # no mask is built; the attention splits the sequences
+            inputs.update(packed)
+        index = loss_mask.reshape(-1).nonzero()[:, 0] if positions is None else positions  # [M] into R * L
+        labels = targets.reshape(-1)[index]  # [M]
+        if self.fused:
+            hidden = self.lm.get_decoder()(**inputs, use_cache=False).last_hidden_state  # [R, L, H]
+            head = self.lm.get_output_embeddings()
+            stats = token_logprobs(hidden.flatten(0, 1)[index], head.weight, labels, bias=head.bias,
+                                   chunk_size=self.chunk_size, compiled=self.compiled, keep_logits=self.keep_logits)
+        else:
+            logits = self.lm(**inputs, use_cache=False).logits  # [R, L, V]
+            stats = token_logprobs_from_logits(logits.flatten(0, 1)[index], labels, chunk_size=self.chunk_size)
+        return stats.logprobs, stats.entropy
+
+
+@dataclass(frozen=True)
+class ResponseScores:
+    """Per-response token log-probs and entropies under a model (teacher-forced, no gradient)."""
+
+    logprobs: list[Tensor]  # one [T_k] float tensor per response
+    entropy: list[Tensor]  # one [T_k] float tensor per response
+
+
+@torch.no_grad()
+def score_responses(model: nn.Module, prompts: Sequence[Sequence[int]], responses: Sequence[Sequence[int]], *,
+                    pad_id: int, batch_size: int = 16, chunk_size: int = 2048) -> ResponseScores:
+    """log p and entropy of every response token given its prompt, in padded batches on the model's device."""
+    if len(prompts) != len(responses):
+        raise ValueError(f"{len(prompts)} prompts but {len(responses)} responses")
+    examples = [Example(p, r) for p, r in zip(prompts, responses)]
+    scorer, device = TokenScorer(model, chunk_size=chunk_size), next(model.parameters()).device
+    logps, ents = [], []
+    for start in range(0, len(examples), batch_size):
+        batch = collate_padded(examples, range(start, min(start + batch_size, len(examples))), pad_id)
+        mask = batch.loss_mask.to(device)
+        lp, ent = scorer(batch.input_ids.to(device), batch.position_ids.to(device),
+                         batch.attention_mask.to(device), batch.targets.to(device), mask)
+        rows = batch.rows.to(device)[mask]  # [M] example index of every scored token
+        for i in range(start, min(start + batch_size, len(examples))):
+            logps.append(lp[rows == i].float().cpu())
+            ents.append(ent[rows == i].float().cpu())
+    return ResponseScores(logprobs=logps, entropy=ents)
