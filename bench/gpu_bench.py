@@ -265,7 +265,7 @@ def sft_step_fn(shape: dict, examples, opts: dict):
     model = build_model(shape, dtype=torch.bfloat16 if pure_bf16 and device.type == "cuda" else None)
     model.train()
     opt = torch.optim.AdamW(model.parameters(), lr=1e-5, fused=device.type == "cuda" or None)
-    from pipeline.losses import COMPILE_OPTIONS
+    from pipeline.logprobs import COMPILE_OPTIONS
 
     fwd = torch.compile(model, **COMPILE_OPTIONS) if opts.get("compile") else model
     width = max(len(e.prompt_ids) + len(e.response_ids) for e in examples)
@@ -684,9 +684,9 @@ def child_main(args) -> None:
     torch = _torch()
     if args.cpu_smoke:
         torch.set_num_threads(1)
-        import pipeline.losses as losses
+        import pipeline.logprobs as logprobs
 
-        losses.COMPILE_OPTIONS.update(backend="aot_eager")  # graph capture checked, no C++ codegen on CPU
+        logprobs.COMPILE_OPTIONS.update(backend="aot_eager")  # graph capture checked, no C++ codegen on CPU
     shape = SMOKE if args.cpu_smoke else FULL
     rec = Record(args.result)
     fn = {"train": section_train, "sample": section_sample, "round": section_round}[args.section]

@@ -40,9 +40,9 @@ from pipeline.advantages import combine_rewards, masked_group_advantages
 from pipeline.config import GRPOConfig, TrainConfig
 from pipeline.engines import Engine
 from pipeline.groups import Member
+from pipeline.batches import Example, plan_step
 from pipeline.losses import importance_weights, sampler_mismatch
 from pipeline.rewards import Scorer
-from pipeline.batches import Example, plan_step
 from pipeline.scoring import grpo_objective, score_responses
 from pipeline.training import Trainer, train_step
 

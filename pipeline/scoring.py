@@ -1,7 +1,7 @@
 """Scoring tokens with a causal LM, and the objectives that turn scored tokens into a loss.
 
 `TokenScorer` runs the model and returns log p and entropy of the scored (response) tokens only, flat [M]:
-the fused path projects just those hidden states in chunks (`losses.token_logprobs`). An `Objective` maps
+the fused path projects just those hidden states in chunks (`logprobs.token_logprobs`). An `Objective` maps
 one micro-batch's `ScoredTokens` and the step's totals to a `LossOutput` (GFT, SFT, DFT, GRPO).
 """
 
@@ -14,11 +14,10 @@ from typing import Protocol
 import torch
 from torch import Tensor, nn
 
-from pipeline import attention, losses
+from pipeline import attention
 from pipeline.batches import Example, StepTotals, collate_padded
-from pipeline.losses import (
-    Aggregation, LossOutput, dft_loss, gft_loss, grpo_loss, sft_loss, token_logprobs, token_logprobs_from_logits,
-)
+from pipeline.logprobs import COMPILE_OPTIONS, token_logprobs, token_logprobs_from_logits
+from pipeline.losses import Aggregation, LossOutput, dft_loss, gft_loss, grpo_loss, sft_loss
 
 __all__ = ["ScoredTokens", "Objective", "gft_objective", "sft_objective", "dft_objective", "grpo_objective",
            "TokenScorer", "ResponseScores", "score_responses"]
@@ -102,9 +101,9 @@ def _compile_in_place(lm: nn.Module, scope: str, *, whole_model: bool) -> None:
     layers = getattr(lm.get_decoder(), "layers", None)
     if scope == "layers" and isinstance(layers, nn.ModuleList) and len(layers):
         for layer in layers:
-            layer.compile(**losses.COMPILE_OPTIONS)
+            layer.compile(**COMPILE_OPTIONS)
     else:
-        (lm if whole_model else lm.get_decoder()).compile(**losses.COMPILE_OPTIONS)
+        (lm if whole_model else lm.get_decoder()).compile(**COMPILE_OPTIONS)
 
 
 class TokenScorer(nn.Module):

@@ -7,8 +7,8 @@ from torch.testing import assert_close
 
 from pipeline import attention
 from pipeline.config import TrainConfig
-from pipeline.losses import token_logprobs
 from pipeline.batches import collate_packed, collate_padded, plan_step
+from pipeline.logprobs import token_logprobs
 from pipeline.scoring import TokenScorer, gft_objective
 from pipeline.training import accumulate_gradients, make_trainer
 from tests.conftest import PAD, random_examples, tiny_lm

@@ -7,10 +7,8 @@ import torch
 from torch.testing import assert_close
 
 from pipeline.advantages import group_advantages
-from pipeline.losses import (
-    dft_loss, gft_loss, grpo_loss, importance_weights, sampler_mismatch, sft_loss, token_logprobs,
-    token_logprobs_from_logits,
-)
+from pipeline.logprobs import token_logprobs, token_logprobs_from_logits
+from pipeline.losses import dft_loss, gft_loss, grpo_loss, importance_weights, sampler_mismatch, sft_loss
 from tests.reference import (
     gft_reference, grpo_reference, importance_weights_reference, mismatch_reference, token_stats_reference,
 )
@@ -434,7 +432,7 @@ def test_keep_logits_saves_them_and_skips_the_recompute_matmul():
 def test_keep_logits_keeps_nothing_without_grad(monkeypatch):
     import weakref
 
-    from pipeline import losses
+    from pipeline import logprobs
 
     made, live = [], []  # weak references to every chunk's logits; how many were alive at each new chunk
 
@@ -443,8 +441,8 @@ def test_keep_logits_keeps_nothing_without_grad(monkeypatch):
         made.append(weakref.ref(z := head_logits(*args)))
         return z
 
-    head_logits = losses._head_logits
-    monkeypatch.setattr(losses, "_head_logits", logits)
+    head_logits = logprobs._head_logits
+    monkeypatch.setattr(logprobs, "_head_logits", logits)
     g = torch.Generator().manual_seed(6)
     hidden, weight = torch.randn(40, 8, generator=g), torch.randn(300, 8, generator=g, requires_grad=True)
     labels = torch.randint(0, 300, (40,), generator=g)
