@@ -28,7 +28,7 @@ from prefect.results import ResultStore
 from prefect.runtime import flow_run, task_run
 from prefect.serializers import JSONSerializer
 
-from pipeline import stages
+from pipeline import caching, stages
 from pipeline.artifacts import ArtifactRef
 from pipeline.config import (
     DataConfig, EvalConfig, GFTConfig, GRPOConfig, RunConfig, SFTConfig, SyntheticConfig, TeacherSampleConfig,
@@ -38,7 +38,7 @@ from pipeline.run import Ops, RunResult, run
 
 __all__ = ["post_train", "resolve_root"]
 
-RES: stages.Resources | None = None  # the running flow's resources (engines, reward workers, store, tracker)
+RES: caching.Resources | None = None  # the running flow's resources (engines, reward workers, store, tracker)
 RETRIES = {"teacher_sample": 2, "evaluate": 2, "gft_round": 1, "grpo_round": 1}  # sampling stages retry; a failed step resumes
 
 
@@ -144,7 +144,7 @@ def post_train(config: str, refresh: str | None = None, root: str | None = None,
     cfg = apply_overrides(load_toml(RunConfig, config), overrides or {}, where=f"{config} overrides")
     run_root = resolve_root(config, cfg, root)
 
-    def ops(res: stages.Resources) -> Ops:
+    def ops(res: caching.Resources) -> Ops:
         global RES
         RES = res
         calls = {name: _call(t, run_root) for name, t in TASKS.items()}

@@ -335,16 +335,16 @@ def test_stage_of_another_experiment_takes_the_producers_logged_model_as_input(m
 
 def test_rerun_serves_every_finished_stage(mini):
     exp, root, _ = mini
-    from pipeline import stages
+    from pipeline import caching
 
     calls: dict[str, int] = {}
-    real = stages.Resources.count
+    real = caching.Resources.count
 
     def counting(self, name, n=1):
         calls[name] = calls.get(name, 0) + n
         return real(self, name, n)
 
     with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(stages.Resources, "count", counting)
+        mp.setattr(caching.Resources, "count", counting)
         again = run_experiment(exp, root, local_trial(root), only=["sft", "tau"], progress=False)
     assert not again.failed and calls == {}
