@@ -12,7 +12,7 @@ export HF_DATASETS_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 export OMP_NUM_THREADS ?= 1
 
-.PHONY: test run bench env clean chromium
+.PHONY: test run bench bench-engines env clean chromium
 
 env: $(STAMP)
 
@@ -38,6 +38,9 @@ run: $(STAMP)
 
 bench: $(STAMP)
 	$(PY) bench/train_step.py
+
+bench-engines: $(STAMP)
+	$(PY) bench/engines.py
 
 clean:
 	rm -rf $(VENV) .pytest_cache

@@ -111,3 +111,24 @@ def test_greedy_matches_hf_before_and_after_load_weights(vllm_engine, hf_a, ckpt
 
     assert build_engine(ckpts[0], CFG) is engine  # the cached engine gets checkpoint a's weights back
     assert ids(engine.generate(MORE_PROMPTS, 1, GREEDY)) == ids(on_a)
+
+
+def test_engine_bench_runs_both_engines_on_both_workloads(tmp_path):
+    """`bench/engines.py --tiny`: both engines measured on both workloads, with the same thread count, and both
+    honour the uneven workload's eos list from generation_config.json (shorter completions, most stopped)."""
+    import json
+    import sys
+
+    result = tmp_path / "engines.json"
+    proc = subprocess.run([sys.executable, str(Path(__file__).parents[1] / "bench" / "engines.py"), "--tiny",
+                           "--result", str(result)], capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    out = json.loads(result.read_text())["results"]
+    assert set(out) == {"even", "uneven"} and all(set(r) == {"hf", "vllm"} for r in out.values())
+    for name in ("hf", "vllm"):
+        even, uneven = out["even"][name], out["uneven"][name]
+        assert even["mean_len"] > 12 and uneven["mean_len"] < 8, (name, even["mean_len"], uneven["mean_len"])
+        assert uneven["stopped"] > 0.5 > even["stopped"]
+        assert even["threads"] == uneven["threads"] == 1
+        assert all(r["tokens"] > 0 for r in even["runs"] + uneven["runs"])
+    assert "vs hf" in proc.stdout and "uneven" in proc.stdout
