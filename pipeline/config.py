@@ -131,6 +131,10 @@ class EngineConfig(Settings):
     (CUDA graphs): much faster decoding, one compile per new batch shape (prompts are padded to a multiple of 64)."""
     hf_compile: bool = True
     """hf: let transformers compile the decoding step when the cache is static; False decodes eagerly."""
+    hf_decode: Literal["generate", "compact"] = "generate"
+    """hf: generate = transformers `generate` (keeps finished rows in the batch until the longest completion
+    ends); compact = `pipeline.decoding.sample_compacting`, the same distribution with a dynamic cache from which
+    finished rows are dropped (faster when completions stop early and unevenly; not with hf_cache="static")."""
     max_model_len: int = Field(2048, ge=16)
     """vllm: longest prompt + completion, in tokens."""
     tensor_parallel_size: int = Field(1, ge=1)
@@ -147,6 +151,12 @@ class EngineConfig(Settings):
     """vllm on CPU: KV cache size in GiB."""
     trust_remote_code: bool = False
     """Allow model repositories to run their own code (off unless you trust the source)."""
+
+    @model_validator(mode="after")
+    def _decode_has_its_cache(self) -> EngineConfig:
+        if self.hf_decode == "compact" and self.hf_cache == "static":
+            raise ValueError('hf_decode="compact" drops rows from a dynamic cache; it cannot use hf_cache="static"')
+        return self
 
 
 class DataConfig(Settings):

@@ -25,6 +25,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 import torch
 
 from pipeline.config import EngineConfig, SamplingConfig
+from pipeline.decoding import sample_compacting
 from pipeline.progress import bar as progress_bar_of
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -260,6 +261,12 @@ class HFEngine:
         copies = 1 if greedy else n  # greedy: decode once, repeat n times
         multiple = 64 if self.cfg.hf_cache == "static" else 1  # fewer distinct shapes: fewer recompiles
         input_ids, mask = _left_pad(batch, self.pad_id, self.device, multiple)
+        if self.cfg.hf_decode == "compact":
+            decoded = sample_compacting(self.model, input_ids, mask, max_new_tokens=sampling.max_new_tokens,
+                                        temperature=sampling.temperature, top_p=sampling.top_p, eos_ids=self.eos_ids,
+                                        copies=copies)
+            rows = [self._completion(ids, lps) for ids, lps in zip(decoded.token_ids, decoded.logprobs, strict=True)]
+            return self._grouped(rows, len(batch), n, greedy)
         from transformers import LogitsProcessorList
 
         recorder = _RawLogprobRecorder()
@@ -269,10 +276,15 @@ class HFEngine:
         new_ids = out.sequences[:, input_ids.shape[1]:]  # [B*n, T]
         logprobs = recorder.finish(new_ids)  # [B*n, T]
         rows = [self._completion(ids, lps) for ids, lps in zip(new_ids.tolist(), logprobs.tolist(), strict=True)]
+        return self._grouped(rows, len(batch), n, greedy)
+
+    @staticmethod
+    def _grouped(rows: list[Completion], prompts: int, n: int, greedy: bool) -> list[list[Completion]]:
+        """[prompts][n] from rows in prompt order (n per prompt; one per prompt when greedy, repeated n times)."""
         if greedy:
             return [[replace(rows[p], token_ids=list(rows[p].token_ids), logprobs=list(rows[p].logprobs))
-                     for _ in range(n)] for p in range(len(batch))]
-        return [rows[p * n:(p + 1) * n] for p in range(len(batch))]
+                     for _ in range(n)] for p in range(prompts)]
+        return [rows[p * n:(p + 1) * n] for p in range(prompts)]
 
     def _completion(self, token_ids: list[int], logprobs: list[float]) -> Completion:
         token_ids, logprobs, reason = _finish(token_ids, logprobs, self.eos_ids)

@@ -78,9 +78,10 @@ def ckpt_b(tmp_path_factory) -> Path:
 F32 = dict(dtype="float32")  # the 1e-5 checks need float32 on a GPU too ("auto" is bfloat16 there)
 
 
-@pytest.fixture(scope="module")
-def engine(ckpt_a) -> HFEngine:
-    return HFEngine(ckpt_a, EngineConfig(batch_size=2, **F32), progress=False)
+@pytest.fixture(scope="module", params=["generate", "compact"])
+def engine(ckpt_a, request) -> HFEngine:
+    """Every engine test runs on both decoding loops: transformers `generate` and `sample_compacting`."""
+    return HFEngine(ckpt_a, EngineConfig(batch_size=2, hf_decode=request.param, **F32), progress=False)
 
 
 SAMPLE = SamplingConfig(temperature=1.0, max_new_tokens=12, seed=3)
@@ -116,10 +117,11 @@ def test_logprobs_equal_teacher_forced_recomputation(engine, temperature, top_p)
     assert max_teacher_forced_error(engine.model, PROMPTS, results) < 1e-5
 
 
-def test_left_padding_does_not_change_results(ckpt_a):
-    short = [1, 20]
-    alone = HFEngine(ckpt_a, EngineConfig(batch_size=1, **F32), progress=False).generate([short], 1, GREEDY)[0][0]
-    batched = HFEngine(ckpt_a, EngineConfig(batch_size=8, **F32), progress=False)
+@pytest.mark.parametrize("decode", ["generate", "compact"])
+def test_left_padding_does_not_change_results(ckpt_a, decode):
+    short, cfg = [1, 20], EngineConfig(batch_size=1, hf_decode=decode, **F32)
+    alone = HFEngine(ckpt_a, cfg, progress=False).generate([short], 1, GREEDY)[0][0]
+    batched = HFEngine(ckpt_a, cfg.model_copy(update={"batch_size": 8}), progress=False)
     in_batch = batched.generate([[1, 5, 6, 7, 8, 9, 30, 31, 32, 33, 34], short, [1] + [12] * 20], 1, GREEDY)[1][0]
     assert in_batch.token_ids == alone.token_ids
     assert max(abs(a - b) for a, b in zip(in_batch.logprobs, alone.logprobs)) < 1e-5
@@ -234,3 +236,70 @@ def test_no_min_p_warper_unless_the_model_sets_one(engine):
         assert engine._generation_config(sampling, 2).min_p == 0.0  # the model's 0.3 is overridden
     finally:
         engine.model.generation_config.min_p = None
+
+
+# ---------------------------------------------------------------------------------------------------------
+# sample_compacting: the loop that drops finished rows
+# ---------------------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def tiny_model(ckpt_a):
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_pretrained(ckpt_a, dtype=torch.float32).eval()
+
+
+def _padded(prompts):
+    from pipeline.engines import _left_pad
+
+    return _left_pad(prompts, PAD, torch.device("cpu"))
+
+
+def test_compaction_drops_finished_rows_without_changing_any_row(tiny_model):
+    """Many eos ids make rows stop at different steps; dropping them as they finish gives every row the
+    tokens and log-probs it gets when no row is dropped (greedy, so no random stream is involved)."""
+    from pipeline.decoding import sample_compacting
+
+    prompts = PROMPTS + [[1, 44, 45, 46, 47], [1, 50, 13], [1, 8] * 5, [1, 33]]
+    ids, mask = _padded(prompts)
+    eos = {EOS} | set(range(30, 50))  # a third of the vocabulary
+    run = lambda at: sample_compacting(tiny_model, ids, mask, max_new_tokens=24, temperature=0.0, top_p=1.0,  # noqa: E731
+                                       eos_ids=eos, compact_at=at)
+    dropping, kept = run(0.01), run(1.0)
+    lengths = sorted(len(t) for t in kept.token_ids)
+    assert lengths[0] < lengths[-1] and dropping.compactions >= 2 and kept.compactions == 0
+    assert dropping.token_ids == kept.token_ids
+    for a, b in zip(dropping.logprobs, kept.logprobs, strict=True):
+        assert max((abs(x - y) for x, y in zip(a, b, strict=True)), default=0.0) < 1e-5
+    for toks in kept.token_ids:
+        assert all(t not in eos for t in toks[:-1]) and (toks[-1] in eos or len(toks) == 24)
+    for prompt, toks, lps in zip(prompts, dropping.token_ids, dropping.logprobs, strict=True):
+        ref = teacher_forced_logprobs(tiny_model, prompt, toks)
+        assert max(abs(a - b) for a, b in zip(lps, ref, strict=True)) < 1e-5
+
+
+@pytest.mark.parametrize("temperature,top_p", [(0.5, 0.9), (1.3, 0.6)])
+def test_compacting_samples_from_the_tempered_nucleus(tiny_model, temperature, top_p):
+    """4,000 first tokens of one prompt against transformers' own warpers on the same logits: the empirical
+    distribution is within 0.04 total variation of softmax(top_p(logits / T)), and outside the nucleus
+    nothing is drawn; the untempered distribution is far from it (the check can tell them apart)."""
+    from transformers import TemperatureLogitsWarper, TopPLogitsWarper
+
+    from pipeline.decoding import sample_compacting
+
+    prompt, n = PROMPTS[2], 4000
+    ids, mask = _padded([prompt])
+    torch.manual_seed(0)
+    out = sample_compacting(tiny_model, ids, mask, max_new_tokens=1, temperature=temperature, top_p=top_p,
+                            eos_ids={EOS}, copies=n)
+    assert len(out.token_ids) == n
+    with torch.inference_mode():
+        logits = tiny_model(input_ids=torch.tensor([prompt])).logits[:, -1].float()  # [1, V]
+    warped = TopPLogitsWarper(top_p)(None, TemperatureLogitsWarper(temperature)(None, logits.clone()))
+    expected = warped.softmax(-1)[0]  # [V]
+    counts = torch.bincount(torch.tensor([t[0] for t in out.token_ids]), minlength=expected.numel()).double()
+    empirical = counts / n
+    assert counts[expected == 0].sum() == 0
+    assert 0.5 * (empirical - expected).abs().sum() < 0.04
+    assert 0.5 * (logits.softmax(-1)[0] - expected).abs().sum() > 0.1

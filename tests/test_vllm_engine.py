@@ -114,8 +114,8 @@ def test_greedy_matches_hf_before_and_after_load_weights(vllm_engine, hf_a, ckpt
 
 
 def test_engine_bench_runs_both_engines_on_both_workloads(tmp_path):
-    """`bench/engines.py --tiny`: both engines measured on both workloads, with the same thread count, and both
-    honour the uneven workload's eos list from generation_config.json (shorter completions, most stopped)."""
+    """`bench/engines.py --tiny`: every engine measured on both workloads, with the same thread count, and each
+    honours the uneven workload's eos list from generation_config.json (shorter completions, most stopped)."""
     import json
     import sys
 
@@ -124,8 +124,8 @@ def test_engine_bench_runs_both_engines_on_both_workloads(tmp_path):
                            "--result", str(result)], capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-2000:]
     out = json.loads(result.read_text())["results"]
-    assert set(out) == {"even", "uneven"} and all(set(r) == {"hf", "vllm"} for r in out.values())
-    for name in ("hf", "vllm"):
+    assert set(out) == {"even", "uneven"} and all(set(r) == {"hf", "hf_compact", "vllm"} for r in out.values())
+    for name in ("hf", "hf_compact", "vllm"):
         even, uneven = out["even"][name], out["uneven"][name]
         assert even["mean_len"] > 12 and uneven["mean_len"] < 8, (name, even["mean_len"], uneven["mean_len"])
         assert uneven["stopped"] > 0.5 > even["stopped"]
