@@ -10,10 +10,11 @@ What it measures, at the Qwen2-0.5B shape (random init, bf16 autocast over float
               eager, compiled (TrainConfig.compile) at several log-prob chunk sizes, packed (varlen and mask).
               An uneven batch (prompts 64-256, responses 64-768) shows what padding costs and packing saves.
   (b) sample  HFEngine: 128 prompts x 8 samples x 256 new tokens. plain = 32 prompts per generate call,
-              dynamic cache; then 128 prompts per call (dynamic, static + compiled decoding). Beside them, plain
+              dynamic cache; then 128 prompts per call (dynamic, the compacting loop `hf_decode="compact"` that
+              prefills each prompt once and drops finished rows, static + compiled decoding). Beside them, plain
               `model.generate` (raw_generate_*, no engine) at 128 and 32 prompts per call on the same prompts:
               the engine's overhead, side by side. A long, uneven case (completions stop at random, up to 512
-              tokens) measures padding and early finishes.
+              tokens) measures padding and early finishes (generate, compacting loop, static cache).
   (c) round   One GFT round on the GPU: sample (HFEngine, bf16 copy), score (exact_match in the Scorer's
               worker process), advantages, 4 optimizer steps over 1024 responses (packed, varlen), weight
               sync to the engine; seconds per phase.
@@ -376,7 +377,9 @@ def _engine(model, tok, batch_size: int, cache: str):
     from pipeline.config import EngineConfig
     from pipeline.engines import HFEngine
 
-    return HFEngine.from_model(model, tok, EngineConfig(batch_size=batch_size, hf_cache=cache), progress=False)
+    cfg = (EngineConfig(batch_size=batch_size, hf_decode="compact") if cache == "compact"  # dynamic cache, rows dropped
+           else EngineConfig(batch_size=batch_size, hf_cache=cache))
+    return HFEngine.from_model(model, tok, cfg, progress=False)
 
 
 def _prompts(shape: dict, n: int, seed: int) -> list[list[int]]:
@@ -504,6 +507,7 @@ def _sample_plans(model, tok, shape: dict) -> tuple[list, list]:
     return [
         ("round_plain_b32_dynamic", 30, lambda: engine(plain_prompts, batch=small, cache="dynamic", warm=False)),
         ("round_b128_dynamic", 30, lambda: engine(prompts, batch=big, cache="dynamic", warm=False)),
+        ("round_b128_compact", 30, lambda: engine(prompts, batch=big, cache="compact", warm=False)),
         ("raw_generate_b128_dynamic", 20, lambda: raw(prompts, batch=big)),
         ("raw_generate_b32_dynamic", 30, lambda: raw(plain_prompts, batch=small)),
         ("round_b128_static", compile_need, lambda: engine(prompts, batch=big, cache="static", warm=True)),
@@ -511,6 +515,7 @@ def _sample_plans(model, tok, shape: dict) -> tuple[list, list]:
         ("profile_raw_b32", 25, lambda: prof(plain_prompts[:small], raw=True)),
     ], [
         ("long_uneven_dynamic", 40, lambda: long(cache="dynamic", warm=False)),
+        ("long_uneven_compact", 40, lambda: long(cache="compact", warm=False)),
         ("long_uneven_static", compile_need + 20, lambda: long(cache="static", warm=True)),
     ]
 
