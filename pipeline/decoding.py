@@ -17,6 +17,7 @@ reproducible samples of this loop, not `generate`'s samples.
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Collection
 from dataclasses import dataclass
 
@@ -56,6 +57,11 @@ def _draw(logits: Tensor, temperature: float, warpers: list) -> Tensor:
     return torch.multinomial(scores.softmax(-1), 1)[:, 0]
 
 
+def _last_only(model) -> dict[str, int]:
+    """`logits_to_keep=1` where the model's forward takes it (transformers' causal LMs do)."""
+    return {"logits_to_keep": 1} if "logits_to_keep" in inspect.signature(model.forward).parameters else {}
+
+
 def _positions(attention_mask: Tensor) -> Tensor:
     """Position ids [R, L] of left-padded rows: 0 at each row's first real token (pads get 0)."""
     return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
@@ -67,8 +73,9 @@ def sample_compacting(model, input_ids: Tensor, attention_mask: Tensor, *, max_n
     """Sample `copies` completions of up to `max_new_tokens` for each row of the left-padded `input_ids` [B, L]
     (rows b * copies + k of the result); each prompt is prefilled once and its cache repeated. Finished rows
     leave the batch once `compact_at` of the live rows are done (1.0: only when all are)."""
+    last = _last_only(model)  # logits of the last position only, as `generate` asks: not [B, L, V]
     out = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=_positions(attention_mask),
-                use_cache=True)
+                use_cache=True, **last)
     cache, mask = out.past_key_values, attention_mask.repeat_interleave(copies, 0)  # mask [R, L], R = B * copies
     if copies > 1:
         cache.batch_repeat_interleave(copies)

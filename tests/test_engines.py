@@ -303,3 +303,18 @@ def test_compacting_samples_from_the_tempered_nucleus(tiny_model, temperature, t
     assert counts[expected == 0].sum() == 0
     assert 0.5 * (empirical - expected).abs().sum() < 0.04
     assert 0.5 * (logits.softmax(-1)[0] - expected).abs().sum() > 0.1
+
+
+def test_compacting_prefill_asks_for_the_last_position_only(tiny_model):
+    """Like `generate`, the prefill computes logits of the last position only (not [B, L, V])."""
+    from pipeline.decoding import sample_compacting
+
+    shapes = []
+    hook = tiny_model.register_forward_hook(lambda mod, args, out: shapes.append(tuple(out.logits.shape)))
+    try:
+        ids, mask = _padded(PROMPTS)
+        sample_compacting(tiny_model, ids, mask, max_new_tokens=2, temperature=1.0, top_p=1.0, eos_ids={EOS},
+                          copies=3)
+    finally:
+        hook.remove()
+    assert shapes[0] == (len(PROMPTS), 1, tiny_model.config.vocab_size)
