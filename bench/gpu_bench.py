@@ -377,8 +377,10 @@ def _engine(model, tok, batch_size: int, cache: str):
     from pipeline.config import EngineConfig
     from pipeline.engines import HFEngine
 
-    cfg = (EngineConfig(batch_size=batch_size, hf_decode="compact") if cache == "compact"  # dynamic cache, rows dropped
-           else EngineConfig(batch_size=batch_size, hf_cache=cache))
+    # "dynamic" and "static": transformers `generate`; "compact": the dynamic-cache loop that drops finished rows
+    compact = cache == "compact"
+    cfg = EngineConfig(batch_size=batch_size, hf_cache="dynamic" if compact else cache,
+                       hf_decode="compact" if compact else "generate")
     return HFEngine.from_model(model, tok, cfg, progress=False)
 
 
@@ -675,8 +677,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--sections", default=",".join(SECTIONS), help="comma-separated subset of " + ",".join(SECTIONS))
     p.add_argument("--variants", default="", help="comma-separated train and sample variants to run; a section "
                    "none of whose variants is named runs all of them")
-    p.add_argument("--round-cache", choices=("dynamic", "static"), default="dynamic",
-                   help="round: HFEngine cache (static compiles the decoding step: ~1 min more)")
+    p.add_argument("--round-cache", choices=("compact", "dynamic", "static"), default="compact",
+                   help="round: HFEngine decoding (compact: the library default, dropping finished rows; dynamic: "
+                   "generate; static: generate with a compiled decoding step, ~1 min more)")
     p.add_argument("--round-compile", action="store_true", help="round: TrainConfig.compile (compiles: ~1 min)")
     p.add_argument("--round-micro-tokens", type=int, default=16384, help="round: packed micro-batch tokens")
     p.add_argument("--section", choices=SECTIONS, help=argparse.SUPPRESS)  # internal: run one section

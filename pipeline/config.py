@@ -131,10 +131,11 @@ class EngineConfig(Settings):
     (CUDA graphs): much faster decoding, one compile per new batch shape (prompts are padded to a multiple of 64)."""
     hf_compile: bool = True
     """hf: let transformers compile the decoding step when the cache is static; False decodes eagerly."""
-    hf_decode: Literal["generate", "compact"] = "generate"
-    """hf: generate = transformers `generate` (keeps finished rows in the batch until the longest completion
-    ends); compact = `pipeline.decoding.sample_compacting`, the same distribution with a dynamic cache from which
-    finished rows are dropped (faster when completions stop early and unevenly; not with hf_cache="static")."""
+    hf_decode: Literal["auto", "generate", "compact"] = "auto"
+    """hf: generate = transformers `generate` (prefills every sample's copy of its prompt and keeps finished rows
+    until the longest completion ends); compact = `pipeline.decoding.sample_compacting`, the same distribution,
+    each prompt prefilled once and finished rows dropped from a dynamic cache; auto = compact with the dynamic
+    cache, generate with the static one (which compact cannot use)."""
     max_model_len: int = Field(2048, ge=16)
     """vllm: longest prompt + completion, in tokens."""
     tensor_parallel_size: int = Field(1, ge=1)

@@ -261,7 +261,7 @@ class HFEngine:
         copies = 1 if greedy else n  # greedy: decode once, repeat n times
         multiple = 64 if self.cfg.hf_cache == "static" else 1  # fewer distinct shapes: fewer recompiles
         input_ids, mask = _left_pad(batch, self.pad_id, self.device, multiple)
-        if self.cfg.hf_decode == "compact":
+        if self.cfg.hf_decode == "compact" or (self.cfg.hf_decode == "auto" and self.cfg.hf_cache == "dynamic"):
             decoded = sample_compacting(self.model, input_ids, mask, max_new_tokens=sampling.max_new_tokens,
                                         temperature=sampling.temperature, top_p=sampling.top_p, eos_ids=self.eos_ids,
                                         copies=copies)

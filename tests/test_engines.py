@@ -318,3 +318,25 @@ def test_compacting_prefill_asks_for_the_last_position_only(tiny_model):
     finally:
         hook.remove()
     assert shapes[0] == (len(PROMPTS), 1, tiny_model.config.vocab_size)
+
+
+@pytest.mark.parametrize("cfg, compacting", [
+    (EngineConfig(), True),  # auto with the dynamic cache
+    (EngineConfig(hf_cache="static"), False),  # auto with the static cache: generate
+    (EngineConfig(hf_decode="generate"), False),
+    (EngineConfig(hf_decode="compact"), True),
+])
+def test_hf_decode_picks_the_loop(ckpt_a, monkeypatch, cfg, compacting):
+    import pipeline.engines as engines
+
+    calls = []
+    real = engines.sample_compacting
+    monkeypatch.setattr(engines, "sample_compacting", lambda *a, **kw: calls.append(1) or real(*a, **kw))
+    eng = HFEngine(ckpt_a, cfg.model_copy(update={"hf_compile": False, **F32}), progress=False)
+    assert len(eng.generate(PROMPTS[:2], 2, SAMPLE)) == 2
+    assert bool(calls) == compacting
+
+
+def test_compact_with_the_static_cache_is_refused():
+    with pytest.raises(ValueError, match='hf_decode="compact" drops rows from a dynamic cache'):
+        EngineConfig(hf_decode="compact", hf_cache="static")
