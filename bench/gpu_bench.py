@@ -489,8 +489,9 @@ def profile_variant(model, tok, prompts, shape, *, raw: bool, max_new: int) -> d
 def _uneven_eos(model, shape: dict, mean_len: int) -> None:
     """Make completions stop at random: about vocab / mean_len eos ids, so a near-uniform random model stops
     after about mean_len tokens on average (geometric lengths: long and uneven)."""
-    k = max(1, shape["vocab"] // mean_len)
-    model.generation_config.eos_token_id = [2] + list(range(shape["vocab"] - k, shape["vocab"]))
+    from bench.engines import uneven_eos
+
+    model.generation_config.eos_token_id = uneven_eos(shape["vocab"], mean_len)
 
 
 def _sample_plans(model, tok, shape: dict) -> tuple[list, list]:

@@ -81,7 +81,7 @@ def sample_compacting(model, input_ids: Tensor, attention_mask: Tensor, *, max_n
         cache.batch_repeat_interleave(copies)
         out.logits = out.logits[:, -1:].repeat_interleave(copies, 0)  # [R, 1, V]
     rows = mask.shape[0]
-    next_pos = _positions(mask)[:, -1] + 1  # [r]
+    next_pos = mask.long().sum(-1)  # [r] position of each row's next token: its count of real tokens
     live = torch.arange(rows, device=input_ids.device)  # [r] input row of each live row
     eos = torch.tensor(sorted(eos_ids), device=input_ids.device)
     warpers, compactions = _warpers(temperature, top_p), 0

@@ -369,13 +369,18 @@ def test_token_logprobs_from_logits_bf16_close_to_float32():
     assert_close(exact.logprobs, ref, rtol=1e-12, atol=1e-12)
 
 
+def _head_case(n: int, h: int, v: int, seed: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Hidden states [n, h] and head weight [v, h] (both requiring grad), labels [n]."""
+    g = torch.Generator().manual_seed(seed)
+    hidden = torch.randn(n, h, generator=g, requires_grad=True)
+    weight = torch.randn(v, h, generator=g, requires_grad=True)
+    return hidden, weight, torch.randint(0, v, (n,), generator=g)
+
+
 def test_no_full_vocab_float32_tensor_is_saved_for_backward():
     # Record every tensor autograd saves for backward: none may be as large as [N, V] when chunking.
     n, h, v, chunk = 64, 16, 500, 16
-    g = torch.Generator().manual_seed(0)
-    hidden = torch.randn(n, h, generator=g, requires_grad=True)
-    weight = torch.randn(v, h, generator=g, requires_grad=True)
-    labels = torch.randint(0, v, (n,), generator=g)
+    hidden, weight, labels = _head_case(n, h, v, seed=0)
     saved = []
 
     def pack(t):
@@ -408,10 +413,7 @@ class _MatmulCount(torch.utils._python_dispatch.TorchDispatchMode):
 
 def test_keep_logits_saves_them_and_skips_the_recompute_matmul():
     n, h, v, chunk = 40, 8, 300, 16
-    g = torch.Generator().manual_seed(5)
-    hidden = torch.randn(n, h, generator=g, requires_grad=True)
-    weight = torch.randn(v, h, generator=g, requires_grad=True)
-    labels = torch.randint(0, v, (n,), generator=g)
+    hidden, weight, labels = _head_case(n, h, v, seed=5)
     chunks = -(-n // chunk)
     grads, counts = [], []
     for keep in (False, True):
