@@ -13,7 +13,7 @@ What it measures
                the longest one ends; hf_compact drops finished rows; vLLM schedules tokens, not rows.
 
     Engines: `hf` (HFEngine, transformers `generate`, every prompt in one call), `hf_compact` (HFEngine with
-    `hf_decode="compact"`: `pipeline.decoding.sample_compacting`, which drops finished rows from its batch) and
+    `hf_decode="compact"`: `pipeline.rollout.decoding.sample_compacting`, which drops finished rows from its batch) and
     `vllm` (VLLMEngine). Each repetition runs every engine, order alternating (hf, hf_compact, vllm, then
     vllm, hf_compact, hf, ...), and the table gives each engine's median wall time, tokens/s (generated tokens,
     up to and including eos, per second) and its ratio to `hf` (medians measured in the same run). The mean
@@ -97,7 +97,7 @@ def prompts_of(args: argparse.Namespace) -> list[list[int]]:
 def start(name: str, path: Path, args: argparse.Namespace):
     """(engine, seconds to build it); both engines with the same dtype, the HF one with every prompt per call."""
     from pipeline.config import EngineConfig
-    from pipeline.engines import HFEngine, VLLMEngine
+    from pipeline.rollout.engines import HFEngine, VLLMEngine
 
     t0 = time.perf_counter()
     if name in ("hf", "hf_compact"):

@@ -213,7 +213,7 @@ def step_flops(shape: dict, lengths: list[int]) -> float:
 
 def make_examples(shape: dict, kind: str, seed: int = 0):
     """Random examples: uniform (every prompt/response at the shape's length) or uneven (random lengths)."""
-    from pipeline.batches import Example
+    from pipeline.model.batches import Example
 
     rng = random.Random(seed)
     out = []
@@ -266,7 +266,7 @@ def sft_step_fn(shape: dict, examples, opts: dict):
     model = build_model(shape, dtype=torch.bfloat16 if pure_bf16 and device.type == "cuda" else None)
     model.train()
     opt = torch.optim.AdamW(model.parameters(), lr=1e-5, fused=device.type == "cuda" or None)
-    from pipeline.logprobs import COMPILE_OPTIONS
+    from pipeline.model.logprobs import COMPILE_OPTIONS
 
     fwd = torch.compile(model, **COMPILE_OPTIONS) if opts.get("compile") else model
     width = max(len(e.prompt_ids) + len(e.response_ids) for e in examples)
@@ -295,9 +295,9 @@ def sft_step_fn(shape: dict, examples, opts: dict):
 def gft_step_fn(shape: dict, examples, opts: dict):
     """The library GFT step: make_trainer + plan_step + train_step with gft_objective(tau=0.5)."""
     from pipeline.config import TrainConfig
-    from pipeline.batches import plan_step
-    from pipeline.scoring import gft_objective
-    from pipeline.training import make_trainer, train_step
+    from pipeline.model.batches import plan_step
+    from pipeline.model.scoring import gft_objective
+    from pipeline.model.trainer import make_trainer, train_step
 
     n = len(examples)
     tokens = sum(len(e.prompt_ids) + len(e.response_ids) for e in examples)
@@ -375,7 +375,7 @@ def section_train(args, shape: dict, rec: Record, deadline: float) -> None:
 
 def _engine(model, tok, batch_size: int, cache: str):
     from pipeline.config import EngineConfig
-    from pipeline.engines import HFEngine
+    from pipeline.rollout.engines import HFEngine
 
     # "dynamic" and "static": transformers `generate`; "compact": the dynamic-cache loop that drops finished rows
     compact = cache == "compact"
@@ -424,7 +424,7 @@ def _raw_generate(model, prompts, n: int, max_new: int, batch: int, eos: list[in
     """Time plain `model.generate` calls of `batch` left-padded prompts, n samples each; the tokens are counted
     after the clock stops, as HFEngine counts them (up to and including the first eos)."""
     torch = _torch()
-    from pipeline.engines import _left_pad
+    from pipeline.rollout.engines import _left_pad
 
     torch.manual_seed(1)
     outs = []  # (prompt width, [B*n, L+T] sequences) per call
@@ -534,7 +534,7 @@ def _run_sample(rec: Record, deadline: float, wanted: set[str] | None, name: str
 
 def section_sample(args, shape: dict, rec: Record, deadline: float) -> None:
     torch = _torch()
-    from pipeline.synthetic import build_tokenizer
+    from pipeline.data.synthetic import build_tokenizer
 
     tok = build_tokenizer()  # ids beyond its vocabulary decode to nothing: text is not what is measured here
     dtype = torch.bfloat16 if _device().type == "cuda" else torch.float32
@@ -593,9 +593,9 @@ def _round_members(tok, rows, experts, completions):
 
 def _round_train(model, experts, flat, advantages, args) -> tuple[object, list[dict], int]:
     from pipeline.config import TrainConfig
-    from pipeline.batches import Example, plan_step
-    from pipeline.scoring import gft_objective
-    from pipeline.training import make_trainer, train_step
+    from pipeline.model.batches import Example, plan_step
+    from pipeline.model.scoring import gft_objective
+    from pipeline.model.trainer import make_trainer, train_step
 
     examples = [Example(experts[k].prompt_ids, ids, float(a)) for (k, ids, _), a in zip(flat, advantages)]
     steps = 4
@@ -615,9 +615,9 @@ def _round_train(model, experts, flat, advantages, args) -> tuple[object, list[d
 
 def run_round(shape: dict, args) -> dict:
     torch = _torch()
-    from pipeline.advantages import group_advantages
-    from pipeline.rewards import Scorer
-    from pipeline.synthetic import build_tokenizer, make_problems, tokenize_example
+    from pipeline.algo.advantages import group_advantages
+    from pipeline.rollout.verifiers import Scorer
+    from pipeline.data.synthetic import build_tokenizer, make_problems, tokenize_example
 
     phase, device = Phases(), _device()
     with phase("setup"):
@@ -693,7 +693,7 @@ def child_main(args) -> None:
     torch = _torch()
     if args.cpu_smoke:
         torch.set_num_threads(1)
-        import pipeline.logprobs as logprobs
+        import pipeline.model.logprobs as logprobs
 
         logprobs.COMPILE_OPTIONS.update(backend="aot_eager")  # graph capture checked, no C++ codegen on CPU
     shape = SMOKE if args.cpu_smoke else FULL

@@ -164,7 +164,7 @@ def build_model(args):
 
 def build_examples(args):
     import torch
-    from pipeline.batches import Example
+    from pipeline.model.batches import Example
 
     g = torch.Generator().manual_seed(args.seed + 1)
 
@@ -241,9 +241,9 @@ def setup_variant(args):
     device = _resolve_device(args.device)
     cuda = device.type == "cuda"
     from pipeline.config import TrainConfig
-    from pipeline.batches import plan_step
-    from pipeline.scoring import gft_objective, sft_objective
-    from pipeline.training import make_trainer, train_step
+    from pipeline.model.batches import plan_step
+    from pipeline.model.scoring import gft_objective, sft_objective
+    from pipeline.model.trainer import make_trainer, train_step
 
     model = build_model(args)
     examples = build_examples(args)

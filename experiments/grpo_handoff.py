@@ -22,7 +22,7 @@ from pathlib import Path
 import torch
 
 from pipeline import stages
-from pipeline.artifacts import ArtifactRef, StageStore
+from pipeline.store.artifacts import ArtifactRef, StageStore
 from pipeline.config import RunConfig, apply_overrides, load_toml
 from pipeline.run import resolve_models
 

@@ -88,7 +88,7 @@ def _dry_run(cfg: RunConfig, root: Path, refresh: str | None) -> int:
 
 
 def cmd_experiment(args: argparse.Namespace) -> int:
-    from pipeline.experiment import open_experiment, print_plan
+    from pipeline.experiment.trials import open_experiment, print_plan
 
     exp, root, only = open_experiment(args.config, args.root, args.only)
     if args.dry_run:
@@ -181,7 +181,7 @@ def _interrupt(signum, frame) -> None:
 
 
 def cmd_ui(args: argparse.Namespace) -> int:
-    from pipeline.tracking import experiment_addresses, sqlite_uri
+    from pipeline.tracking.mlflow_tracker import experiment_addresses, sqlite_uri
 
     root = args.root or (_load(args.config, None)[1] if args.config else Path("runs").resolve())
     if not (root / "mlflow.db").is_file():

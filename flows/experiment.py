@@ -1,4 +1,4 @@
-"""The Prefect flow `experiment`: every trial of an experiment TOML (`pipeline.experiment`) as a `post-train`
+"""The Prefect flow `experiment`: every trial of an experiment TOML (`pipeline.experiment.trials`) as a `post-train`
 subflow run, then the report.
 
 Each trial is the `post-train` flow with the trial's overrides of the base config, named after the trial
@@ -16,8 +16,8 @@ from prefect.artifacts import create_markdown_artifact
 from prefect.states import Failed
 
 from flows.post_train import post_train
-from pipeline.artifacts import ArtifactRef
-from pipeline.experiment import RunTrial, Trial, experiment_root, load_experiment, run_experiment
+from pipeline.store.artifacts import ArtifactRef
+from pipeline.experiment.trials import RunTrial, Trial, experiment_root, load_experiment, run_experiment
 
 __all__ = ["experiment"]
 

@@ -7,7 +7,7 @@ The DAG itself is `pipeline.run.execute` (shared with `python -m pipeline.run`);
 tasks instead of functions. Each task is a one-line wrapper over `pipeline.stages`.
 
 Caching: a task's `cache_key_fn` is the stage's own key (`pipeline.stages.SPECS[stage](...).key`, i.e.
-`pipeline.artifacts.stage_key` of stage, code version, configs and input digests), and its result, a small
+`pipeline.store.artifacts.stage_key` of stage, code version, configs and input digests), and its result, a small
 `ArtifactRef`, is persisted as JSON under `<root>/prefect-results`. So a new flow run with the same config, or
 `prefect flow-run retry` of a failed one, serves every finished stage as Cached and runs only what failed or
 changed. Before a call, the stage's output is verified in the artifact store; when it is missing or altered,
@@ -28,8 +28,8 @@ from prefect.results import ResultStore
 from prefect.runtime import flow_run, task_run
 from prefect.serializers import JSONSerializer
 
-from pipeline import caching, stages
-from pipeline.artifacts import ArtifactRef
+from pipeline import runtime, stages
+from pipeline.store.artifacts import ArtifactRef
 from pipeline.config import (
     DataConfig, EvalConfig, GFTConfig, GRPOConfig, RunConfig, SFTConfig, SyntheticConfig, TeacherSampleConfig,
     apply_overrides, load_toml,
@@ -38,7 +38,7 @@ from pipeline.run import Ops, RunResult, run
 
 __all__ = ["post_train", "resolve_root"]
 
-RES: caching.Resources | None = None  # the running flow's resources (engines, reward workers, store, tracker)
+RES: runtime.Resources | None = None  # the running flow's resources (engines, reward workers, store, tracker)
 RETRIES = {"teacher_sample": 2, "evaluate": 2, "gft_round": 1, "grpo_round": 1}  # sampling stages retry; a failed step resumes
 
 
@@ -144,7 +144,7 @@ def post_train(config: str, refresh: str | None = None, root: str | None = None,
     cfg = apply_overrides(load_toml(RunConfig, config), overrides or {}, where=f"{config} overrides")
     run_root = resolve_root(config, cfg, root)
 
-    def ops(res: caching.Resources) -> Ops:
+    def ops(res: runtime.Resources) -> Ops:
         global RES
         RES = res
         calls = {name: _call(t, run_root) for name, t in TASKS.items()}

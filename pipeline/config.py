@@ -133,7 +133,7 @@ class EngineConfig(Settings):
     """hf: let transformers compile the decoding step when the cache is static; False decodes eagerly."""
     hf_decode: Literal["auto", "generate", "compact"] = "auto"
     """hf: generate = transformers `generate` (prefills every sample's copy of its prompt and keeps finished rows
-    until the longest completion ends); compact = `pipeline.decoding.sample_compacting`, the same distribution,
+    until the longest completion ends); compact = `pipeline.rollout.decoding.sample_compacting`, the same distribution,
     each prompt prefilled once and finished rows dropped from a dynamic cache; auto = compact with the dynamic
     cache, generate with the static one (which compact cannot use)."""
     max_model_len: int = Field(2048, ge=16)
@@ -401,7 +401,7 @@ def _field(node: Any, key: str, path: str, where: str) -> Any:
 
 
 class SyntheticConfig(Settings):
-    """The built-in arithmetic task and the pretraining of its teacher and base models (`pipeline.synthetic`)."""
+    """The built-in arithmetic task and the pretraining of its teacher and base models (`pipeline.data.synthetic`)."""
 
     seed: int = Field(0, ge=0)
     """Seed of the problems, the model initialisations and the data order."""

@@ -20,10 +20,10 @@ from pathlib import Path
 
 import torch
 
-from pipeline import caching, plots, stages
-from pipeline.artifacts import ArtifactRef, StageStore, write_text_atomic
+from pipeline import runtime, plots, stages
+from pipeline.store.artifacts import ArtifactRef, StageStore, write_text_atomic
 from pipeline.config import RunConfig, load_toml
-from pipeline.evaluation import comparison_table
+from pipeline.algo.metrics import comparison_table
 from pipeline.tracking import MlflowTracker, NullTracker, sqlite_uri
 
 __all__ = ["RunResult", "Ops", "local_ops", "execute", "plan", "run", "stage_history", "round_metrics", "main"]
@@ -56,7 +56,7 @@ class Ops:
     evaluate: Callable[..., ArtifactRef]
 
 
-def local_ops(res: caching.Resources) -> Ops:
+def local_ops(res: runtime.Resources) -> Ops:
     """The stage functions themselves, in this process."""
     names = [f.name for f in fields(Ops)]
     return Ops(**{n: functools.partial(getattr(stages, n), res=res) if hasattr(stages, n) else None for n in names})
@@ -66,7 +66,7 @@ def local_ops(res: caching.Resources) -> Ops:
 class _Walk:
     """Calls stages in run order: switches `res.force` on at the refreshed stage, reports each result."""
 
-    res: caching.Resources
+    res: runtime.Resources
     refresh: str | None
 
     def __call__(self, name: str, op: Callable[..., ArtifactRef], *args, step: int | None = None,
@@ -78,7 +78,7 @@ class _Walk:
         return ref
 
 
-def execute(cfg: RunConfig, ops: Ops, res: caching.Resources, *, refresh: str | None = None) -> dict[str, ArtifactRef]:
+def execute(cfg: RunConfig, ops: Ops, res: runtime.Resources, *, refresh: str | None = None) -> dict[str, ArtifactRef]:
     """The run's DAG: prompts -> models -> teacher responses -> eval(base) -> chain stages, each from the previous
     checkpoint and each evaluated. `refresh` names the first stage to recompute even if cached."""
     check_refresh(cfg, refresh)
@@ -108,18 +108,18 @@ def check_refresh(cfg: RunConfig, refresh: str | None) -> None:
         raise ValueError(f"--refresh {refresh!r}: not a stage of this run; choose one of {present}")
 
 
-def resolve_models(cfg: RunConfig, res: caching.Resources, ops: Ops | None = None,
+def resolve_models(cfg: RunConfig, res: runtime.Resources, ops: Ops | None = None,
                    call: Callable[..., ArtifactRef] | None = None) -> tuple[ArtifactRef, ArtifactRef | None]:
     """Base and teacher references: the bootstrap pair for "bootstrap", else external models."""
     ops = ops or local_ops(res)
     call = call or (lambda name, op, *a, **k: op(*a, **k))
     needs_bootstrap = "bootstrap" in (cfg.models.base, cfg.models.teacher)
     pair = call("bootstrap_models", ops.bootstrap_models, cfg.synthetic) if needs_bootstrap else None
-    base = stages.bootstrap_member(pair, "base") if cfg.models.base == "bootstrap" else caching.external_model(
+    base = stages.bootstrap_member(pair, "base") if cfg.models.base == "bootstrap" else runtime.external_model(
         cfg.models.base)
     teacher = None if cfg.models.teacher is None else (
         stages.bootstrap_member(pair, "teacher") if cfg.models.teacher == "bootstrap"
-        else caching.external_model(cfg.models.teacher))
+        else runtime.external_model(cfg.models.teacher))
     return base, teacher
 
 
@@ -154,7 +154,7 @@ class PlannedCall:
 def plan(cfg: RunConfig, root: Path) -> list[PlannedCall]:
     """Every stage call of the run with its key, computing nothing: a call whose inputs exist gets its key and
     cache status; one downstream of a call still to run has no key yet (it depends on that output)."""
-    res = caching.Resources(StageStore(root), engine_cfg=cfg.engine, progress=False)
+    res = runtime.Resources(StageStore(root), engine_cfg=cfg.engine, progress=False)
     calls: list[PlannedCall] = []
 
     def dry(stage: str) -> Callable[..., ArtifactRef]:
@@ -178,14 +178,14 @@ def _walk_name(stage: str) -> str:
     return stage.removesuffix("_round")
 
 
-def run(cfg: RunConfig, *, root: Path, progress: bool = True, ops: Callable[[caching.Resources], Ops] = local_ops,
+def run(cfg: RunConfig, *, root: Path, progress: bool = True, ops: Callable[[runtime.Resources], Ops] = local_ops,
         context_tags: Callable[[], dict[str, str]] = dict, refresh: str | None = None,
         tags: dict[str, str] | None = None) -> RunResult:
     """Run the configured DAG with tracking; writes the summary, the plots, and registers the final model.
     `tags` go on the run's MLflow parent run (an experiment nests its runs with `mlflow.parentRunId`)."""
     torch.set_num_threads(cfg.threads)
     tracker = make_tracker(cfg, root, context_tags)
-    res = caching.Resources(StageStore(root), engine_cfg=cfg.engine, progress=progress, tracker=tracker)
+    res = runtime.Resources(StageStore(root), engine_cfg=cfg.engine, progress=progress, tracker=tracker)
     tracker.start_pipeline(f"{cfg.name}-{time.strftime('%Y%m%d-%H%M%S')}", cfg.model_dump(mode="json"),
                            {"pipeline.config_digest": cfg.digest(), "pipeline.root": str(root), **(tags or {})})
     try:
@@ -211,7 +211,7 @@ def make_tracker(cfg: RunConfig, root: Path, context_tags: Callable[[], dict[str
                          context_tags=context_tags)
 
 
-def finish(cfg: RunConfig, refs: dict[str, ArtifactRef], res: caching.Resources, root: Path) -> RunResult:
+def finish(cfg: RunConfig, refs: dict[str, ArtifactRef], res: runtime.Resources, root: Path) -> RunResult:
     """Metrics by checkpoint, the summary and plots (logged to the parent run), the final model registered."""
     metrics = {k.removeprefix("eval/"): json.loads((v.path / "metrics.json").read_text())
                for k, v in refs.items() if k.startswith("eval/")}

@@ -3,7 +3,7 @@
 Every stage is cached by `stage_key(stage, version, config digest, input digests)` in a `StageStore`: a
 verified hit is served without work, anything missing or altered is recomputed. Stages never pass models,
 engines or DataFrames; engines and reward workers are process-level resources kept in `Resources`. The cache
-rule, `Resources` and the stage versions live in `pipeline.caching`.
+rule, `Resources` and the stage versions live in `pipeline.runtime`.
 
     prepare_data -> bootstrap_models -> teacher_sample -> sft ----------------> evaluate
                                                        \\-> gft_round x R ----> evaluate
@@ -23,18 +23,22 @@ from pathlib import Path
 
 import pandas as pd
 
-from pipeline import data as data_lib
-from pipeline import grpo as grpo_lib
-from pipeline import groups, synthetic
-from pipeline.artifacts import ArtifactRef, tree_sha256
-from pipeline.batches import Example, plan_step
-from pipeline.caching import Resources, StageSpec, cached, model_dir
+from pipeline.data import chat, synthetic
+from pipeline.data import prompts as data_lib
+from pipeline.rounds import bootstrap as bootstrap_lib
+from pipeline.rounds import groups
+from pipeline.rounds import grpo as grpo_lib
+from pipeline.store.artifacts import ArtifactRef, tree_sha256
+from pipeline.model.batches import Example, plan_step
+from pipeline.runtime import Resources, StageSpec, cached, model_dir
 from pipeline.config import (
     DataConfig, EvalConfig, GFTConfig, GRPOConfig, SFTConfig, SyntheticConfig, TeacherSampleConfig,
 )
-from pipeline.evaluation import accuracy_metrics, kl_per_token, score_prompt
-from pipeline.scoring import dft_objective, gft_objective, score_responses, sft_objective
-from pipeline.training import fit, make_trainer, save_model, train_step
+from pipeline.algo.metrics import accuracy_metrics, kl_per_token
+from pipeline.rounds.evaluate import score_prompt
+from pipeline.model.scoring import dft_objective, gft_objective, score_responses, sft_objective
+from pipeline.model.loop import fit
+from pipeline.model.trainer import make_trainer, save_model, train_step
 
 log = logging.getLogger(__name__)
 
@@ -47,7 +51,7 @@ def _read_parquet(ref: ArtifactRef, name: str) -> pd.DataFrame:
 
 
 def _tokenizer(model_path: str, trust_remote_code: bool = False):
-    return data_lib.load_tokenizer(model_path, trust_remote_code=trust_remote_code)
+    return chat.load_tokenizer(model_path, trust_remote_code=trust_remote_code)
 
 
 def _load_model(model_path: str, trust_remote_code: bool = False):
@@ -83,7 +87,7 @@ def prepare_data(cfg: DataConfig, synth: SyntheticConfig, res: Resources) -> Art
 
 
 def _load_prompt_set(cfg: DataConfig, synth: SyntheticConfig, res: Resources):
-    scorer = res.scorer("pipeline.rewards:gold_check")
+    scorer = res.scorer("pipeline.rollout.verifiers:gold_check")
 
     def gold_parses(answer: str) -> bool:
         return scorer.score_one("", {"answer": answer})[1] is None
@@ -104,7 +108,7 @@ def bootstrap_models_spec(synth: SyntheticConfig, res: Resources) -> StageSpec:
 def bootstrap_models(synth: SyntheticConfig, res: Resources) -> ArtifactRef:
     """The embedded default's teacher and weaker base, trained locally (teacher/model, base/model)."""
     def build(out: Path, key: str) -> dict[str, float]:
-        result = synthetic.bootstrap(out / "work", synth)
+        result = bootstrap_lib.bootstrap(out / "work", synth)
         for role, path in (("teacher", result.teacher_dir), ("base", result.base_dir)):
             (out / role).mkdir()
             Path(path).rename(out / role / "model")
@@ -133,7 +137,7 @@ def teacher_sample(cfg: TeacherSampleConfig, prompts: ArtifactRef, teacher: Arti
     def build(out: Path, key: str) -> dict[str, float]:
         rows = _read_parquet(prompts, "train.parquet")
         tok = _tokenizer(model_dir(teacher), res.engine_cfg.trust_remote_code)
-        prompt_ids = [data_lib.render_prompt(tok, p) for p in rows["prompt"]]
+        prompt_ids = [chat.render_prompt(tok, p) for p in rows["prompt"]]
         engine = res.engine("teacher", model_dir(teacher))
         completions = engine.generate(prompt_ids, cfg.k, cfg.sampling)
         res.count("engine.generate")
@@ -175,7 +179,7 @@ def sft(cfg: SFTConfig, prompts: ArtifactRef, teacher: ArtifactRef | None, init:
         teachers = _teacher_map(teacher, rows) if cfg.source == "mix" else {}
         examples, truncated = [], 0
         for pid, prompt, solution in zip(rows["id"], rows["prompt"], rows["solution"]):
-            prompt_ids = data_lib.render_prompt(tok, prompt)
+            prompt_ids = chat.render_prompt(tok, prompt)
             members = groups.off_policy(tok, str(pid), "expert", [solution], cfg.max_response_tokens)
             members += groups.off_policy(tok, str(pid), "teacher", teachers.get(str(pid), []), cfg.max_response_tokens)
             truncated += sum(m.truncated for m in members)
@@ -396,7 +400,7 @@ def evaluate(cfg: EvalConfig, prompts: ArtifactRef, model: ArtifactRef, base: Ar
         rows = _read_parquet(prompts, "eval.parquet")
         rows = rows.iloc[: cfg.max_prompts] if cfg.max_prompts else rows
         tok = _tokenizer(model_dir(model))
-        prompt_ids = [data_lib.render_prompt(tok, p) for p in rows["prompt"]]
+        prompt_ids = [chat.render_prompt(tok, p) for p in rows["prompt"]]
         engine = res.engine("eval", model_dir(model))
         sampled = engine.generate(prompt_ids, cfg.k, cfg.sampling)
         greedy = engine.generate(prompt_ids, 1, cfg.sampling.model_copy(update={"temperature": 0.0}))

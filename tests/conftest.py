@@ -34,7 +34,7 @@ def tiny_lm(kind: str = "qwen2", *, seed: int = 0, dtype: torch.dtype = torch.fl
 
 def random_examples(n: int, *, seed: int = 0, vocab: int = VOCAB, per_token: bool = False,
                     max_prompt: int = 6, max_response: int = 9):
-    from pipeline.batches import Example
+    from pipeline.model.batches import Example
 
     rng = random.Random(seed)
     out = []

@@ -9,8 +9,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 torch.set_num_threads(1)
 
 from pipeline.config import TrainConfig  # noqa: E402
-from pipeline.scoring import gft_objective  # noqa: E402
-from pipeline.training import fit  # noqa: E402
+from pipeline.model.scoring import gft_objective  # noqa: E402
+from pipeline.model.loop import fit  # noqa: E402
 from tests.conftest import PAD, random_examples, tiny_lm  # noqa: E402
 
 

@@ -7,7 +7,7 @@ import pytest
 import torch
 from torch.testing import assert_close
 
-from pipeline.advantages import group_advantages
+from pipeline.algo.advantages import group_advantages
 from tests.reference import advantages_reference
 
 

@@ -1,4 +1,4 @@
-"""pipeline/artifacts.py: digests, stage keys, and a stage store that never serves a killed, altered or
+"""pipeline/store/artifacts.py: digests, stage keys, and a stage store that never serves a killed, altered or
 half-written output."""
 
 from __future__ import annotations
@@ -18,8 +18,8 @@ import pytest
 from pydantic import ValidationError
 
 import pipeline
-from pipeline import artifacts
-from pipeline.artifacts import (ArtifactError, ArtifactRef, Manifest, StageStore, file_sha256, files_sha256,
+from pipeline.store import artifacts
+from pipeline.store.artifacts import (ArtifactError, ArtifactRef, Manifest, StageStore, file_sha256, files_sha256,
                                 hash_tree, stage_key, tree_sha256)
 
 REPO = Path(__file__).resolve().parents[1]
@@ -186,7 +186,7 @@ def test_altered_output_is_not_served_and_others_are(store, damage, caplog):
     else:
         text = (folder / "manifest.json").read_text().replace(ref.sha256, "f" * 64)
         (folder / "manifest.json").write_text(text)
-    with caplog.at_level(logging.WARNING, logger="pipeline.artifacts"):
+    with caplog.at_level(logging.WARNING, logger="pipeline.store.artifacts"):
         assert store.lookup("gft", "k1") is None
     assert "cache miss gft/k1" in caplog.text
     assert store.lookup("sft", "k2") == other
@@ -237,7 +237,7 @@ def test_keys_and_stages_must_be_folder_names(store):
 
 KILLED_WRITER = textwrap.dedent("""
     import sys, time
-    from pipeline.artifacts import StageStore
+    from pipeline.store.artifacts import StageStore
     with StageStore(sys.argv[1]).write("gft", "k1", kind="x", version=1, config={}, inputs=[]) as out:
         (out.path / "part.bin").write_bytes(b"half written")
         print("ready", flush=True)

@@ -1,4 +1,4 @@
-"""pipeline/data.py: every source loads the same rows; every bad row is reported by id and field; the split is
+"""pipeline/data/prompts.py: every source loads the same rows; every bad row is reported by id and field; the split is
 a pure function of (seed, id); prompts and responses are tokenized as an engine would."""
 
 from __future__ import annotations
@@ -11,10 +11,12 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from pipeline import data
+from pipeline.data import prompts as data
 from pipeline.config import DataConfig
-from pipeline.data import (DataError, load_prompts, read_prompts_parquet, render_prompt, render_response,
-                           resolve_format, rows_digest, rows_from_records, split_prompts, write_prompts_parquet)
+from pipeline.data import chat
+from pipeline.data.chat import render_prompt, render_response
+from pipeline.data.prompts import (DataError, load_prompts, read_prompts_parquet, resolve_format, rows_digest,
+                                   rows_from_records, split_prompts, write_prompts_parquet)
 
 ROWS = [
     {"id": f"p{i}", "prompt": f"What is {i}+{i}?", "solution": f"{i}+{i}={2 * i}. \\boxed{{{2 * i}}}",
@@ -385,13 +387,13 @@ def test_source_ref_follows_local_content(tmp_path):
 def test_load_tokenizer_keeps_a_custom_tokenizer_exact(tmp_path):
     # A Qwen2 folder with the embedded default's character tokenizer: AutoTokenizer would load the family's
     # Qwen2Tokenizer and drop spaces and newlines; load_tokenizer keeps tokenizer.json as saved.
-    from pipeline import synthetic
+    from pipeline.data import synthetic
 
     tok = synthetic.build_tokenizer()
     synthetic.build_model(tok, size="base", seed=0).save_pretrained(tmp_path)
     tok.save_pretrained(tmp_path)
     text = "ann has 3 pens.\nshe gets 2. how many?"
-    loaded = data.load_tokenizer(tmp_path)
+    loaded = chat.load_tokenizer(tmp_path)
     assert loaded(text, add_special_tokens=False).input_ids == tok(text, add_special_tokens=False).input_ids
     assert loaded.decode(tok(text, add_special_tokens=False).input_ids) == text
-    assert data.render_prompt(loaded, text) == data.render_prompt(tok, text)
+    assert chat.render_prompt(loaded, text) == chat.render_prompt(tok, text)

@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from pipeline.config import EngineConfig, SamplingConfig
-from pipeline.engines import Completion, Engine, HFEngine, build_engine
+from pipeline.rollout.engines import Completion, Engine, HFEngine, build_engine
 
 CHARS = "abcdefghijklmnopqrstuvwxyz0123456789 +-*/=()[]{}.,:;!?<>"
 SPECIALS = ["<pad>", "<s>", "</s>", "<unk>"]  # ids 0..3
@@ -251,7 +251,7 @@ def tiny_model(ckpt_a):
 
 
 def _padded(prompts):
-    from pipeline.engines import _left_pad
+    from pipeline.rollout.engines import _left_pad
 
     return _left_pad(prompts, PAD, torch.device("cpu"))
 
@@ -259,7 +259,7 @@ def _padded(prompts):
 def test_compaction_drops_finished_rows_without_changing_any_row(tiny_model):
     """Many eos ids make rows stop at different steps; dropping them as they finish gives every row the
     tokens and log-probs it gets when no row is dropped (greedy, so no random stream is involved)."""
-    from pipeline.decoding import sample_compacting
+    from pipeline.rollout.decoding import sample_compacting
 
     prompts = PROMPTS + [[1, 44, 45, 46, 47], [1, 50, 13], [1, 8] * 5, [1, 33]]
     ids, mask = _padded(prompts)
@@ -286,7 +286,7 @@ def test_compacting_samples_from_the_tempered_nucleus(tiny_model, temperature, t
     nothing is drawn; the untempered distribution is far from it (the check can tell them apart)."""
     from transformers import TemperatureLogitsWarper, TopPLogitsWarper
 
-    from pipeline.decoding import sample_compacting
+    from pipeline.rollout.decoding import sample_compacting
 
     prompt, n = PROMPTS[2], 4000
     ids, mask = _padded([prompt])
@@ -307,7 +307,7 @@ def test_compacting_samples_from_the_tempered_nucleus(tiny_model, temperature, t
 
 def test_compacting_prefill_asks_for_the_last_position_only(tiny_model):
     """Like `generate`, the prefill computes logits of the last position only (not [B, L, V])."""
-    from pipeline.decoding import sample_compacting
+    from pipeline.rollout.decoding import sample_compacting
 
     shapes = []
     hook = tiny_model.register_forward_hook(lambda mod, args, out: shapes.append(tuple(out.logits.shape)))
@@ -327,7 +327,7 @@ def test_compacting_prefill_asks_for_the_last_position_only(tiny_model):
     (EngineConfig(hf_decode="compact"), True),
 ])
 def test_hf_decode_picks_the_loop(ckpt_a, monkeypatch, cfg, compacting):
-    import pipeline.engines as engines
+    import pipeline.rollout.engines as engines
 
     calls = []
     real = engines.sample_compacting

@@ -5,7 +5,7 @@ import itertools
 import pytest
 import torch
 
-from pipeline.evaluation import EvalSamples, accuracy_metrics, comparison_table, kl_per_token, pass_at_k
+from pipeline.algo.metrics import EvalSamples, accuracy_metrics, comparison_table, kl_per_token, pass_at_k
 
 
 def _pass_at_k_brute(n, c, k):

@@ -1,4 +1,4 @@
-"""Experiments (`pipeline.experiment`): configs derived from the base by the grid and nothing else, `extends`,
+"""Experiments (`pipeline.experiment.trials`): configs derived from the base by the grid and nothing else, `extends`,
 bad grids named, the mean and std over seeds against the trials' own metrics files, a failed trial reported
 without stopping the others, and the report's files. The CI-size paper table runs through Prefect in
 tests/test_flows.py."""
@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from pipeline.config import RunConfig, apply_overrides, load_toml
-from pipeline.experiment import (
+from pipeline.experiment.trials import (
     expand, experiment_root, load_experiment, local_trial, run_experiment,
 )
 
@@ -335,16 +335,16 @@ def test_stage_of_another_experiment_takes_the_producers_logged_model_as_input(m
 
 def test_rerun_serves_every_finished_stage(mini):
     exp, root, _ = mini
-    from pipeline import caching
+    from pipeline import runtime
 
     calls: dict[str, int] = {}
-    real = caching.Resources.count
+    real = runtime.Resources.count
 
     def counting(self, name, n=1):
         calls[name] = calls.get(name, 0) + n
         return real(self, name, n)
 
     with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(caching.Resources, "count", counting)
+        mp.setattr(runtime.Resources, "count", counting)
         again = run_experiment(exp, root, local_trial(root), only=["sft", "tau"], progress=False)
     assert not again.failed and calls == {}

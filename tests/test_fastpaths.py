@@ -5,12 +5,12 @@ import pytest
 import torch
 from torch.testing import assert_close
 
-from pipeline import attention
+from pipeline.model import attention
 from pipeline.config import TrainConfig
-from pipeline.batches import collate_packed, collate_padded, plan_step
-from pipeline.logprobs import token_logprobs
-from pipeline.scoring import TokenScorer, gft_objective
-from pipeline.training import accumulate_gradients, make_trainer
+from pipeline.model.batches import collate_packed, collate_padded, plan_step
+from pipeline.model.logprobs import token_logprobs
+from pipeline.model.scoring import TokenScorer, gft_objective
+from pipeline.model.trainer import accumulate_gradients, make_trainer
 from tests.conftest import PAD, random_examples, tiny_lm
 from tests.reference import token_stats_reference
 
@@ -180,7 +180,7 @@ def test_compiled_checkpointed_body_with_varlen_packing_equals_plain_padded_step
 
 def test_static_cache_engine_and_engine_over_a_live_model_match_the_plain_engine(tmp_path):
     from pipeline.config import EngineConfig, SamplingConfig
-    from pipeline.engines import HFEngine
+    from pipeline.rollout.engines import HFEngine
     from tests.test_engines import PROMPTS, max_teacher_forced_error, save_tiny_checkpoint
 
     ckpt = save_tiny_checkpoint(tmp_path, seed=0)
@@ -197,7 +197,7 @@ def test_static_cache_engine_and_engine_over_a_live_model_match_the_plain_engine
 
 
 def test_round_perf_metrics_count_policy_and_trained_tokens():
-    from pipeline.groups import Member
+    from pipeline.rounds.groups import Member
     from pipeline.stages import _round_perf
 
     members = [[Member("a", "expert", "", [1, 2, 3], False), Member("a", "policy", "", [4, 5], False)],
@@ -218,7 +218,7 @@ def test_bench_modules_import_without_the_packages_the_gpu_machine_lacks():
     code = ("import sys\n"
             "for m in ('pandas', 'pyarrow', 'datasets', 'math_verify', 'prefect', 'mlflow', 'vllm'):\n"
             "    sys.modules[m] = None\n"
-            "import pipeline.engines, pipeline.training, pipeline.synthetic, pipeline.advantages, pipeline.rewards\n"
+            "import pipeline.rollout.engines, pipeline.model.trainer, pipeline.data.synthetic, pipeline.algo.advantages, pipeline.rollout.verifiers\n"
             "import bench.gpu_bench\n")
     root = Path(__file__).resolve().parents[1]
     proc = subprocess.run([sys.executable, "-c", code], cwd=root, capture_output=True, text=True, timeout=120)

@@ -178,7 +178,7 @@ def test_mlflow_lineage(failed_then_rerun):
 
 def test_dry_run_prints_keys_and_runs_nothing(failed_then_rerun, capsys):
     from flows.cli import main
-    from pipeline import caching, stages
+    from pipeline import runtime, stages
     from pipeline.config import RunConfig, load_toml
 
     root, *_ = failed_then_rerun
@@ -186,7 +186,7 @@ def test_dry_run_prints_keys_and_runs_nothing(failed_then_rerun, capsys):
     assert main(["run", str(TINY), "--root", str(root), "--dry-run"]) == 0
     out = capsys.readouterr().out
     cfg = load_toml(RunConfig, TINY)
-    key = stages.prepare_data_spec(cfg.data, cfg.synthetic, caching.Resources(None)).key
+    key = stages.prepare_data_spec(cfg.data, cfg.synthetic, runtime.Resources(None)).key
     assert f"prepare_data       prepare_data       cached   {key}" in out
     assert out.count("gft_round") == 2 and '"tau": 0.5' in out
     assert sorted(p.name for p in root.iterdir()) == before
@@ -313,7 +313,7 @@ def test_paper_table_ci_experiment(harness, tmp_path):
     sizes, one seed): each variant has its metrics, the plots exist, and every trial is a post-train subflow
     whose MLflow run is a child of the experiment's parent run. No claim about which variant wins."""
     from flows.cli import main
-    from pipeline.experiment import expand, load_experiment
+    from pipeline.experiment.trials import expand, load_experiment
 
     config = REPO / "experiments" / "paper_table_ci.toml"
     assert main(["experiment", str(config), "--root", str(tmp_path), "--no-progress"]) == 0

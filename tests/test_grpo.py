@@ -9,12 +9,12 @@ import pytest
 import torch
 from torch.testing import assert_close
 
-from pipeline import grpo
-from pipeline.advantages import combine_rewards, group_advantages, masked_group_advantages
+from pipeline.rounds import grpo
+from pipeline.algo.advantages import combine_rewards, group_advantages, masked_group_advantages
 from pipeline.config import GRPOConfig, TrainConfig
-from pipeline.groups import Member
-from pipeline.rewards import Scorer, exact_match
-from pipeline.training import make_trainer
+from pipeline.rounds.groups import Member
+from pipeline.rollout.verifiers import Scorer, exact_match
+from pipeline.model.trainer import make_trainer
 from tests import reward_helpers
 from tests.conftest import PAD, tiny_lm
 from tests.reference import advantages_reference, combine_rewards_reference, importance_weights_reference

@@ -6,9 +6,9 @@ import pytest
 import torch
 from torch.testing import assert_close
 
-from pipeline.advantages import group_advantages
-from pipeline.logprobs import token_logprobs, token_logprobs_from_logits
-from pipeline.losses import dft_loss, gft_loss, grpo_loss, importance_weights, sampler_mismatch, sft_loss
+from pipeline.algo.advantages import group_advantages
+from pipeline.model.logprobs import token_logprobs, token_logprobs_from_logits
+from pipeline.algo.losses import dft_loss, gft_loss, grpo_loss, importance_weights, sampler_mismatch, sft_loss
 from tests.reference import (
     gft_reference, grpo_reference, importance_weights_reference, mismatch_reference, token_stats_reference,
 )
@@ -434,7 +434,7 @@ def test_keep_logits_saves_them_and_skips_the_recompute_matmul():
 def test_keep_logits_keeps_nothing_without_grad(monkeypatch):
     import weakref
 
-    from pipeline import logprobs
+    from pipeline.model import logprobs
 
     made, live = [], []  # weak references to every chunk's logits; how many were alive at each new chunk
 

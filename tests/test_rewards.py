@@ -1,4 +1,4 @@
-"""pipeline/rewards.py: the math verifier case by case, exact match, `last_boxed`, and the bounded-time scorer.
+"""pipeline/rollout/verifiers.py: the math verifier case by case, exact match, `last_boxed`, and the bounded-time scorer.
 
 The math cases run through one shared `Scorer("math_answer")`, so its worker (math-verify, sympy, the LaTeX
 grammar: a few seconds) starts once. Expectations follow math-verify 0.9 where its judgement is defensible;
@@ -13,7 +13,7 @@ from collections import Counter
 
 import pytest
 
-from pipeline.rewards import (REWARDS, RewardError, ScoreOutput, Scorer, Unscorable, exact_match,
+from pipeline.rollout.verifiers import (REWARDS, RewardError, ScoreOutput, Scorer, Unscorable, exact_match,
                               last_boxed, math_answer, resolve_reward)
 
 H = "tests.reward_helpers"
@@ -359,7 +359,7 @@ def test_close_kills_the_worker_and_is_idempotent():
 @pytest.mark.parametrize("gold,ok", [("12", True), ("\\frac{1}{2}", True), ("(1,2]", True), ("\\text{(C)}", True),
                                      ("\\boxed{7}", True), ("\\frac{", False), ("x^{", False), ("}{", False)])
 def test_gold_check(gold, ok):
-    from pipeline.rewards import Unscorable, gold_check
+    from pipeline.rollout.verifiers import Unscorable, gold_check
 
     if ok:
         assert gold_check("", {"answer": gold}) == 1.0

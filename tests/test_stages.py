@@ -1,4 +1,4 @@
-"""Every stage on tiny data: outputs, caching (no work on a second call), recompute after damage."""
+"""Every stage on tiny data: outputs, runtime (no work on a second call), recompute after damage."""
 
 import json
 from pathlib import Path
@@ -6,8 +6,8 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from pipeline import caching, stages
-from pipeline.artifacts import StageStore
+from pipeline import runtime, stages
+from pipeline.store.artifacts import StageStore
 from pipeline.config import (
     DataConfig, EvalConfig, GFTConfig, SamplingConfig, SFTConfig, SyntheticConfig, TeacherSampleConfig, TrainConfig,
 )
@@ -29,7 +29,7 @@ def pipeline_run(tmp_path_factory):
     root = tmp_path_factory.mktemp("store")
 
     def once():
-        res = caching.Resources(StageStore(root), progress=False)
+        res = runtime.Resources(StageStore(root), progress=False)
         try:
             refs = {"prompts": stages.prepare_data(DATA, SYNTH, res)}
             pair = stages.bootstrap_models(SYNTH, res)
@@ -90,7 +90,7 @@ def test_eval_metrics(pipeline_run):
 def test_damaged_output_recomputes_only_that_stage(pipeline_run):
     root, first, *_ = pipeline_run
     (Path(first["sft"].uri) / "model" / "config.json").write_text("{}")  # alter one file
-    res = caching.Resources(StageStore(root), progress=False)
+    res = runtime.Resources(StageStore(root), progress=False)
     try:
         again = stages.sft(SFT, first["prompts"], first["teacher"], first["base"], res)
         stages.gft_round(GFT, 0, first["prompts"], first["teacher"], first["base"], res)
@@ -105,7 +105,7 @@ def test_gft_resumes_after_its_last_finished_round(pipeline_run):
     # Delete the last round's group dataset: rerunning GFT serves round 0 and recomputes round 1 only.
     root, first, *_ = pipeline_run
     (Path(first["gft"].uri) / "groups.parquet").unlink()
-    res = caching.Resources(StageStore(root), progress=False)
+    res = runtime.Resources(StageStore(root), progress=False)
     try:
         rounds = stages.gft(GFT, first["prompts"], first["teacher"], first["base"], res)
     finally:

@@ -10,10 +10,10 @@ from pathlib import Path
 
 import pytest
 
-from pipeline import caching, stages
-from pipeline.artifacts import StageStore
+from pipeline import runtime, stages
+from pipeline.store.artifacts import StageStore
 from pipeline.config import DataConfig, SFTConfig, SyntheticConfig, TrainConfig
-from pipeline.data import DataError
+from pipeline.data.prompts import DataError
 
 ROOT = Path(__file__).resolve().parents[1]
 SYNTH = SyntheticConfig(n_train=32, n_eval=8, teacher_steps=2, base_steps=1, batch_size=8, warmup_steps=0)
@@ -25,7 +25,7 @@ LONG_SFT = SFTConfig(max_response_tokens=48, train=TrainConfig(lr=1e-3, num_step
 @pytest.fixture(scope="module")
 def inputs(tmp_path_factory):
     root = tmp_path_factory.mktemp("store")
-    res = caching.Resources(StageStore(root), progress=False)
+    res = runtime.Resources(StageStore(root), progress=False)
     try:
         prompts = stages.prepare_data(DATA, SYNTH, res)
         base = stages.bootstrap_member(stages.bootstrap_models(SYNTH, res), "base")
@@ -53,7 +53,7 @@ def test_killed_stage_leaves_nothing_half_written_and_resumes(inputs):
     done_before = max(int(p.name.split("-")[1]) for p in ckpts)
     finals = [p for p in (root / "sft").iterdir() if not p.name.startswith(".")]
     assert finals == []  # no published output
-    res = caching.Resources(StageStore(root), progress=False)
+    res = runtime.Resources(StageStore(root), progress=False)
     try:
         ref = stages.sft(LONG_SFT, prompts, None, base, res)
     finally:
@@ -76,7 +76,7 @@ def test_bad_rows_are_all_named_before_any_stage_runs(tmp_path):
         {"id": "no-answer", "prompt": "3+3?", "solution": "\\boxed{6}", "answer": ""},
     ]
     cfg = DataConfig(source=str(_write_jsonl(tmp_path / "p.jsonl", rows)))
-    res = caching.Resources(StageStore(tmp_path / "store"), progress=False)
+    res = runtime.Resources(StageStore(tmp_path / "store"), progress=False)
     try:
         with pytest.raises(DataError) as err:
             stages.prepare_data(cfg, SYNTH, res)
@@ -93,7 +93,7 @@ def test_bad_rows_are_all_named_before_any_stage_runs(tmp_path):
 
 def test_missing_column_names_the_file_and_column(tmp_path):
     path = _write_jsonl(tmp_path / "p.jsonl", [{"id": "a", "question": "1+1?", "solution": "2", "answer": "2"}])
-    res = caching.Resources(StageStore(tmp_path / "store"), progress=False)
+    res = runtime.Resources(StageStore(tmp_path / "store"), progress=False)
     try:
         with pytest.raises(DataError, match=r"(?s)p\.jsonl.*prompt"):
             stages.prepare_data(DataConfig(source=str(path)), SYNTH, res)
@@ -104,7 +104,7 @@ def test_missing_column_names_the_file_and_column(tmp_path):
 def test_long_expert_responses_are_cut_and_counted(inputs):
     root, prompts, base = inputs
     cfg = SFTConfig(max_response_tokens=4, train=TrainConfig(num_steps=1, sequences_per_step=8, micro_batch_size=8))
-    res = caching.Resources(StageStore(root), progress=False)
+    res = runtime.Resources(StageStore(root), progress=False)
     try:
         ref = stages.sft(cfg, prompts, None, base, res)
     finally:

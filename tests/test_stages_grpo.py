@@ -1,4 +1,4 @@
-"""The GRPO stage on tiny data: outputs and their schema, metric names, caching (no work on a second call),
+"""The GRPO stage on tiny data: outputs and their schema, metric names, runtime (no work on a second call),
 the reference as an input only when beta > 0, resuming after the last finished round."""
 
 import json
@@ -8,8 +8,8 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from pipeline import caching, stages
-from pipeline.artifacts import StageStore
+from pipeline import runtime, stages
+from pipeline.store.artifacts import StageStore
 from pipeline.config import GRPOConfig, SamplingConfig, TrainConfig
 from tests.test_stages import DATA, SYNTH
 
@@ -30,7 +30,7 @@ def grpo_run(tmp_path_factory):
     root = tmp_path_factory.mktemp("store")
 
     def once():
-        res = caching.Resources(StageStore(root), progress=False)
+        res = runtime.Resources(StageStore(root), progress=False)
         try:
             prompts = stages.prepare_data(DATA, SYNTH, res)
             base = stages.bootstrap_member(stages.bootstrap_models(SYNTH, res), "base")
@@ -83,7 +83,7 @@ def test_metric_names(grpo_run):
 
 def test_reference_is_a_key_input_only_with_beta(grpo_run):
     _, first, *_ = grpo_run
-    res = caching.Resources(StageStore(grpo_run[0]), progress=False)
+    res = runtime.Resources(StageStore(grpo_run[0]), progress=False)
     p, base, prev = first["prompts"], first["base"], first["rounds"][0]
     with_kl = stages.grpo_round_spec(GRPO, 1, p, base, prev, res, seed=1)
     other_ref = stages.grpo_round_spec(GRPO, 1, p, prev, prev, res, seed=1)
@@ -91,13 +91,13 @@ def test_reference_is_a_key_input_only_with_beta(grpo_run):
     no_kl = GRPO.model_copy(update={"beta": 0.0})
     assert stages.grpo_round_spec(no_kl, 1, p, base, prev, res).key == stages.grpo_round_spec(no_kl, 1, p, prev, prev, res).key
     assert with_kl.key != stages.grpo_round_spec(GRPO, 0, p, base, prev, res, seed=1).key
-    assert stages.SPECS["grpo_round"] is stages.grpo_round_spec and "grpo_round" in caching.VERSIONS
+    assert stages.SPECS["grpo_round"] is stages.grpo_round_spec and "grpo_round" in runtime.VERSIONS
 
 
 def test_grpo_resumes_after_its_last_finished_round(grpo_run):
     root, first, *_ = grpo_run
     (Path(first["rounds"][1].uri) / "groups.parquet").unlink()
-    res = caching.Resources(StageStore(root), progress=False)
+    res = runtime.Resources(StageStore(root), progress=False)
     try:
         rounds = stages.grpo(GRPO, first["prompts"], first["base"], res, seed=1)
     finally:
@@ -110,7 +110,7 @@ def test_prompt_pool_makes_rounds_revisit_the_same_prompts(grpo_run):
     """With prompt_pool = prompts_per_round every round draws the same prompts; without it, the next ones."""
     root, first, *_ = grpo_run
     pooled = GRPO.model_copy(update={"prompt_pool": GRPO.prompts_per_round, "rounds": 2})
-    res = caching.Resources(StageStore(root), progress=False)
+    res = runtime.Resources(StageStore(root), progress=False)
     try:
         rounds = stages.grpo(pooled, first["prompts"], first["base"], res, seed=1)
     finally:

@@ -1,4 +1,4 @@
-"""pipeline/synthetic.py: the problems (deterministic, verifiable), the character tokenizer and its chat
+"""pipeline/data/synthetic.py: the problems (deterministic, verifiable), the character tokenizer and its chat
 template, the tiny models, and a few-step bootstrap that writes loadable Hugging Face folders."""
 
 from __future__ import annotations
@@ -9,12 +9,13 @@ import pytest
 import torch
 from pydantic import ValidationError
 
-from pipeline import synthetic
+from pipeline.data import synthetic
 from pipeline.config import SyntheticConfig
-from pipeline.data import load_tokenizer
-from pipeline.rewards import math_answer
-from pipeline.synthetic import (ALPHABET, _score, bootstrap, build_model, build_tokenizer, greedy_accuracy,
-                                make_problems, split_problems, tokenize_example)
+from pipeline.data.chat import load_tokenizer
+from pipeline.rollout.verifiers import math_answer
+from pipeline.data.synthetic import ALPHABET, build_model, build_tokenizer, make_problems, split_problems
+from pipeline.rounds import bootstrap as boot
+from pipeline.rounds.bootstrap import _score, bootstrap, greedy_accuracy, tokenize_example
 
 ROWS = make_problems(90, seed=0)
 
@@ -229,10 +230,10 @@ def test_bootstrap_writes_loadable_folders(tmp_path):
 
 def test_base_is_the_first_probe_that_reaches_the_target(tok, monkeypatch):
     accuracies = iter([0.1, 0.35, 0.9])
-    monkeypatch.setattr(synthetic, "greedy_accuracy", lambda *a, **k: {"accuracy": next(accuracies)})
+    monkeypatch.setattr(boot, "greedy_accuracy", lambda *a, **k: {"accuracy": next(accuracies)})
     model = build_model(tok, size="base", seed=0)
-    pick = synthetic._BasePick()
-    on_step = synthetic._base_picker(model, tok, ROWS[:3], SyntheticConfig(probe_every=10, base_accuracy=0.3), pick)
+    pick = boot._BasePick()
+    on_step = boot._base_picker(model, tok, ROWS[:3], SyntheticConfig(probe_every=10, base_accuracy=0.3), pick)
     for step in range(1, 40):
         on_step(step, {})
     assert (pick.step, pick.dev_accuracy) == (20, 0.35)
@@ -242,16 +243,16 @@ def test_base_is_the_first_probe_that_reaches_the_target(tok, monkeypatch):
 
 
 def test_probing_does_not_change_the_training_run(tok):
-    from pipeline.scoring import sft_objective
-    from pipeline.training import fit
+    from pipeline.model.scoring import sft_objective
+    from pipeline.model.loop import fit
 
     cfg = SyntheticConfig(teacher_steps=3, base_steps=2, probe_every=1, base_accuracy=1.0, warmup_steps=0)
     examples = [tokenize_example(tok, row) for row in ROWS[:24]]
     models = []
     for probe in (False, True):
-        model, pick = build_model(tok, size="base", seed=0), synthetic._BasePick()
-        on_step = synthetic._base_picker(model, tok, ROWS[24:27], cfg, pick) if probe else None
-        fit(model, examples, sft_objective(), synthetic._train_config(cfg.model_copy(update={"batch_size": 4})),
+        model, pick = build_model(tok, size="base", seed=0), boot._BasePick()
+        on_step = boot._base_picker(model, tok, ROWS[24:27], cfg, pick) if probe else None
+        fit(model, examples, sft_objective(), boot._train_config(cfg.model_copy(update={"batch_size": 4})),
             pad_id=tok.pad_token_id, on_step=on_step, progress_bar=False)
         models.append(model)
     assert pick.step == 2

@@ -12,9 +12,10 @@ import torch
 from torch.testing import assert_close
 
 from pipeline.config import TrainConfig
-from pipeline.batches import Example, StepTotals, collate_packed, collate_padded, plan_step, step_order
-from pipeline.scoring import TokenScorer, gft_objective, sft_objective
-from pipeline.training import NonFiniteError, accumulate_gradients, fit, make_trainer, save_model, train_step
+from pipeline.model.batches import Example, StepTotals, collate_packed, collate_padded, plan_step, step_order
+from pipeline.model.scoring import TokenScorer, gft_objective, sft_objective
+from pipeline.model.loop import fit
+from pipeline.model.trainer import NonFiniteError, accumulate_gradients, make_trainer, save_model, train_step
 from tests.conftest import PAD, random_examples, tiny_lm
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -247,7 +248,7 @@ def test_trainers_of_different_precision_in_one_process():
 def test_full_padded_micro_batch_passes_neither_mask_nor_positions(equal, monkeypatch):
     """Rows of equal length: the padded micro-batch's mask is all ones and its positions 0..L-1, so the model gets
     neither (its causal default, SDPA's fast path); uneven rows keep both. Log-probs equal the reference."""
-    from pipeline.training import _score
+    from pipeline.model.trainer import _score
 
     examples = random_examples(6, seed=3)
     if equal:

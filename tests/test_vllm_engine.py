@@ -17,7 +17,7 @@ import pytest
 import torch
 
 from pipeline.config import EngineConfig, SamplingConfig
-from pipeline.engines import HFEngine, VLLMEngine, build_engine
+from pipeline.rollout.engines import HFEngine, VLLMEngine, build_engine
 from tests.test_engines import PROMPTS, save_tiny_checkpoint, teacher_forced_logprobs
 
 pytestmark = [

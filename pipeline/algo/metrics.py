@@ -1,4 +1,4 @@
-"""Evaluation metrics (DESIGN.md section 1.9) and the comparison table across checkpoints.
+"""Evaluation metrics and the comparison table across checkpoints: pure functions of rewards and log-probs.
 
 For each held-out prompt: k samples at `temperature` give mean@k (the paper's "Pass@16 Average": mean
 correctness over samples) and the unbiased pass@k estimator; one greedy completion gives greedy accuracy;
@@ -14,8 +14,6 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 import torch
-
-from pipeline.rewards import Scorer, last_boxed
 
 __all__ = ["pass_at_k", "EvalSamples", "accuracy_metrics", "kl_per_token", "comparison_table"]
 
@@ -36,13 +34,6 @@ class EvalSamples:
     rewards: list[float]
     answers: list[str | None]
     greedy_reward: float
-
-
-def score_prompt(scorer: Scorer, row: Mapping, sampled: Sequence[str], greedy: str) -> EvalSamples:
-    """Score k samples and one greedy completion of one prompt (None rewards count as 0)."""
-    out = scorer.score(list(sampled) + [greedy], [row] * (len(sampled) + 1))
-    rewards = [r or 0.0 for r in out.rewards]
-    return EvalSamples(rewards=rewards[:-1], answers=[last_boxed(t) for t in sampled], greedy_reward=rewards[-1])
 
 
 def accuracy_metrics(samples: Sequence[EvalSamples], *, k: int) -> dict[str, float]:

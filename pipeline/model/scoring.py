@@ -14,10 +14,10 @@ from typing import Protocol
 import torch
 from torch import Tensor, nn
 
-from pipeline import attention
-from pipeline.batches import Example, StepTotals, collate_padded
-from pipeline.logprobs import COMPILE_OPTIONS, token_logprobs, token_logprobs_from_logits
-from pipeline.losses import Aggregation, LossOutput, dft_loss, gft_loss, grpo_loss, sft_loss
+from pipeline.model import attention
+from pipeline.model.batches import Example, StepTotals, collate_padded
+from pipeline.model.logprobs import COMPILE_OPTIONS, token_logprobs, token_logprobs_from_logits
+from pipeline.algo.losses import Aggregation, LossOutput, dft_loss, gft_loss, grpo_loss, sft_loss
 
 __all__ = ["ScoredTokens", "Objective", "gft_objective", "sft_objective", "dft_objective", "grpo_objective",
            "TokenScorer", "ResponseScores", "score_responses"]

@@ -1,4 +1,4 @@
-"""The report of an experiment (`pipeline.experiment`): each finished trial's numbers read from its stage
+"""The report of an experiment (`pipeline.experiment.trials`): each finished trial's numbers read from its stage
 outputs, the mean and sample std over seeds per variant, and the files: results.md (a table per group),
 results.json, and the plots (accuracy against training prompts seen, entropy and grad norm per step, one plot
 per sweep, e.g. the rectified fraction and accuracy against tau)."""
@@ -13,11 +13,11 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from pipeline import plots
-from pipeline.artifacts import ArtifactRef, write_text_atomic
+from pipeline.store.artifacts import ArtifactRef, write_text_atomic
 from pipeline.config import RunConfig
 
 if TYPE_CHECKING:  # the experiment module imports this one
-    from pipeline.experiment import ExperimentConfig, Trial, TrialResult
+    from pipeline.experiment.trials import ExperimentConfig, Trial, TrialResult
 
 __all__ = ["Report", "trial_metrics", "summarise", "write_report", "write_plots", "own_overrides", "short"]
 

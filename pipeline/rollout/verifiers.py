@@ -91,7 +91,7 @@ def math_answer(response: str, row: Mapping[str, Any], *, timeout_s: int = 3) ->
 
 def gold_check(_response: str, row: Mapping[str, Any], *, timeout_s: int = 3) -> float:
     """1.0 when `row["answer"]` (or its last `\\boxed{}`) parses with math-verify, else Unscorable: a data
-    check, run through a `Scorer` ("pipeline.rewards:gold_check") so that it is bounded in time too."""
+    check, run through a `Scorer` ("pipeline.rollout.verifiers:gold_check") so that it is bounded in time too."""
     gold_text = str(row["answer"])
     parsed = _parse_math(last_boxed(gold_text) or gold_text, "gold", timeout_s)
     if all(isinstance(p, str) for p in parsed):  # math-verify falls back to the raw string: "\\frac{"

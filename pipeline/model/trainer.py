@@ -1,19 +1,19 @@
-"""The training loop on `accelerate`: `fit()` reads like the algorithm, `train_step()` beside it.
+"""The trainer on `accelerate`: `make_trainer`, `train_step` (one optimizer step), checkpoints and saving.
 
-One optimizer step consumes `sequences_per_step` examples (the global batch). Every process sees the same
+The loop over steps (`run_steps`, `fit`) lives in `pipeline.model.loop`. One optimizer step consumes `sequences_per_step` examples (the global batch). Every process sees the same
 step plan, takes its strided share and splits it into micro-batches (padded rows, or packed rows without pad
 tokens). Each micro-batch loss is a token sum divided by the step's global token count, so gradient
 accumulation and data parallelism give the gradient of one big batch; DDP averages over processes, so the
 loss is scaled by the process count before backward. The data order is a pure function of (seed, step), so
 a checkpoint of model, optimizer, scheduler, RNG and step number resumes exactly. Examples and step plans
-live in `pipeline.batches`; the token scorer and the objectives in `pipeline.scoring`.
+live in `pipeline.model.batches`; the token scorer and the objectives in `pipeline.model.scoring`.
 """
 
 from __future__ import annotations
 
 import math
 import shutil
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -21,18 +21,16 @@ from pathlib import Path
 import torch
 from accelerate import Accelerator, PartialState
 from accelerate.state import AcceleratorState
-from accelerate.utils import set_seed
 from torch import Tensor, nn
 from transformers import get_constant_schedule_with_warmup, get_cosine_schedule_with_warmup
 
-from pipeline import attention
-from pipeline.batches import Example, StepTotals, TokenBatch, check_example, plan_step, step_order
+from pipeline.model import attention
 from pipeline.config import TrainConfig
-from pipeline.scoring import Objective, ScoredTokens, TokenScorer
-from pipeline.progress import bar as progress_bar_of
+from pipeline.model.batches import StepTotals, TokenBatch
+from pipeline.model.scoring import Objective, ScoredTokens, TokenScorer
 
-__all__ = ["Trainer", "Progress", "NonFiniteError", "StepResult", "FitResult", "make_trainer", "accumulate_gradients",
-           "train_step", "total_steps", "save_checkpoint", "resume_latest", "save_model", "fit"]
+__all__ = ["Trainer", "Progress", "NonFiniteError", "StepResult", "make_trainer", "accumulate_gradients", "train_step",
+           "save_checkpoint", "resume_latest", "save_model"]
 
 
 class NonFiniteError(FloatingPointError):
@@ -242,10 +240,6 @@ def _reduce_metrics(acc: Accelerator, loss_sum: Tensor, sums: dict[str, Tensor],
     return metrics, read[-1] > 0
 
 
-def total_steps(cfg: TrainConfig, n_examples: int) -> int:
-    return cfg.num_steps or max(1, math.ceil(cfg.epochs * n_examples / cfg.sequences_per_step))
-
-
 # ---------------------------------------------------------------------------------------------------------
 # Checkpoints
 # ---------------------------------------------------------------------------------------------------------
@@ -299,57 +293,3 @@ def save_model(trainer: Trainer, path: Path, tokenizer=None) -> Path:
         tmp.rename(path)
     acc.wait_for_everyone()
     return path
-
-
-# ---------------------------------------------------------------------------------------------------------
-# fit
-# ---------------------------------------------------------------------------------------------------------
-
-
-@dataclass
-class FitResult:
-    """The trainer (its `.model` is the trained model), per-step metrics of this call, last checkpoint."""
-
-    trainer: Trainer
-    history: list[dict[str, float]]
-    checkpoint: Path | None
-
-
-def fit(model: nn.Module, examples: Sequence[Example], objective: Objective, cfg: TrainConfig, *,
-        pad_id: int, checkpoint_dir: Path | None = None, stop_at_step: int | None = None,
-        on_step: Callable[[int, dict[str, float]], None] | None = None, progress_bar: bool = True) -> FitResult:
-    """Train `model` on `examples` for the configured steps, resuming from `checkpoint_dir` when it holds one.
-
-    `stop_at_step` ends this call early (as a preemption would) without changing the schedule.
-    """
-    for i, ex in enumerate(examples):
-        check_example(i, ex)
-    set_seed(cfg.seed)
-    steps = total_steps(cfg, len(examples))
-    trainer = make_trainer(model, cfg, steps)
-    acc = trainer.accelerator
-    last = resume_latest(trainer, checkpoint_dir) if checkpoint_dir is not None else None
-    end = min(steps, stop_at_step or steps)
-    history: list[dict[str, float]] = []
-    bar = progress_bar_of(total=end, initial=trainer.progress.step, desc="train",
-                          disable=not (progress_bar and acc.is_main_process))
-    while trainer.progress.step < end:
-        step = trainer.progress.step
-        indices = step_order(len(examples), step, cfg.sequences_per_step, cfg.seed)
-        micro, totals = plan_step(examples, indices, cfg, rank=acc.process_index, world=acc.num_processes,
-                                  pad_id=pad_id)
-        result = train_step(trainer, micro, objective, totals, max_grad_norm=cfg.max_grad_norm, step=step)
-        trainer.progress.step = step + 1
-        history.append({"step": float(step + 1), **result.metrics})
-        bar.update(1)
-        bar.set_postfix(loss=f"{result.metrics['loss']:.4f}", gnorm=f"{result.metrics['grad_norm']:.3f}")
-        if on_step is not None and acc.is_main_process and (step + 1) % cfg.log_every == 0:
-            on_step(step + 1, result.metrics)
-        if checkpoint_dir is not None and _should_save(cfg, step + 1, end, steps):
-            last = save_checkpoint(trainer, checkpoint_dir, keep=cfg.keep_checkpoints)
-    bar.close()
-    return FitResult(trainer=trainer, history=history, checkpoint=last)
-
-
-def _should_save(cfg: TrainConfig, done: int, end: int, steps: int) -> bool:
-    return done == end or (cfg.save_every is not None and done % cfg.save_every == 0)

@@ -16,10 +16,10 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from pipeline.artifacts import ArtifactRef, StageStore, stage_key, tree_sha256
+from pipeline.store.artifacts import ArtifactRef, StageStore, stage_key, tree_sha256
 from pipeline.config import EngineConfig, Settings
-from pipeline.engines import Engine, build_engine
-from pipeline.rewards import Scorer
+from pipeline.rollout.engines import Engine, build_engine
+from pipeline.rollout.verifiers import Scorer
 from pipeline.tracking import NullTracker, Tracker
 
 __all__ = ["VERSIONS", "Resources", "StageSpec", "cached", "model_dir", "external_model"]

@@ -1,4 +1,4 @@
-"""Hybrid groups (DESIGN.md section 1.1-1.3): expert, teacher and fresh policy members of every prompt,
+"""Hybrid groups : expert, teacher and fresh policy members of every prompt,
 scored by one verifier, with group advantages; the table a GFT round writes as groups.parquet."""
 
 from __future__ import annotations
@@ -10,11 +10,11 @@ from dataclasses import dataclass
 import pandas as pd
 import torch
 
-from pipeline import data as data_lib
-from pipeline.advantages import group_advantages
+from pipeline.data import chat
+from pipeline.algo.advantages import group_advantages
 from pipeline.config import GFTConfig
-from pipeline.engines import Engine
-from pipeline.rewards import Scorer
+from pipeline.rollout.engines import Engine
+from pipeline.rollout.verifiers import Scorer
 
 __all__ = ["Member", "ScoredGroups", "off_policy", "round_prompts", "build_groups", "score_groups", "round_metrics"]
 
@@ -35,7 +35,7 @@ def off_policy(tok, prompt_id: str, source: str, texts: Sequence[str], max_token
     """Expert or teacher text tokenized exactly as a generated response: text + EOS, cut at max_tokens."""
     out = []
     for text in texts:
-        rendered = data_lib.render_response(tok, text, max_tokens=max_tokens)
+        rendered = chat.render_response(tok, text, max_tokens=max_tokens)
         out.append(Member(prompt_id, source, text, list(rendered.ids), rendered.truncated))
     return out
 
@@ -65,7 +65,7 @@ def _policy_members(engine: Engine, prompt_ids: list[list[int]], ids: Sequence[s
 def build_groups(engine: Engine, cfg: GFTConfig, rows: pd.DataFrame, teachers: dict[str, list[str]], tok,
                  round_idx: int) -> tuple[list[list[int]], list[list[Member]]]:
     """Prompt ids and the hybrid group of every prompt: expert, teacher and fresh policy members."""
-    prompt_ids = [data_lib.render_prompt(tok, p) for p in rows["prompt"]]
+    prompt_ids = [chat.render_prompt(tok, p) for p in rows["prompt"]]
     ids = [str(i) for i in rows["id"]]
     policy = _policy_members(engine, prompt_ids, ids, cfg, round_idx)
     groups = []

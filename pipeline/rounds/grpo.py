@@ -35,16 +35,16 @@ import pandas as pd
 import torch
 from torch import Tensor, nn
 
-from pipeline import data as data_lib
-from pipeline.advantages import combine_rewards, masked_group_advantages
+from pipeline.data import chat
+from pipeline.algo.advantages import combine_rewards, masked_group_advantages
 from pipeline.config import GRPOConfig, TrainConfig
-from pipeline.engines import Engine
-from pipeline.groups import Member
-from pipeline.batches import Example, plan_step
-from pipeline.losses import importance_weights, sampler_mismatch
-from pipeline.rewards import Scorer
-from pipeline.scoring import grpo_objective, score_responses
-from pipeline.training import Trainer, train_step
+from pipeline.rollout.engines import Engine
+from pipeline.rounds.groups import Member
+from pipeline.model.batches import Example, plan_step
+from pipeline.algo.losses import importance_weights, sampler_mismatch
+from pipeline.rollout.verifiers import Scorer
+from pipeline.model.scoring import grpo_objective, score_responses
+from pipeline.model.trainer import Trainer, train_step
 
 __all__ = ["Rollouts", "sample_rollouts", "ScoredRollouts", "score_rollouts", "Behaviour", "behaviour",
            "RoundExamples", "round_examples", "train_round", "round_metrics", "reward_name"]
@@ -60,7 +60,7 @@ class Rollouts:
 
 def sample_rollouts(engine: Engine, cfg: GRPOConfig, rows: pd.DataFrame, tok, round_idx: int) -> Rollouts:
     """G completions per prompt, seeded per round, cut at max_response_tokens."""
-    prompt_ids = [data_lib.render_prompt(tok, p) for p in rows["prompt"]]
+    prompt_ids = [chat.render_prompt(tok, p) for p in rows["prompt"]]
     sampling = cfg.sampling.model_copy(update={"seed": cfg.sampling.seed + 1000 * round_idx,
                                                "max_new_tokens": cfg.max_response_tokens})
     completions = engine.generate(prompt_ids, cfg.num_generations, sampling)

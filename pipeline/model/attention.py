@@ -23,7 +23,7 @@ import torch
 from torch import Tensor
 from torch.nn import functional as F
 
-from pipeline.logprobs import compute_dtype
+from pipeline.model.logprobs import compute_dtype
 
 __all__ = ["VARLEN", "PackedLengths", "packed_lengths", "register", "varlen_available"]
 

@@ -32,7 +32,7 @@ Deliberate deviations from the paper and its released code:
    across micro-batches and ranks, so the gradient does not depend on how the step is split.
 3. Token entropy is computed as a detached diagnostic; no loss here has an entropy bonus.
 
-Token log-probs come from `pipeline.logprobs` (chunked and fused over the vocabulary).
+Token log-probs come from `pipeline.model.logprobs` (chunked and fused over the vocabulary).
 """
 
 from __future__ import annotations

@@ -30,7 +30,7 @@ All trials share one artifact store (by default the base config's root, so `gft 
 each other's stages): what several trials have in common (the bootstrap models, teacher responses, the SFT
 before GRPO, an identical sweep point) runs once, and a rerun of the experiment computes only what is missing.
 A failed trial does not stop the others: it is listed in the report and the experiment ends as failed.
-The report (tables, JSON, plots) is `pipeline.report`.
+The report (tables, JSON, plots) is `pipeline.experiment.report`.
 """
 
 from __future__ import annotations
@@ -49,10 +49,10 @@ from typing import Any, Literal
 
 from pydantic import Field, model_validator
 
-from pipeline.artifacts import ArtifactRef
+from pipeline.store.artifacts import ArtifactRef
 from pipeline.config import RunConfig, Settings, apply_overrides, load_toml
 from pipeline.progress import bar
-from pipeline.report import own_overrides, short, write_report
+from pipeline.experiment.report import own_overrides, short, write_report
 
 __all__ = ["VariantConfig", "SweepConfig", "ExperimentConfig", "Trial", "TrialResult", "ExperimentResult",
            "load_experiment", "expand", "experiment_root", "run_experiment", "local_trial", "main"]

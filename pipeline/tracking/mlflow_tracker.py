@@ -30,7 +30,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
 
-from pipeline.artifacts import ArtifactRef, Manifest, file_sha256, tree_sha256
+from pipeline.store.artifacts import ArtifactRef, Manifest, file_sha256, tree_sha256
 
 __all__ = ["Tracker", "StageRun", "NullTracker", "MlflowTracker", "sqlite_uri"]
 

@@ -25,7 +25,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 import torch
 
 from pipeline.config import EngineConfig, SamplingConfig
-from pipeline.decoding import sample_compacting
+from pipeline.rollout.decoding import sample_compacting
 from pipeline.progress import bar as progress_bar_of
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -196,7 +196,7 @@ class HFEngine:
     def __init__(self, model_dir: str | Path, cfg: EngineConfig, *, progress: bool = True):
         from transformers import AutoModelForCausalLM
 
-        from pipeline.data import load_tokenizer
+        from pipeline.data.chat import load_tokenizer
 
         device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
         dtype = _DTYPES[_resolve_dtype(cfg.dtype, device.type == "cuda")]
@@ -351,7 +351,7 @@ class VLLMEngine:
         from vllm import LLM
         from vllm.platforms import current_platform
 
-        from pipeline.data import load_tokenizer
+        from pipeline.data.chat import load_tokenizer
 
         self.cfg = cfg
         self.model_dir = Path(model_dir).resolve()

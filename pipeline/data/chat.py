@@ -1,0 +1,66 @@
+"""Chat rendering: prompts and off-policy responses tokenized exactly as the engines see them.
+
+The policy's chat template on the prompt (`render_prompt`), response + EOS cut at the response budget
+(`render_response`), and the tokenizer of a model folder exactly as saved (`load_tokenizer`).
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+__all__ = ["RenderedResponse", "load_tokenizer", "render_prompt", "render_response"]
+
+
+@dataclass(frozen=True)
+class RenderedResponse:
+    """Token ids of one off-policy response (+ EOS unless cut); `truncated` when the budget cut it."""
+
+    ids: list[int]
+    truncated: bool
+
+
+def load_tokenizer(path: str | Path, *, trust_remote_code: bool = False) -> Any:
+    """The tokenizer of a model folder or hub id, exactly as saved. transformers 5's AutoTokenizer maps a
+    folder whose config says e.g. `qwen2` onto that family's tokenizer class and rebuilds its pre-tokenizer,
+    which silently changes a custom `tokenizer.json` (the embedded default's character tokenizer loses its
+    spaces); a folder saved as a generic fast tokenizer is therefore loaded as one."""
+    from transformers import AutoTokenizer, PreTrainedTokenizerFast
+
+    config = Path(path) / "tokenizer_config.json"
+    if config.is_file() and json.loads(config.read_text()).get("tokenizer_class") in _GENERIC_TOKENIZERS:
+        return PreTrainedTokenizerFast.from_pretrained(path)
+    return AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
+
+
+_GENERIC_TOKENIZERS = ("TokenizersBackend", "PreTrainedTokenizerFast")
+
+
+def render_prompt(tokenizer: Any, text: str) -> list[int]:
+    """Token ids of the chat template on one user turn, with the generation prompt: what an engine is fed."""
+    out = tokenizer.apply_chat_template([{"role": "user", "content": text}], add_generation_prompt=True,
+                                        tokenize=True)
+    if isinstance(out, Mapping):  # transformers 5 returns a BatchEncoding; 4.x a list
+        out = out["input_ids"]
+    ids = list(out)
+    if ids and isinstance(ids[0], (list, tuple)):
+        if len(ids) != 1:
+            raise ValueError(f"apply_chat_template returned {len(ids)} sequences for one conversation")
+        ids = list(ids[0])
+    return [int(t) for t in ids]
+
+
+def render_response(tokenizer: Any, text: str, *, max_tokens: int) -> RenderedResponse:
+    """An off-policy response tokenized as a generated one: its ids + EOS, cut at `max_tokens` (then no EOS)."""
+    if max_tokens < 1:
+        raise ValueError(f"max_tokens must be >= 1, got {max_tokens}")
+    eos = tokenizer.eos_token_id
+    if eos is None:
+        raise ValueError("the tokenizer has no eos_token_id; a response must end with EOS")
+    ids = [int(t) for t in tokenizer(text, add_special_tokens=False)["input_ids"]] + [int(eos)]
+    if len(ids) > max_tokens:
+        return RenderedResponse(ids[:max_tokens], truncated=True)
+    return RenderedResponse(ids, truncated=False)

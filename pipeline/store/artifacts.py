@@ -1,0 +1,441 @@
+"""Artifacts: references, digests, stage keys, manifests and the verified stage store.
+
+Stages pass `ArtifactRef`s (kind, uri, sha256, schema version), never objects. A stage's output lives at
+`<root>/<stage>/<key>/` with a `manifest.json` recording the config, the inputs, every file's sha256 and
+the run's metrics; `key = stage_key(stage, version, config digest, input digests)`. A folder is written as
+`.tmp-<key>-<random>` and renamed into place only once complete, and `lookup` re-hashes every file before
+serving it, so a killed, altered or half-written output is recomputed, never served.
+
+A writer holds an exclusive `flock` on `.tmp-<key>-<random>.lock` while its temp folder exists. The kernel
+drops the lock when the process dies (kill -9 included), so the next write of the stage removes exactly the
+temp folders whose lock is free and leaves the ones of live writers (other threads or processes) alone.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import functools
+import hashlib
+import json
+import logging
+import os
+import re
+import secrets
+import shutil
+import subprocess
+import time
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field
+
+import pipeline
+
+__all__ = [
+    "ArtifactRef", "Manifest", "PendingOutput", "StageStore", "ArtifactError",
+    "file_sha256", "tree_sha256", "files_sha256", "hash_tree", "stage_key", "git_commit", "write_text_atomic",
+]
+
+log = logging.getLogger(__name__)
+
+MANIFEST = "manifest.json"
+_NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.\-]*")
+_HEX64 = r"^[0-9a-f]{64}$"
+
+
+class ArtifactError(RuntimeError):
+    """An artifact or manifest that cannot be read or does not match its reference; the message names the path."""
+
+
+class ArtifactRef(BaseModel):
+    """A small, JSON-serializable pointer to one stage output (a folder) or one file."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    kind: str = Field(min_length=1)
+    """What the artifact is, e.g. "prompts", "checkpoint", "eval"."""
+    uri: str = Field(min_length=1)
+    """Absolute path of the folder or file."""
+    sha256: str = Field(pattern=_HEX64)
+    """`tree_sha256` of a folder (manifest excluded) or `file_sha256` of a file."""
+    schema_version: int = Field(ge=1)
+    """Version of the artifact's on-disk format; readers check it before reading."""
+
+    @property
+    def path(self) -> Path:
+        return Path(self.uri)
+
+
+class Manifest(BaseModel):
+    """`manifest.json` of one stage output: how it was made, from what, and what it holds."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid", ser_json_inf_nan="constants")
+
+    stage: str
+    key: str
+    version: int
+    """The stage's code version (STAGE_VERSION) that produced the output."""
+    config: dict[str, Any]
+    """The resolved stage settings."""
+    inputs: list[ArtifactRef]
+    files: dict[str, str]
+    """Relative POSIX path -> sha256 of every file in the folder except the manifest."""
+    package_version: str
+    git_commit: str | None
+    created_at: datetime
+    wall_time_s: float
+    metrics: dict[str, float]
+    """Stage metrics; NaN and inf are kept (written as JSON constants)."""
+    output: ArtifactRef
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Digests and keys
+# ---------------------------------------------------------------------------------------------------------
+
+
+def file_sha256(path: str | Path) -> str:
+    """sha256 hex of a file's bytes, read in chunks."""
+    with Path(path).open("rb") as fh:
+        return hashlib.file_digest(fh, "sha256").hexdigest()
+
+
+def hash_tree(folder: str | Path) -> dict[str, str]:
+    """{relative POSIX path: sha256} of every file under `folder` (recursively), the top-level manifest excluded."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise ArtifactError(f"{folder}: not a folder")
+    out = {}
+    for path in sorted(folder.rglob("*")):
+        rel = path.relative_to(folder).as_posix()
+        if rel != MANIFEST and path.is_file():
+            out[rel] = file_sha256(path)
+    return out
+
+
+def files_sha256(files: Mapping[str, str]) -> str:
+    """The tree digest of a {relpath: sha256} listing: sha256 over the sorted (path, file digest) pairs."""
+    h = hashlib.sha256()
+    for rel in sorted(files):
+        h.update(f"{rel}\0{files[rel]}\n".encode())
+    return h.hexdigest()
+
+
+def tree_sha256(folder: str | Path) -> str:
+    """Digest of a folder's content: sorted relative paths and each file's sha256 (the manifest excluded)."""
+    return files_sha256(hash_tree(folder))
+
+
+def stage_key(stage: str, version: int, config_digest: str, input_digests: Sequence[str]) -> str:
+    """The one cache key of a stage run: sha256 of a canonical JSON of its name, code version, config digest and
+    input digests (in the order given). Prefect's `cache_key_fn` calls this same function."""
+    _check_name(stage, "stage")
+    if isinstance(input_digests, str):
+        raise TypeError("input_digests must be a sequence of digests, not one string")
+    for i, d in enumerate([config_digest, *input_digests]):
+        if not isinstance(d, str) or not d:
+            what = "config_digest" if i == 0 else f"input_digests[{i - 1}]"
+            raise ValueError(f"stage_key({stage!r}): {what} must be a non-empty string, got {d!r}")
+    blob = json.dumps({"stage": stage, "version": int(version), "config": config_digest,
+                       "inputs": list(input_digests)}, sort_keys=True, separators=(",", ":"))
+    return hashlib.sha256(blob.encode()).hexdigest()
+
+
+def _check_name(name: str, what: str) -> None:
+    """Stage names and keys become folder names: no separators, no leading dot (reserved for temp folders)."""
+    if not isinstance(name, str) or not _NAME.fullmatch(name):
+        raise ValueError(f"{what} {name!r} is not a safe folder name (letters, digits, '_', '-', '.'; "
+                         f"not starting with '.' or '-')")
+
+
+@functools.cache
+def git_commit() -> str | None:
+    """HEAD of the git repository holding this package, or None (not a checkout, no git, or git fails)."""
+    pkg_dir = Path(pipeline.__file__).resolve().parent
+    try:
+        out = subprocess.run(["git", "-C", str(pkg_dir), "rev-parse", "--show-toplevel", "HEAD"],
+                             capture_output=True, text=True, timeout=10, check=False)
+    except (OSError, subprocess.SubprocessError) as exc:
+        log.debug("git commit unavailable: %s", exc)
+        return None
+    lines = out.stdout.split()
+    # The package must sit at the top of that repository, not inside some unrelated checkout (a venv in a repo).
+    if out.returncode != 0 or len(lines) != 2 or Path(lines[0]).resolve() != pkg_dir.parent:
+        return None
+    return lines[1]
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The stage store
+# ---------------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class PendingOutput:
+    """What `StageStore.write` yields: write files under `path`, set `metrics`; `ref` is set on success."""
+
+    path: Path
+    metrics: dict[str, float] = field(default_factory=dict)
+    ref: ArtifactRef | None = None
+
+
+@dataclass
+class _TempLock:
+    """An exclusive flock on `.tmp-<token>.lock`, held while the temp folder `.tmp-<token>` exists."""
+
+    lock_path: Path
+    fd: int
+
+    @property
+    def temp_folder(self) -> Path:
+        return self.lock_path.with_suffix("")
+
+    def release(self) -> None:
+        self.lock_path.unlink(missing_ok=True)
+        os.close(self.fd)
+
+
+class StageStore:
+    """Stage outputs under `root/<stage>/<key>/`, each with a manifest; `lookup` serves only verified folders."""
+
+    def __init__(self, root: str | Path):
+        self.root = Path(root).resolve()
+
+    def folder(self, stage: str, key: str) -> Path:
+        _check_name(stage, "stage")
+        _check_name(key, "key")
+        return self.root / stage / key
+
+    def lookup(self, stage: str, key: str) -> ArtifactRef | None:
+        """The verified output of (stage, key), or None (logged with the reason) so that the caller recomputes."""
+        folder = self.folder(stage, key)
+        if not folder.exists():
+            log.info("cache miss %s/%s: no output folder", stage, key)
+            return None
+        try:
+            return self._ref(folder, self._verified_manifest(folder, stage, key))
+        except ArtifactError as exc:
+            log.warning("cache miss %s/%s: %s; the stage will recompute", stage, key, exc)
+            return None
+
+    def _verified_manifest(self, folder: Path, stage: str, key: str) -> Manifest:
+        """The manifest of a folder that matches it exactly (same files, same digests); else ArtifactError."""
+        m = self._read_manifest(folder)
+        if (m.stage, m.key) != (stage, key):
+            raise ArtifactError(f"{folder}: manifest is for {m.stage}/{m.key}")
+        if m.output.sha256 != files_sha256(m.files):
+            raise ArtifactError(f"{folder}: the manifest's output digest does not match its file list")
+        try:
+            on_disk = hash_tree(folder)
+        except OSError as exc:  # e.g. moved aside by a writer replacing it while we read
+            raise ArtifactError(f"{folder}: cannot read: {exc}") from exc
+        for rel in sorted(set(m.files) | set(on_disk)):
+            if rel not in on_disk:
+                raise ArtifactError(f"{folder}: file {rel!r} is missing")
+            if rel not in m.files:
+                raise ArtifactError(f"{folder}: file {rel!r} is not in the manifest")
+            if on_disk[rel] != m.files[rel]:
+                raise ArtifactError(f"{folder}: file {rel!r} has sha256 {on_disk[rel][:12]}..., "
+                                    f"the manifest says {m.files[rel][:12]}...")
+        return m
+
+    @staticmethod
+    def _read_manifest(folder: Path) -> Manifest:
+        path = folder / MANIFEST
+        try:
+            return Manifest.model_validate_json(path.read_bytes())
+        except (FileNotFoundError, NotADirectoryError) as exc:
+            raise ArtifactError(f"{path}: no manifest") from exc
+        except ValueError as exc:
+            raise ArtifactError(f"{path}: unreadable manifest: {exc}") from exc
+
+    @staticmethod
+    def _ref(folder: Path, m: Manifest) -> ArtifactRef:
+        """The manifest's output ref, pointing at where the folder is now (the store root may have moved)."""
+        return m.output.model_copy(update={"uri": str(folder)})
+
+    def manifest(self, ref: ArtifactRef) -> Manifest:
+        """The manifest of a stage output; raises ArtifactError when it is missing or describes other content."""
+        m = self._read_manifest(ref.path)
+        if m.output.sha256 != ref.sha256:
+            raise ArtifactError(f"{ref.path / MANIFEST}: describes content {m.output.sha256[:12]}..., "
+                                f"the reference says {ref.sha256[:12]}...")
+        return m
+
+    @contextmanager
+    def write(self, stage: str, key: str, *, kind: str, version: int, config: Mapping[str, Any] | BaseModel,
+              inputs: Sequence[ArtifactRef], schema_version: int = 1) -> Iterator[PendingOutput]:
+        """Write the output of (stage, key): yields a `PendingOutput` whose `path` is a fresh temp folder. On normal
+        exit the files are hashed, the manifest written and the folder renamed to `root/<stage>/<key>` (an
+        invalid old folder there is replaced; a valid one, written meanwhile by another writer, is kept and
+        served). On an exception the temp folder is removed and the exception re-raised."""
+        final = self.folder(stage, key)
+        config = _resolved_config(config)
+        inputs = [ArtifactRef.model_validate(r) for r in inputs]
+        final.parent.mkdir(parents=True, exist_ok=True)
+        self.clean_stale(stage)
+        lock = _new_lock(final.parent, key)
+        tmp = lock.temp_folder
+        try:
+            tmp.mkdir()
+            pending = PendingOutput(tmp)
+            start = time.monotonic()
+            yield pending
+            m = _build_manifest(tmp, final, kind=kind, version=version, config=config, inputs=inputs,
+                                schema_version=schema_version, metrics=pending.metrics,
+                                wall_time_s=time.monotonic() - start)
+            write_text_atomic(tmp / MANIFEST, m.model_dump_json(indent=2))
+            pending.ref = self._publish(tmp, final, m)
+        finally:
+            try:
+                _remove(tmp)  # still there only when the body or publishing failed
+            finally:
+                lock.release()
+
+    def _publish(self, tmp: Path, final: Path, m: Manifest) -> ArtifactRef:
+        """Rename the complete temp folder into place; move an invalid old folder aside first, then remove it."""
+        stage, key = final.parent.name, final.name
+        for _ in range(3):
+            try:
+                tmp.rename(final)
+                _fsync_dir(final.parent)
+                return self._ref(final, m)
+            except OSError:
+                if not final.exists():
+                    raise
+            try:
+                kept = self._verified_manifest(final, stage, key)
+                log.info("%s/%s: another writer finished first; keeping its output", stage, key)
+                return self._ref(final, kept)
+            except ArtifactError as exc:
+                log.warning("%s/%s: replacing an invalid output (%s)", stage, key, exc)
+            aside = tmp.with_name(tmp.name + ".old")  # guarded by our lock until removed
+            try:
+                final.rename(aside)
+            except FileNotFoundError:
+                continue  # someone else moved it meanwhile; try the rename again
+            _remove(aside)
+        raise ArtifactError(f"{final}: could not publish the output (the folder keeps reappearing)")
+
+    def clean_stale(self, stage: str) -> list[Path]:
+        """Remove the temp folders (and lock files) of `stage` left by dead writers: those whose lock is free.
+        Returns the removed temp folders."""
+        _check_name(stage, "stage")
+        folder = self.root / stage
+        if not folder.is_dir():
+            return []
+        tokens = {p.name.removeprefix(".tmp-").removesuffix(".lock").removesuffix(".old")
+                  for p in folder.glob(".tmp-*")}
+        removed = []
+        for token in sorted(tokens):
+            lock = _try_lock(folder / f".tmp-{token}.lock")
+            if lock is None:
+                continue  # a live writer holds it
+            try:
+                for path in (folder / f".tmp-{token}", folder / f".tmp-{token}.old"):
+                    if _remove(path):
+                        log.info("removed stale temp folder %s", path)
+                        removed.append(path)
+            finally:
+                lock.release()
+        return removed
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Helpers of `write`
+# ---------------------------------------------------------------------------------------------------------
+
+
+def _resolved_config(config: Mapping[str, Any] | BaseModel) -> dict[str, Any]:
+    """The config as a plain JSON dict, checked up front so a bad config fails before the stage does any work."""
+    data = config.model_dump(mode="json") if isinstance(config, BaseModel) else dict(config)
+    try:
+        json.dumps(data, allow_nan=True)
+    except (TypeError, ValueError) as exc:
+        raise TypeError(f"stage config is not JSON-serializable: {exc}") from exc
+    return data
+
+
+def _build_manifest(tmp: Path, final: Path, *, kind: str, version: int, config: dict[str, Any],
+                    inputs: list[ArtifactRef], schema_version: int, metrics: Mapping[str, Any],
+                    wall_time_s: float) -> Manifest:
+    """The manifest of the complete temp folder `tmp`, describing it as it will be at `final`."""
+    stage, key = final.parent.name, final.name
+    files = hash_tree(tmp)
+    try:
+        metrics = {str(k): float(v) for k, v in metrics.items()}
+    except (TypeError, ValueError) as exc:
+        raise TypeError(f"{stage}/{key}: metrics must be numbers: {exc}") from exc
+    output = ArtifactRef(kind=kind, uri=str(final), sha256=files_sha256(files), schema_version=schema_version)
+    return Manifest(stage=stage, key=key, version=version, config=config, inputs=inputs, files=files,
+                    package_version=pipeline.__version__, git_commit=git_commit(),
+                    created_at=datetime.now(timezone.utc), wall_time_s=wall_time_s, metrics=metrics, output=output)
+
+
+def write_text_atomic(path: Path, text: str) -> Path:
+    """Write `text` to `path` through a uniquely named temp file, fsync and rename: readers see the old file or the
+    new one, never a part (the parent folder is created if missing)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{secrets.token_hex(4)}")
+    with tmp.open("w", encoding="utf-8") as fh:
+        fh.write(text)
+        fh.flush()
+        os.fsync(fh.fileno())
+    os.replace(tmp, path)
+    return path
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _try_lock(lock_path: Path) -> _TempLock | None:
+    """The lock if it is free (or its file is gone), None while another writer holds it."""
+    try:
+        fd = os.open(lock_path, os.O_RDWR | os.O_CREAT, 0o644)
+    except FileNotFoundError:
+        return None  # the stage folder itself vanished
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(fd)
+        return None
+    return _TempLock(lock_path, fd)
+
+
+def _new_lock(folder: Path, key: str) -> _TempLock:
+    """Hold the lock of a fresh temp token `<key>-<random>` in `folder`. A cleaner may take and unlink a lock file
+    between our open and our flock, leaving us an orphaned inode: check that the path still names our file."""
+    for _ in range(3):
+        lock = _try_lock(folder / f".tmp-{key}-{secrets.token_hex(6)}.lock")
+        if lock is not None and _still_linked(lock):
+            return lock
+        if lock is not None:
+            os.close(lock.fd)
+    raise ArtifactError(f"{folder}: could not take a writer lock for key {key!r}")
+
+
+def _still_linked(lock: _TempLock) -> bool:
+    try:
+        return os.fstat(lock.fd).st_ino == lock.lock_path.stat().st_ino
+    except FileNotFoundError:
+        return False
+
+
+def _remove(path: Path) -> bool:
+    """Remove a folder or file if it exists; True when something was removed."""
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path)
+    elif path.exists() or path.is_symlink():
+        path.unlink()
+    else:
+        return False
+    return True

@@ -1,0 +1,97 @@
+"""The library's shape: layers import downwards only, no folder grows past eight modules, no Prefect inside.
+
+The layers, lowest first (README, "The library"): settings -> pure math -> the store -> data -> the model ->
+tracking and plots -> rollout -> rounds -> runtime -> stages -> run -> experiment. A module may import its own
+package and any lower layer; importing a higher layer (or a sibling of the same rank) fails here, naming the
+file, the line and the import.
+"""
+
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+import pytest
+
+PACKAGE = Path(__file__).resolve().parents[1] / "pipeline"
+
+LAYERS = {
+    "pipeline": 0, "pipeline.config": 0, "pipeline.progress": 0,
+    "pipeline.algo": 1, "pipeline.store": 2, "pipeline.data": 3, "pipeline.model": 4,
+    "pipeline.tracking": 5, "pipeline.plots": 5, "pipeline.rollout": 6, "pipeline.rounds": 7,
+    "pipeline.runtime": 8, "pipeline.stages": 9, "pipeline.run": 10, "pipeline.experiment": 11,
+    "pipeline.artifacts": 12,  # the compatibility name Prefect's stored results use; nothing inside imports it
+}
+MAX_MODULES = 8
+
+
+def _unit(module: str) -> str:
+    """The layer unit of a module: its subpackage (pipeline.model) or, at the top level, itself."""
+    parts = module.split(".")
+    return ".".join(parts[:2]) if len(parts) > 1 else parts[0]
+
+
+def _module_name(path: Path, package: Path = PACKAGE) -> str:
+    rel = path.relative_to(package.parent).with_suffix("")
+    parts = rel.parts[:-1] if rel.name == "__init__" else rel.parts
+    return ".".join(parts)
+
+
+def _imports(path: Path) -> list[tuple[int, str]]:
+    """(line, imported module) of every import in the file, nested ones included."""
+    found = []
+    for node in ast.walk(ast.parse(path.read_text(), str(path))):
+        if isinstance(node, ast.Import):
+            found += [(node.lineno, alias.name) for alias in node.names]
+        elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+            found.append((node.lineno, node.module))
+            if node.module == "pipeline":  # from pipeline import x: x is a module of its own
+                found += [(node.lineno, f"pipeline.{alias.name}") for alias in node.names]
+    return found
+
+
+def layer_violations(package: Path = PACKAGE) -> list[str]:
+    out = []
+    for path in sorted(package.rglob("*.py")):
+        here = _module_name(path, package)
+        mine = LAYERS[_unit(here)]
+        for line, target in _imports(path):
+            if target.split(".")[0] == "prefect":
+                out.append(f"{path.relative_to(package.parent)}:{line}: imports {target} (pipeline/ never imports prefect)")
+            if not target.startswith("pipeline") or target == "pipeline" or _unit(target) == _unit(here):
+                continue
+            theirs = LAYERS.get(_unit(target))
+            if theirs is None or theirs >= mine:
+                out.append(f"{path.relative_to(package.parent)}:{line}: {here} (layer {mine}) imports {target} "
+                           f"(layer {theirs}); import downwards only")
+    return out
+
+
+def test_layers_import_downwards_only():
+    assert layer_violations() == []
+
+
+def test_the_check_catches_an_upward_import(tmp_path):
+    """The rule can fail: a pure-math module that imports the trainer is reported with its line."""
+    fake = tmp_path / "pipeline"
+    (fake / "algo").mkdir(parents=True)
+    (fake / "__init__.py").write_text("")
+    (fake / "algo" / "__init__.py").write_text("")
+    (fake / "algo" / "losses.py").write_text("import torch\nfrom pipeline.model.trainer import fit\n")
+    (fake / "stages.py").write_text("from pipeline.algo import losses\nimport prefect\n")
+    found = layer_violations(fake)
+    assert any("algo/losses.py:2" in v and "pipeline.model.trainer" in v for v in found), found
+    assert any("stages.py:2" in v and "prefect" in v for v in found), found
+    assert not any("stages.py:1" in v for v in found), found
+
+
+def test_every_module_has_a_layer():
+    units = {_unit(_module_name(p)) for p in PACKAGE.rglob("*.py")}
+    assert units <= set(LAYERS), f"modules without a layer in LAYERS: {sorted(units - set(LAYERS))}"
+
+
+@pytest.mark.parametrize("folder", [PACKAGE, *sorted(p for p in PACKAGE.iterdir() if (p / "__init__.py").is_file())],
+                         ids=lambda p: p.name)
+def test_no_folder_holds_more_than_eight_modules(folder):
+    modules = [p for p in folder.glob("*.py") if p.name not in ("__init__.py", "__main__.py")]
+    assert len(modules) <= MAX_MODULES, f"{folder.name}/ holds {len(modules)} modules: split it by concern"
