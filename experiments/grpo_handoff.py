@@ -23,6 +23,7 @@ import torch
 
 from pipeline import stages
 from pipeline.store.artifacts import ArtifactRef, StageStore
+from pipeline.store.outputs import read_output
 from pipeline.config import RunConfig, apply_overrides, load_toml
 from pipeline.run import resolve_models
 
@@ -41,13 +42,13 @@ def _assignment(item: str) -> tuple[str, object]:
 
 
 def _metrics(res: stages.Resources, ref: ArtifactRef) -> dict:
-    return dict(res.store.manifest(ref).metrics)
+    return read_output(ref, res.store).metrics
 
 
 def _eval(res: stages.Resources, cfg: RunConfig, prompts: ArtifactRef, model: ArtifactRef,
           base: ArtifactRef) -> dict:
     ref = stages.evaluate(cfg.eval, prompts, model, base, res)
-    return json.loads((Path(ref.uri) / "metrics.json").read_text())
+    return read_output(ref).eval_metrics()
 
 
 def run(cfg: RunConfig, root: Path, *, control: bool = False) -> dict:

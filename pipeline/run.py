@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import argparse
 import functools
-import json
 import logging
 import sys
 import time
@@ -22,11 +21,13 @@ import torch
 
 from pipeline import runtime, plots, stages
 from pipeline.store.artifacts import ArtifactRef, StageStore, write_text_atomic
+from pipeline.store.outputs import Chain, read_chain, read_output
 from pipeline.config import RunConfig, load_toml
 from pipeline.algo.metrics import comparison_table
 from pipeline.tracking import MlflowTracker, NullTracker, sqlite_uri
 
-__all__ = ["RunResult", "Ops", "local_ops", "execute", "plan", "run", "stage_history", "round_metrics", "main"]
+__all__ = ["RunResult", "Ops", "local_ops", "execute", "plan", "run", "chain_outputs", "stage_history",
+           "round_metrics", "main"]
 
 TABLE_COLUMNS = ["greedy_accuracy", "mean@{k}", "pass@{k}", "entropy", "kl_base_policy", "distinct_answers"]
 
@@ -213,8 +214,7 @@ def make_tracker(cfg: RunConfig, root: Path, context_tags: Callable[[], dict[str
 
 def finish(cfg: RunConfig, refs: dict[str, ArtifactRef], res: runtime.Resources, root: Path) -> RunResult:
     """Metrics by checkpoint, the summary and plots (logged to the parent run), the final model registered."""
-    metrics = {k.removeprefix("eval/"): json.loads((v.path / "metrics.json").read_text())
-               for k, v in refs.items() if k.startswith("eval/")}
+    metrics = {k.removeprefix("eval/"): read_output(v).eval_metrics() for k, v in refs.items() if k.startswith("eval/")}
     out = root / "reports" / cfg.name
     plots = write_plots(cfg, refs, metrics, out)
     registered = None
@@ -243,31 +243,24 @@ def write_plots(cfg: RunConfig, refs: dict[str, ArtifactRef], metrics: dict[str,
     return paths
 
 
-def _chain_outputs(refs: dict[str, ArtifactRef], name: str) -> list[Path]:
-    """The output folders of a chain stage: SFT's one, or every round of GFT/GRPO (walking `inputs` back)."""
-    ref, folders = refs[name], []
-    while ref.path.parent.name in (f"{name}_round", name):
-        folders.append(ref.path)
-        prev = [r for r in StageStore(ref.path.parent.parent).manifest(ref).inputs
-                if r.path.parent.name == ref.path.parent.name]
-        if not prev:
-            break
-        ref = prev[0]
-    return folders[::-1]
+def _chain_stage(name: str) -> str:
+    """The store's stage of a chain name: "sft" -> "sft", "gft" -> "gft_round", "grpo" -> "grpo_round"."""
+    return f"{name}_round" if f"{name}_round" in stages.SPECS else name
+
+
+def chain_outputs(refs: dict[str, ArtifactRef], name: str) -> Chain:
+    """The outputs of chain stage `name` (SFT's one, or every round of GFT/GRPO), read from the store."""
+    return read_chain(refs[name], _chain_stage(name))
 
 
 def stage_history(refs: dict[str, ArtifactRef], name: str) -> list[dict[str, float]]:
-    """The per-step training history of chain stage `name` (every round's history.jsonl, in order)."""
-    rows = []
-    for folder in _chain_outputs(refs, name):
-        path = folder / "history.jsonl"
-        rows += [json.loads(x) for x in path.read_text().splitlines() if x.strip()] if path.is_file() else []
-    return rows
+    """The per-step training history of chain stage `name` (every round's history, in order)."""
+    return chain_outputs(refs, name).history
 
 
 def round_metrics(refs: dict[str, ArtifactRef], name: str) -> list[dict[str, float]]:
     """The manifest metrics of each output of chain stage `name` (one per round; SFT's one)."""
-    return [json.loads((f / "manifest.json").read_text())["metrics"] for f in _chain_outputs(refs, name)]
+    return chain_outputs(refs, name).round_metrics
 
 
 def _write_summary(path: Path, cfg: RunConfig, refs: dict[str, ArtifactRef], metrics: dict[str, dict[str, float]],

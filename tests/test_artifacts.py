@@ -4,6 +4,7 @@ half-written output."""
 from __future__ import annotations
 
 import hashlib
+import json
 import logging
 import math
 import os
@@ -132,11 +133,46 @@ def test_write_then_lookup_serves_the_same_ref(store):
     assert ArtifactRef.model_validate_json(ref.model_dump_json()) == ref
     m = store.manifest(ref)
     assert Manifest.model_validate_json(m.model_dump_json()).files == m.files
-    assert (m.stage, m.key, m.version, m.config, m.inputs) == ("sft", key, 3, {"lr": 1e-6}, [inp])
+    assert (m.stage, m.key, m.version, m.config, m.inputs) == ("sft", key, 3, {"lr": 1e-6}, {"input0": inp})
+    assert m.datasets == {}
     assert set(m.files) == {"model.bin", "tok/vocab.json"} and m.output == ref
     assert m.metrics["loss"] == 0.25 and math.isnan(m.metrics["grad_norm"])
     assert m.package_version == pipeline.__version__ and m.wall_time_s >= 0 and m.created_at.tzinfo
     assert leftovers(store, "sft") == []
+
+
+def test_inputs_by_role_and_declared_datasets_are_recorded(store):
+    prompts = ArtifactRef(kind="prompts", uri="/p", sha256=D, schema_version=1)
+    prev = ArtifactRef(kind="model", uri="/m", sha256="1" * 64, schema_version=1)
+    with store.write("gft_round", "k", kind="model", version=1, config={}, inputs={"prompts": prompts, "prev": prev},
+                     datasets={"groups.parquet": "training"}) as out:
+        (out.path / "groups.parquet").write_bytes(b"g")
+    m = store.manifest(out.ref)
+    assert m.inputs == {"prompts": prompts, "prev": prev} and list(m.inputs) == ["prompts", "prev"]
+    assert m.datasets == {"groups.parquet": "training"}
+    assert Manifest.model_validate_json(m.model_dump_json()) == m
+
+
+def test_a_declared_dataset_that_was_not_written_fails_the_write(store):
+    with pytest.raises(ArtifactError, match=r"declared dataset files \['groups.parquet'\]"):
+        with store.write("gft_round", "k", kind="model", version=1, config={}, inputs={},
+                         datasets={"groups.parquet": "training"}) as out:
+            (out.path / "other.bin").write_bytes(b"x")
+    assert store.lookup("gft_round", "k") is None and leftovers(store, "gft_round") == []
+
+
+def test_an_old_manifest_with_a_list_of_inputs_still_loads(store):
+    """Run roots written before inputs had roles: the list reads as input0, input1, ... and the output is served."""
+    inp = ArtifactRef(kind="prompts", uri="/p", sha256=D, schema_version=1)
+    ref = write_output(store, "evaluate", "k", {"metrics.json": b"{}"}, inputs={"prompts": inp, "model": inp})
+    path = Path(ref.uri) / "manifest.json"
+    data = json.loads(path.read_text())
+    data["inputs"] = list(data["inputs"].values())
+    del data["datasets"]
+    path.write_text(json.dumps(data))
+    assert store.lookup("evaluate", "k") == ref
+    m = store.manifest(ref)
+    assert m.inputs == {"input0": inp, "input1": inp} and m.datasets == {}
 
 
 def test_settings_model_is_stored_resolved(store):

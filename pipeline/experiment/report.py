@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING, Any
 
 from pipeline import plots
 from pipeline.store.artifacts import ArtifactRef, write_text_atomic
+from pipeline.store.outputs import read_output
 from pipeline.config import RunConfig
 
 if TYPE_CHECKING:  # the experiment module imports this one
@@ -27,14 +28,15 @@ METRICS = ("mean@{k}", "pass@{k}", "greedy_accuracy", "entropy", "kl_base_policy
 def trial_metrics(result: TrialResult) -> dict[str, Any]:
     """A finished trial's numbers: final held-out metrics, the chain's checkpoints with cumulative prompts seen,
     its per-step history (steps continued across the chain), and GFT's mean rectified fraction."""
-    from pipeline.run import round_metrics, stage_history
+    from pipeline.run import chain_outputs
 
     refs, cfg = result.refs, result.trial.config
     checkpoints = [("base", 0.0, _eval(refs, "base"))]
     history, seen, offset = [], 0.0, 0
     for stage in cfg.chain:
-        rows = stage_history(refs, stage)
-        seen += _prompts_seen(cfg, stage, rows, round_metrics(refs, stage), refs)
+        chain = chain_outputs(refs, stage)
+        rows = chain.history
+        seen += _prompts_seen(cfg, stage, rows, chain.round_metrics, refs)
         checkpoints.append((stage, seen, _eval(refs, stage)))
         history += [{**r, "step": r["step"] + offset, "stage": stage} for r in rows]
         offset += int(max((r["step"] for r in rows), default=0))
@@ -46,7 +48,7 @@ def trial_metrics(result: TrialResult) -> dict[str, Any]:
 
 
 def _eval(refs: Mapping[str, ArtifactRef], checkpoint: str) -> dict[str, float]:
-    return json.loads((refs[f"eval/{checkpoint}"].path / "metrics.json").read_text())
+    return read_output(refs[f"eval/{checkpoint}"]).eval_metrics()
 
 
 def _prompts_seen(cfg: RunConfig, stage: str, history: Sequence[Mapping[str, float]],
@@ -59,7 +61,7 @@ def _prompts_seen(cfg: RunConfig, stage: str, history: Sequence[Mapping[str, flo
         return float(cfg.grpo.rounds * cfg.grpo.prompts_per_round)
     import pyarrow.parquet as pq
 
-    n_prompts = pq.ParquetFile(refs["prompts"].path / "train.parquet").metadata.num_rows
+    n_prompts = pq.ParquetFile(read_output(refs["prompts"]).file("train.parquet")).metadata.num_rows
     passes = sum(r.get("sequences", 0.0) for r in history) / max(rounds[0].get("examples", 1.0), 1.0)
     return n_prompts * passes
 

@@ -31,12 +31,12 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 import pipeline
 
 __all__ = [
-    "ArtifactRef", "Manifest", "PendingOutput", "StageStore", "ArtifactError",
+    "ArtifactRef", "Manifest", "PendingOutput", "StageStore", "ArtifactError", "named_inputs",
     "file_sha256", "tree_sha256", "files_sha256", "hash_tree", "stage_key", "git_commit", "write_text_atomic",
 ]
 
@@ -81,7 +81,12 @@ class Manifest(BaseModel):
     """The stage's code version (STAGE_VERSION) that produced the output."""
     config: dict[str, Any]
     """The resolved stage settings."""
-    inputs: list[ArtifactRef]
+    inputs: dict[str, ArtifactRef]
+    """Role -> reference of every input (the stage function's argument names, e.g. "prompts", "prev"); manifests
+    written before inputs had roles list them, read here as "input0", "input1", ..."""
+    datasets: dict[str, str] = Field(default_factory=dict)
+    """File name in the folder -> the MLflow dataset context a consumer logs it under, e.g.
+    {"groups.parquet": "training"}; empty in manifests written before outputs declared their datasets."""
     files: dict[str, str]
     """Relative POSIX path -> sha256 of every file in the folder except the manifest."""
     package_version: str
@@ -91,6 +96,21 @@ class Manifest(BaseModel):
     metrics: dict[str, float]
     """Stage metrics; NaN and inf are kept (written as JSON constants)."""
     output: ArtifactRef
+
+    @field_validator("inputs", mode="before")
+    @classmethod
+    def _roles_of_old_lists(cls, value: Any) -> Any:
+        """An old manifest's list of inputs -> {"input0": ..., "input1": ...}, so existing run roots still load."""
+        return named_inputs(value) if isinstance(value, (list, tuple)) else value
+
+
+def named_inputs(inputs: Mapping[str, Any] | Sequence[Any]) -> dict[str, Any]:
+    """Inputs by role: a mapping as given, a (legacy) sequence as {"input0": ..., "input1": ...}."""
+    if isinstance(inputs, Mapping):
+        return dict(inputs)
+    if isinstance(inputs, (str, bytes)):
+        raise TypeError("inputs must be a mapping of role -> reference or a sequence of references")
+    return {f"input{i}": ref for i, ref in enumerate(inputs)}
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -268,14 +288,18 @@ class StageStore:
 
     @contextmanager
     def write(self, stage: str, key: str, *, kind: str, version: int, config: Mapping[str, Any] | BaseModel,
-              inputs: Sequence[ArtifactRef], schema_version: int = 1) -> Iterator[PendingOutput]:
-        """Write the output of (stage, key): yields a `PendingOutput` whose `path` is a fresh temp folder. On normal
+              inputs: Mapping[str, ArtifactRef] | Sequence[ArtifactRef], datasets: Mapping[str, str] | None = None,
+              schema_version: int = 1) -> Iterator[PendingOutput]:
+        """Write the output of (stage, key): yields a `PendingOutput` whose `path` is a fresh temp folder. `inputs`
+        names each input by role (a legacy sequence becomes input0, input1, ...); `datasets` declares the folder's
+        dataset files with the context a consumer logs them under. On normal
         exit the files are hashed, the manifest written and the folder renamed to `root/<stage>/<key>` (an
         invalid old folder there is replaced; a valid one, written meanwhile by another writer, is kept and
         served). On an exception the temp folder is removed and the exception re-raised."""
         final = self.folder(stage, key)
         config = _resolved_config(config)
-        inputs = [ArtifactRef.model_validate(r) for r in inputs]
+        inputs = {str(role): ArtifactRef.model_validate(r) for role, r in named_inputs(inputs).items()}
+        datasets = {str(name): str(context) for name, context in (datasets or {}).items()}
         final.parent.mkdir(parents=True, exist_ok=True)
         self.clean_stale(stage)
         lock = _new_lock(final.parent, key)
@@ -286,7 +310,7 @@ class StageStore:
             start = time.monotonic()
             yield pending
             m = _build_manifest(tmp, final, kind=kind, version=version, config=config, inputs=inputs,
-                                schema_version=schema_version, metrics=pending.metrics,
+                                datasets=datasets, schema_version=schema_version, metrics=pending.metrics,
                                 wall_time_s=time.monotonic() - start)
             write_text_atomic(tmp / MANIFEST, m.model_dump_json(indent=2))
             pending.ref = self._publish(tmp, final, m)
@@ -361,8 +385,8 @@ def _resolved_config(config: Mapping[str, Any] | BaseModel) -> dict[str, Any]:
 
 
 def _build_manifest(tmp: Path, final: Path, *, kind: str, version: int, config: dict[str, Any],
-                    inputs: list[ArtifactRef], schema_version: int, metrics: Mapping[str, Any],
-                    wall_time_s: float) -> Manifest:
+                    inputs: dict[str, ArtifactRef], datasets: dict[str, str], schema_version: int,
+                    metrics: Mapping[str, Any], wall_time_s: float) -> Manifest:
     """The manifest of the complete temp folder `tmp`, describing it as it will be at `final`."""
     stage, key = final.parent.name, final.name
     files = hash_tree(tmp)
@@ -371,8 +395,11 @@ def _build_manifest(tmp: Path, final: Path, *, kind: str, version: int, config: 
     except (TypeError, ValueError) as exc:
         raise TypeError(f"{stage}/{key}: metrics must be numbers: {exc}") from exc
     output = ArtifactRef(kind=kind, uri=str(final), sha256=files_sha256(files), schema_version=schema_version)
-    return Manifest(stage=stage, key=key, version=version, config=config, inputs=inputs, files=files,
-                    package_version=pipeline.__version__, git_commit=git_commit(),
+    missing = sorted(set(datasets) - set(files))
+    if missing:
+        raise ArtifactError(f"{stage}/{key}: declared dataset files {missing} were not written")
+    return Manifest(stage=stage, key=key, version=version, config=config, inputs=inputs, datasets=datasets,
+                    files=files, package_version=pipeline.__version__, git_commit=git_commit(),
                     created_at=datetime.now(timezone.utc), wall_time_s=wall_time_s, metrics=metrics, output=output)
 
 

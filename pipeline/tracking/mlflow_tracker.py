@@ -30,15 +30,15 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
 
-from pipeline.store.artifacts import ArtifactRef, Manifest, file_sha256, tree_sha256
+from pipeline.store.artifacts import ArtifactRef, Manifest, named_inputs, tree_sha256
+from pipeline.store.outputs import StageOutput, find_output
 
 __all__ = ["Tracker", "StageRun", "NullTracker", "MlflowTracker", "sqlite_uri"]
 
 log = logging.getLogger(__name__)
 
-# Which files of a stage output are datasets, and the context a consumer logs them under.
-DATASETS = {"prompts": ("train.parquet", "eval.parquet"), "teacher_responses": ("teacher.parquet",),
-            "model": ("groups.parquet",), "eval": ("samples.parquet",)}
+Inputs = Mapping[str, ArtifactRef] | Sequence[ArtifactRef]
+"""A stage's inputs by role (a legacy sequence is read as input0, input1, ...)."""
 MODEL_KINDS = ("model", "external_model")
 
 
@@ -53,7 +53,7 @@ class Tracker(Protocol):
     """What the stages and the run need from a tracker."""
 
     def stage_run(self, stage: str, key: str, config: Mapping[str, Any],
-                  inputs: Sequence[ArtifactRef]) -> Any:
+                  inputs: Inputs) -> Any:
         """A context manager yielding a `StageRun` around one computation; an exception marks the run FAILED."""
 
     def observe(self, name: str, ref: ArtifactRef, *, step: int | None = None) -> None:
@@ -73,7 +73,7 @@ class NullTracker:
 
     @contextmanager
     def stage_run(self, stage: str, key: str, config: Mapping[str, Any],
-                  inputs: Sequence[ArtifactRef]) -> Iterator[StageRun]:
+                  inputs: Inputs) -> Iterator[StageRun]:
         yield _NullRun()
 
     def observe(self, name: str, ref: ArtifactRef, *, step: int | None = None) -> None:
@@ -137,22 +137,6 @@ def metric_name(key: str) -> str:
     return key.replace("@", "_at_")
 
 
-def _manifest_of(ref: ArtifactRef) -> Manifest | None:
-    """The manifest describing `ref` (a stage folder, or a member folder of one, e.g. bootstrap's base/)."""
-    for folder in (ref.path, ref.path.parent):
-        path = folder / "manifest.json"
-        if path.is_file():
-            return Manifest.model_validate_json(path.read_bytes())
-    return None
-
-
-def _file_digest(ref: ArtifactRef, name: str) -> str:
-    m = _manifest_of(ref)
-    if m is not None and name in m.files:
-        return m.files[name]
-    return file_sha256(ref.path / name)
-
-
 @dataclass
 class MlflowTracker:
     """Tracks a pipeline run in MLflow (any tracking URI; the default is SQLite in the run root)."""
@@ -214,7 +198,7 @@ class MlflowTracker:
 
     @contextmanager
     def stage_run(self, stage: str, key: str, config: Mapping[str, Any],
-                  inputs: Sequence[ArtifactRef]) -> Iterator[_MlflowStageRun]:
+                  inputs: Inputs) -> Iterator[_MlflowStageRun]:
         tags = {"pipeline.stage": stage, "pipeline.key": key, **self.context_tags()}
         if self.parent_run_id is not None:
             tags["mlflow.parentRunId"] = self.parent_run_id
@@ -229,33 +213,31 @@ class MlflowTracker:
             raise
         self.client.set_terminated(run_id, "FINISHED")
 
-    def _log_inputs(self, run_id: str, stage: str, inputs: Sequence[ArtifactRef]) -> None:
+    def _log_inputs(self, run_id: str, stage: str, inputs: Inputs) -> None:
+        """Model inputs as LoggedModels; of the other inputs, the datasets they declare for this stage's purpose
+        ("evaluation" for an evaluation, else "training": SFT reads train.parquet, evaluate eval.parquet)."""
         from mlflow.entities import LoggedModelInput
 
-        split = "eval.parquet" if stage == "evaluate" else "train.parquet"
-        datasets = [d for ref in inputs if ref.kind in ("prompts", "teacher_responses")
-                    for d in self._datasets(ref, consumer=True, only=(split, "teacher.parquet"))]
-        models = [LoggedModelInput(self.model_id(ref)) for ref in inputs if ref.kind in MODEL_KINDS]
+        purpose = "evaluation" if stage == "evaluate" else "training"
+        refs = list(named_inputs(inputs).values())
+        data = [out for ref in refs if ref.kind not in MODEL_KINDS and (out := find_output(ref)) is not None]
+        datasets = [self._dataset_input(out, name, purpose) for out in data
+                    for name, context in out.datasets.items() if context == purpose]
+        models = [LoggedModelInput(self.model_id(ref)) for ref in refs if ref.kind in MODEL_KINDS]
         self.client.log_inputs(run_id, datasets=datasets or None, models=models or None)
 
-    def _datasets(self, ref: ArtifactRef, *, consumer: bool, only: Sequence[str] | None = None) -> list[Any]:
-        """DatasetInputs for the dataset files of `ref` (consumers get "training"/"evaluation" contexts)."""
+    def _dataset_input(self, out: StageOutput, name: str, context: str) -> Any:
+        """One dataset file of a stage output as a DatasetInput with its context ("output" on the producer)."""
         from mlflow.entities import DatasetInput, InputTag
 
-        out = []
-        for name in DATASETS.get(ref.kind, ()):
-            path = ref.path / name
-            if not path.is_file() or (only is not None and name not in only):
-                continue
-            context = "output" if not consumer else ("evaluation" if name.startswith("eval") else "training")
-            out.append(DatasetInput(self._dataset_entity(ref, name), tags=[InputTag("mlflow.data.context", context)]))
-        return out
+        return DatasetInput(self._dataset_entity(out, name), tags=[InputTag("mlflow.data.context", context)])
 
-    def _dataset_entity(self, ref: ArtifactRef, name: str) -> Any:
+    def _dataset_entity(self, out: StageOutput, name: str) -> Any:
         """The MLflow dataset of one parquet file, read once per tracker (every round consumes the same prompts)."""
         import pandas as pd
 
-        digest = _file_digest(ref, name)[:16]
+        ref = out.ref
+        digest = out.file_digest(name)[:16]
         key = (str(ref.path / name), digest)
         if key not in self._entities:
             with warnings.catch_warnings():  # MLflow's own: a source class registered twice; a schema hint
@@ -283,10 +265,12 @@ class MlflowTracker:
         self.client.finalize_logged_model(model.model_id, "READY")
         return model.model_id
 
-    def _log_outputs(self, run_id: str, stage: str, ref: ArtifactRef) -> list[str]:
+    def _log_outputs(self, run_id: str, stage: str, out: StageOutput) -> list[str]:
+        """The output's declared datasets (context "output") and its models as LoggedModels made by this run."""
         from mlflow.entities import LoggedModelOutput
 
-        datasets = self._datasets(ref, consumer=False)
+        ref = out.ref
+        datasets = [self._dataset_input(out, name, "output") for name in out.datasets]
         if datasets:
             self.client.log_inputs(run_id, datasets=datasets)
         models = []
@@ -328,12 +312,12 @@ class MlflowTracker:
         """Round and stage metrics on the parent (per round: step = round); reused outputs tagged."""
         if self.parent_run_id is None:
             return
-        manifest = _manifest_of(ref)
+        out = find_output(ref)
         if ref.sha256 not in self._produced:
             producer = self.producer_run(ref)
             self.client.set_tag(self.parent_run_id, f"reused.{name}", producer or "untracked")
-        if manifest is not None and manifest.metrics:
-            self.log_metrics({f"{name}/{k}": v for k, v in manifest.metrics.items()}, step=step or 0)
+        if out is not None and out.metrics:
+            self.log_metrics({f"{name}/{k}": v for k, v in out.metrics.items()}, step=step or 0)
 
     def run_url(self, ref: ArtifactRef) -> str | None:
         info = self._producer(ref) if self.ui_url else None
@@ -371,26 +355,20 @@ class _MlflowStageRun:
     stage: str
 
     def finish(self, ref: ArtifactRef, manifest: Manifest) -> None:
-        t = self.tracker
+        t, out = self.tracker, StageOutput(ref, manifest)
         stepped: set[str] = set()
-        for row in _history(ref):
+        for row in out.history():
             per_step = {f"train/{k}": v for k, v in row.items() if k != "step"}
             t.log_metrics(per_step, step=int(row["step"]), run_id=self.run_id)
             stepped.update(per_step)
         t.log_metrics({k: v for k, v in manifest.metrics.items() if k not in stepped}, run_id=self.run_id)
-        t._log_outputs(self.run_id, self.stage, ref)
-        if ref.kind == "eval":
-            for model in (r for r in manifest.inputs[1:2] if r.kind in MODEL_KINDS):
-                for k, v in manifest.metrics.items():  # model-scoped: shown on the LoggedModel's page
-                    t.client.log_metric(self.run_id, metric_name(f"eval/{k}"), v, model_id=t.model_id(model))
+        t._log_outputs(self.run_id, self.stage, out)
+        model = out.inputs.get("model") if ref.kind == "eval" else None
+        if model is not None and model.kind in MODEL_KINDS:
+            for k, v in manifest.metrics.items():  # model-scoped: shown on the LoggedModel's page
+                t.client.log_metric(self.run_id, metric_name(f"eval/{k}"), v, model_id=t.model_id(model))
         t.client.log_text(self.run_id, manifest.model_dump_json(indent=2), "manifest.json")
         t.client.set_tag(self.run_id, "pipeline.output_sha256", ref.sha256)
         t.client.set_tag(self.run_id, "pipeline.output_uri", ref.uri)
         t._produced.add(ref.sha256)
 
-
-def _history(ref: ArtifactRef) -> list[dict[str, float]]:
-    path = ref.path / "history.jsonl"
-    if not path.is_file():
-        return []
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
