@@ -15,7 +15,7 @@ What it measures, at the Qwen2-0.5B shape (random init, bf16 autocast over float
               `model.generate` (raw_generate_*, no engine) at 128 and 32 prompts per call on the same prompts:
               the engine's overhead, side by side. A long, uneven case (completions stop at random, up to 512
               tokens) measures padding and early finishes (generate, compacting loop, static cache).
-  (c) round   One GFT round on the GPU: sample (HFEngine, bf16 copy), score (exact_match in the Scorer's
+  (c) round   One GFT round on the GPU: sample (HFEngine, bf16 copy), score (exact_match in the Verifier's
               worker process), advantages, 4 optimizer steps over 1024 responses (packed, varlen), weight
               sync to the engine; seconds per phase.
 
@@ -616,7 +616,7 @@ def _round_train(model, experts, flat, advantages, args) -> tuple[object, list[d
 def run_round(shape: dict, args) -> dict:
     torch = _torch()
     from pipeline.algo.advantages import group_advantages
-    from pipeline.rollout.verifiers import Scorer
+    from pipeline.rollout.verifiers import Verifier
     from pipeline.data.synthetic import build_tokenizer, make_problems, tokenize_example
 
     phase, device = Phases(), _device()
@@ -632,8 +632,8 @@ def run_round(shape: dict, args) -> dict:
     with phase("sample"):
         completions = _round_sample(engine, [list(e.prompt_ids) for e in experts], shape)
     flat = _round_members(tok, rows, experts, completions)
-    with phase("score"), Scorer("exact_match") as scorer:
-        rewards = [0.0 if r is None else r for r in scorer.score([t for _, _, t in flat],
+    with phase("score"), Verifier("exact_match") as verifier:
+        rewards = [0.0 if r is None else r for r in verifier.reward([t for _, _, t in flat],
                                                                  [rows[k] for k, _, _ in flat]).rewards]
     with phase("advantages"):
         adv = group_advantages(torch.tensor(rewards, dtype=torch.float64), [k for k, _, _ in flat])
@@ -725,7 +725,7 @@ def run_section(args, name: str, seconds: float) -> dict:
 
 
 def _kill_group(proc: subprocess.Popen) -> None:
-    """SIGKILL what is left of a section's process group (its compile and scorer workers), then reap it."""
+    """SIGKILL what is left of a section's process group (its compile and verifier workers), then reap it."""
     try:
         os.killpg(proc.pid, signal.SIGKILL)
     except ProcessLookupError:

@@ -21,7 +21,7 @@ from pathlib import Path
 
 import torch
 
-from pipeline import stages
+from pipeline import runtime, stages
 from pipeline.store.artifacts import ArtifactRef, StageStore
 from pipeline.store.outputs import read_output
 from pipeline.config import RunConfig, apply_overrides, load_toml
@@ -41,31 +41,33 @@ def _assignment(item: str) -> tuple[str, object]:
         return path, raw
 
 
-def _metrics(res: stages.Resources, ref: ArtifactRef) -> dict:
+def _metrics(res: runtime.Resources, ref: ArtifactRef) -> dict:
     return read_output(ref, res.store).metrics
 
 
-def _eval(res: stages.Resources, cfg: RunConfig, prompts: ArtifactRef, model: ArtifactRef,
+def _eval(res: runtime.Resources, cfg: RunConfig, prompts: ArtifactRef, model: ArtifactRef,
           base: ArtifactRef) -> dict:
-    ref = stages.evaluate(cfg.eval, prompts, model, base, res)
+    ref = stages.evaluate(cfg.eval, prompts, model, base, cfg.engine, res=res)
     return read_output(ref).eval_metrics()
 
 
 def run(cfg: RunConfig, root: Path, *, control: bool = False) -> dict:
     """Both chains; returns per-round rewards, held-out metrics per stage and wall times."""
     torch.set_num_threads(cfg.threads)
-    res = stages.Resources(StageStore(root), engine_cfg=cfg.engine, progress=False)
+    res = runtime.Resources(StageStore(root), progress=False)
     try:
-        prompts = stages.prepare_data(cfg.data, cfg.synthetic, res)
-        base, teacher_model = resolve_models(cfg, res)
-        teacher = stages.teacher_sample(cfg.teacher_sample, prompts, teacher_model, res)
-        starts = {"sft": stages.sft(cfg.sft, prompts, teacher, base, res),
-                  "gft": stages.gft(cfg.gft, prompts, teacher, base, res, seed=cfg.seed)[-1]}
+        prompts = stages.prepare_data(cfg.data, *stages.prepare_data_inputs(cfg.data, cfg.synthetic), res=res)
+        base, teacher_model = resolve_models(cfg, lambda _name, stage, *a, **k: stages.execute(
+            stages.bind(stage, *a, **k), res))
+        teacher = stages.teacher_sample(cfg.teacher_sample, prompts, teacher_model, cfg.engine, res=res)
+        mix = teacher if cfg.sft.source == "mix" else None
+        starts = {"sft": stages.sft(cfg.sft, prompts, mix, base, cfg.engine.trust_remote_code, res=res),
+                  "gft": stages.gft(cfg.gft, prompts, teacher, base, res=res, engine=cfg.engine, seed=cfg.seed)[-1]}
         out = {"eval": {"base": _eval(res, cfg, prompts, base, base)}, "curves": {}, "wall_s": {}}
         for name, start in starts.items():
             out["eval"][name] = _eval(res, cfg, prompts, start, base)
             t0 = time.perf_counter()
-            rounds = stages.grpo(cfg.grpo, prompts, start, res, seed=cfg.seed)
+            rounds = stages.grpo(cfg.grpo, prompts, start, res=res, engine=cfg.engine, seed=cfg.seed)
             out["wall_s"][f"{name}->grpo (this call)"] = time.perf_counter() - t0
             per_round = [_metrics(res, r) for r in rounds]
             out["curves"][name] = per_round
@@ -74,7 +76,7 @@ def run(cfg: RunConfig, root: Path, *, control: bool = False) -> dict:
             if control:
                 frozen = cfg.grpo.model_copy(update={"train": cfg.grpo.train.model_copy(update={"lr": 1e-12})})
                 out["curves"][f"{name} (control)"] = [_metrics(res, r) for r in stages.grpo(
-                    frozen, prompts, start, res, seed=cfg.seed)]
+                    frozen, prompts, start, res=res, engine=cfg.engine, seed=cfg.seed)]
         out["calls"] = dict(res.calls)
         return out
     finally:

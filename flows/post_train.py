@@ -4,20 +4,20 @@
                  -> sft -> evaluate -> gft_round x R -> evaluate -> grpo_round x R -> evaluate
 
 The DAG itself is `pipeline.run.execute` (shared with `python -m pipeline.run`); this module only hands it
-tasks instead of functions. Each task is a one-line wrapper over `pipeline.stages`.
+tasks instead of functions. A task takes one bound stage call (`pipeline.stages.StageCall`: the stage, its
+arguments and its spec, derived once) and is a one-line wrapper over `pipeline.stages.execute`; the tasks are made
+per flow run, closing over that run's `Resources` (engines, verifiers, store, tracker), so no module state is kept.
 
-Caching: a task's `cache_key_fn` is the stage's own key (`pipeline.stages.SPECS[stage](...).key`, i.e.
-`pipeline.store.artifacts.stage_key` of stage, code version, configs and input digests), and its result, a small
-`ArtifactRef`, is persisted as JSON under `<root>/prefect-results`. So a new flow run with the same config, or
-`prefect flow-run retry` of a failed one, serves every finished stage as Cached and runs only what failed or
-changed. Before a call, the stage's output is verified in the artifact store; when it is missing or altered,
-or when Prefect's record names other content, the call refreshes Prefect's cache and the stage recomputes.
+Caching: a task's `cache_key_fn` is the call's own key (`pipeline.store.cache.StageSpec.key`: stage, code version,
+settings, scalars and input digests), and its result, a small `ArtifactRef`, is persisted as JSON under
+`<root>/prefect-results`. So a new flow run with the same config, or `prefect flow-run retry` of a failed one,
+serves every finished stage as Cached and runs only what failed or changed. Before a call, the stage's output is
+verified in the artifact store; when it is missing or altered, or when Prefect's record names other content, the
+call refreshes Prefect's cache and the stage recomputes.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from dataclasses import fields
 from pathlib import Path
 from typing import Any
 
@@ -29,78 +29,36 @@ from prefect.runtime import flow_run, task_run
 from prefect.serializers import JSONSerializer
 
 from pipeline import runtime, stages
-from pipeline.store.artifacts import ArtifactRef
-from pipeline.config import (
-    DataConfig, EvalConfig, GFTConfig, GRPOConfig, RunConfig, SFTConfig, SyntheticConfig, TeacherSampleConfig,
-    apply_overrides, load_toml,
-)
+from pipeline.config import RunConfig, apply_overrides, load_toml
 from pipeline.run import Ops, RunResult, run
+from pipeline.store.artifacts import ArtifactRef
 
 __all__ = ["post_train", "resolve_root"]
 
-RES: runtime.Resources | None = None  # the running flow's resources (engines, reward workers, store, tracker)
 RETRIES = {"teacher_sample": 2, "evaluate": 2, "gft_round": 1, "grpo_round": 1}  # sampling stages retry; a failed step resumes
 
 
-def _key(stage: str) -> Callable:
-    def cache_key(ctx, params: dict) -> str:
-        return f"{stage}-{stages.SPECS[stage](**params, res=RES).key}"
-    return cache_key
+def _cache_key(ctx, params: dict) -> str:
+    call: stages.StageCall = params["call"]
+    return f"{call.stage}-{call.key}"
 
 
-def _stage_task(stage: str):
-    return task(name=stage, cache_key_fn=_key(stage), persist_result=True, result_serializer="json",
-                retries=RETRIES.get(stage, 0), retry_delay_seconds=5)
+def _stage_tasks(res: runtime.Resources) -> dict[str, Any]:
+    """One Prefect task per stage for this flow run, each a one-line wrapper over `stages.execute`."""
+    def run_stage(call: stages.StageCall) -> ArtifactRef:
+        return stages.execute(call, res)
 
-
-@_stage_task("prepare_data")
-def prepare_data(cfg: DataConfig, synth: SyntheticConfig) -> ArtifactRef:
-    return stages.prepare_data(cfg, synth, RES)
-
-
-@_stage_task("bootstrap_models")
-def bootstrap_models(synth: SyntheticConfig) -> ArtifactRef:
-    return stages.bootstrap_models(synth, RES)
-
-
-@_stage_task("teacher_sample")
-def teacher_sample(cfg: TeacherSampleConfig, prompts: ArtifactRef, teacher: ArtifactRef) -> ArtifactRef:
-    return stages.teacher_sample(cfg, prompts, teacher, RES)
-
-
-@_stage_task("sft")
-def sft(cfg: SFTConfig, prompts: ArtifactRef, teacher: ArtifactRef | None, init: ArtifactRef) -> ArtifactRef:
-    return stages.sft(cfg, prompts, teacher, init, RES)
-
-
-@_stage_task("gft_round")
-def gft_round(cfg: GFTConfig, round_idx: int, prompts: ArtifactRef, teacher: ArtifactRef | None,
-              prev: ArtifactRef, seed: int = 0) -> ArtifactRef:
-    return stages.gft_round(cfg, round_idx, prompts, teacher, prev, RES, seed=seed)
-
-
-@_stage_task("grpo_round")
-def grpo_round(cfg: GRPOConfig, round_idx: int, prompts: ArtifactRef, reference: ArtifactRef, prev: ArtifactRef,
-               seed: int = 0) -> ArtifactRef:
-    return stages.grpo_round(cfg, round_idx, prompts, reference, prev, RES, seed=seed)
-
-
-@_stage_task("evaluate")
-def evaluate(cfg: EvalConfig, prompts: ArtifactRef, model: ArtifactRef, base: ArtifactRef) -> ArtifactRef:
-    return stages.evaluate(cfg, prompts, model, base, RES)
-
-
-TASKS = {"prepare_data": prepare_data, "bootstrap_models": bootstrap_models, "teacher_sample": teacher_sample,
-         "sft": sft, "gft_round": gft_round, "grpo_round": grpo_round, "evaluate": evaluate}
+    return {name: task(run_stage, name=name, cache_key_fn=_cache_key, persist_result=True, result_serializer="json",
+                       retries=RETRIES.get(name, 0), retry_delay_seconds=5) for name in stages.STAGES}
 
 
 def _results(root: Path) -> LocalFileSystem:
     return LocalFileSystem(basepath=str(root / "prefect-results"))
 
 
-def _record_matches(stage: str, key: str, root: Path) -> bool:
+def _record_matches(res: runtime.Resources, stage: str, key: str, root: Path) -> bool:
     """Whether the artifact store holds a verified output for (stage, key) and Prefect's record (if any) names it."""
-    ref = RES.store.lookup(stage, key)
+    ref = res.store.lookup(stage, key)
     if ref is None:
         return False
     store = ResultStore(result_storage=_results(root), serializer=JSONSerializer())
@@ -108,16 +66,17 @@ def _record_matches(stage: str, key: str, root: Path) -> bool:
     return not store.exists(prefect_key) or store.read(prefect_key).result.sha256 == ref.sha256
 
 
-def _call(t, root: Path) -> Callable[..., ArtifactRef]:
-    """A stage call through task `t`: verified cache (refresh when stale or forced), then an MLflow link."""
-    def call(*args, **kw) -> ArtifactRef:
-        spec = stages.SPECS[t.name](*args, res=RES, **kw)
-        refresh = RES.force or not _record_matches(t.name, spec.key, root)
-        ref = t.with_options(refresh_cache=refresh, result_storage=root / "prefect-results")(*args, **kw)
-        url = RES.tracker.run_url(ref)
+def _ops(res: runtime.Resources, root: Path) -> Ops:
+    """Stage calls through this run's tasks: verified cache (refresh when stale or forced), then an MLflow link."""
+    tasks = _stage_tasks(res)
+
+    def call(c: stages.StageCall) -> ArtifactRef:
+        refresh = res.force or not _record_matches(res, c.stage, c.key, root)
+        ref = tasks[c.stage].with_options(refresh_cache=refresh, result_storage=root / "prefect-results")(c)
+        url = res.tracker.run_url(ref)
         if url:
-            create_link_artifact(key=f"mlflow-{t.name.replace('_', '-')}", link=url,
-                                 link_text=f"MLflow run of {t.name}", description=f"output {ref.sha256[:12]}")
+            create_link_artifact(key=f"mlflow-{c.stage.replace('_', '-')}", link=url,
+                                 link_text=f"MLflow run of {c.stage}", description=f"output {ref.sha256[:12]}")
         return ref
     return call
 
@@ -140,21 +99,11 @@ def post_train(config: str, refresh: str | None = None, root: str | None = None,
                overrides: dict[str, Any] | None = None, tags: dict[str, str] | None = None) -> dict:
     """Post-train a model per the RunConfig TOML at `config` with dotted-field `overrides` (an experiment's
     trial); `refresh` names the first stage to recompute; `tags` go on the MLflow parent run."""
-    global RES
     cfg = apply_overrides(load_toml(RunConfig, config), overrides or {}, where=f"{config} overrides")
     run_root = resolve_root(config, cfg, root)
 
-    def ops(res: runtime.Resources) -> Ops:
-        global RES
-        RES = res
-        calls = {name: _call(t, run_root) for name, t in TASKS.items()}
-        return Ops(**{f.name: calls.get(f.name) for f in fields(Ops)})
-
-    try:
-        result = run(cfg, root=run_root, progress=progress, ops=ops, context_tags=prefect_tags, refresh=refresh,
-                     tags=tags)
-    finally:
-        RES = None
+    result = run(cfg, root=run_root, progress=progress, ops=lambda res: _ops(res, run_root),
+                 context_tags=prefect_tags, refresh=refresh, tags=tags)
     _report(result)
     return {"summary": str(result.summary_path), "calls": result.calls, "mlflow": result.mlflow_url,
             "refs": {name: ref.model_dump(mode="json") for name, ref in result.refs.items()}}

@@ -14,7 +14,7 @@ import logging
 import sys
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -43,38 +43,28 @@ class RunResult:
     mlflow_url: str | None = None
 
 
-@dataclass(frozen=True)
-class Ops:
-    """The stage calls a run is made of: the library's stage functions bound to one `Resources`, or Prefect
-    tasks wrapping the same functions (`flows.post_train`). Same arguments as the stages, minus `res`."""
-
-    prepare_data: Callable[..., ArtifactRef]
-    bootstrap_models: Callable[..., ArtifactRef]
-    teacher_sample: Callable[..., ArtifactRef]
-    sft: Callable[..., ArtifactRef]
-    gft_round: Callable[..., ArtifactRef]
-    grpo_round: Callable[..., ArtifactRef] | None
-    evaluate: Callable[..., ArtifactRef]
+Ops = Callable[[stages.StageCall], ArtifactRef]
+"""How a run executes a bound stage call: `stages.execute` in this process (`local_ops`), a Prefect task wrapping
+the same function (`flows.post_train`), or a dry run that only reads the key (`plan`)."""
 
 
 def local_ops(res: runtime.Resources) -> Ops:
     """The stage functions themselves, in this process."""
-    names = [f.name for f in fields(Ops)]
-    return Ops(**{n: functools.partial(getattr(stages, n), res=res) if hasattr(stages, n) else None for n in names})
+    return functools.partial(stages.execute, res=res)
 
 
 @dataclass
 class _Walk:
-    """Calls stages in run order: switches `res.force` on at the refreshed stage, reports each result."""
+    """Binds and calls stages in run order: switches `res.force` on at the refreshed stage, reports each result."""
 
     res: runtime.Resources
+    ops: Ops
     refresh: str | None
 
-    def __call__(self, name: str, op: Callable[..., ArtifactRef], *args, step: int | None = None,
-                 label: str | None = None, **kw):
+    def __call__(self, name: str, stage: str, *args, step: int | None = None, label: str | None = None, **kw):
         if name == self.refresh:
             self.res.force = True  # this stage and everything after it recompute
-        ref = op(*args, **kw)
+        ref = self.ops(stages.bind(stage, *args, **kw))
         self.res.tracker.observe(label or name, ref, step=step)  # label: which call of a repeated stage
         return ref
 
@@ -83,17 +73,19 @@ def execute(cfg: RunConfig, ops: Ops, res: runtime.Resources, *, refresh: str | 
     """The run's DAG: prompts -> models -> teacher responses -> eval(base) -> chain stages, each from the previous
     checkpoint and each evaluated. `refresh` names the first stage to recompute even if cached."""
     check_refresh(cfg, refresh)
-    call = _Walk(res, refresh)
-    refs = {"prompts": call("prepare_data", ops.prepare_data, cfg.data, cfg.synthetic)}
-    refs["base"], teacher_model = resolve_models(cfg, res, ops, call)
+    call = _Walk(res, ops, refresh)
+    synth, source = stages.prepare_data_inputs(cfg.data, cfg.synthetic)
+    refs = {"prompts": call("prepare_data", "prepare_data", cfg.data, synth, source)}
+    refs["base"], teacher_model = resolve_models(cfg, call)
     if teacher_model is not None and cfg.teacher_sample.k > 0:
-        refs["teacher"] = call("teacher_sample", ops.teacher_sample, cfg.teacher_sample, refs["prompts"], teacher_model)
-    refs["eval/base"] = call("evaluate", ops.evaluate, cfg.eval, refs["prompts"], refs["base"], refs["base"],
-                             label="eval/base")
+        refs["teacher"] = call("teacher_sample", "teacher_sample", cfg.teacher_sample, refs["prompts"], teacher_model,
+                               cfg.engine)
+    refs["eval/base"] = call("evaluate", "evaluate", cfg.eval, refs["prompts"], refs["base"], refs["base"],
+                             cfg.engine, label="eval/base")
     init = refs["base"]
     for name in cfg.chain:
-        refs[name] = init = _train(name, cfg, refs, init, ops, call)
-        refs[f"eval/{name}"] = call("evaluate", ops.evaluate, cfg.eval, refs["prompts"], init, refs["base"],
+        refs[name] = init = _train(name, cfg, refs, init, call)
+        refs[f"eval/{name}"] = call("evaluate", "evaluate", cfg.eval, refs["prompts"], init, refs["base"], cfg.engine,
                                     label=f"eval/{name}")
     return refs
 
@@ -109,36 +101,31 @@ def check_refresh(cfg: RunConfig, refresh: str | None) -> None:
         raise ValueError(f"--refresh {refresh!r}: not a stage of this run; choose one of {present}")
 
 
-def resolve_models(cfg: RunConfig, res: runtime.Resources, ops: Ops | None = None,
-                   call: Callable[..., ArtifactRef] | None = None) -> tuple[ArtifactRef, ArtifactRef | None]:
+def resolve_models(cfg: RunConfig, call: Callable[..., ArtifactRef]) -> tuple[ArtifactRef, ArtifactRef | None]:
     """Base and teacher references: the bootstrap pair for "bootstrap", else external models."""
-    ops = ops or local_ops(res)
-    call = call or (lambda name, op, *a, **k: op(*a, **k))
     needs_bootstrap = "bootstrap" in (cfg.models.base, cfg.models.teacher)
-    pair = call("bootstrap_models", ops.bootstrap_models, cfg.synthetic) if needs_bootstrap else None
-    base = stages.bootstrap_member(pair, "base") if cfg.models.base == "bootstrap" else runtime.external_model(
-        cfg.models.base)
-    teacher = None if cfg.models.teacher is None else (
-        stages.bootstrap_member(pair, "teacher") if cfg.models.teacher == "bootstrap"
-        else runtime.external_model(cfg.models.teacher))
-    return base, teacher
+    pair = call("bootstrap_models", "bootstrap_models", cfg.synthetic) if needs_bootstrap else None
+
+    def model(spec: str, role: str) -> ArtifactRef:
+        return stages.bootstrap_member(pair, role) if spec == "bootstrap" else runtime.external_model(spec)
+
+    return model(cfg.models.base, "base"), None if cfg.models.teacher is None else model(cfg.models.teacher, "teacher")
 
 
-def _train(name: str, cfg: RunConfig, refs: dict[str, ArtifactRef], init: ArtifactRef, ops: Ops,
+def _train(name: str, cfg: RunConfig, refs: dict[str, ArtifactRef], init: ArtifactRef,
            call: Callable[..., ArtifactRef]) -> ArtifactRef:
     """One chain stage from `init`; GFT and GRPO as one call per round (each round its own cached task)."""
     teacher, prompts = refs.get("teacher"), refs["prompts"]
     if name == "sft":
-        return call("sft", ops.sft, cfg.sft, prompts, teacher, init)
+        return call("sft", "sft", cfg.sft, prompts, teacher if cfg.sft.source == "mix" else None, init,
+                    cfg.engine.trust_remote_code)
     prev = init
-    if name == "gft":
-        for r in range(cfg.gft.rounds):
-            prev = call("gft", ops.gft_round, cfg.gft, r, prompts, teacher, prev, seed=cfg.seed, step=r)
-        return prev
-    if ops.grpo_round is None:
-        raise ValueError("chain names grpo, but this build has no GRPO stage")
-    for r in range(cfg.grpo.rounds):
-        prev = call("grpo", ops.grpo_round, cfg.grpo, r, prompts, init, prev, seed=cfg.seed, step=r)
+    for r in range(cfg.gft.rounds if name == "gft" else cfg.grpo.rounds):
+        if name == "gft":
+            prev = call("gft", "gft_round", cfg.gft, r, prompts, teacher, prev, cfg.engine, cfg.seed, step=r)
+        else:
+            reference = init if cfg.grpo.beta > 0 else None
+            prev = call("grpo", "grpo_round", cfg.grpo, r, prompts, reference, prev, cfg.engine, cfg.seed, step=r)
     return prev
 
 
@@ -155,28 +142,20 @@ class PlannedCall:
 def plan(cfg: RunConfig, root: Path) -> list[PlannedCall]:
     """Every stage call of the run with its key, computing nothing: a call whose inputs exist gets its key and
     cache status; one downstream of a call still to run has no key yet (it depends on that output)."""
-    res = runtime.Resources(StageStore(root), engine_cfg=cfg.engine, progress=False)
+    res = runtime.Resources(StageStore(root), progress=False)
     calls: list[PlannedCall] = []
 
-    def dry(stage: str) -> Callable[..., ArtifactRef]:
-        def op(*args, **kw) -> ArtifactRef:
-            spec = stages.SPECS[stage](*args, res=res, **kw)
-            key = None if any(r.kind == "pending" for r in spec.inputs) else spec.key
-            ref = res.store.lookup(stage, key) if key else None
-            calls.append(PlannedCall(_walk_name(stage), stage, key, ref is not None))
-            return ref or ArtifactRef(kind="pending", uri=f"pending:{stage}", sha256="0" * 64, schema_version=1)
-        return op
+    def dry(call: stages.StageCall) -> ArtifactRef:
+        key = None if call.spec.pending else call.key
+        ref = res.store.lookup(call.stage, key) if key else None
+        calls.append(PlannedCall(call.stage.removesuffix("_round"), call.stage, key, ref is not None))
+        return ref or ArtifactRef(kind="pending", uri=f"pending:{call.stage}", sha256="0" * 64, schema_version=1)
 
-    ops = Ops(**{f.name: dry(f.name) if f.name in stages.SPECS else None for f in fields(Ops)})
     try:
-        execute(cfg, ops, res)
+        execute(cfg, dry, res)
     finally:
         res.close()
     return calls
-
-
-def _walk_name(stage: str) -> str:
-    return stage.removesuffix("_round")
 
 
 def run(cfg: RunConfig, *, root: Path, progress: bool = True, ops: Callable[[runtime.Resources], Ops] = local_ops,
@@ -186,7 +165,7 @@ def run(cfg: RunConfig, *, root: Path, progress: bool = True, ops: Callable[[run
     `tags` go on the run's MLflow parent run (an experiment nests its runs with `mlflow.parentRunId`)."""
     torch.set_num_threads(cfg.threads)
     tracker = make_tracker(cfg, root, context_tags)
-    res = runtime.Resources(StageStore(root), engine_cfg=cfg.engine, progress=progress, tracker=tracker)
+    res = runtime.Resources(StageStore(root), progress=progress, tracker=tracker)
     tracker.start_pipeline(f"{cfg.name}-{time.strftime('%Y%m%d-%H%M%S')}", cfg.model_dump(mode="json"),
                            {"pipeline.config_digest": cfg.digest(), "pipeline.root": str(root), **(tags or {})})
     try:

@@ -1,9 +1,13 @@
-"""One function per stage: small artifact references and a sub-config in, one reference out.
+"""One function per stage: load -> run -> save, with the cache key derived from the stage's own arguments.
 
-Every stage is cached by `stage_key(stage, version, config digest, input digests)` in a `StageStore`: a
-verified hit is served without work, anything missing or altered is recomputed. Stages never pass models,
-engines or DataFrames; engines and reward workers are process-level resources kept in `Resources`. The cache
-rule, `Resources` and the stage versions live in `pipeline.runtime`.
+A stage is a function `name(job, *arguments)` registered with `@stage(kind, datasets, code)`. Its arguments are
+settings, artifact references (by role: the argument's name) and scalars, so `bind` can derive the call's key
+from them (`pipeline.store.cache.derive_spec`); a setting that changes what the stage writes is an argument and
+therefore in the key. `execute` runs a bound call under the cache (`pipeline.runtime.cached`): a verified output
+is served without work, anything missing or altered is recomputed. The registered name is also a plain
+function: `stages.gft_round(cfg, 0, prompts, teacher, prev, res=res)`. Stages never pass models, engines or
+DataFrames; engines and verifier processes are process-level resources kept in `Resources`. The work of a round
+(sampling, rewards, advantages, optimizer steps) is `pipeline.rounds.gft.run_round` / `rounds.grpo.run_round`.
 
     prepare_data -> bootstrap_models -> teacher_sample -> sft ----------------> evaluate
                                                        \\-> gft_round x R ----> evaluate
@@ -12,52 +16,120 @@ rule, `Resources` and the stage versions live in `pipeline.runtime`.
 
 from __future__ import annotations
 
+import functools
+import inspect
 import json
 import logging
-import random
 import shutil
-import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import pandas as pd
 
+from pipeline.algo.metrics import accuracy_metrics, kl_per_token
+from pipeline.config import (
+    DataConfig, EngineConfig, EvalConfig, GFTConfig, GRPOConfig, SFTConfig, SyntheticConfig, TeacherSampleConfig,
+)
 from pipeline.data import chat, synthetic
 from pipeline.data import prompts as data_lib
-from pipeline.rounds import bootstrap as bootstrap_lib
-from pipeline.rounds import groups
-from pipeline.rounds import grpo as grpo_lib
-from pipeline.store.artifacts import ArtifactRef, tree_sha256
-from pipeline.model.batches import Example, plan_step
-from pipeline.runtime import Resources, StageSpec, cached, model_dir
-from pipeline.config import (
-    DataConfig, EvalConfig, GFTConfig, GRPOConfig, SFTConfig, SyntheticConfig, TeacherSampleConfig,
-)
-from pipeline.algo.metrics import accuracy_metrics, kl_per_token
-from pipeline.rounds.evaluate import score_prompt
-from pipeline.model.scoring import dft_objective, gft_objective, score_responses, sft_objective
+from pipeline.model.batches import Example
+from pipeline.model.loading import load_model
 from pipeline.model.loop import fit
-from pipeline.model.trainer import make_trainer, save_model, train_step
+from pipeline.model.scoring import dft_objective, score_responses, sft_objective
+from pipeline.model.trainer import make_trainer, save_model
+from pipeline.rounds import bootstrap as bootstrap_lib
+from pipeline.rounds import gft as gft_lib
+from pipeline.rounds import grpo as grpo_lib
+from pipeline.rounds.evaluate import grade_prompt
+from pipeline.rounds.groups import RoundResult, off_policy, round_prompts
+from pipeline.runtime import Resources, cached, model_dir
+from pipeline.store.artifacts import ArtifactRef, tree_sha256
+from pipeline.store.cache import StageSpec, derive_spec
+
+__all__ = ["Job", "StageCall", "STAGES", "bind", "execute", "prepare_data", "prepare_data_inputs", "bootstrap_models", "bootstrap_member",
+           "teacher_sample", "sft", "gft_round", "gft", "grpo_round", "grpo", "evaluate"]
 
 log = logging.getLogger(__name__)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The stage table: bind a call, derive its key, execute it under the cache
+# ---------------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Job:
+    """What a running stage gets besides its arguments: its fresh output folder, its key, the resources."""
+
+    out: Path
+    key: str
+    res: Resources
+
+
+@dataclass(frozen=True)
+class _Stage:
+    fn: Callable[..., dict[str, float]]
+    kind: str
+    datasets: dict[str, str]
+    code: tuple[str, ...]  # the library modules whose code decides what the stage writes (tests/test_stage_versions)
+
+
+STAGES: dict[str, _Stage] = {}
+
+
+@dataclass(frozen=True)
+class StageCall:
+    """One stage call: the stage, its bound arguments (signature order, defaults applied) and its spec, built once."""
+
+    stage: str
+    arguments: dict[str, Any]
+    spec: StageSpec
+
+    @property
+    def key(self) -> str:
+        return self.spec.key
+
+
+def stage(kind: str, *, datasets: dict[str, str] | None = None, code: tuple[str, ...] = ()):
+    """Register `fn(job, ...) -> metrics` as a stage; the name becomes `fn(..., res=res) -> ArtifactRef`."""
+    def register(fn: Callable[..., dict[str, float]]) -> Callable[..., ArtifactRef]:
+        STAGES[fn.__name__] = _Stage(fn, kind, dict(datasets or {}), code)
+
+        @functools.wraps(fn)
+        def call(*args, res: Resources, **kw) -> ArtifactRef:
+            return execute(bind(fn.__name__, *args, **kw), res)
+        return call
+    return register
+
+
+def bind(name: str, *args, **kw) -> StageCall:
+    """Bind arguments to stage `name` and derive the call's key from them (a wrong argument fails here)."""
+    entry = STAGES[name]
+    params = list(inspect.signature(entry.fn).parameters.values())[1:]  # without `job`
+    bound = inspect.Signature(params).bind(*args, **kw)
+    bound.apply_defaults()
+    arguments = dict(bound.arguments)
+    return StageCall(name, arguments, derive_spec(name, entry.kind, arguments, entry.datasets))
+
+
+def execute(call: StageCall, res: Resources) -> ArtifactRef:
+    """Serve the call's verified output or compute it (`pipeline.runtime.cached`)."""
+    fn = STAGES[call.stage].fn
+    return cached(res, call.spec, lambda out, key: fn(Job(out, key, res), **call.arguments))
+
 
 def _write_json(path: Path, obj) -> None:
     path.write_text(json.dumps(obj, indent=2, sort_keys=True))
 
 
+def _write_history(path: Path, history: Sequence[dict]) -> None:
+    path.write_text("".join(json.dumps(h, sort_keys=True) + "\n" for h in history))
+
+
 def _read_parquet(ref: ArtifactRef, name: str) -> pd.DataFrame:
     return pd.read_parquet(Path(ref.uri) / name)
-
-
-def _tokenizer(model_path: str, trust_remote_code: bool = False):
-    return chat.load_tokenizer(model_path, trust_remote_code=trust_remote_code)
-
-
-def _load_model(model_path: str, trust_remote_code: bool = False):
-    from transformers import AutoModelForCausalLM
-
-    return AutoModelForCausalLM.from_pretrained(model_path, trust_remote_code=trust_remote_code)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -65,34 +137,40 @@ def _load_model(model_path: str, trust_remote_code: bool = False):
 # ---------------------------------------------------------------------------------------------------------
 
 
-def prepare_data_spec(cfg: DataConfig, synth: SyntheticConfig, res: Resources) -> StageSpec:
-    source = data_lib.source_ref(cfg)  # a local file's content is part of the key
-    configs = (cfg, synth) if cfg.source == "synthetic" else (cfg,)
-    return StageSpec("prepare_data", configs, (source,) if source else (), "prompts")
+@stage("prompts", datasets={"train.parquet": "training", "eval.parquet": "evaluation"},
+       code=("pipeline.data.prompts", "pipeline.data.synthetic", "pipeline.rollout.verifiers"))
+def prepare_data(job: Job, cfg: DataConfig, synth: SyntheticConfig | None,
+                 source: ArtifactRef | None) -> dict[str, float]:
+    """Load, validate and split the prompt set into train.parquet and eval.parquet. `synth` is the synthetic
+    task's settings (None unless `cfg.source` is "synthetic"), `source` the local data's content reference
+    (`prepare_data_inputs` gives both)."""
+    if source != data_lib.source_ref(cfg):
+        raise ValueError(f"prepare_data: source must be the content reference of data.source={cfg.source!r} "
+                         "(stages.prepare_data_inputs), so that the data's content is in the key")
+    prompts = _load_prompt_set(job.res, cfg, synth)
+    split = data_lib.split_prompts(prompts.rows, eval_fraction=cfg.eval_fraction, seed=cfg.seed,
+                                   max_prompts=cfg.max_prompts)
+    data_lib.write_prompts_parquet(split.train, job.out / "train.parquet")
+    data_lib.write_prompts_parquet(split.eval, job.out / "eval.parquet")
+    _write_json(job.out / "report.json", prompts.report.to_dict())
+    return {"train_prompts": float(len(split.train)), "eval_prompts": float(len(split.eval)),
+            "skipped_rows": float(prompts.report.skipped)}
 
 
-def prepare_data(cfg: DataConfig, synth: SyntheticConfig, res: Resources) -> ArtifactRef:
-    """Load, validate and split the prompt set into train.parquet and eval.parquet."""
-    def build(out: Path, key: str) -> dict[str, float]:
-        prompts = _load_prompt_set(cfg, synth, res)
-        split = data_lib.split_prompts(prompts.rows, eval_fraction=cfg.eval_fraction, seed=cfg.seed,
-                                       max_prompts=cfg.max_prompts)
-        data_lib.write_prompts_parquet(split.train, out / "train.parquet")
-        data_lib.write_prompts_parquet(split.eval, out / "eval.parquet")
-        _write_json(out / "report.json", prompts.report.to_dict())
-        return {"train_prompts": float(len(split.train)), "eval_prompts": float(len(split.eval)),
-                "skipped_rows": float(prompts.report.skipped)}
-
-    return cached(res, prepare_data_spec(cfg, synth, res), build)
+def prepare_data_inputs(cfg: DataConfig, synth: SyntheticConfig) -> tuple[SyntheticConfig | None, ArtifactRef | None]:
+    """The `synth` and `source` arguments of prepare_data for a data config: the synthetic settings only for the
+    synthetic task, the local file's (or folder's) content reference only for local data."""
+    return (synth if cfg.source == "synthetic" else None), data_lib.source_ref(cfg)
 
 
-def _load_prompt_set(cfg: DataConfig, synth: SyntheticConfig, res: Resources):
-    scorer = res.scorer("pipeline.rollout.verifiers:gold_check")
+def _load_prompt_set(res: Resources, cfg: DataConfig, synth: SyntheticConfig | None):
+    verifier = res.verifier("pipeline.rollout.verifiers:gold_check")
 
     def gold_parses(answer: str) -> bool:
-        return scorer.score_one("", {"answer": answer})[1] is None
+        return verifier.reward_one("", {"answer": answer})[1] is None
 
     if cfg.source == "synthetic":
+        synth = synth or SyntheticConfig()
         seen = {r["prompt"] for r in synthetic.split_problems(synth)[0]}  # never the bootstrap's training prompts
         candidates = synthetic.make_problems(4 * cfg.synthetic_rows, seed=synth.seed + 1, levels=synth.levels)
         records = [r for r in candidates if r["prompt"] not in seen and not seen.add(r["prompt"])]
@@ -101,21 +179,15 @@ def _load_prompt_set(cfg: DataConfig, synth: SyntheticConfig, res: Resources):
     return data_lib.load_prompts(cfg, gold_check=gold_parses)
 
 
-def bootstrap_models_spec(synth: SyntheticConfig, res: Resources) -> StageSpec:
-    return StageSpec("bootstrap_models", (synth,), (), "models")
-
-
-def bootstrap_models(synth: SyntheticConfig, res: Resources) -> ArtifactRef:
+@stage("models", code=("pipeline.rounds.bootstrap",))
+def bootstrap_models(job: Job, synth: SyntheticConfig) -> dict[str, float]:
     """The embedded default's teacher and weaker base, trained locally (teacher/model, base/model)."""
-    def build(out: Path, key: str) -> dict[str, float]:
-        result = bootstrap_lib.bootstrap(out / "work", synth)
-        for role, path in (("teacher", result.teacher_dir), ("base", result.base_dir)):
-            (out / role).mkdir()
-            Path(path).rename(out / role / "model")
-        shutil.rmtree(out / "work")
-        return {k: float(v) for k, v in result.metrics.items() if isinstance(v, (int, float))}
-
-    return cached(res, bootstrap_models_spec(synth, res), build)
+    result = bootstrap_lib.bootstrap(job.out / "work", synth)
+    for role, path in (("teacher", result.teacher_dir), ("base", result.base_dir)):
+        (job.out / role).mkdir()
+        Path(path).rename(job.out / role / "model")
+    shutil.rmtree(job.out / "work")
+    return {k: float(v) for k, v in result.metrics.items() if isinstance(v, (int, float))}
 
 
 def bootstrap_member(models: ArtifactRef, role: str) -> ArtifactRef:
@@ -126,26 +198,19 @@ def bootstrap_member(models: ArtifactRef, role: str) -> ArtifactRef:
     return ArtifactRef(kind="model", uri=str(folder), sha256=tree_sha256(folder), schema_version=1)
 
 
-def teacher_sample_spec(cfg: TeacherSampleConfig, prompts: ArtifactRef, teacher: ArtifactRef,
-                        res: Resources) -> StageSpec:
-    return StageSpec("teacher_sample", (cfg, res.engine_cfg), (prompts, teacher), "teacher_responses")
-
-
-def teacher_sample(cfg: TeacherSampleConfig, prompts: ArtifactRef, teacher: ArtifactRef,
-                   res: Resources) -> ArtifactRef:
+@stage("teacher_responses", datasets={"teacher.parquet": "training"},
+       code=("pipeline.rollout.engines", "pipeline.data.chat"))
+def teacher_sample(job: Job, cfg: TeacherSampleConfig, prompts: ArtifactRef, teacher: ArtifactRef,
+                   engine: EngineConfig = EngineConfig()) -> dict[str, float]:
     """K teacher responses per training prompt, sampled once (teacher.parquet: id, responses)."""
-    def build(out: Path, key: str) -> dict[str, float]:
-        rows = _read_parquet(prompts, "train.parquet")
-        tok = _tokenizer(model_dir(teacher), res.engine_cfg.trust_remote_code)
-        prompt_ids = [chat.render_prompt(tok, p) for p in rows["prompt"]]
-        engine = res.engine("teacher", model_dir(teacher))
-        completions = engine.generate(prompt_ids, cfg.k, cfg.sampling)
-        res.count("engine.generate")
-        table = pd.DataFrame({"id": rows["id"], "responses": [[c.text for c in cs] for cs in completions]})
-        table.to_parquet(out / "teacher.parquet")
-        return {"responses": float(len(rows) * cfg.k)}
-
-    return cached(res, teacher_sample_spec(cfg, prompts, teacher, res), build)
+    rows = _read_parquet(prompts, "train.parquet")
+    tok = chat.load_tokenizer(model_dir(teacher), trust_remote_code=engine.trust_remote_code)
+    prompt_ids = [chat.render_prompt(tok, p) for p in rows["prompt"]]
+    completions = job.res.engine("teacher", model_dir(teacher), engine).generate(prompt_ids, cfg.k, cfg.sampling)
+    job.res.count("engine.generate")
+    table = pd.DataFrame({"id": rows["id"], "responses": [[c.text for c in cs] for cs in completions]})
+    table.to_parquet(job.out / "teacher.parquet")
+    return {"responses": float(len(rows) * cfg.k)}
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -163,222 +228,114 @@ def _teacher_map(teacher: ArtifactRef | None, rows: pd.DataFrame) -> dict[str, l
     return {}
 
 
-def sft_spec(cfg: SFTConfig, prompts: ArtifactRef, teacher: ArtifactRef | None, init: ArtifactRef,
-             res: Resources) -> StageSpec:
-    inputs = (prompts, init) + ((teacher,) if teacher is not None and cfg.source == "mix" else ())
-    return StageSpec("sft", (cfg,), inputs, "model")
+def _sft_examples(tok, rows: pd.DataFrame, teachers: dict[str, list[str]], max_tokens: int) -> tuple[list[Example], int]:
+    """Expert (and teacher) responses of every prompt as examples, and how many the budget cut."""
+    examples, truncated = [], 0
+    for pid, prompt, solution in zip(rows["id"], rows["prompt"], rows["solution"]):
+        prompt_ids = chat.render_prompt(tok, prompt)
+        members = off_policy(tok, str(pid), "expert", [solution], max_tokens)
+        members += off_policy(tok, str(pid), "teacher", teachers.get(str(pid), []), max_tokens)
+        truncated += sum(m.truncated for m in members)
+        examples += [Example(prompt_ids, m.token_ids) for m in members]
+    return examples, truncated
 
 
-def sft(cfg: SFTConfig, prompts: ArtifactRef, teacher: ArtifactRef | None, init: ArtifactRef,
-        res: Resources) -> ArtifactRef:
-    """Supervised fine-tuning on expert solutions (or SFT(mix) with teacher responses); model/ and history."""
-
-    def build(out: Path, key: str) -> dict[str, float]:
-        rows = _read_parquet(prompts, "train.parquet")
-        tok = _tokenizer(model_dir(init))
-        teachers = _teacher_map(teacher, rows) if cfg.source == "mix" else {}
-        examples, truncated = [], 0
-        for pid, prompt, solution in zip(rows["id"], rows["prompt"], rows["solution"]):
-            prompt_ids = chat.render_prompt(tok, prompt)
-            members = groups.off_policy(tok, str(pid), "expert", [solution], cfg.max_response_tokens)
-            members += groups.off_policy(tok, str(pid), "teacher", teachers.get(str(pid), []), cfg.max_response_tokens)
-            truncated += sum(m.truncated for m in members)
-            examples += [Example(prompt_ids, m.token_ids) for m in members]
-        objective = sft_objective() if cfg.loss == "sft" else dft_objective()
-        work = res.store.root / "sft" / f".ckpt-{key}"  # outside the temp folder: a rerun resumes from it
-        result = fit(_load_model(model_dir(init)), examples, objective, cfg.train, pad_id=_pad_id(tok),
-                     checkpoint_dir=work, progress_bar=res.progress)
-        res.count("optimizer.step", len(result.history))
-        save_model(result.trainer, out / "model", tok)
-        _write_history(out / "history.jsonl", result.history)
-        shutil.rmtree(work, ignore_errors=True)
-        last = result.history[-1] if result.history else {}
-        return {"examples": float(len(examples)), "truncated_responses": float(truncated),
-                "final_loss": last.get("loss", float("nan"))}
-
-    return cached(res, sft_spec(cfg, prompts, teacher, init, res), build)
-
-
-def _pad_id(tok) -> int:
-    return tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
-
-
-def _write_history(path: Path, history: Sequence[dict]) -> None:
-    path.write_text("".join(json.dumps(h, sort_keys=True) + "\n" for h in history))
+@stage("model", code=("pipeline.model.loop", "pipeline.data.chat", "pipeline.rounds.groups"))
+def sft(job: Job, cfg: SFTConfig, prompts: ArtifactRef, teacher: ArtifactRef | None, init: ArtifactRef,
+        trust_remote_code: bool = False) -> dict[str, float]:
+    """Supervised fine-tuning on expert solutions (or SFT(mix), with `teacher`'s responses); model/, history."""
+    rows = _read_parquet(prompts, "train.parquet")
+    tok = chat.load_tokenizer(model_dir(init), trust_remote_code=trust_remote_code)
+    teachers = _teacher_map(teacher, rows) if cfg.source == "mix" else {}
+    examples, truncated = _sft_examples(tok, rows, teachers, cfg.max_response_tokens)
+    objective = sft_objective() if cfg.loss == "sft" else dft_objective()
+    work = job.res.store.root / "sft" / f".ckpt-{job.key}"  # outside the temp folder: a rerun resumes from it
+    result = fit(load_model(model_dir(init), trust_remote_code=trust_remote_code, train=True), examples, objective,
+                 cfg.train, pad_id=chat.pad_id(tok), checkpoint_dir=work, progress_bar=job.res.progress)
+    job.res.count("optimizer.step", len(result.history))
+    save_model(result.trainer, job.out / "model", tok)
+    _write_history(job.out / "history.jsonl", result.history)
+    shutil.rmtree(work, ignore_errors=True)
+    last = result.history[-1] if result.history else {}
+    return {"examples": float(len(examples)), "truncated_responses": float(truncated),
+            "final_loss": last.get("loss", float("nan"))}
 
 
 # ---------------------------------------------------------------------------------------------------------
-# GFT rounds
+# GFT and GRPO rounds: load -> rounds.<algo>.run_round -> save
 # ---------------------------------------------------------------------------------------------------------
 
 
-def _train_round(res: Resources, cfg: GFTConfig, prev: ArtifactRef, prompt_ids: list[list[int]],
-                 table: pd.DataFrame, round_idx: int, out: Path, tok) -> list[dict[str, float]]:
-    """`minibatches_per_round` optimizer steps over the round's responses, continuing the optimizer state."""
-    examples = [Example(prompt_ids[g], ids, a) for g, ids, a in
-                zip(table["group_index"], table["token_ids"], table["advantage"])]
-    m = cfg.minibatches_per_round
-    train_cfg = cfg.train.model_copy(update={"sequences_per_step": max(1, len(examples) // m)})
-    trainer = make_trainer(_load_model(model_dir(prev)), train_cfg, total_steps=cfg.rounds * m)
-    if (Path(prev.uri) / "state").is_dir():
+def _round_trainer(job: Job, prev: ArtifactRef, train_cfg, total_steps: int, *, resume: bool, trust_remote_code: bool):
+    """The trainer of a round: `prev`'s weights in float32, its optimizer state when `resume` and it has one."""
+    trainer = make_trainer(load_model(model_dir(prev), trust_remote_code=trust_remote_code, train=True), train_cfg,
+                           total_steps=total_steps)
+    if resume and (Path(prev.uri) / "state").is_dir():
         trainer.accelerator.load_state(str(Path(prev.uri) / "state"))
-    order = list(range(len(examples)))
-    random.Random(cfg.train.seed * 104729 + round_idx).shuffle(order)
-    history = []
-    for j in range(m):
-        step = trainer.progress.step
-        micro, totals = plan_step(examples, order[j::m], train_cfg, rank=trainer.accelerator.process_index,
-                                  world=trainer.accelerator.num_processes, pad_id=_pad_id(tok))
-        result = train_step(trainer, micro, gft_objective(tau=cfg.tau), totals,
-                            max_grad_norm=train_cfg.max_grad_norm, step=step)
-        trainer.progress.step = step + 1
-        history.append({"step": float(step + 1), "round": float(round_idx), **result.metrics})
-    res.count("optimizer.step", m)
-    trainer.accelerator.save_state(str(out / "state"))
-    save_model(trainer, out / "model", tok)
-    return history
+    return trainer
 
 
-def gft_round_spec(cfg: GFTConfig, round_idx: int, prompts: ArtifactRef, teacher: ArtifactRef | None,
-                   prev: ArtifactRef, res: Resources, *, seed: int = 0) -> StageSpec:
-    inputs = (prompts, prev) + ((teacher,) if teacher is not None else ())
-    return StageSpec("gft_round", (cfg,), inputs, "model", extra_key=f"round={round_idx},seed={seed}")
+def _save_round(job: Job, trainer, tok, result: RoundResult, *, sampled: bool = True) -> dict[str, float]:
+    """groups.parquet, history.jsonl, model/ and state/ (optimizer, scheduler, RNG for the next round)."""
+    result.table.to_parquet(job.out / "groups.parquet")
+    _write_history(job.out / "history.jsonl", result.history)
+    trainer.accelerator.save_state(str(job.out / "state"))
+    save_model(trainer, job.out / "model", tok)
+    job.res.count("optimizer.step", len(result.history))
+    job.res.count("engine.generate", int(sampled))
+    return result.metrics
 
 
-def gft_round(cfg: GFTConfig, round_idx: int, prompts: ArtifactRef, teacher: ArtifactRef | None,
-              prev: ArtifactRef, res: Resources, *, seed: int = 0) -> ArtifactRef:
-    """One GFT round: sample policy members, build and score hybrid groups, advantages, train; groups.parquet,
-    model/, state/ (optimizer, scheduler, RNG for the next round) and metrics."""
-
-    def build(out: Path, key: str) -> dict[str, float]:
-        times: dict[str, float] = {}
-        t0 = time.perf_counter()
-        rows = groups.round_prompts(_read_parquet(prompts, "train.parquet"), cfg, round_idx, seed)
-        tok = _tokenizer(model_dir(prev))
-        teachers = _teacher_map(teacher, rows)
-        engine = res.engine("policy", model_dir(prev))
-        prompt_ids, members = groups.build_groups(engine, cfg, rows, teachers, tok, round_idx)
-        res.count("engine.generate", int(cfg.policy > 0))
-        times["perf/sample_s"] = time.perf_counter() - t0
-        scored = groups.score_groups(res.scorer(cfg.reward), cfg, rows, members)
-        table = scored.table
-        table.to_parquet(out / "groups.parquet")
-        times["perf/score_s"] = time.perf_counter() - t0 - times["perf/sample_s"]
-        history = _train_round(res, cfg, prev, prompt_ids, table, round_idx, out, tok)
-        times["perf/train_s"] = time.perf_counter() - t0 - times["perf/sample_s"] - times["perf/score_s"]
-        _write_history(out / "history.jsonl", history)
-        times.update(_round_perf(times, members, history, time.perf_counter() - t0))
-        return {**groups.round_metrics(scored), **times, **{f"train/{k}": v for k, v in history[-1].items()}}
-
-    return cached(res, gft_round_spec(cfg, round_idx, prompts, teacher, prev, res, seed=seed), build)
+@stage("model", datasets={"groups.parquet": "training"}, code=("pipeline.rounds.gft",))
+def gft_round(job: Job, cfg: GFTConfig, round_idx: int, prompts: ArtifactRef, teacher: ArtifactRef | None,
+              prev: ArtifactRef, engine: EngineConfig = EngineConfig(), seed: int = 0) -> dict[str, float]:
+    """One GFT round from `prev` (`rounds.gft.run_round`): groups.parquet, model/, state/ and metrics."""
+    rows = round_prompts(_read_parquet(prompts, "train.parquet"), cfg.prompts_per_round, round_idx, seed)
+    tok = chat.load_tokenizer(model_dir(prev), trust_remote_code=engine.trust_remote_code)
+    trainer = _round_trainer(job, prev, cfg.train, cfg.rounds * cfg.minibatches_per_round, resume=True,
+                             trust_remote_code=engine.trust_remote_code)
+    result = gft_lib.run_round(trainer, job.res.engine("policy", model_dir(prev), engine), job.res.verifier(cfg.reward),
+                               rows, _teacher_map(teacher, rows), tok, cfg, round_idx=round_idx)
+    return _save_round(job, trainer, tok, result, sampled=cfg.policy > 0)
 
 
-def _round_perf(times: dict[str, float], members: list[list[groups.Member]], history: list[dict[str, float]],
-                round_s: float) -> dict[str, float]:
-    """Throughput of one round: sampled policy tokens per second of sampling, trained tokens per second of
-    training (both phases end to end: engine and model loading included), and the CUDA peak memory if any."""
-    import torch
-
-    sampled = sum(len(m.token_ids) for group in members for m in group if m.source == "policy")
-    trained = sum(h.get("tokens", 0.0) for h in history)
-    out = {"perf/round_s": round_s, "perf/sample_tokens": float(sampled), "perf/train_tokens": float(trained),
-           "perf/sample_tokens_per_s": sampled / max(times["perf/sample_s"], 1e-9),
-           "perf/throughput": trained / max(times["perf/train_s"], 1e-9)}
-    if torch.cuda.is_available():
-        out["perf/peak_gpu_mem_gib"] = torch.cuda.max_memory_allocated() / 2**30
-    return out
-
-
-def gft(cfg: GFTConfig, prompts: ArtifactRef, teacher: ArtifactRef | None, init: ArtifactRef, res: Resources,
-        *, seed: int = 0) -> list[ArtifactRef]:
+def gft(cfg: GFTConfig, prompts: ArtifactRef, teacher: ArtifactRef | None, init: ArtifactRef, *, res: Resources,
+        engine: EngineConfig = EngineConfig(), seed: int = 0) -> list[ArtifactRef]:
     """All rounds; each round is its own cached stage, so a rerun resumes after the last finished round."""
     refs, prev = [], init
     for r in range(cfg.rounds):
-        prev = gft_round(cfg, r, prompts, teacher, prev, res, seed=seed)
+        prev = gft_round(cfg, r, prompts, teacher, prev, engine, seed, res=res)
         refs.append(prev)
     return refs
 
 
-# ---------------------------------------------------------------------------------------------------------
-# GRPO rounds
-# ---------------------------------------------------------------------------------------------------------
+@stage("model", datasets={"groups.parquet": "training"}, code=("pipeline.rounds.grpo",))
+def grpo_round(job: Job, cfg: GRPOConfig, round_idx: int, prompts: ArtifactRef, reference: ArtifactRef | None,
+               prev: ArtifactRef, engine: EngineConfig = EngineConfig(), seed: int = 0) -> dict[str, float]:
+    """One GRPO round from `prev` (`rounds.grpo.run_round`); `reference` (the checkpoint the GRPO stage started
+    from) scores the KL term and is passed only when beta > 0. Optimizer state continues from the previous GRPO
+    round only: round 0 starts a fresh optimizer even when `prev` (an SFT or GFT output) carries a state/."""
+    pool = _read_parquet(prompts, "train.parquet").iloc[: cfg.prompt_pool]  # all of them when None
+    rows = round_prompts(pool, cfg.prompts_per_round, round_idx, seed)
+    remote = engine.trust_remote_code
+    tok = chat.load_tokenizer(model_dir(prev), trust_remote_code=remote)
+    steps = cfg.rounds * cfg.minibatches_per_round * cfg.num_iterations
+    trainer = _round_trainer(job, prev, cfg.train, steps, resume=round_idx > 0, trust_remote_code=remote)
+    if cfg.beta > 0 and reference is None:
+        raise ValueError(f"grpo_round: beta={cfg.beta} needs the reference checkpoint of the KL term")
+    ref_model = None if cfg.beta == 0 else load_model(model_dir(reference), trust_remote_code=remote)
+    result = grpo_lib.run_round(trainer, job.res.engine("policy", model_dir(prev), engine),
+                                [job.res.verifier(r) for r in cfg.rewards], rows, tok, cfg, round_idx=round_idx,
+                                reference=ref_model)
+    return _save_round(job, trainer, tok, result)
 
 
-def grpo_round_spec(cfg: GRPOConfig, round_idx: int, prompts: ArtifactRef, reference: ArtifactRef,
-                    prev: ArtifactRef, res: Resources, *, seed: int = 0) -> StageSpec:
-    """The reference is an input only when beta > 0 (otherwise it changes nothing the round writes); the
-    engine settings are part of the key, since they change the samples."""
-    inputs = (prompts, prev) + ((reference,) if cfg.beta > 0 else ())
-    return StageSpec("grpo_round", (cfg, res.engine_cfg), inputs, "model", extra_key=f"round={round_idx},seed={seed}")
-
-
-@dataclass(frozen=True)
-class _GRPOTraining:
-    """One history row per optimizer step of the round, and the behaviour pass (lp_old, IS weights, gap)."""
-
-    history: list[dict[str, float]]
-    behave: grpo_lib.Behaviour
-
-
-def _grpo_train(res: Resources, cfg: GRPOConfig, round_idx: int, reference: ArtifactRef, prev: ArtifactRef,
-                rollouts: grpo_lib.Rollouts, table: pd.DataFrame, out: Path, tok) -> _GRPOTraining:
-    """lp_old and the IS weights under the round's starting policy, reference log-probs when beta > 0, then
-    the round's optimizer steps. Optimizer state continues from the previous GRPO round only: round 0 starts
-    a fresh optimizer even when `prev` (an SFT or GFT output) carries a state/ of its own."""
-    pad_id = _pad_id(tok)
-    model = _load_model(model_dir(prev))
-    behave = grpo_lib.behaviour(model, table, rollouts.prompt_ids, cfg, pad_id=pad_id)
-    ref = None
-    if cfg.beta > 0:
-        prompts = [rollouts.prompt_ids[g] for g in table["group_index"]]
-        ref = score_responses(_load_model(model_dir(reference)), prompts, list(table["token_ids"]),
-                              pad_id=pad_id).logprobs
-    examples = grpo_lib.round_examples(table, rollouts.prompt_ids, behave, ref)
-    m = cfg.minibatches_per_round
-    train_cfg = cfg.train.model_copy(update={"sequences_per_step": max(1, len(table) // m)})
-    trainer = make_trainer(model, train_cfg, total_steps=cfg.rounds * m * cfg.num_iterations)
-    if round_idx > 0 and (Path(prev.uri) / "state").is_dir():
-        trainer.accelerator.load_state(str(Path(prev.uri) / "state"))
-    history = grpo_lib.train_round(trainer, examples, cfg, train_cfg, round_idx, pad_id=pad_id)
-    res.count("optimizer.step", len(history))
-    trainer.accelerator.save_state(str(out / "state"))
-    save_model(trainer, out / "model", tok)
-    return _GRPOTraining(history=history, behave=behave)
-
-
-def grpo_round(cfg: GRPOConfig, round_idx: int, prompts: ArtifactRef, reference: ArtifactRef, prev: ArtifactRef,
-               res: Resources, *, seed: int = 0) -> ArtifactRef:
-    """One GRPO round from `prev`: sample G completions per prompt, score, advantages, clipped-surrogate steps
-    (KL to `reference`, the checkpoint the GRPO stage started from, when beta > 0). Writes groups.parquet
-    (GFT's columns), history.jsonl (one line per optimizer step), model/ and state/."""
-
-    def build(out: Path, key: str) -> dict[str, float]:
-        times: dict[str, float] = {}
-        t0 = time.perf_counter()
-        pool = _read_parquet(prompts, "train.parquet").iloc[: cfg.prompt_pool]  # all of them when None
-        rows = groups.round_prompts(pool, cfg, round_idx, seed)
-        tok = _tokenizer(model_dir(prev))
-        rollouts = grpo_lib.sample_rollouts(res.engine("policy", model_dir(prev)), cfg, rows, tok, round_idx)
-        res.count("engine.generate")
-        times["perf/sample_s"] = time.perf_counter() - t0
-        scored = grpo_lib.score_rollouts([res.scorer(r) for r in cfg.rewards], cfg, rows, rollouts)
-        scored.table.to_parquet(out / "groups.parquet")
-        times["perf/score_s"] = time.perf_counter() - t0 - times["perf/sample_s"]
-        trained = _grpo_train(res, cfg, round_idx, reference, prev, rollouts, scored.table, out, tok)
-        times["perf/train_s"] = time.perf_counter() - t0 - times["perf/sample_s"] - times["perf/score_s"]
-        _write_history(out / "history.jsonl", trained.history)
-        prompt_tokens = sum(len(p) for p in rollouts.prompt_ids) * cfg.num_generations
-        names = [grpo_lib.reward_name(r) for r in cfg.rewards]
-        return grpo_lib.round_metrics(scored, trained.behave, trained.history, names, times, prompt_tokens)
-
-    return cached(res, grpo_round_spec(cfg, round_idx, prompts, reference, prev, res, seed=seed), build)
-
-
-def grpo(cfg: GRPOConfig, prompts: ArtifactRef, init: ArtifactRef, res: Resources, *, seed: int = 0) -> list[ArtifactRef]:
-    """All rounds from `init` (also the KL reference); each round is its own cached stage."""
+def grpo(cfg: GRPOConfig, prompts: ArtifactRef, init: ArtifactRef, *, res: Resources,
+         engine: EngineConfig = EngineConfig(), seed: int = 0) -> list[ArtifactRef]:
+    """All rounds from `init` (also the KL reference when beta > 0); each round is its own cached stage."""
     refs, prev = [], init
     for r in range(cfg.rounds):
-        prev = grpo_round(cfg, r, prompts, init, prev, res, seed=seed)
+        prev = grpo_round(cfg, r, prompts, init if cfg.beta > 0 else None, prev, engine, seed, res=res)
         refs.append(prev)
     return refs
 
@@ -388,52 +345,44 @@ def grpo(cfg: GRPOConfig, prompts: ArtifactRef, init: ArtifactRef, res: Resource
 # ---------------------------------------------------------------------------------------------------------
 
 
-def evaluate_spec(cfg: EvalConfig, prompts: ArtifactRef, model: ArtifactRef, base: ArtifactRef,
-                  res: Resources) -> StageSpec:
-    return StageSpec("evaluate", (cfg, res.engine_cfg), (prompts, model, base), "eval")
-
-
-def evaluate(cfg: EvalConfig, prompts: ArtifactRef, model: ArtifactRef, base: ArtifactRef,
-             res: Resources) -> ArtifactRef:
+@stage("eval", datasets={"samples.parquet": "evaluation"},
+       code=("pipeline.rounds.evaluate", "pipeline.algo.metrics", "pipeline.model.scoring"))
+def evaluate(job: Job, cfg: EvalConfig, prompts: ArtifactRef, model: ArtifactRef, base: ArtifactRef,
+             engine: EngineConfig = EngineConfig()) -> dict[str, float]:
     """Held-out mean@k, pass@k, greedy accuracy, entropy and KL(base || policy): metrics.json, samples.parquet."""
-    def build(out: Path, key: str) -> dict[str, float]:
-        rows = _read_parquet(prompts, "eval.parquet")
-        rows = rows.iloc[: cfg.max_prompts] if cfg.max_prompts else rows
-        tok = _tokenizer(model_dir(model))
-        prompt_ids = [chat.render_prompt(tok, p) for p in rows["prompt"]]
-        engine = res.engine("eval", model_dir(model))
-        sampled = engine.generate(prompt_ids, cfg.k, cfg.sampling)
-        greedy = engine.generate(prompt_ids, 1, cfg.sampling.model_copy(update={"temperature": 0.0}))
-        res.count("engine.generate", 2)
-        scorer = res.scorer(cfg.reward)
-        records = rows.to_dict("records")
-        per_prompt = [score_prompt(scorer, rec, [c.text for c in cs], g[0].text)
-                      for rec, cs, g in zip(records, sampled, greedy)]
-        metrics = accuracy_metrics(per_prompt, k=cfg.k)
-        metrics.update(_entropy_and_kl(res, cfg, model, base, prompt_ids, sampled, tok))
-        _samples_table(rows, sampled, greedy, per_prompt).to_parquet(out / "samples.parquet")
-        _write_json(out / "metrics.json", metrics)
-        return metrics
-
-    return cached(res, evaluate_spec(cfg, prompts, model, base, res), build)
+    rows = _read_parquet(prompts, "eval.parquet")
+    rows = rows.iloc[: cfg.max_prompts] if cfg.max_prompts else rows
+    tok = chat.load_tokenizer(model_dir(model), trust_remote_code=engine.trust_remote_code)
+    prompt_ids = [chat.render_prompt(tok, p) for p in rows["prompt"]]
+    sampler = job.res.engine("eval", model_dir(model), engine)
+    sampled = sampler.generate(prompt_ids, cfg.k, cfg.sampling)
+    greedy = sampler.generate(prompt_ids, 1, cfg.sampling.model_copy(update={"temperature": 0.0}))
+    job.res.count("engine.generate", 2)
+    verifier = job.res.verifier(cfg.reward)
+    per_prompt = [grade_prompt(verifier, rec, [c.text for c in cs], g[0].text)
+                  for rec, cs, g in zip(rows.to_dict("records"), sampled, greedy)]
+    metrics = accuracy_metrics(per_prompt, k=cfg.k)
+    metrics.update(_entropy_and_kl(job.res, cfg, model, base, engine, prompt_ids, sampled, tok))
+    _samples_table(rows, sampled, greedy, per_prompt).to_parquet(job.out / "samples.parquet")
+    _write_json(job.out / "metrics.json", metrics)
+    return metrics
 
 
-def _entropy_and_kl(res: Resources, cfg: EvalConfig, model: ArtifactRef, base: ArtifactRef,
+def _entropy_and_kl(res: Resources, cfg: EvalConfig, model: ArtifactRef, base: ArtifactRef, engine: EngineConfig,
                     prompt_ids: list[list[int]], sampled, tok) -> dict[str, float]:
-    policy = _load_model(model_dir(model)).eval()
+    remote, pad = engine.trust_remote_code, chat.pad_id(tok)
+    policy = load_model(model_dir(model), trust_remote_code=remote)
     flat_p = [p for p, cs in zip(prompt_ids, sampled) for _ in cs]
-    flat_r = [list(c.token_ids) for cs in sampled for c in cs]
-    own = score_responses(policy, flat_p, flat_r, pad_id=_pad_id(tok))
+    own = score_responses(policy, flat_p, [list(c.token_ids) for cs in sampled for c in cs], pad_id=pad)
     tokens = sum(e.numel() for e in own.entropy)
     out = {"entropy": sum(float(e.sum()) for e in own.entropy) / max(tokens, 1)}
     if cfg.kl_samples > 0:
-        base_samples = res.engine("base", model_dir(base)).generate(
+        base_samples = res.engine("base", model_dir(base), engine).generate(
             prompt_ids, cfg.kl_samples, cfg.sampling.model_copy(update={"temperature": 1.0}))
         bp = [p for p, cs in zip(prompt_ids, base_samples) for _ in cs]
         br = [list(c.token_ids) for cs in base_samples for c in cs]
-        base_scores = score_responses(_load_model(model_dir(base)).eval(), bp, br, pad_id=_pad_id(tok))
-        out["kl_base_policy"] = kl_per_token(base_scores.logprobs, score_responses(policy, bp, br,
-                                                                                     pad_id=_pad_id(tok)).logprobs)
+        base_scores = score_responses(load_model(model_dir(base), trust_remote_code=remote), bp, br, pad_id=pad)
+        out["kl_base_policy"] = kl_per_token(base_scores.logprobs, score_responses(policy, bp, br, pad_id=pad).logprobs)
     return out
 
 
@@ -443,11 +392,3 @@ def _samples_table(rows: pd.DataFrame, sampled, greedy, per_prompt) -> pd.DataFr
         "samples": [[c.text for c in cs] for cs in sampled], "rewards": [s.rewards for s in per_prompt],
         "greedy": [g[0].text for g in greedy], "greedy_reward": [s.greedy_reward for s in per_prompt],
     })
-
-
-# The key of every stage call from the stage's own arguments (Prefect's cache_key_fn uses these).
-SPECS: dict[str, Callable[..., StageSpec]] = {
-    "prepare_data": prepare_data_spec, "bootstrap_models": bootstrap_models_spec,
-    "teacher_sample": teacher_sample_spec, "sft": sft_spec, "gft_round": gft_round_spec, "grpo_round": grpo_round_spec,
-    "evaluate": evaluate_spec,
-}

@@ -1,4 +1,4 @@
-"""Rewards for tests/test_rewards.py, loaded by import path (`tests.reward_helpers:NAME`) in the scorer's
+"""Rewards for tests/test_rewards.py, loaded by import path (`tests.reward_helpers:NAME`) in the verifier's
 spawned worker. Each takes `(response, row)` like a registered reward; all but `sleepy` and `dies` act the
 same on every response, those two misbehave only on the response that asks for it."""
 

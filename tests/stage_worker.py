@@ -16,4 +16,4 @@ if __name__ == "__main__":
     root, prompts, base = sys.argv[1], ArtifactRef.model_validate_json(sys.argv[2]), ArtifactRef.model_validate_json(
         sys.argv[3])
     res = runtime.Resources(StageStore(Path(root)), progress=False)
-    stages.sft(LONG_SFT, prompts, None, base, res)
+    stages.sft(LONG_SFT, prompts, None, base, res=res)

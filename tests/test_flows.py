@@ -65,16 +65,18 @@ def _executed(states) -> list[str]:
 
 
 def _fail_round(monkeypatch, round_idx: int) -> None:
+    from dataclasses import replace
+
     from pipeline import stages
 
-    real = stages.gft_round
+    real = stages.STAGES["gft_round"]
 
-    def failing(cfg, r, *args, **kw):
+    def failing(job, cfg, r, *args, **kw):
         if r == round_idx:
             raise RuntimeError(f"injected failure in gft round {r}")
-        return real(cfg, r, *args, **kw)
+        return real.fn(job, cfg, r, *args, **kw)
 
-    monkeypatch.setattr(stages, "gft_round", failing)
+    monkeypatch.setitem(stages.STAGES, "gft_round", replace(real, fn=failing))
 
 
 @pytest.fixture(scope="module")
@@ -178,7 +180,7 @@ def test_mlflow_lineage(failed_then_rerun):
 
 def test_dry_run_prints_keys_and_runs_nothing(failed_then_rerun, capsys):
     from flows.cli import main
-    from pipeline import runtime, stages
+    from pipeline import stages
     from pipeline.config import RunConfig, load_toml
 
     root, *_ = failed_then_rerun
@@ -186,7 +188,7 @@ def test_dry_run_prints_keys_and_runs_nothing(failed_then_rerun, capsys):
     assert main(["run", str(TINY), "--root", str(root), "--dry-run"]) == 0
     out = capsys.readouterr().out
     cfg = load_toml(RunConfig, TINY)
-    key = stages.prepare_data_spec(cfg.data, cfg.synthetic, runtime.Resources(None)).key
+    key = stages.bind("prepare_data", cfg.data, *stages.prepare_data_inputs(cfg.data, cfg.synthetic)).key
     assert f"prepare_data       prepare_data       cached   {key}" in out
     assert out.count("gft_round") == 2 and '"tau": 0.5' in out
     assert sorted(p.name for p in root.iterdir()) == before

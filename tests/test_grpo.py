@@ -13,7 +13,7 @@ from pipeline.rounds import grpo
 from pipeline.algo.advantages import combine_rewards, group_advantages, masked_group_advantages
 from pipeline.config import GRPOConfig, TrainConfig
 from pipeline.rounds.groups import Member
-from pipeline.rollout.verifiers import Scorer, exact_match
+from pipeline.rollout.verifiers import Verifier, exact_match
 from pipeline.model.trainer import make_trainer
 from tests import reward_helpers
 from tests.conftest import PAD, tiny_lm
@@ -78,15 +78,15 @@ def _rows_and_rollouts(texts_per_prompt):
     (("exact_match", "tests.reward_helpers:none_for_odd_id"), (1.0, 0.5)),
     (("tests.reward_helpers:none_for_odd_id", "tests.reward_helpers:none_unless_long"), (2.0, 1.0)),
 ])
-def test_score_rollouts_weighted_rewards_with_none(specs, weights):
+def test_reward_rollouts_weighted_rewards_with_none(specs, weights):
     texts = [["\\boxed{4}", "44", "x", "\\boxed{5}"], ["\\boxed{4}", "x", "no four", "4"], ["x", "x", "x", "x"]]
     rows, rollouts = _rows_and_rollouts(texts)
     cfg = GRPOConfig(num_generations=4, rewards=specs, reward_weights=weights)
-    scorers = [Scorer(s) for s in specs]
+    verifiers = [Verifier(s) for s in specs]
     try:
-        scored = grpo.score_rollouts(scorers, cfg, rows, rollouts)
+        scored = grpo.reward_rollouts(verifiers, cfg, rows, rollouts)
     finally:
-        for s in scorers:
+        for s in verifiers:
             s.close()
     fns = [exact_match if s == "exact_match" else getattr(reward_helpers, grpo.reward_name(s)) for s in specs]
     records = rows.to_dict("records")
@@ -175,7 +175,7 @@ def _run_round(model, prompt_ids, table, cfg):
     grads = []
     trainer.optimizer.optimizer.register_step_pre_hook(lambda opt, args, kwargs: grads.append(
         {names[id(p)]: p.grad.double().clone() for group in opt.param_groups for p in group["params"]}))
-    history = grpo.train_round(trainer, examples, cfg, train_cfg, 0, pad_id=PAD)
+    history = grpo.train_round(trainer, examples, cfg, 0, pad_id=PAD)
     return behave, examples, history, grads
 
 
@@ -248,6 +248,6 @@ def test_the_first_step_of_a_round_never_reads_the_stored_old_logprobs():
         replace(ex, old_logprobs=[x - 1.0 for x in ex.old_logprobs]) for ex in examples.stale])
     train_cfg = cfg.train.model_copy(update={"sequences_per_step": len(table) // 2})
     trainer = make_trainer(model, train_cfg, total_steps=2)
-    history = grpo.train_round(trainer, shifted, cfg, train_cfg, 0, pad_id=PAD)
+    history = grpo.train_round(trainer, shifted, cfg, 0, pad_id=PAD)
     assert history[0]["ratio_mean"] == 1.0
     assert history[1]["ratio_mean"] == pytest.approx(math.e, rel=0.05)

@@ -1,6 +1,6 @@
-"""pipeline/rollout/verifiers.py: the math verifier case by case, exact match, `last_boxed`, and the bounded-time scorer.
+"""pipeline/rollout/verifiers.py: the math verifier case by case, exact match, `last_boxed`, and the bounded-time verifier.
 
-The math cases run through one shared `Scorer("math_answer")`, so its worker (math-verify, sympy, the LaTeX
+The math cases run through one shared `Verifier("math_answer")`, so its worker (math-verify, sympy, the LaTeX
 grammar: a few seconds) starts once. Expectations follow math-verify 0.9 where its judgement is defensible;
 the lenient ones are marked "math-verify:" in their comment.
 """
@@ -13,7 +13,7 @@ from collections import Counter
 
 import pytest
 
-from pipeline.rollout.verifiers import (REWARDS, RewardError, ScoreOutput, Scorer, Unscorable, exact_match,
+from pipeline.rollout.verifiers import (REWARDS, RewardError, RewardOutput, Verifier, Unscorable, exact_match,
                               last_boxed, math_answer, resolve_reward)
 
 H = "tests.reward_helpers"
@@ -21,19 +21,19 @@ H = "tests.reward_helpers"
 
 @pytest.fixture(scope="module", autouse=True)
 def no_leaked_workers():
-    """Set up first and torn down last in this module: every scorer's worker is gone by then."""
+    """Set up first and torn down last in this module: every verifier's worker is gone by then."""
     before = set(mp.active_children())
     yield
     assert set(mp.active_children()) <= before
 
 
 @pytest.fixture(scope="module")
-def math_scorer():
+def math_verifier():
     # timeout_s well above math-verify's own 3 s parse/verify timeouts, so the cases that hit those
-    # report math-verify's outcome rather than the scorer's "timeout".
-    with Scorer("math_answer", timeout_s=30.0) as scorer:
-        yield scorer
-    assert scorer._proc is None
+    # report math-verify's outcome rather than the verifier's "timeout".
+    with Verifier("math_answer", timeout_s=30.0) as verifier:
+        yield verifier
+    assert verifier._proc is None
 
 
 def boxed(answer: str) -> str:
@@ -156,7 +156,7 @@ MATH_CASES = [
     pytest.param(boxed("9" * 4301), "1", 0.0, "unparseable_answer", id="4301-digit-number"),
     # math-verify's parser is exponential in brace depth: its 3 s parse timeout gives up
     pytest.param(boxed("{" * 1000 + "1" + "}" * 1000), "1", 0.0, "unparseable_answer", id="1000-nested-braces"),
-    # math-verify's own 3 s comparison timeout: a plain 0.0, not the scorer's "timeout"
+    # math-verify's own 3 s comparison timeout: a plain 0.0, not the verifier's "timeout"
     pytest.param(boxed("9^{9^{9^{9}}}"), "1", 0.0, None, id="power-tower"),
 ]
 
@@ -166,8 +166,8 @@ def test_math_case_table_is_large():
 
 
 @pytest.mark.parametrize(("response", "gold", "expected", "reason"), MATH_CASES)
-def test_math_answer(math_scorer, response, gold, expected, reason):
-    assert math_scorer.score_one(response, {"id": "q", "answer": gold}) == (expected, reason)
+def test_math_answer(math_verifier, response, gold, expected, reason):
+    assert math_verifier.reward_one(response, {"id": "q", "answer": gold}) == (expected, reason)
 
 
 def test_math_answer_direct_raises_unscorable():
@@ -180,11 +180,11 @@ def test_math_answer_direct_raises_unscorable():
     assert info.value.reason == "empty_boxed"
 
 
-def test_score_counts_reasons(math_scorer):
+def test_score_counts_reasons(math_verifier):
     responses = [boxed("4"), boxed("5"), "no box", boxed(""), boxed("9" * 4301), boxed(r"\frac{8}{2}")]
     rows = [{"id": i, "answer": "4"} for i in range(len(responses))]
-    out = math_scorer.score(responses, rows)
-    assert isinstance(out, ScoreOutput)
+    out = math_verifier.reward(responses, rows)
+    assert isinstance(out, RewardOutput)
     assert out.rewards == [1.0, 0.0, 0.0, 0.0, 0.0, 1.0]
     assert out.reasons == Counter(scored=3, no_boxed=1, empty_boxed=1, unparseable_answer=1)
 
@@ -213,8 +213,8 @@ def test_exact_match_direct(response, gold, expected):
 
 def test_exact_match_through_scorer():
     responses, golds, expected = zip(*[p.values for p in EXACT_CASES])
-    with Scorer("exact_match", timeout_s=10.0) as scorer:
-        out = scorer.score(list(responses), [{"id": i, "answer": g} for i, g in enumerate(golds)])
+    with Verifier("exact_match", timeout_s=10.0) as verifier:
+        out = verifier.reward(list(responses), [{"id": i, "answer": g} for i, g in enumerate(golds)])
     assert out.rewards == list(expected)
     assert out.reasons == Counter(scored=len(EXACT_CASES))
 
@@ -258,20 +258,20 @@ def test_last_boxed_is_linear_on_adversarial_text():
 
 
 # ---------------------------------------------------------------------------------------------------------
-# Scorer: timeouts, errors, None, construction, cleanup
+# Verifier: timeouts, errors, None, construction, cleanup
 # ---------------------------------------------------------------------------------------------------------
 
 
 def test_timeout_scores_zero_and_next_call_gets_a_fresh_worker():
     start = time.perf_counter()
-    with Scorer(f"{H}:sleepy", timeout_s=1.0) as scorer:
-        assert scorer.score_one("fine", {"id": 0}) == (1.0, None)
-        first = scorer._proc
-        assert scorer.score_one("hang", {"id": 1}) == (0.0, "timeout")
-        assert scorer._proc is None and not first.is_alive()  # killed, not left sleeping
-        assert scorer.score_one("fine", {"id": 2}) == (1.0, None)
-        assert scorer._proc.pid != first.pid
-        out = scorer.score(["fine", "hang", "fine"], [{"id": i} for i in range(3)])
+    with Verifier(f"{H}:sleepy", timeout_s=1.0) as verifier:
+        assert verifier.reward_one("fine", {"id": 0}) == (1.0, None)
+        first = verifier._proc
+        assert verifier.reward_one("hang", {"id": 1}) == (0.0, "timeout")
+        assert verifier._proc is None and not first.is_alive()  # killed, not left sleeping
+        assert verifier.reward_one("fine", {"id": 2}) == (1.0, None)
+        assert verifier._proc.pid != first.pid
+        out = verifier.reward(["fine", "hang", "fine"], [{"id": i} for i in range(3)])
         assert out.rewards == [1.0, 0.0, 1.0]
         assert out.reasons == Counter(scored=2, timeout=1)
     assert time.perf_counter() - start < 15.0  # two 1 s timeouts and three cheap worker starts
@@ -282,50 +282,50 @@ def test_math_worker_is_warm_before_the_first_timed_call():
     # first call's timeout_s: else, with a short timeout, every call times out, as each one gets a fresh
     # worker that pays the imports again. A call on a warm worker takes milliseconds; three tries leave
     # room for a loaded machine.
-    with Scorer("math_answer", timeout_s=0.25) as scorer:
-        results = [scorer.score_one(boxed("2"), {"id": i, "answer": "2"}) for i in range(3)]
+    with Verifier("math_answer", timeout_s=0.25) as verifier:
+        results = [verifier.reward_one(boxed("2"), {"id": i, "answer": "2"}) for i in range(3)]
     assert (1.0, None) in results
 
 
 def test_reward_exception_raises_reward_error_naming_the_row():
-    with Scorer(f"{H}:raises_value_error") as scorer:
+    with Verifier(f"{H}:raises_value_error") as verifier:
         with pytest.raises(RewardError, match=r"row id='row-17'.*ValueError: cannot score 'resp'"):
-            scorer.score_one("resp", {"id": "row-17"})
+            verifier.reward_one("resp", {"id": "row-17"})
         with pytest.raises(RewardError, match="row id=5"):
-            scorer.score(["a", "b"], [{"id": 5}, {"id": 6}])
+            verifier.reward(["a", "b"], [{"id": 5}, {"id": 6}])
         with pytest.raises(RewardError, match=r"row id='\?'"):
-            scorer.score_one("resp", {"answer": 1})
+            verifier.reward_one("resp", {"answer": 1})
 
 
 def test_reward_worker_death_raises_reward_error_and_recovers():
-    with Scorer(f"{H}:dies", timeout_s=10.0) as scorer:
+    with Verifier(f"{H}:dies", timeout_s=10.0) as verifier:
         with pytest.raises(RewardError, match=r"row id=7.*died \(exit code 3\)"):
-            scorer.score_one("die", {"id": 7})
-        assert scorer.score_one("fine", {"id": 8}) == (1.0, None)
+            verifier.reward_one("die", {"id": 7})
+        assert verifier.reward_one("fine", {"id": 8}) == (1.0, None)
 
 
 def test_reward_returning_non_float_raises_reward_error():
-    with Scorer(f"{H}:returns_text") as scorer:
+    with Verifier(f"{H}:returns_text") as verifier:
         with pytest.raises(RewardError, match=r"row id=3.*'one'"):
-            scorer.score_one("x", {"id": 3})
+            verifier.reward_one("x", {"id": 3})
 
 
 def test_reward_returning_none():
-    with Scorer(f"{H}:returns_none") as scorer:
-        assert scorer.score_one("x", {"id": 0}) == (None, None)
-    with Scorer(f"{H}:none_without_answer") as scorer:
-        out = scorer.score(["a", "b", "c"], [{"id": 0, "answer": 1}, {"id": 1}, {"id": 2, "answer": 2}])
+    with Verifier(f"{H}:returns_none") as verifier:
+        assert verifier.reward_one("x", {"id": 0}) == (None, None)
+    with Verifier(f"{H}:none_without_answer") as verifier:
+        out = verifier.reward(["a", "b", "c"], [{"id": 0, "answer": 1}, {"id": 1}, {"id": 2, "answer": 2}])
     assert out.rewards == [1.0, None, 1.0]
     assert out.reasons == Counter(scored=3)  # a reward that does not apply still counts as scored
 
 
 def test_unknown_reward_fails_at_construction():
     with pytest.raises(KeyError, match="unknown reward 'no_such_reward'"):
-        Scorer("no_such_reward")
+        Verifier("no_such_reward")
     with pytest.raises(ImportError):
-        Scorer("tests.no_such_module:fn")
+        Verifier("tests.no_such_module:fn")
     with pytest.raises(AttributeError):
-        Scorer(f"{H}:no_such_function")
+        Verifier(f"{H}:no_such_function")
 
 
 def test_resolve_reward():
@@ -337,23 +337,23 @@ def test_resolve_reward():
 
 
 def test_mismatched_lengths_raise_before_starting_a_worker():
-    scorer = Scorer("exact_match")
+    verifier = Verifier("exact_match")
     with pytest.raises(ValueError, match="2 responses but 1 rows"):
-        scorer.score(["a", "b"], [{"answer": "a"}])
-    assert scorer._proc is None
-    scorer.close()  # closing a never-started scorer is fine
+        verifier.reward(["a", "b"], [{"answer": "a"}])
+    assert verifier._proc is None
+    verifier.close()  # closing a never-started verifier is fine
 
 
 def test_close_kills_the_worker_and_is_idempotent():
-    scorer = Scorer("exact_match")
-    assert scorer.score_one("a", {"answer": "a"}) == (1.0, None)
-    proc = scorer._proc
+    verifier = Verifier("exact_match")
+    assert verifier.reward_one("a", {"answer": "a"}) == (1.0, None)
+    proc = verifier._proc
     assert proc.is_alive()
-    scorer.close()
-    assert not proc.is_alive() and scorer._proc is None
-    scorer.close()
-    assert scorer.score_one("a", {"answer": "b"}) == (0.0, None)  # restarts on demand
-    scorer.close()
+    verifier.close()
+    assert not proc.is_alive() and verifier._proc is None
+    verifier.close()
+    assert verifier.reward_one("a", {"answer": "b"}) == (0.0, None)  # restarts on demand
+    verifier.close()
 
 
 @pytest.mark.parametrize("gold,ok", [("12", True), ("\\frac{1}{2}", True), ("(1,2]", True), ("\\text{(C)}", True),

@@ -31,14 +31,14 @@ def pipeline_run(tmp_path_factory):
     def once():
         res = runtime.Resources(StageStore(root), progress=False)
         try:
-            refs = {"prompts": stages.prepare_data(DATA, SYNTH, res)}
-            pair = stages.bootstrap_models(SYNTH, res)
+            refs = {"prompts": stages.prepare_data(DATA, *stages.prepare_data_inputs(DATA, SYNTH), res=res)}
+            pair = stages.bootstrap_models(SYNTH, res=res)
             refs["base"], refs["teacher_model"] = (stages.bootstrap_member(pair, r) for r in ("base", "teacher"))
-            refs["teacher"] = stages.teacher_sample(TEACH, refs["prompts"], refs["teacher_model"], res)
-            refs["sft"] = stages.sft(SFT, refs["prompts"], refs["teacher"], refs["base"], res)
-            rounds = stages.gft(GFT, refs["prompts"], refs["teacher"], refs["base"], res)
+            refs["teacher"] = stages.teacher_sample(TEACH, refs["prompts"], refs["teacher_model"], res=res)
+            refs["sft"] = stages.sft(SFT, refs["prompts"], refs["teacher"], refs["base"], res=res)
+            rounds = stages.gft(GFT, refs["prompts"], refs["teacher"], refs["base"], res=res)
             refs["gft0"], refs["gft"] = rounds
-            refs["eval"] = stages.evaluate(EVAL, refs["prompts"], refs["gft"], refs["base"], res)
+            refs["eval"] = stages.evaluate(EVAL, refs["prompts"], refs["gft"], refs["base"], res=res)
             return refs, dict(res.calls)
         finally:
             res.close()
@@ -92,9 +92,9 @@ def test_damaged_output_recomputes_only_that_stage(pipeline_run):
     (Path(first["sft"].uri) / "model" / "config.json").write_text("{}")  # alter one file
     res = runtime.Resources(StageStore(root), progress=False)
     try:
-        again = stages.sft(SFT, first["prompts"], first["teacher"], first["base"], res)
-        stages.gft_round(GFT, 0, first["prompts"], first["teacher"], first["base"], res)
-        stages.prepare_data(DATA, SYNTH, res)
+        again = stages.sft(SFT, first["prompts"], first["teacher"], first["base"], res=res)
+        stages.gft_round(GFT, 0, first["prompts"], first["teacher"], first["base"], res=res)
+        stages.prepare_data(DATA, *stages.prepare_data_inputs(DATA, SYNTH), res=res)
     finally:
         res.close()
     assert res.calls == {"sft": 1, "optimizer.step": 2}
@@ -107,7 +107,7 @@ def test_gft_resumes_after_its_last_finished_round(pipeline_run):
     (Path(first["gft"].uri) / "groups.parquet").unlink()
     res = runtime.Resources(StageStore(root), progress=False)
     try:
-        rounds = stages.gft(GFT, first["prompts"], first["teacher"], first["base"], res)
+        rounds = stages.gft(GFT, first["prompts"], first["teacher"], first["base"], res=res)
     finally:
         res.close()
     assert res.calls == {"gft_round": 1, "engine.generate": 1, "optimizer.step": GFT.minibatches_per_round}

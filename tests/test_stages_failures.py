@@ -27,8 +27,8 @@ def inputs(tmp_path_factory):
     root = tmp_path_factory.mktemp("store")
     res = runtime.Resources(StageStore(root), progress=False)
     try:
-        prompts = stages.prepare_data(DATA, SYNTH, res)
-        base = stages.bootstrap_member(stages.bootstrap_models(SYNTH, res), "base")
+        prompts = stages.prepare_data(DATA, *stages.prepare_data_inputs(DATA, SYNTH), res=res)
+        base = stages.bootstrap_member(stages.bootstrap_models(SYNTH, res=res), "base")
     finally:
         res.close()
     return root, prompts, base
@@ -55,7 +55,7 @@ def test_killed_stage_leaves_nothing_half_written_and_resumes(inputs):
     assert finals == []  # no published output
     res = runtime.Resources(StageStore(root), progress=False)
     try:
-        ref = stages.sft(LONG_SFT, prompts, None, base, res)
+        ref = stages.sft(LONG_SFT, prompts, None, base, res=res)
     finally:
         res.close()
     assert res.calls["optimizer.step"] == 400 - done_before  # resumed, not restarted
@@ -79,12 +79,13 @@ def test_bad_rows_are_all_named_before_any_stage_runs(tmp_path):
     res = runtime.Resources(StageStore(tmp_path / "store"), progress=False)
     try:
         with pytest.raises(DataError) as err:
-            stages.prepare_data(cfg, SYNTH, res)
+            stages.prepare_data(cfg, *stages.prepare_data_inputs(cfg, SYNTH), res=res)
         for name in ("empty-prompt", "bad-gold", "no-answer"):
             assert name in str(err.value)
         assert not (tmp_path / "store" / "prepare_data").exists() or not [
             p for p in (tmp_path / "store" / "prepare_data").iterdir() if not p.name.startswith(".")]
-        skipped = stages.prepare_data(cfg.model_copy(update={"on_bad_row": "skip", "eval_fraction": 0.0}), SYNTH, res)
+        skip = cfg.model_copy(update={"on_bad_row": "skip", "eval_fraction": 0.0})
+        skipped = stages.prepare_data(skip, *stages.prepare_data_inputs(skip, SYNTH), res=res)
     finally:
         res.close()
     report = json.loads((Path(skipped.uri) / "report.json").read_text())
@@ -96,7 +97,7 @@ def test_missing_column_names_the_file_and_column(tmp_path):
     res = runtime.Resources(StageStore(tmp_path / "store"), progress=False)
     try:
         with pytest.raises(DataError, match=r"(?s)p\.jsonl.*prompt"):
-            stages.prepare_data(DataConfig(source=str(path)), SYNTH, res)
+            stages.prepare_data(DataConfig(source=str(path)), *stages.prepare_data_inputs(DataConfig(source=str(path)), SYNTH), res=res)
     finally:
         res.close()
 
@@ -106,7 +107,7 @@ def test_long_expert_responses_are_cut_and_counted(inputs):
     cfg = SFTConfig(max_response_tokens=4, train=TrainConfig(num_steps=1, sequences_per_step=8, micro_batch_size=8))
     res = runtime.Resources(StageStore(root), progress=False)
     try:
-        ref = stages.sft(cfg, prompts, None, base, res)
+        ref = stages.sft(cfg, prompts, None, base, res=res)
     finally:
         res.close()
     manifest = StageStore(root).manifest(ref)

@@ -32,9 +32,9 @@ def grpo_run(tmp_path_factory):
     def once():
         res = runtime.Resources(StageStore(root), progress=False)
         try:
-            prompts = stages.prepare_data(DATA, SYNTH, res)
-            base = stages.bootstrap_member(stages.bootstrap_models(SYNTH, res), "base")
-            rounds = stages.grpo(GRPO, prompts, base, res, seed=1)
+            prompts = stages.prepare_data(DATA, *stages.prepare_data_inputs(DATA, SYNTH), res=res)
+            base = stages.bootstrap_member(stages.bootstrap_models(SYNTH, res=res), "base")
+            rounds = stages.grpo(GRPO, prompts, base, res=res, seed=1)
             return {"prompts": prompts, "base": base, "rounds": rounds}, dict(res.calls)
         finally:
             res.close()
@@ -81,25 +81,12 @@ def test_metric_names(grpo_run):
     assert not math.isnan(metrics["reward"])
 
 
-def test_reference_is_a_key_input_only_with_beta(grpo_run):
-    _, first, *_ = grpo_run
-    res = runtime.Resources(StageStore(grpo_run[0]), progress=False)
-    p, base, prev = first["prompts"], first["base"], first["rounds"][0]
-    with_kl = stages.grpo_round_spec(GRPO, 1, p, base, prev, res, seed=1)
-    other_ref = stages.grpo_round_spec(GRPO, 1, p, prev, prev, res, seed=1)
-    assert with_kl.key != other_ref.key
-    no_kl = GRPO.model_copy(update={"beta": 0.0})
-    assert stages.grpo_round_spec(no_kl, 1, p, base, prev, res).key == stages.grpo_round_spec(no_kl, 1, p, prev, prev, res).key
-    assert with_kl.key != stages.grpo_round_spec(GRPO, 0, p, base, prev, res, seed=1).key
-    assert stages.SPECS["grpo_round"] is stages.grpo_round_spec and "grpo_round" in runtime.VERSIONS
-
-
 def test_grpo_resumes_after_its_last_finished_round(grpo_run):
     root, first, *_ = grpo_run
     (Path(first["rounds"][1].uri) / "groups.parquet").unlink()
     res = runtime.Resources(StageStore(root), progress=False)
     try:
-        rounds = stages.grpo(GRPO, first["prompts"], first["base"], res, seed=1)
+        rounds = stages.grpo(GRPO, first["prompts"], first["base"], res=res, seed=1)
     finally:
         res.close()
     assert res.calls == {"grpo_round": 1, "engine.generate": 1, "optimizer.step": 4}
@@ -112,7 +99,7 @@ def test_prompt_pool_makes_rounds_revisit_the_same_prompts(grpo_run):
     pooled = GRPO.model_copy(update={"prompt_pool": GRPO.prompts_per_round, "rounds": 2})
     res = runtime.Resources(StageStore(root), progress=False)
     try:
-        rounds = stages.grpo(pooled, first["prompts"], first["base"], res, seed=1)
+        rounds = stages.grpo(pooled, first["prompts"], first["base"], res=res, seed=1)
     finally:
         res.close()
 

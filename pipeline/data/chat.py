@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-__all__ = ["RenderedResponse", "load_tokenizer", "render_prompt", "render_response"]
+__all__ = ["RenderedResponse", "load_tokenizer", "render_prompt", "render_response", "pad_id"]
 
 
 @dataclass(frozen=True)
@@ -64,3 +64,8 @@ def render_response(tokenizer: Any, text: str, *, max_tokens: int) -> RenderedRe
     if len(ids) > max_tokens:
         return RenderedResponse(ids[:max_tokens], truncated=True)
     return RenderedResponse(ids, truncated=False)
+
+
+def pad_id(tokenizer: Any) -> int:
+    """The id that pads a batch: the tokenizer's pad token, else its EOS."""
+    return tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id

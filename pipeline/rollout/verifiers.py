@@ -1,10 +1,11 @@
-"""Verifiers by name: `reward(response, row) -> float | None`, and a scorer that never hangs.
+"""Verifiers by name: `reward(response, row) -> float | None`, and the `Verifier` process that runs one and
+never hangs. ("Reward" names what a verifier gives a response; "score" is kept for token log-probs.)
 
 A reward sees the response text and the whole dataset row (the gold answer is `row["answer"]`). It returns
 a float, or None when it does not apply to the row. A response it cannot score (no `\\boxed{}`, an
-unparseable answer) raises `Unscorable(reason)`: the scorer gives it 0.0 and counts the reason.
+unparseable answer) raises `Unscorable(reason)`: the `Verifier` gives it 0.0 and counts the reason.
 
-`Scorer` runs the reward in a child process, so each call is bounded in time: math-verify's own timeouts use
+`Verifier` runs the reward in a child process, so each call is bounded in time: math-verify's own timeouts use
 `signal.alarm`, which works only in a main thread (Prefect runs tasks in worker threads), and a pathological
 sympy expression can spin for minutes. A call that passes `timeout_s` kills the child, scores 0.0 with the
 reason "timeout", and a fresh child takes the next response. Any other exception in a reward is a bug in the
@@ -21,7 +22,7 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-__all__ = ["REWARDS", "Unscorable", "RewardError", "ScoreOutput", "Scorer", "last_boxed",
+__all__ = ["REWARDS", "Unscorable", "RewardError", "RewardOutput", "Verifier", "last_boxed",
            "math_answer", "exact_match", "gold_check", "resolve_reward"]
 
 RewardFn = Callable[[str, Mapping[str, Any]], "float | None"]
@@ -91,7 +92,7 @@ def math_answer(response: str, row: Mapping[str, Any], *, timeout_s: int = 3) ->
 
 def gold_check(_response: str, row: Mapping[str, Any], *, timeout_s: int = 3) -> float:
     """1.0 when `row["answer"]` (or its last `\\boxed{}`) parses with math-verify, else Unscorable: a data
-    check, run through a `Scorer` ("pipeline.rollout.verifiers:gold_check") so that it is bounded in time too."""
+    check, run through a `Verifier` ("pipeline.rollout.verifiers:gold_check") so that it is bounded in time too."""
     gold_text = str(row["answer"])
     parsed = _parse_math(last_boxed(gold_text) or gold_text, "gold", timeout_s)
     if all(isinstance(p, str) for p in parsed):  # math-verify falls back to the raw string: "\\frac{"
@@ -159,22 +160,22 @@ def _worker_main(conn, spec: str) -> None:
 
 
 @dataclass
-class ScoreOutput:
+class RewardOutput:
     """Rewards aligned with the responses (None where the reward does not apply) and reason counts."""
 
     rewards: list[float | None]
     reasons: Counter = field(default_factory=Counter)
 
 
-class Scorer:
-    """Scores responses with one reward in a child process, each call bounded by `timeout_s` seconds."""
+class Verifier:
+    """Rewards responses with one verifier in a child process, each call bounded by `timeout_s` seconds."""
 
     def __init__(self, reward: str, *, timeout_s: float = 10.0, startup_timeout_s: float = 120.0):
         resolve_reward(reward)  # fail here, in the caller, on an unknown name
-        self.reward, self.timeout_s, self.startup_timeout_s = reward, timeout_s, startup_timeout_s
+        self.spec, self.timeout_s, self.startup_timeout_s = reward, timeout_s, startup_timeout_s
         self._proc = self._conn = None
 
-    def __enter__(self) -> Scorer:
+    def __enter__(self) -> Verifier:
         return self
 
     def __exit__(self, *exc) -> None:
@@ -183,19 +184,19 @@ class Scorer:
     def _start(self) -> None:
         ctx = mp.get_context("spawn")  # fork after torch/threads start can deadlock
         self._conn, child = ctx.Pipe()
-        self._proc = ctx.Process(target=_worker_main, args=(child, self.reward), daemon=True)
+        self._proc = ctx.Process(target=_worker_main, args=(child, self.spec), daemon=True)
         self._proc.start()
         child.close()
         if not self._conn.poll(self.startup_timeout_s):
             self.close()
-            raise RewardError(f"reward worker for {self.reward!r} did not start in {self.startup_timeout_s}s")
+            raise RewardError(f"reward worker for {self.spec!r} did not start in {self.startup_timeout_s}s")
         try:
             self._conn.recv()
         except (EOFError, OSError):  # it died while starting (its traceback went to stderr)
             self._proc.join(1)
             code = self._proc.exitcode
             self.close()
-            raise RewardError(f"reward worker for {self.reward!r} died while starting (exit code {code})") from None
+            raise RewardError(f"reward worker for {self.spec!r} died while starting (exit code {code})") from None
 
     def close(self) -> None:
         if self._proc is not None:
@@ -205,11 +206,11 @@ class Scorer:
             self._conn.close()
         self._proc = self._conn = None
 
-    def score_one(self, response: str, row: Mapping[str, Any]) -> tuple[float | None, str | None]:
-        """(reward, reason): reason is None for a scored response, else why it got 0.0."""
+    def reward_one(self, response: str, row: Mapping[str, Any]) -> tuple[float | None, str | None]:
+        """(reward, reason): reason is None for a rewarded response, else why it got 0.0."""
         if self._proc is None:
             self._start()
-        where = f"reward {self.reward!r} failed on row id={row.get('id', '?')!r}"
+        where = f"reward {self.spec!r} failed on row id={row.get('id', '?')!r}"
         try:
             self._conn.send((response, dict(row)))
             if not self._conn.poll(self.timeout_s):
@@ -232,13 +233,13 @@ class Scorer:
         except (TypeError, ValueError):
             raise RewardError(f"{where}: returned {value!r}, not a float or None") from None
 
-    def score(self, responses: Sequence[str], rows: Sequence[Mapping[str, Any]]) -> ScoreOutput:
-        """Score responses[i] against rows[i]."""
+    def reward(self, responses: Sequence[str], rows: Sequence[Mapping[str, Any]]) -> RewardOutput:
+        """Reward responses[i] against rows[i]."""
         if len(responses) != len(rows):
             raise ValueError(f"{len(responses)} responses but {len(rows)} rows")
-        out = ScoreOutput(rewards=[])
+        out = RewardOutput(rewards=[])
         for response, row in zip(responses, rows):
-            value, reason = self.score_one(response, row)
+            value, reason = self.reward_one(response, row)
             out.rewards.append(value)
             out.reasons["scored" if reason is None else reason] += 1
         return out

@@ -8,13 +8,13 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 
 from pipeline.algo.metrics import EvalSamples
-from pipeline.rollout.verifiers import Scorer, last_boxed
+from pipeline.rollout.verifiers import Verifier, last_boxed
 
-__all__ = ["score_prompt"]
+__all__ = ["grade_prompt"]
 
 
-def score_prompt(scorer: Scorer, row: Mapping, sampled: Sequence[str], greedy: str) -> EvalSamples:
+def grade_prompt(verifier: Verifier, row: Mapping, sampled: Sequence[str], greedy: str) -> EvalSamples:
     """Score k samples and one greedy completion of one prompt (None rewards count as 0)."""
-    out = scorer.score(list(sampled) + [greedy], [row] * (len(sampled) + 1))
+    out = verifier.reward(list(sampled) + [greedy], [row] * (len(sampled) + 1))
     rewards = [r or 0.0 for r in out.rewards]
     return EvalSamples(rewards=rewards[:-1], answers=[last_boxed(t) for t in sampled], greedy_reward=rewards[-1])

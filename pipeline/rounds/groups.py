@@ -1,22 +1,39 @@
-"""Hybrid groups : expert, teacher and fresh policy members of every prompt,
-scored by one verifier, with group advantages; the table a GFT round writes as groups.parquet."""
+"""What GFT and GRPO rounds share: members of a group, the one sampling rule, the one group table, the one
+seed rule, and the round's step plans.
+
+A round draws `prompts_per_round` prompts (consecutive slices of one seeded shuffle per pass over the training
+prompts), samples policy members with the engine (seeded per round, cut at the response budget), rewards every
+member, and writes one row per member to groups.parquet with the columns of `GROUP_COLUMNS`. Every seeded
+choice of a round (which prompts, the sampler's seed, the order of the optimizer steps) is `derive_seed(seed,
+what, round, ...)`: one rule, so no two choices share a stream by accident.
+"""
 
 from __future__ import annotations
 
+import hashlib
 import random
-from collections.abc import Sequence
+import time
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import pandas as pd
-import torch
+from torch import Tensor
 
+from pipeline.config import SamplingConfig
 from pipeline.data import chat
-from pipeline.algo.advantages import group_advantages
-from pipeline.config import GFTConfig
+from pipeline.model.batches import Example
+from pipeline.model.loop import StepPlan
 from pipeline.rollout.engines import Engine
-from pipeline.rollout.verifiers import Scorer
 
-__all__ = ["Member", "ScoredGroups", "off_policy", "round_prompts", "build_groups", "score_groups", "round_metrics"]
+__all__ = ["Member", "GROUP_COLUMNS", "derive_seed", "round_prompts", "sample_members", "off_policy",
+           "group_table", "round_order", "minibatch_plans", "Phases", "RoundResult"]
+
+GROUP_COLUMNS = ("prompt_id", "group_index", "source", "response", "token_ids", "sampler_logprobs", "reward",
+                 "advantage", "truncated")
+"""groups.parquet, one row per member: prompt id, index of its group in the round, source (expert | teacher |
+policy), response text, its token ids, the sampler's log-probs (policy members; None otherwise), reward (NaN where
+no reward applies), advantage, and whether the response budget cut it."""
 
 
 @dataclass(frozen=True)
@@ -31,6 +48,42 @@ class Member:
     sampler_logprobs: list[float] | None = None
 
 
+def derive_seed(seed: int, what: str, *path: int) -> int:
+    """The seed of one choice of a round: sha256 of (seed, what, path) cut to 31 bits (fits every sampler)."""
+    blob = ":".join([str(seed), what, *map(str, path)]).encode()
+    return int.from_bytes(hashlib.sha256(blob).digest()[:8], "big") % 2**31
+
+
+def round_prompts(rows: pd.DataFrame, per_round: int, round_idx: int, seed: int) -> pd.DataFrame:
+    """The round's prompts: consecutive slices of one seeded shuffle per pass over the training prompts."""
+    picked = []
+    for pos in range(round_idx * per_round, (round_idx + 1) * per_round):
+        epoch, offset = divmod(pos, len(rows))
+        order = list(range(len(rows)))
+        random.Random(derive_seed(seed, "prompts", epoch)).shuffle(order)
+        picked.append(order[offset])
+    return rows.iloc[picked].reset_index(drop=True)
+
+
+def sample_members(engine: Engine, prompt_ids: list[list[int]], ids: Sequence[str], n: int,
+                   sampling: SamplingConfig, *, max_tokens: int, round_idx: int) -> list[list[Member]]:
+    """`n` policy members per prompt from the engine, seeded per round, stopped at `max_tokens`; every member
+    has one sampler log-prob per token."""
+    if n == 0:
+        return [[] for _ in ids]
+    sampling = sampling.model_copy(update={"seed": derive_seed(sampling.seed, "sample", round_idx),
+                                           "max_new_tokens": max_tokens})
+    completions = engine.generate(prompt_ids, n, sampling)
+    members = [[Member(str(pid), "policy", c.text, list(c.token_ids), c.finish_reason == "length", list(c.logprobs))
+                for c in cs] for pid, cs in zip(ids, completions)]
+    for group in members:
+        for m in group:
+            if not m.token_ids or len(m.sampler_logprobs) != len(m.token_ids):
+                raise ValueError(f"prompt id={m.prompt_id!r}: a completion has {len(m.token_ids)} tokens and "
+                                 f"{len(m.sampler_logprobs)} sampler log-probs")
+    return members
+
+
 def off_policy(tok, prompt_id: str, source: str, texts: Sequence[str], max_tokens: int) -> list[Member]:
     """Expert or teacher text tokenized exactly as a generated response: text + EOS, cut at max_tokens."""
     out = []
@@ -40,73 +93,52 @@ def off_policy(tok, prompt_id: str, source: str, texts: Sequence[str], max_token
     return out
 
 
-def round_prompts(rows: pd.DataFrame, cfg: GFTConfig, round_idx: int, seed: int) -> pd.DataFrame:
-    """The round's prompts: consecutive slices of one seeded shuffle per pass over the training prompts."""
-    picked = []
-    for pos in range(round_idx * cfg.prompts_per_round, (round_idx + 1) * cfg.prompts_per_round):
-        epoch, offset = divmod(pos, len(rows))
-        order = list(range(len(rows)))
-        random.Random(seed * 7919 + epoch).shuffle(order)
-        picked.append(order[offset])
-    return rows.iloc[picked].reset_index(drop=True)
-
-
-def _policy_members(engine: Engine, prompt_ids: list[list[int]], ids: Sequence[str], cfg: GFTConfig,
-                    round_idx: int) -> list[list[Member]]:
-    if cfg.policy == 0:
-        return [[] for _ in ids]
-    sampling = cfg.sampling.model_copy(update={"seed": cfg.sampling.seed + 1000 * round_idx,
-                                               "max_new_tokens": cfg.max_response_tokens})
-    completions = engine.generate(prompt_ids, cfg.policy, sampling)
-    return [[Member(str(pid), "policy", c.text, list(c.token_ids), c.finish_reason == "length", list(c.logprobs))
-             for c in cs] for pid, cs in zip(ids, completions)]
-
-
-def build_groups(engine: Engine, cfg: GFTConfig, rows: pd.DataFrame, teachers: dict[str, list[str]], tok,
-                 round_idx: int) -> tuple[list[list[int]], list[list[Member]]]:
-    """Prompt ids and the hybrid group of every prompt: expert, teacher and fresh policy members."""
-    prompt_ids = [chat.render_prompt(tok, p) for p in rows["prompt"]]
-    ids = [str(i) for i in rows["id"]]
-    policy = _policy_members(engine, prompt_ids, ids, cfg, round_idx)
-    groups = []
-    for k, (pid, solution) in enumerate(zip(ids, rows["solution"])):
-        members = off_policy(tok, pid, "expert", [solution][:cfg.expert], cfg.max_response_tokens)
-        members += off_policy(tok, pid, "teacher", teachers.get(pid, [])[:cfg.teacher], cfg.max_response_tokens)
-        groups.append(members + policy[k])
-    return prompt_ids, groups
-
-
-@dataclass(frozen=True)
-class ScoredGroups:
-    """The round's group table (one row per member) and the advantage statistics of the batch."""
-
-    table: pd.DataFrame
-    stats: dict[str, float]
-
-
-def score_groups(scorer: Scorer, cfg: GFTConfig, rows: pd.DataFrame, groups: list[list[Member]]) -> ScoredGroups:
-    """Reward every member with one verifier, then group advantages: the round's group table."""
-    records = rows.to_dict("records")
+def group_table(groups: Sequence[Sequence[Member]], rewards: Tensor, advantages: Tensor) -> pd.DataFrame:
+    """The round's groups.parquet: one row per member (groups flattened in order), `GROUP_COLUMNS`."""
     flat = [(k, m) for k, members in enumerate(groups) for m in members]
-    scored = scorer.score([m.text for _, m in flat], [records[k] for k, _ in flat])
-    rewards = [0.0 if r is None else r for r in scored.rewards]
-    adv = group_advantages(torch.tensor(rewards, dtype=torch.float64), [m.prompt_id for _, m in flat],
-                           scale=cfg.advantage_scale, baseline=cfg.advantage_baseline)
-    table = pd.DataFrame({
+    return pd.DataFrame({
         "prompt_id": [m.prompt_id for _, m in flat], "group_index": [k for k, _ in flat],
         "source": [m.source for _, m in flat], "response": [m.text for _, m in flat],
         "token_ids": [m.token_ids for _, m in flat], "sampler_logprobs": [m.sampler_logprobs for _, m in flat],
-        "reward": rewards, "advantage": adv.advantages.tolist(), "truncated": [m.truncated for _, m in flat],
-    })
-    return ScoredGroups(table=table, stats=adv.stats)
+        "reward": rewards.tolist(), "advantage": advantages.tolist(), "truncated": [m.truncated for _, m in flat],
+    }, columns=list(GROUP_COLUMNS))
 
 
-def round_metrics(scored: ScoredGroups) -> dict[str, float]:
-    """Reward and truncation per source, zero-std group fraction, advantage and length summaries."""
-    table = scored.table
-    out = {f"reward/{src}": float(g["reward"].mean()) for src, g in table.groupby("source")}
-    out.update({f"truncated/{src}": float(g["truncated"].sum()) for src, g in table.groupby("source")})
-    out.update(frac_reward_zero_std=scored.stats["frac_reward_zero_std"], reward_mean=float(table["reward"].mean()),
-               advantage_mean=float(table["advantage"].mean()), advantage_std=float(table["advantage"].std()),
-               response_length=float(table["token_ids"].map(len).mean()))
-    return out
+def round_order(n: int, seed: int, round_idx: int, iteration: int = 0) -> list[int]:
+    """The seeded order of a round's n training examples (one per pass over them)."""
+    order = list(range(n))
+    random.Random(derive_seed(seed, "order", round_idx, iteration)).shuffle(order)
+    return order
+
+
+def minibatch_plans(examples: Sequence[Example], order: Sequence[int], minibatches: int,
+                    tags: dict[str, float]) -> list[StepPlan]:
+    """One optimizer step per minibatch: the j-th takes every `minibatches`-th example of `order` from j."""
+    return [StepPlan(examples, order[j::minibatches], {**tags, "minibatch": float(j)}) for j in range(minibatches)]
+
+
+class Phases:
+    """Wall seconds per phase of a round (sample, reward, train): `with phases("sample"): ...`."""
+
+    def __init__(self) -> None:
+        self.seconds: dict[str, float] = {}
+
+    @contextmanager
+    def __call__(self, name: str) -> Iterator[None]:
+        start = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.seconds[name] = self.seconds.get(name, 0.0) + time.perf_counter() - start
+
+    def metrics(self) -> dict[str, float]:
+        return {f"perf/{name}_s": s for name, s in self.seconds.items()}
+
+
+@dataclass(frozen=True)
+class RoundResult:
+    """What a round produced: its group table (groups.parquet), one history row per optimizer step, metrics."""
+
+    table: pd.DataFrame
+    history: list[dict[str, float]]
+    metrics: dict[str, float]

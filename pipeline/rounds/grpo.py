@@ -1,6 +1,6 @@
-"""GRPO rounds (DESIGN.md section 1.7; anchors: TRL's GRPOTrainer and verl): policy-only groups, rewards,
-advantages, the sampler/trainer mismatch, and the optimizer steps of one round. `stages.grpo_round` wires
-these to the engine, the reward workers and the artifact store.
+"""One GRPO round on live objects (docs/design.md section 1.7; anchors: TRL's GRPOTrainer and verl):
+policy-only groups, rewards, advantages, the sampler/trainer mismatch, and the round's optimizer steps.
+`run_round` is what the `grpo_round` stage runs between loading and saving.
 
 One round, for P prompts and G completions each:
 
@@ -27,27 +27,30 @@ Deviations from TRL, on purpose:
 
 from __future__ import annotations
 
-import random
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
 
 import pandas as pd
 import torch
+from accelerate.utils import set_seed
 from torch import Tensor, nn
 
-from pipeline.data import chat
 from pipeline.algo.advantages import combine_rewards, masked_group_advantages
-from pipeline.config import GRPOConfig, TrainConfig
-from pipeline.rollout.engines import Engine
-from pipeline.rounds.groups import Member
-from pipeline.model.batches import Example, plan_step
 from pipeline.algo.losses import importance_weights, sampler_mismatch
-from pipeline.rollout.verifiers import Scorer
+from pipeline.config import GRPOConfig
+from pipeline.data import chat
+from pipeline.model.batches import Example
+from pipeline.model.loop import run_steps
 from pipeline.model.scoring import grpo_objective, score_responses
-from pipeline.model.trainer import Trainer, train_step
+from pipeline.model.trainer import Trainer
+from pipeline.rollout.engines import Engine
+from pipeline.rollout.verifiers import Verifier
+from pipeline.rounds.groups import (
+    Member, Phases, RoundResult, derive_seed, group_table, minibatch_plans, round_order, sample_members,
+)
 
-__all__ = ["Rollouts", "sample_rollouts", "ScoredRollouts", "score_rollouts", "Behaviour", "behaviour",
-           "RoundExamples", "round_examples", "train_round", "round_metrics", "reward_name"]
+__all__ = ["Rollouts", "sample_rollouts", "RewardedRollouts", "reward_rollouts", "Behaviour", "behaviour",
+           "RoundExamples", "round_examples", "train_round", "run_round", "round_metrics", "reward_name"]
 
 
 @dataclass(frozen=True)
@@ -59,18 +62,10 @@ class Rollouts:
 
 
 def sample_rollouts(engine: Engine, cfg: GRPOConfig, rows: pd.DataFrame, tok, round_idx: int) -> Rollouts:
-    """G completions per prompt, seeded per round, cut at max_response_tokens."""
+    """G completions per prompt, by the rounds' one sampling rule (`groups.sample_members`)."""
     prompt_ids = [chat.render_prompt(tok, p) for p in rows["prompt"]]
-    sampling = cfg.sampling.model_copy(update={"seed": cfg.sampling.seed + 1000 * round_idx,
-                                               "max_new_tokens": cfg.max_response_tokens})
-    completions = engine.generate(prompt_ids, cfg.num_generations, sampling)
-    members = [[Member(str(pid), "policy", c.text, list(c.token_ids), c.finish_reason == "length", list(c.logprobs))
-                for c in cs] for pid, cs in zip(rows["id"], completions)]
-    for pid, group in zip(rows["id"], members):
-        for m in group:
-            if not m.token_ids or len(m.sampler_logprobs) != len(m.token_ids):
-                raise ValueError(f"prompt id={pid!r}: a completion has {len(m.token_ids)} tokens and "
-                                 f"{len(m.sampler_logprobs)} sampler log-probs")
+    members = sample_members(engine, prompt_ids, [str(i) for i in rows["id"]], cfg.num_generations, cfg.sampling,
+                             max_tokens=cfg.max_response_tokens, round_idx=round_idx)
     return Rollouts(prompt_ids=prompt_ids, members=members)
 
 
@@ -80,34 +75,29 @@ def reward_name(spec: str) -> str:
 
 
 @dataclass(frozen=True)
-class ScoredRollouts:
-    """The round's group table (GFT's columns; reward NaN where no reward applies), per-reward values [N, F]
-    (NaN for None) and the advantage statistics."""
+class RewardedRollouts:
+    """The round's group table (`groups.GROUP_COLUMNS`; reward NaN where no reward applies), per-reward values
+    [N, F] (NaN for None) and the advantage statistics."""
 
     table: pd.DataFrame
     per_func: Tensor
     stats: dict[str, float]
 
 
-def score_rollouts(scorers: Sequence[Scorer], cfg: GRPOConfig, rows: pd.DataFrame, rollouts: Rollouts) -> ScoredRollouts:
-    """Every completion scored by every reward, combined with the weights, then group advantages."""
+def reward_rollouts(verifiers: Sequence[Verifier], cfg: GRPOConfig, rows: pd.DataFrame,
+                    rollouts: Rollouts) -> RewardedRollouts:
+    """Every completion rewarded by every verifier, combined with the weights, then group advantages."""
     records = rows.to_dict("records")
     flat = [(k, m) for k, members in enumerate(rollouts.members) for m in members]
-    per_func = torch.full((len(flat), len(scorers)), float("nan"), dtype=torch.float64)  # [N, F]
-    for f, scorer in enumerate(scorers):
-        scored = scorer.score([m.text for _, m in flat], [records[k] for k, _ in flat])
-        per_func[:, f] = torch.tensor([float("nan") if r is None else r for r in scored.rewards], dtype=torch.float64)
+    per_func = torch.full((len(flat), len(verifiers)), float("nan"), dtype=torch.float64)  # [N, F]
+    for f, verifier in enumerate(verifiers):
+        out = verifier.reward([m.text for _, m in flat], [records[k] for k, _ in flat])
+        per_func[:, f] = torch.tensor([float("nan") if r is None else r for r in out.rewards], dtype=torch.float64)
     combined = combine_rewards(per_func, cfg.reward_weights)
     adv = masked_group_advantages(combined.rewards, [m.prompt_id for _, m in flat], scale=cfg.advantage_scale,
                                   baseline=cfg.advantage_baseline)
-    table = pd.DataFrame({
-        "prompt_id": [m.prompt_id for _, m in flat], "group_index": [k for k, _ in flat],
-        "source": [m.source for _, m in flat], "response": [m.text for _, m in flat],
-        "token_ids": [m.token_ids for _, m in flat], "sampler_logprobs": [m.sampler_logprobs for _, m in flat],
-        "reward": combined.rewards.tolist(), "advantage": adv.advantages.tolist(),
-        "truncated": [m.truncated for _, m in flat],
-    })
-    return ScoredRollouts(table=table, per_func=per_func, stats=adv.stats)
+    table = group_table(rollouts.members, combined.rewards, adv.advantages)
+    return RewardedRollouts(table=table, per_func=per_func, stats=adv.stats)
 
 
 def _padded(rows: Sequence[Sequence[float] | Tensor]) -> tuple[Tensor, Tensor]:
@@ -135,7 +125,12 @@ def behaviour(model: nn.Module, table: pd.DataFrame, prompt_ids: list[list[int]]
               pad_id: int) -> Behaviour:
     """One no-grad pass of the trainer over the rollouts: lp_old, its gap to the sampler, the IS weights."""
     prompts = [prompt_ids[g] for g in table["group_index"]]
-    scores = score_responses(model, prompts, list(table["token_ids"]), pad_id=pad_id)
+    was_training = model.training
+    model.eval()  # the trainer's model: score it as a freshly loaded one (no dropout)
+    try:
+        scores = score_responses(model, prompts, list(table["token_ids"]), pad_id=pad_id)
+    finally:
+        model.train(was_training)
     lp, mask = _padded(scores.logprobs)  # [N, T]
     q, _ = _padded(list(table["sampler_logprobs"]))  # [N, T]
     isw = importance_weights(lp, q, mask, level=cfg.importance_sampling, cap=cfg.importance_sampling_cap)
@@ -165,25 +160,42 @@ def round_examples(table: pd.DataFrame, prompt_ids: list[list[int]], behave: Beh
     return RoundExamples(fresh=fresh, stale=stale)
 
 
-def train_round(trainer: Trainer, examples: RoundExamples, cfg: GRPOConfig, train_cfg: TrainConfig,
-                round_idx: int, *, pad_id: int) -> list[dict[str, float]]:
-    """num_iterations x minibatches_per_round optimizer steps; one history row per step."""
+def train_round(trainer: Trainer, examples: RoundExamples, cfg: GRPOConfig, round_idx: int, *,
+                pad_id: int) -> list[dict[str, float]]:
+    """num_iterations x minibatches_per_round optimizer steps; one history row per step. The round's first step
+    takes the fresh examples (ratio exactly 1), every later one the stale (lp_old) ones."""
     objective = grpo_objective(eps_low=cfg.eps_low, eps_high=cfg.eps_high, beta=cfg.beta,
                                aggregation=cfg.aggregation, max_response_tokens=cfg.max_response_tokens)
-    acc, m, history = trainer.accelerator, cfg.minibatches_per_round, []
+    plans = []
     for it in range(cfg.num_iterations):
-        order = list(range(len(examples.fresh)))
-        random.Random(cfg.train.seed * 104729 + round_idx * 1009 + it).shuffle(order)
-        for j in range(m):
-            data = examples.fresh if it == 0 and j == 0 else examples.stale
-            step = trainer.progress.step
-            micro, totals = plan_step(data, order[j::m], train_cfg, rank=acc.process_index,
-                                      world=acc.num_processes, pad_id=pad_id)
-            result = train_step(trainer, micro, objective, totals, max_grad_norm=train_cfg.max_grad_norm, step=step)
-            trainer.progress.step = step + 1
-            history.append({"step": float(step + 1), "round": float(round_idx), "iteration": float(it),
-                            "minibatch": float(j), **result.metrics})
-    return history
+        order = round_order(len(examples.fresh), cfg.train.seed, round_idx, it)
+        tags = {"round": float(round_idx), "iteration": float(it)}
+        plans += minibatch_plans(examples.stale, order, cfg.minibatches_per_round, tags)
+    plans[0] = replace(plans[0], examples=examples.fresh)
+    return run_steps(trainer, plans, objective, cfg.train, pad_id=pad_id)
+
+
+def run_round(trainer: Trainer, engine: Engine, verifiers: Sequence[Verifier], rows: pd.DataFrame, tok,
+              cfg: GRPOConfig, *, round_idx: int, reference: nn.Module | None = None) -> RoundResult:
+    """One GRPO round on `rows` (the round's prompts), continuing `trainer` (its model is the policy the engine
+    samples); `reference` scores the KL term when beta > 0. RNGs are seeded from (train seed, round) first."""
+    set_seed(derive_seed(cfg.train.seed, "round", round_idx))
+    phases, pad_id = Phases(), chat.pad_id(tok)
+    with phases("sample"):
+        rollouts = sample_rollouts(engine, cfg, rows, tok, round_idx)
+    with phases("reward"):
+        rewarded = reward_rollouts(verifiers, cfg, rows, rollouts)
+    with phases("train"):
+        behave = behaviour(trainer.model, rewarded.table, rollouts.prompt_ids, cfg, pad_id=pad_id)
+        ref = None if reference is None else score_responses(
+            reference, [rollouts.prompt_ids[g] for g in rewarded.table["group_index"]],
+            list(rewarded.table["token_ids"]), pad_id=pad_id).logprobs
+        history = train_round(trainer, round_examples(rewarded.table, rollouts.prompt_ids, behave, ref), cfg,
+                              round_idx, pad_id=pad_id)
+    prompt_tokens = sum(len(p) for p in rollouts.prompt_ids) * cfg.num_generations
+    names = [reward_name(r) for r in cfg.rewards]
+    metrics = round_metrics(rewarded, behave, history, names, phases.metrics(), prompt_tokens)
+    return RoundResult(table=rewarded.table, history=history, metrics=metrics)
 
 
 def _reward_stats(table: pd.DataFrame, per_func: Tensor, names: Sequence[str]) -> dict[str, float]:
@@ -212,7 +224,7 @@ _STEP_MEANS = ("loss", "grad_norm", "entropy", "kl", "ratio_mean", "clip_ratio/l
                "clip_ratio/region_mean")
 
 
-def round_metrics(scored: ScoredRollouts, behave: Behaviour, history: list[dict[str, float]], names: Sequence[str],
+def round_metrics(scored: RewardedRollouts, behave: Behaviour, history: list[dict[str, float]], names: Sequence[str],
                   times: dict[str, float], prompt_tokens: int) -> dict[str, float]:
     """The round's metrics under TRL/verl names; policy metrics are means over the round's optimizer steps."""
     table = scored.table
@@ -224,7 +236,7 @@ def round_metrics(scored: ScoredRollouts, behave: Behaviour, history: list[dict[
         if history and key in history[0]:
             out[key] = sum(h[key] for h in history) / len(history)
     tokens = prompt_tokens + int(table["token_ids"].map(len).sum())
-    wall = times.get("perf/sample_s", 0.0) + times.get("perf/score_s", 0.0) + times.get("perf/train_s", 0.0)
+    wall = times.get("perf/sample_s", 0.0) + times.get("perf/reward_s", 0.0) + times.get("perf/train_s", 0.0)
     out["perf/throughput"] = tokens / wall if wall > 0 else 0.0
     out.update({f"train/{k}": v for k, v in history[-1].items()} if history else {})
     return out
