@@ -224,7 +224,7 @@ def write_plots(cfg: RunConfig, refs: dict[str, ArtifactRef], metrics: dict[str,
 
 def _chain_stage(name: str) -> str:
     """The store's stage of a chain name: "sft" -> "sft", "gft" -> "gft_round", "grpo" -> "grpo_round"."""
-    return f"{name}_round" if f"{name}_round" in stages.SPECS else name
+    return f"{name}_round" if f"{name}_round" in stages.STAGES else name
 
 
 def chain_outputs(refs: dict[str, ArtifactRef], name: str) -> Chain:

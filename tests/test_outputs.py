@@ -111,3 +111,14 @@ def test_a_legacy_sequence_of_inputs_is_written_as_input_i(tmp_path):
     assert list(out.manifest.inputs) == ["input0", "input1"]
     assert out.inputs == {"prompts": prompts, "init": prompts}
     assert Path(out.file("history.jsonl")).is_file() and out.history() == [{"step": 1, "loss": 1.0}]
+
+
+def test_the_run_reads_a_chain_stage_from_its_rounds(run):
+    """pipeline.run's chain names (sft, gft, grpo) map to the store's stages (sft, gft_round, grpo_round)."""
+    from pipeline.run import chain_outputs, round_metrics, stage_history
+
+    refs = {"gft": run["rounds"][-1], "grpo": run["rounds"][-1], "sft": run["base"]}
+    assert [o.ref for o in chain_outputs(refs, "gft").outputs] == run["rounds"]
+    assert [r["step"] for r in stage_history(refs, "gft")] == [1, 2, 3, 4, 5, 6]
+    assert round_metrics(refs, "gft")[-1] == {"reward": 0.2}
+    assert stage_history(refs, "grpo") == [] and round_metrics(refs, "sft") == []  # not outputs of those stages
