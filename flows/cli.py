@@ -181,7 +181,7 @@ def _interrupt(signum, frame) -> None:
 
 
 def cmd_ui(args: argparse.Namespace) -> int:
-    from pipeline.tracking.mlflow_tracker import experiment_addresses, sqlite_uri
+    from pipeline.tracking import experiment_addresses, sqlite_uri
 
     root = args.root or (_load(args.config, None)[1] if args.config else Path("runs").resolve())
     if not (root / "mlflow.db").is_file():

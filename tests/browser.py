@@ -86,7 +86,7 @@ def mlflow_urls(base_url: str, experiment_id: str, run_id: str | None = None) ->
     base = base_url.rstrip("/")
     urls = {"runs": f"{base}/#/experiments/{experiment_id}/runs?orderByKey=tags.%60mlflow.runName%60&orderByAsc=true"}
     if run_id is not None:
-        from pipeline.tracking.mlflow_tracker import ui_address
+        from pipeline.tracking import ui_address
 
         urls["run"] = ui_address(base, experiment_id, run_id)  # the address the pipeline prints
     return urls

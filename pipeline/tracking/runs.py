@@ -1,0 +1,127 @@
+"""MLflow runs of a pipeline run: the experiment, the parent run, one child run per stage computation, their params,
+metrics and tags.
+
+A child run names its parent with an explicit `mlflow.parentRunId` tag (MLflow's active run is thread-local, and
+Prefect may run a task in another thread). Every run carries the tags of `context_tags()` (the flow sets it to the
+Prefect flow-run and task-run ids). A child holds the stage's config as params and its per-step history as metrics
+(step = optimizer step).
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from pipeline.store.artifacts import Manifest
+from pipeline.tracking.base import ui_address
+
+__all__ = ["Runs", "metric_name", "open_experiment", "experiment_addresses"]
+
+
+def metric_name(key: str) -> str:
+    """MLflow's spelling of a metric key: "mean@4" -> "mean_at_4" (MLflow rejects "@")."""
+    return key.replace("@", "_at_")
+
+
+def _flatten(obj: Any, prefix: str = "") -> dict[str, str]:
+    """Nested config -> {"SFTConfig.train.lr": "0.001", ...} (MLflow params are flat strings of <= 6000 chars)."""
+    if isinstance(obj, Mapping):
+        out: dict[str, str] = {}
+        for k, v in obj.items():
+            out.update(_flatten(v, f"{prefix}.{k}" if prefix else str(k)))
+        return out
+    return {prefix: json.dumps(obj)[:6000] if not isinstance(obj, str) else obj[:6000]}
+
+
+def open_experiment(client: Any, name: str, artifact_location: str | None = None) -> str:
+    """The id of experiment `name` on the client's server, created (with `artifact_location`) if missing."""
+    exp = client.get_experiment_by_name(name)
+    return exp.experiment_id if exp is not None else client.create_experiment(name,
+                                                                             artifact_location=artifact_location)
+
+
+def experiment_addresses(uri: str, ui_url: str) -> list[tuple[str, str]]:
+    """(name, UI address) of every experiment on a tracking server that has runs."""
+    from mlflow import MlflowClient
+
+    client = MlflowClient(tracking_uri=uri)
+    return [(e.name, ui_address(ui_url, e.experiment_id)) for e in client.search_experiments()
+            if len(client.search_runs([e.experiment_id], max_results=1))]
+
+
+@dataclass
+class Runs:
+    """The parent run of one pipeline run and its child runs, in one experiment."""
+
+    client: Any
+    experiment_id: str
+    context_tags: Callable[[], dict[str, str]] = dict
+    parent_run_id: str | None = None
+
+    def start_parent(self, run_name: str, config: Mapping[str, Any], tags: Mapping[str, str]) -> str:
+        """Open the parent run, with the config as params and as config.json; child runs attach to it explicitly."""
+        run = self.client.create_run(self.experiment_id, run_name=run_name,
+                                     tags={"pipeline.stage": "pipeline", **tags, **self.context_tags()})
+        self.parent_run_id = run.info.run_id
+        self.log_params(self.parent_run_id, config)
+        self.client.log_dict(self.parent_run_id, dict(config), "config.json")
+        return self.parent_run_id
+
+    def end_parent(self, status: str) -> None:
+        """Close the parent run, if one was opened."""
+        if self.parent_run_id is not None:
+            self.client.set_terminated(self.parent_run_id, status)
+
+    def start_child(self, stage: str, key: str) -> str:
+        """Open the child run of one stage computation under the parent (if any); returns its id."""
+        tags = {"pipeline.stage": stage, "pipeline.key": key, **self.context_tags()}
+        if self.parent_run_id is not None:
+            tags["mlflow.parentRunId"] = self.parent_run_id
+        return self.client.create_run(self.experiment_id, run_name=stage, tags=tags).info.run_id
+
+    def end(self, run_id: str, status: str) -> None:
+        """Close a run with `status`."""
+        self.client.set_terminated(run_id, status)
+
+    def log_params(self, run_id: str, config: Mapping[str, Any]) -> None:
+        """A nested config as flat params, in batches the REST API accepts."""
+        from mlflow.entities import Param
+
+        params = [Param(k, v) for k, v in _flatten(config).items()]
+        for i in range(0, len(params), 90):
+            self.client.log_batch(run_id, params=params[i:i + 90])
+
+    def log_metrics(self, metrics: Mapping[str, float], *, step: int = 0, run_id: str | None = None) -> None:
+        """The numeric entries of `metrics` on a run (the parent by default) at `step`."""
+        from mlflow.entities import Metric
+
+        now = int(time.time() * 1000)
+        batch = [Metric(metric_name(k), float(v), now, step) for k, v in metrics.items() if isinstance(v, (int, float))]
+        for i in range(0, len(batch), 900):  # the REST API takes at most 1000 metrics per call
+            self.client.log_batch(run_id or self.parent_run_id, metrics=batch[i:i + 900])
+
+    def log_stage_metrics(self, run_id: str, history: Sequence[Mapping[str, float]],
+                          metrics: Mapping[str, float]) -> None:
+        """Each history row as train/<key> at its optimizer step, then the stage metrics not logged per step."""
+        stepped: set[str] = set()
+        for row in history:
+            per_step = {f"train/{k}": v for k, v in row.items() if k != "step"}
+            self.log_metrics(per_step, step=int(row["step"]), run_id=run_id)
+            stepped.update(per_step)
+        self.log_metrics({k: v for k, v in metrics.items() if k not in stepped}, run_id=run_id)
+
+    def log_manifest(self, run_id: str, manifest: Manifest) -> None:
+        """The output's manifest as the run's manifest.json."""
+        self.client.log_text(run_id, manifest.model_dump_json(indent=2), "manifest.json")
+
+    def log_artifact(self, path: str | Path, folder: str | None = None) -> None:
+        """A file (plot, table, summary) attached to the parent run."""
+        self.client.log_artifact(self.parent_run_id, str(path), folder)
+
+    def tag_parent(self, key: str, value: str) -> None:
+        """One tag on the parent run."""
+        self.client.set_tag(self.parent_run_id, key, value)
