@@ -42,17 +42,30 @@ def training_curves(histories: Mapping[str, Sequence[Mapping[str, float]]], path
     """One panel per metric, one line per training stage, x = the stage's optimizer step."""
     plt = _pyplot()
     fig, axes = plt.subplots(1, len(keys), figsize=(4.2 * len(keys), 3.2), squeeze=False)
+    colors = {stage: f"C{i}" for i, stage in enumerate(histories)}  # one colour per stage in every panel
     for ax, key in zip(axes[0], keys):
         for stage, rows in histories.items():
             pts = [(r["step"], r[key]) for r in rows if key in r]
             if pts:
-                ax.plot(*zip(*pts), marker=".", label=stage)
+                ax.plot(*zip(*pts), marker=".", label=stage, color=colors[stage])
         ax.set_title(key)
         ax.set_xlabel("optimizer step")
         ax.grid(alpha=0.3)
-    axes[0][-1].legend(fontsize=7, loc="center left", bbox_to_anchor=(1.02, 0.5))
+    _legend_of_all_panels(axes[0])
     fig.suptitle(title, y=1.03)
     return _save(fig, path)
+
+
+def _legend_of_all_panels(axes) -> None:
+    """One legend, right of the last panel, naming every line of every panel once: a line drawn only in some
+    panels (GRPO has no rectified fraction, the last panel) is still named."""
+    handles: dict[str, object] = {}
+    for ax in axes:
+        for handle, label in zip(*ax.get_legend_handles_labels()):
+            handles.setdefault(label, handle)
+    if handles:
+        axes[-1].legend(list(handles.values()), list(handles), fontsize=7, loc="center left",
+                        bbox_to_anchor=(1.02, 0.5))
 
 
 def rewards_by_source(rounds: Mapping[str, Sequence[Mapping[str, float]]], path: Path) -> Path:
@@ -102,15 +115,15 @@ def accuracy_vs_prompts(curves: Mapping[str, Sequence[Mapping]], path: Path, key
     plt = _pyplot()
     fig, axes = plt.subplots(1, len(keys), figsize=(6 * len(keys), 4), squeeze=False)
     for ax, key in zip(axes[0], keys):
-        for label, points in curves.items():
+        for i, (label, points) in enumerate(curves.items()):
             _errorbar(ax, [p["prompts_seen"] for p in points], [p.get(key) for p in points], marker="o",
-                      label=label, alpha=0.85)
+                      label=label, alpha=0.85, color=f"C{i}")
         ax.set_xscale("symlog", linthresh=10)
         ax.xaxis.set_major_formatter(_plain_ticks())
         ax.set_xlabel("training prompts seen (log scale above 10)")
         ax.set_title(f"held-out {key}")
         ax.grid(alpha=0.3)
-    axes[0][-1].legend(fontsize=7, loc="center left", bbox_to_anchor=(1.02, 0.5))
+    _legend_of_all_panels(axes[0])
     return _save(fig, path)
 
 
