@@ -15,9 +15,10 @@ What it measures, at the Qwen2-0.5B shape (random init, bf16 autocast over float
               `model.generate` (raw_generate_*, no engine) at 128 and 32 prompts per call on the same prompts:
               the engine's overhead, side by side. A long, uneven case (completions stop at random, up to 512
               tokens) measures padding and early finishes (generate, compacting loop, static cache).
-  (c) round   One GFT round on the GPU: sample (HFEngine, bf16 copy), score (exact_match in the Verifier's
-              worker process), advantages, 4 optimizer steps over 1024 responses (packed, varlen), weight
-              sync to the engine; seconds per phase.
+  (c) round   One GFT round on the GPU: `pipeline.rounds.gft.run_round`, the round the gft_round stage runs
+              (sample with HFEngine on a bf16 copy, reward with exact_match in the Verifier's worker process
+              and group advantages, 4 optimizer steps over 1024 responses, packed varlen), then the weight
+              sync to the engine; seconds per phase (sample, reward, train: the round's perf/* metrics).
 
 Each section runs in its own subprocess under a deadline (a crash or a hang loses only that section, and
 each section writes its results after every variant); lower-priority variants are skipped when time runs
@@ -554,106 +555,66 @@ def section_sample(args, shape: dict, rec: Record, deadline: float) -> None:
 # ---------------------------------------------------------------------------------------------------------
 
 
-class Phases:
-    """Wall seconds per named phase (CUDA synchronized at both ends)."""
+def _round_config(shape: dict, args):
+    """The GFTConfig of the bench's round: 1 expert and `round_policy` policy members per prompt, no teachers,
+    4 optimizer steps over the round's responses (packed, varlen), exact_match rewards."""
+    from pipeline.config import GFTConfig, SamplingConfig, TrainConfig
 
-    def __init__(self):
-        self.seconds: dict[str, float] = {}
-
-    def __call__(self, name: str):
-        phases = self
-
-        class _Phase:
-            def __enter__(self):
-                _sync()
-                self.t0 = time.perf_counter()
-
-            def __exit__(self, *exc):
-                _sync()
-                phases.seconds[name] = phases.seconds.get(name, 0.0) + time.perf_counter() - self.t0
-
-        return _Phase()
-
-
-def _round_sample(engine, prompt_ids, shape) -> list:
-    from pipeline.config import SamplingConfig
-
-    sampling = SamplingConfig(temperature=1.0, max_new_tokens=shape["round_tokens"], seed=1)
-    return engine.generate(prompt_ids, shape["round_policy"], sampling)
-
-
-def _round_members(tok, rows, experts, completions):
-    """Flat (group index, response ids, text) of every member: the expert solution, then the policy samples."""
-    flat = []
-    for k, (row, ex, group) in enumerate(zip(rows, experts, completions)):
-        flat.append((k, list(ex.response_ids), row["solution"]))
-        flat += [(k, list(c.token_ids), c.text) for c in group]
-    return flat
-
-
-def _round_train(model, experts, flat, advantages, args) -> tuple[object, list[dict], int]:
-    from pipeline.config import TrainConfig
-    from pipeline.model.batches import Example, plan_step
-    from pipeline.model.scoring import gft_objective
-    from pipeline.model.trainer import make_trainer, train_step
-
-    examples = [Example(experts[k].prompt_ids, ids, float(a)) for (k, ids, _), a in zip(flat, advantages)]
-    steps = 4
-    cfg = TrainConfig(lr=1e-6, sequences_per_step=max(1, len(examples) // steps), packing=True,
-                      micro_batch_tokens=args.round_micro_tokens, logprob_chunk_size=4096,
-                      compile=args.round_compile)
-    trainer = make_trainer(model, cfg, total_steps=steps)
-    order = list(range(len(examples)))
-    random.Random(0).shuffle(order)
-    history = []
-    for j in range(steps):
-        micro, totals = plan_step(examples, order[j::steps], cfg, rank=0, world=1, pad_id=0)
-        history.append(train_step(trainer, micro, gft_objective(tau=0.5), totals, max_grad_norm=1.0,
-                                  step=j).metrics)
-    return trainer, history, sum(len(ids) for _, ids, _ in flat)
+    train = TrainConfig(lr=1e-6, packing=True, micro_batch_tokens=args.round_micro_tokens, logprob_chunk_size=4096,
+                        compile=args.round_compile)
+    return GFTConfig(rounds=1, prompts_per_round=shape["round_prompts"], expert=1, teacher=0,
+                     policy=shape["round_policy"], tau=0.5, minibatches_per_round=4,
+                     max_response_tokens=shape["round_tokens"], reward="exact_match",
+                     sampling=SamplingConfig(temperature=1.0, max_new_tokens=shape["round_tokens"], seed=1),
+                     train=train)
 
 
 def run_round(shape: dict, args) -> dict:
+    """`pipeline.rounds.gft.run_round`, the round the gft_round stage runs, on a random-init model: the bench
+    times set-up (models, engine, the verifier's worker, which the pipeline keeps across rounds) and the weight
+    sync to the engine; sample, reward and train seconds are the round's own `perf/*` metrics."""
     torch = _torch()
-    from pipeline.algo.advantages import group_advantages
+    import pandas as pd
+
+    from pipeline.data.synthetic import build_tokenizer, make_problems
+    from pipeline.model.trainer import make_trainer
     from pipeline.rollout.verifiers import Verifier
-    from pipeline.data.synthetic import build_tokenizer, make_problems, tokenize_example
+    from pipeline.rounds import gft
+    from pipeline.rounds.groups import Phases
 
-    phase, device = Phases(), _device()
-    with phase("setup"):
-        tok = build_tokenizer()
-        rows = make_problems(shape["round_prompts"], seed=0)
-        experts = [tokenize_example(tok, r) for r in rows]
-        model = build_model(shape)  # float32 master weights for the trainer
-        engine_model = build_model(shape, dtype=torch.bfloat16 if device.type == "cuda" else torch.float32).eval()
-        engine_model.load_state_dict(model.state_dict())
-        engine_model.generation_config.eos_token_id = tok.eos_token_id
-        engine = _engine(engine_model, tok, shape["round_prompts"], args.round_cache)
-    with phase("sample"):
-        completions = _round_sample(engine, [list(e.prompt_ids) for e in experts], shape)
-    flat = _round_members(tok, rows, experts, completions)
-    with phase("score"), Verifier("exact_match") as verifier:
-        rewards = [0.0 if r is None else r for r in verifier.reward([t for _, _, t in flat],
-                                                                 [rows[k] for k, _, _ in flat]).rewards]
-    with phase("advantages"):
-        adv = group_advantages(torch.tensor(rewards, dtype=torch.float64), [k for k, _, _ in flat])
-    with phase("train"):
-        trainer, history, _ = _round_train(model, experts, flat, adv.advantages.tolist(), args)
-    with phase("sync_weights"):
+    cfg, phases, device = _round_config(shape, args), Phases(), _device()
+    with Verifier(cfg.reward) as verifier:
+        with phases("setup"):
+            tok = build_tokenizer()
+            rows = pd.DataFrame(make_problems(cfg.prompts_per_round, seed=0),
+                                columns=["id", "prompt", "solution", "answer"])
+            model = build_model(shape)  # float32 master weights for the trainer, as the stage loads them
+            engine_model = build_model(shape, dtype=torch.bfloat16 if device.type == "cuda" else torch.float32)
+            engine_model.eval().load_state_dict(model.state_dict())
+            engine_model.generation_config.eos_token_id = tok.eos_token_id
+            engine = _engine(engine_model, tok, cfg.prompts_per_round, args.round_cache)
+            trainer = make_trainer(model, cfg.train, total_steps=cfg.rounds * cfg.minibatches_per_round)
+            verifier.reward_one(rows["solution"][0], rows.iloc[0].to_dict())  # starts the worker process
+            _sync()
+        result = gft.run_round(trainer, engine, verifier, rows, {}, tok, cfg, round_idx=0)
+    with phases("sync_weights"):
         engine_model.load_state_dict(trainer.model.state_dict())
-    return _round_summary(phase.seconds, completions, history, rewards, args)
+        _sync()
+    return _round_summary(phases.seconds, result.metrics, len(result.table), args)
 
 
-def _round_summary(seconds: dict, completions, history, rewards, args) -> dict:
-    sampled = sum(len(c.token_ids) for group in completions for c in group)
-    trained = sum(h["tokens"] for h in history)
+def _round_summary(bench_s: dict, metrics: dict, responses: int, args) -> dict:
+    """Seconds per phase (setup and sync_weights timed here; sample, reward and train by the round) and rates."""
+    seconds = {"setup": bench_s["setup"], **{k: metrics[f"perf/{k}_s"] for k in ("sample", "reward", "train")},
+               "sync_weights": bench_s["sync_weights"]}
     work = {k: v for k, v in seconds.items() if k != "setup"}
-    return {"phase_s": seconds, "round_s": sum(work.values()), "phase_share": {k: v / sum(work.values())
-                                                                               for k, v in work.items()},
-            "sample_tokens": sampled, "sample_tokens_per_s": sampled / seconds["sample"],
-            "train_response_tokens": trained, "train_response_tokens_per_s": trained / seconds["train"],
-            "responses": len(rewards), "reward_mean": sum(rewards) / len(rewards),
-            "final_loss": history[-1]["loss"], "peak_gib": _peak_gib(),
+    return {"phase_s": seconds, "round_s": sum(work.values()),
+            "phase_share": {k: v / sum(work.values()) for k, v in work.items()},
+            "sample_tokens": metrics["perf/sample_tokens"], "sample_tokens_per_s": metrics["perf/sample_tokens_per_s"],
+            "train_response_tokens": metrics["perf/train_tokens"],
+            "train_response_tokens_per_s": metrics["perf/throughput"], "responses": responses,
+            "reward_mean": metrics["reward_mean"], "final_loss": metrics["train/loss"], "peak_gib": _peak_gib(),
+            "round_metrics": metrics,
             "settings": {"engine_cache": args.round_cache, "train_compile": args.round_compile,
                          "packing": "varlen", "micro_batch_tokens": args.round_micro_tokens}}
 
