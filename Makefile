@@ -12,7 +12,7 @@ export HF_DATASETS_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 export OMP_NUM_THREADS ?= 1
 
-.PHONY: test run bench bench-engines env clean chromium
+.PHONY: test test-fast stage-versions run bench bench-engines env clean chromium
 
 env: $(STAMP)
 
@@ -32,6 +32,15 @@ chromium:
 
 test: $(STAMP) chromium
 	$(PY) -m pytest -q
+
+# The inner loop: unit and integration tests (no multi-process runs, no flows, no vLLM), under 5 minutes on 2 cores.
+# Pass a file or -k expression with ARGS, e.g. `make test-fast ARGS=tests/test_losses.py`.
+test-fast: $(STAMP)
+	$(PY) -m pytest -q -m "not slow and not vllm" $(ARGS)
+
+# Record each stage's code digest with its version (tests/test_stage_versions.py says when to bump and run this).
+stage-versions: $(STAMP)
+	$(PY) tests/test_stage_versions.py --update
 
 run: $(STAMP)
 	$(VENV)/bin/gft run configs/default.toml

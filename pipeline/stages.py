@@ -1,6 +1,6 @@
 """One function per stage: load -> run -> save, with the cache key derived from the stage's own arguments.
 
-A stage is a function `name(job, *arguments)` registered with `@stage(kind, datasets, code)`. Its arguments are
+A stage is a function `name(job, *arguments)` registered with `@stage(kind, datasets=...)`. Its arguments are
 settings, artifact references (by role: the argument's name) and scalars, so `bind` can derive the call's key
 from them (`pipeline.store.cache.derive_spec`); a setting that changes what the stage writes is an argument and
 therefore in the key. `execute` runs a bound call under the cache (`pipeline.runtime.cached`): a verified output
@@ -73,7 +73,6 @@ class _Stage:
     fn: Callable[..., dict[str, float]]
     kind: str
     datasets: dict[str, str]
-    code: tuple[str, ...]  # the library modules whose code decides what the stage writes (tests/test_stage_versions)
 
 
 STAGES: dict[str, _Stage] = {}
@@ -92,10 +91,10 @@ class StageCall:
         return self.spec.key
 
 
-def stage(kind: str, *, datasets: dict[str, str] | None = None, code: tuple[str, ...] = ()):
+def stage(kind: str, *, datasets: dict[str, str] | None = None):
     """Register `fn(job, ...) -> metrics` as a stage; the name becomes `fn(..., res=res) -> ArtifactRef`."""
     def register(fn: Callable[..., dict[str, float]]) -> Callable[..., ArtifactRef]:
-        STAGES[fn.__name__] = _Stage(fn, kind, dict(datasets or {}), code)
+        STAGES[fn.__name__] = _Stage(fn, kind, dict(datasets or {}))
 
         @functools.wraps(fn)
         def call(*args, res: Resources, **kw) -> ArtifactRef:
@@ -137,8 +136,7 @@ def _read_parquet(ref: ArtifactRef, name: str) -> pd.DataFrame:
 # ---------------------------------------------------------------------------------------------------------
 
 
-@stage("prompts", datasets={"train.parquet": "training", "eval.parquet": "evaluation"},
-       code=("pipeline.data.prompts", "pipeline.data.synthetic", "pipeline.rollout.verifiers"))
+@stage("prompts", datasets={"train.parquet": "training", "eval.parquet": "evaluation"})
 def prepare_data(job: Job, cfg: DataConfig, synth: SyntheticConfig | None,
                  source: ArtifactRef | None) -> dict[str, float]:
     """Load, validate and split the prompt set into train.parquet and eval.parquet. `synth` is the synthetic
@@ -179,7 +177,7 @@ def _load_prompt_set(res: Resources, cfg: DataConfig, synth: SyntheticConfig | N
     return data_lib.load_prompts(cfg, gold_check=gold_parses)
 
 
-@stage("models", code=("pipeline.rounds.bootstrap",))
+@stage("models")
 def bootstrap_models(job: Job, synth: SyntheticConfig) -> dict[str, float]:
     """The embedded default's teacher and weaker base, trained locally (teacher/model, base/model)."""
     result = bootstrap_lib.bootstrap(job.out / "work", synth)
@@ -198,8 +196,7 @@ def bootstrap_member(models: ArtifactRef, role: str) -> ArtifactRef:
     return ArtifactRef(kind="model", uri=str(folder), sha256=tree_sha256(folder), schema_version=1)
 
 
-@stage("teacher_responses", datasets={"teacher.parquet": "training"},
-       code=("pipeline.rollout.engines", "pipeline.data.chat"))
+@stage("teacher_responses", datasets={"teacher.parquet": "training"})
 def teacher_sample(job: Job, cfg: TeacherSampleConfig, prompts: ArtifactRef, teacher: ArtifactRef,
                    engine: EngineConfig = EngineConfig()) -> dict[str, float]:
     """K teacher responses per training prompt, sampled once (teacher.parquet: id, responses)."""
@@ -240,7 +237,7 @@ def _sft_examples(tok, rows: pd.DataFrame, teachers: dict[str, list[str]], max_t
     return examples, truncated
 
 
-@stage("model", code=("pipeline.model.loop", "pipeline.data.chat", "pipeline.rounds.groups"))
+@stage("model")
 def sft(job: Job, cfg: SFTConfig, prompts: ArtifactRef, teacher: ArtifactRef | None, init: ArtifactRef,
         trust_remote_code: bool = False) -> dict[str, float]:
     """Supervised fine-tuning on expert solutions (or SFT(mix), with `teacher`'s responses); model/, history."""
@@ -286,7 +283,7 @@ def _save_round(job: Job, trainer, tok, result: RoundResult, *, sampled: bool = 
     return result.metrics
 
 
-@stage("model", datasets={"groups.parquet": "training"}, code=("pipeline.rounds.gft",))
+@stage("model", datasets={"groups.parquet": "training"})
 def gft_round(job: Job, cfg: GFTConfig, round_idx: int, prompts: ArtifactRef, teacher: ArtifactRef | None,
               prev: ArtifactRef, engine: EngineConfig = EngineConfig(), seed: int = 0) -> dict[str, float]:
     """One GFT round from `prev` (`rounds.gft.run_round`): groups.parquet, model/, state/ and metrics."""
@@ -309,7 +306,7 @@ def gft(cfg: GFTConfig, prompts: ArtifactRef, teacher: ArtifactRef | None, init:
     return refs
 
 
-@stage("model", datasets={"groups.parquet": "training"}, code=("pipeline.rounds.grpo",))
+@stage("model", datasets={"groups.parquet": "training"})
 def grpo_round(job: Job, cfg: GRPOConfig, round_idx: int, prompts: ArtifactRef, reference: ArtifactRef | None,
                prev: ArtifactRef, engine: EngineConfig = EngineConfig(), seed: int = 0) -> dict[str, float]:
     """One GRPO round from `prev` (`rounds.grpo.run_round`); `reference` (the checkpoint the GRPO stage started
@@ -345,8 +342,7 @@ def grpo(cfg: GRPOConfig, prompts: ArtifactRef, init: ArtifactRef, *, res: Resou
 # ---------------------------------------------------------------------------------------------------------
 
 
-@stage("eval", datasets={"samples.parquet": "evaluation"},
-       code=("pipeline.rounds.evaluate", "pipeline.algo.metrics", "pipeline.model.scoring"))
+@stage("eval", datasets={"samples.parquet": "evaluation"})
 def evaluate(job: Job, cfg: EvalConfig, prompts: ArtifactRef, model: ArtifactRef, base: ArtifactRef,
              engine: EngineConfig = EngineConfig()) -> dict[str, float]:
     """Held-out mean@k, pass@k, greedy accuracy, entropy and KL(base || policy): metrics.json, samples.parquet."""

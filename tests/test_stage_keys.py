@@ -1,0 +1,142 @@
+"""Stage keys are derived from the stage's arguments: every argument of every stage changes the key, an engine
+setting changes the GFT round's key, a DataFrame is refused, and every model/tokenizer load honours
+trust_remote_code. No stage runs here."""
+
+from __future__ import annotations
+
+import ast
+import inspect
+import types
+import typing
+from pathlib import Path
+
+import pandas as pd
+import pytest
+
+from pipeline import stages
+from pipeline.config import EngineConfig, GFTConfig, Settings
+from pipeline.store.artifacts import ArtifactRef
+
+PACKAGE = Path(__file__).resolve().parents[1] / "pipeline"
+
+
+def _ref(tag: str) -> ArtifactRef:
+    import hashlib
+
+    return ArtifactRef(kind="model", uri=f"/nowhere/{tag}", sha256=hashlib.sha256(tag.encode()).hexdigest(),
+                       schema_version=1)
+
+
+def _concrete(hint):
+    """The non-None type of `X | None`."""
+    if isinstance(hint, types.UnionType) or typing.get_origin(hint) is typing.Union:
+        return next(a for a in typing.get_args(hint) if a is not type(None))
+    return hint
+
+
+def _sample(name: str, hint, default):
+    if default is not inspect.Parameter.empty and default is not None:
+        return default
+    kind = _concrete(hint)
+    if kind is ArtifactRef:
+        return _ref(name)
+    if isinstance(kind, type) and issubclass(kind, Settings):
+        return kind()
+    return {int: 1, bool: False, float: 0.5, str: "x"}[kind]
+
+
+def _changed(value):
+    """Another value of the same type, differing in one field."""
+    if isinstance(value, ArtifactRef):
+        return value.model_copy(update={"sha256": "f" * 64})
+    if isinstance(value, Settings):
+        field = next(f for f, v in value.model_dump().items() if type(v) in (int, float))
+        return value.model_copy(update={field: getattr(value, field) + 1})
+    return (not value) if isinstance(value, bool) else value + type(value)(1) if not isinstance(value, str) else value + "y"
+
+
+def _arguments(name: str) -> dict:
+    fn = stages.STAGES[name].fn
+    hints = typing.get_type_hints(fn)
+    params = list(inspect.signature(fn).parameters.values())[1:]
+    return {p.name: _sample(p.name, hints[p.name], p.default) for p in params}
+
+
+CASES = [(stage, arg) for stage in stages.STAGES for arg in _arguments(stage)]
+
+
+@pytest.mark.parametrize("stage,argument", CASES, ids=[f"{s}.{a}" for s, a in CASES])
+def test_every_argument_of_every_stage_is_in_its_key(stage, argument):
+    args = _arguments(stage)
+    key = stages.bind(stage, **args).key
+    assert stages.bind(stage, **{**args, argument: _changed(args[argument])}).key != key
+    if inspect.signature(stages.STAGES[stage].fn).parameters[argument].default is None:
+        assert stages.bind(stage, **{**args, argument: None}).key != key  # absent is another key
+
+
+def test_an_engine_setting_changes_the_gft_round_key():
+    args = dict(cfg=GFTConfig(), round_idx=0, prompts=_ref("p"), teacher=None, prev=_ref("m"))
+    plain = stages.bind("gft_round", **args, engine=EngineConfig())
+    assert stages.bind("gft_round", **args, engine=EngineConfig(dtype="bfloat16")).key != plain.key
+    assert stages.bind("gft_round", **args, engine=EngineConfig(trust_remote_code=True)).key != plain.key
+    assert plain.spec.inputs == {"prompts": args["prompts"], "prev": args["prev"]}  # roles, absent teacher left out
+    assert plain.spec.scalars == {"round_idx": 0, "seed": 0}
+
+
+def test_a_stage_argument_that_is_not_settings_reference_or_scalar_is_refused():
+    with pytest.raises(TypeError, match="argument 'teacher' is a DataFrame"):
+        stages.bind("gft_round", GFTConfig(), 0, _ref("p"), pd.DataFrame(), _ref("m"))
+    with pytest.raises(TypeError, match="unexpected keyword"):
+        stages.bind("gft_round", GFTConfig(), 0, _ref("p"), None, _ref("m"), res=None)
+
+
+def test_prepare_data_refuses_a_source_that_is_not_the_datas_content(tmp_path):
+    from pipeline.config import DataConfig
+
+    data = tmp_path / "rows.jsonl"
+    data.write_text('{"id": "a", "prompt": "p", "solution": "s", "answer": "1"}\n')
+    synth, source = stages.prepare_data_inputs(DataConfig(source=str(data)), None)
+    assert synth is None and source is not None and source.sha256 != "0" * 64
+    job = stages.Job(out=tmp_path, key="k", res=None)
+    with pytest.raises(ValueError, match="content reference"):
+        stages.STAGES["prepare_data"].fn(job, DataConfig(source=str(data)), None, None)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# trust_remote_code reaches every load
+# ---------------------------------------------------------------------------------------------------------
+
+LOADERS = {"from_pretrained", "load_model", "load_tokenizer", "LLM"}
+# Loads that cannot run remote code: the generic fast tokenizer class, and the bootstrap's own tiny models.
+EXEMPT = {("data/chat.py", "PreTrainedTokenizerFast.from_pretrained")}
+
+
+def _loads_without_flag(path: Path) -> list[str]:
+    out = []
+    for node in ast.walk(ast.parse(path.read_text())):
+        if not isinstance(node, ast.Call):
+            continue
+        func = node.func
+        name = func.attr if isinstance(func, ast.Attribute) else getattr(func, "id", "")
+        owner = f"{func.value.id}.{name}" if isinstance(func, ast.Attribute) and isinstance(func.value, ast.Name) else name
+        rel = path.relative_to(PACKAGE).as_posix()
+        if name in LOADERS and (rel, owner) not in EXEMPT and "self" not in owner:
+            if not any(k.arg in ("trust_remote_code", None) for k in node.keywords):
+                out.append(f"{rel}:{node.lineno}: {owner}(...) without trust_remote_code")
+    return out
+
+
+def test_every_model_and_tokenizer_load_passes_trust_remote_code():
+    found = [v for p in sorted(PACKAGE.rglob("*.py")) if "rounds/bootstrap.py" not in p.as_posix()
+             for v in _loads_without_flag(p)]
+    assert found == []
+
+
+def test_the_trust_remote_code_check_can_fail(tmp_path):
+    bad = PACKAGE / "stages.py"
+    text = bad.read_text().replace("trust_remote_code=engine.trust_remote_code)", ")", 1)
+    probe = tmp_path / "stages.py"
+    probe.write_text(text)
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(Path, "relative_to", lambda self, other: Path("stages.py"))
+        assert any("without trust_remote_code" in v for v in _loads_without_flag(probe))
