@@ -1,4 +1,4 @@
-"""Group advantages (GAL, DESIGN.md section 1.3): one scalar per response, from the rewards of its group.
+"""Group advantages (GAL, docs/design.md section 1.3): one scalar per response, from the rewards of its group.
 
     A_k = (R_k - b_k) / (s_G + eps)
 

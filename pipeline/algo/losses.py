@@ -7,7 +7,7 @@ GFT (Group Fine-Tuning), per response token t of group member k with group advan
     l_{k,t} = -A_k * C(p_{k,t}) * log p_{k,t}
     L       = sum_{k,t} m_{k,t} * l_{k,t} / Z                     (Z = response tokens of the optimizer step)
 
-The baselines are the same function (DESIGN.md section 1.7):
+The baselines are the same function (docs/design.md section 1.7):
     SFT                = expert-only groups, A = 1, tau = 0       -> `sft_loss`
     DFT                = A = 1, C = sg(p) everywhere (tau > 1)    -> `dft_loss`
     GFT without DCR    = tau = 0                                  -> `gft_loss(..., tau=0.0)`

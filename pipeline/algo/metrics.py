@@ -1,4 +1,5 @@
-"""Evaluation metrics and the comparison table across checkpoints: pure functions of rewards and log-probs.
+"""Evaluation metrics (docs/design.md section 1.9) and the comparison table across checkpoints: pure functions
+of rewards and log-probs.
 
 For each held-out prompt: k samples at `temperature` give mean@k (the paper's "Pass@16 Average": mean
 correctness over samples) and the unbiased pass@k estimator; one greedy completion gives greedy accuracy;
