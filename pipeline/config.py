@@ -19,9 +19,10 @@ S = TypeVar("S", bound="Settings")
 
 
 class Settings(BaseModel):
-    """Base of every settings model: frozen, unknown keys rejected, field docstrings as descriptions."""
+    """Base of every settings model: frozen, unknown keys and non-finite numbers rejected, field docstrings as
+    descriptions."""
 
-    model_config = ConfigDict(frozen=True, extra="forbid", use_attribute_docstrings=True)
+    model_config = ConfigDict(frozen=True, extra="forbid", use_attribute_docstrings=True, allow_inf_nan=False)
 
     def digest(self) -> str:
         """Stable sha256 of the settings (sorted-key JSON of every field, defaults included)."""
@@ -65,6 +66,9 @@ class TrainConfig(Settings):
     backward instead of recomputing them: one output-projection matmul fewer per chunk, for that memory."""
     precision: Literal["auto", "bf16", "fp32"] = "auto"
     """auto = bf16 autocast on GPU, full precision (the model's own dtype) on CPU."""
+    save_dtype: Literal["source", "float32", "bfloat16", "float16"] = "source"
+    """dtype of the saved checkpoint (model/); training weights and optimizer state are float32 whatever the
+    source's dtype. source = the dtype of the checkpoint training started from (a bf16 hub model stays bf16)."""
     gradient_checkpointing: bool = False
     """Recompute decoder activations in backward to save memory."""
     compile: bool = False
@@ -459,8 +463,8 @@ class TrackingConfig(Settings):
 class RunConfig(Settings):
     """A whole pipeline run: where it writes, and one table per stage."""
 
-    name: str = "default"
-    """Name of the run (the MLflow experiment and the folder under `root`)."""
+    name: str = Field("default", pattern=r"^[^/\\\x00]+$")
+    """Name of the run (the MLflow experiment and the folder under `root`); no path separators."""
     root: str = "runs"
     """Folder of the artifact store (relative paths are relative to the config file's folder)."""
     seed: int = 0
@@ -490,6 +494,12 @@ class RunConfig(Settings):
     """Evaluation after each stage."""
     tracking: TrackingConfig = TrackingConfig()
     """MLflow tracking (not part of any stage key)."""
+
+    @model_validator(mode="after")
+    def _name_is_one_folder(self) -> RunConfig:
+        if self.name in (".", ".."):
+            raise ValueError(f"name {self.name!r}: the run's name is a folder under reports/; use a plain name")
+        return self
 
     @model_validator(mode="after")
     def _chain_in_order(self) -> RunConfig:

@@ -35,7 +35,7 @@ from pipeline.config import (
 from pipeline.data import chat, synthetic
 from pipeline.data import prompts as data_lib
 from pipeline.model.batches import Example
-from pipeline.model.loading import load_model
+from pipeline.model.loading import load_model, save_dtype
 from pipeline.model.loop import fit
 from pipeline.model.scoring import dft_objective, score_responses, sft_objective
 from pipeline.model.trainer import make_trainer, save_model
@@ -48,8 +48,8 @@ from pipeline.runtime import Resources, cached, model_dir
 from pipeline.store.artifacts import ArtifactRef, tree_sha256
 from pipeline.store.cache import StageSpec, derive_spec
 
-__all__ = ["Job", "StageCall", "STAGES", "bind", "execute", "prepare_data", "prepare_data_inputs", "bootstrap_models", "bootstrap_member",
-           "teacher_sample", "sft", "gft_round", "gft", "grpo_round", "grpo", "evaluate"]
+__all__ = ["Job", "StageCall", "STAGES", "bind", "execute", "prepare_data", "prepare_data_inputs", "bootstrap_models",
+           "bootstrap_member", "teacher_sample", "sft", "gft_round", "gft", "grpo_round", "grpo", "evaluate"]
 
 log = logging.getLogger(__name__)
 
@@ -250,7 +250,8 @@ def sft(job: Job, cfg: SFTConfig, prompts: ArtifactRef, teacher: ArtifactRef | N
     result = fit(load_model(model_dir(init), trust_remote_code=trust_remote_code, train=True), examples, objective,
                  cfg.train, pad_id=chat.pad_id(tok), checkpoint_dir=work, progress_bar=job.res.progress)
     job.res.count("optimizer.step", len(result.history))
-    save_model(result.trainer, job.out / "model", tok)
+    save_model(result.trainer, job.out / "model", tok,
+               dtype=save_dtype(cfg.train.save_dtype, model_dir(init), trust_remote_code=trust_remote_code))
     _write_history(job.out / "history.jsonl", result.history)
     shutil.rmtree(work, ignore_errors=True)
     last = result.history[-1] if result.history else {}
@@ -272,12 +273,13 @@ def _round_trainer(job: Job, prev: ArtifactRef, train_cfg, total_steps: int, *, 
     return trainer
 
 
-def _save_round(job: Job, trainer, tok, result: RoundResult, *, sampled: bool = True) -> dict[str, float]:
-    """groups.parquet, history.jsonl, model/ and state/ (optimizer, scheduler, RNG for the next round)."""
+def _save_round(job: Job, trainer, tok, result: RoundResult, dtype, *, sampled: bool = True) -> dict[str, float]:
+    """groups.parquet, history.jsonl, model/ (in `dtype`) and state/ (float32 weights, optimizer, scheduler, RNG:
+    the next round continues from these, so a bf16 model/ loses nothing between rounds)."""
     result.table.to_parquet(job.out / "groups.parquet")
     _write_history(job.out / "history.jsonl", result.history)
     trainer.accelerator.save_state(str(job.out / "state"))
-    save_model(trainer, job.out / "model", tok)
+    save_model(trainer, job.out / "model", tok, dtype=dtype)
     job.res.count("optimizer.step", len(result.history))
     job.res.count("engine.generate", int(sampled))
     return result.metrics
@@ -293,7 +295,8 @@ def gft_round(job: Job, cfg: GFTConfig, round_idx: int, prompts: ArtifactRef, te
                              trust_remote_code=engine.trust_remote_code)
     result = gft_lib.run_round(trainer, job.res.engine("policy", model_dir(prev), engine), job.res.verifier(cfg.reward),
                                rows, _teacher_map(teacher, rows), tok, cfg, round_idx=round_idx)
-    return _save_round(job, trainer, tok, result, sampled=cfg.policy > 0)
+    dtype = save_dtype(cfg.train.save_dtype, model_dir(prev), trust_remote_code=engine.trust_remote_code)
+    return _save_round(job, trainer, tok, result, dtype, sampled=cfg.policy > 0)
 
 
 def gft(cfg: GFTConfig, prompts: ArtifactRef, teacher: ArtifactRef | None, init: ArtifactRef, *, res: Resources,
@@ -324,7 +327,8 @@ def grpo_round(job: Job, cfg: GRPOConfig, round_idx: int, prompts: ArtifactRef, 
     result = grpo_lib.run_round(trainer, job.res.engine("policy", model_dir(prev), engine),
                                 [job.res.verifier(r) for r in cfg.rewards], rows, tok, cfg, round_idx=round_idx,
                                 reference=ref_model)
-    return _save_round(job, trainer, tok, result)
+    dtype = save_dtype(cfg.train.save_dtype, model_dir(prev), trust_remote_code=remote)
+    return _save_round(job, trainer, tok, result, dtype)
 
 
 def grpo(cfg: GRPOConfig, prompts: ArtifactRef, init: ArtifactRef, *, res: Resources,

@@ -64,17 +64,19 @@ def _executed(states) -> list[str]:
     return [name for name, state in states if state != "Cached"]
 
 
-def _fail_round(monkeypatch, round_idx: int) -> None:
+def _fail_round(monkeypatch, failing_round: int) -> None:
+    import functools
     from dataclasses import replace
 
     from pipeline import stages
 
     real = stages.STAGES["gft_round"]
 
-    def failing(job, cfg, r, *args, **kw):
-        if r == round_idx:
-            raise RuntimeError(f"injected failure in gft round {r}")
-        return real.fn(job, cfg, r, *args, **kw)
+    @functools.wraps(real.fn)  # the same signature, so the call binds and keys as the real stage
+    def failing(job, cfg, round_idx, *args, **kw):
+        if round_idx == failing_round:
+            raise RuntimeError(f"injected failure in gft round {round_idx}")
+        return real.fn(job, cfg, round_idx, *args, **kw)
 
     monkeypatch.setitem(stages.STAGES, "gft_round", replace(real, fn=failing))
 
@@ -133,7 +135,7 @@ def test_refresh_recomputes_stage_and_downstream(failed_then_rerun):
 def test_prefect_flow_run_retry_reruns_only_the_failed_stage(harness, tmp_path, monkeypatch):
     _fail_round(monkeypatch, 0)
     first = _flow(tmp_path)
-    assert first.is_failed()
+    assert first.is_failed() and "injected failure in gft round 0" in str(first.message)
     monkeypatch.undo()
     flow_run_id = first.state_details.flow_run_id
     env = {**os.environ, "PREFECT_API_URL": harness, "PYTHONPATH": str(REPO)}

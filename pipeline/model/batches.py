@@ -18,7 +18,8 @@ from torch import Tensor
 
 from pipeline.config import TrainConfig
 
-__all__ = ["Example", "TokenBatch", "StepTotals", "check_example", "collate_padded", "collate_packed", "step_order", "plan_step"]
+__all__ = ["Example", "TokenBatch", "StepTotals", "check_example", "collate_padded", "collate_packed", "step_order",
+           "plan_step"]
 
 
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-__all__ = ["load_model"]
+__all__ = ["load_model", "checkpoint_dtype", "save_dtype"]
 
 
 def load_model(path: str, *, trust_remote_code: bool = False, train: bool = False) -> nn.Module:
@@ -17,3 +17,20 @@ def load_model(path: str, *, trust_remote_code: bool = False, train: bool = Fals
     dtype = torch.float32 if train else "auto"
     model = AutoModelForCausalLM.from_pretrained(path, trust_remote_code=trust_remote_code, dtype=dtype)
     return model if train else model.eval()
+
+
+def checkpoint_dtype(path: str, *, trust_remote_code: bool = False) -> torch.dtype:
+    """The dtype a checkpoint's config declares for its weights (float32 when it declares none)."""
+    from transformers import AutoConfig
+
+    declared = AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code).dtype
+    if isinstance(declared, str):
+        declared = getattr(torch, declared, None)
+    return declared if isinstance(declared, torch.dtype) else torch.float32
+
+
+def save_dtype(setting: str, source: str, *, trust_remote_code: bool = False) -> torch.dtype:
+    """The dtype a trained checkpoint is saved in: TrainConfig.save_dtype, "source" meaning the source's."""
+    if setting == "source":
+        return checkpoint_dtype(source, trust_remote_code=trust_remote_code)
+    return getattr(torch, setting)

@@ -1,16 +1,18 @@
 """The trainer on `accelerate`: `make_trainer`, `train_step` (one optimizer step), checkpoints and saving.
 
-The loop over steps (`run_steps`, `fit`) lives in `pipeline.model.loop`. One optimizer step consumes `sequences_per_step` examples (the global batch). Every process sees the same
-step plan, takes its strided share and splits it into micro-batches (padded rows, or packed rows without pad
-tokens). Each micro-batch loss is a token sum divided by the step's global token count, so gradient
-accumulation and data parallelism give the gradient of one big batch; DDP averages over processes, so the
-loss is scaled by the process count before backward. The data order is a pure function of (seed, step), so
-a checkpoint of model, optimizer, scheduler, RNG and step number resumes exactly. Examples and step plans
-live in `pipeline.model.batches`; the token scorer and the objectives in `pipeline.model.scoring`.
+The loop over steps (`run_steps`, `fit`) lives in `pipeline.model.loop`. One optimizer step consumes
+`sequences_per_step` examples (the global batch). Every process sees the same step plan, takes its strided share and
+splits it into micro-batches (padded rows, or packed rows without pad tokens). Each micro-batch loss is a token sum
+divided by the step's global token count, so gradient accumulation and data parallelism give the gradient of one big
+batch; DDP averages over processes, so the loss is scaled by the process count before backward. The data order is a
+pure function of (seed, step), so a checkpoint of model, optimizer, scheduler, RNG and step number resumes exactly.
+Examples and step plans live in `pipeline.model.batches`; the token scorer and the objectives in
+`pipeline.model.scoring`.
 """
 
 from __future__ import annotations
 
+import json
 import math
 import shutil
 from collections.abc import Sequence
@@ -279,14 +281,28 @@ def resume_latest(trainer: Trainer, root: Path) -> Path | None:
     return found[-1]
 
 
-def save_model(trainer: Trainer, path: Path, tokenizer=None) -> Path:
-    """The trained model (and tokenizer) as a Hugging Face folder, written atomically by the main process."""
+def _save_pretrained(model: nn.Module, folder: Path, dtype: torch.dtype | None) -> None:
+    """save_pretrained, with the floating-point tensors cast to `dtype` on the host (the live weights stay as they
+    are: float32 master weights keep their precision)."""
+    if dtype is None or dtype == next(model.parameters()).dtype:
+        model.save_pretrained(folder)
+        return
+    state = {k: v.detach().to("cpu", dtype) if v.is_floating_point() else v for k, v in model.state_dict().items()}
+    model.save_pretrained(folder, state_dict=state)
+    config = json.loads((folder / "config.json").read_text())
+    config["dtype"] = str(dtype).removeprefix("torch.")  # the saved weights' dtype, not the live ones'
+    (folder / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+
+
+def save_model(trainer: Trainer, path: Path, tokenizer=None, *, dtype: torch.dtype | None = None) -> Path:
+    """The trained model (and tokenizer) as a Hugging Face folder in `dtype` (None: the weights' own), written
+    atomically by the main process."""
     acc = trainer.accelerator
     acc.wait_for_everyone()
     if acc.is_main_process:
         tmp = path.with_name(f".tmp-{path.name}")
         shutil.rmtree(tmp, ignore_errors=True)
-        trainer.model.save_pretrained(tmp)
+        _save_pretrained(trainer.model, tmp, dtype)
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
         shutil.rmtree(path, ignore_errors=True)

@@ -1,0 +1,79 @@
+"""A bf16 checkpoint trains in float32 and is saved in the dtype the user chooses (default: the source's);
+non-finite settings and run names that leave the root are refused when the config loads."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from pydantic import ValidationError
+from safetensors.torch import load_file
+
+from pipeline.config import RunConfig, SamplingConfig, TrainConfig
+from pipeline.model.batches import plan_step
+from pipeline.model.loading import checkpoint_dtype, load_model, save_dtype
+from pipeline.model.scoring import sft_objective
+from pipeline.model.trainer import make_trainer, save_model, train_step
+from tests.conftest import PAD, random_examples, tiny_lm
+
+
+@pytest.fixture()
+def bf16_checkpoint(tmp_path):
+    folder = tmp_path / "bf16"
+    tiny_lm("llama", seed=3).to(torch.bfloat16).save_pretrained(folder)
+    return folder
+
+
+def _one_step(model, lr: float) -> float:
+    """The fraction of weights one SFT step at `lr` (the paper's GFT setting is 1e-6) changes."""
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    cfg = TrainConfig(lr=lr, sequences_per_step=4, micro_batch_size=4, weight_decay=0.0)
+    trainer = make_trainer(model, cfg, total_steps=1)
+    examples = random_examples(4, seed=1)
+    micro, totals = plan_step(examples, range(4), cfg, rank=0, world=1, pad_id=PAD)
+    train_step(trainer, micro, sft_objective(), totals, max_grad_norm=None, step=0)
+    changed = sum(int((p.detach() != before[n]).sum()) for n, p in trainer.model.named_parameters())
+    return changed / sum(p.numel() for p in before.values())
+
+
+def test_a_bf16_checkpoint_trains_in_float32_and_moves_at_lr_1e_6(bf16_checkpoint):
+    assert checkpoint_dtype(str(bf16_checkpoint)) == torch.bfloat16
+    model = load_model(str(bf16_checkpoint), train=True)
+    assert {p.dtype for p in model.parameters()} == {torch.float32}
+    assert _one_step(model, 1e-6) > 0.9  # every weight with a gradient moves by about lr
+
+
+def test_the_premise_a_bf16_weight_does_not_move_at_lr_1e_6(bf16_checkpoint):
+    """Why the trainer loads float32: the same step on the checkpoint's own bf16 weights changes almost nothing."""
+    model = load_model(str(bf16_checkpoint))  # the checkpoint's dtype, as scoring loads it
+    assert next(model.parameters()).dtype == torch.bfloat16
+    assert _one_step(model.train(), 1e-6) < 0.2  # a step of 1e-6 is below bf16's resolution for most weights
+
+
+@pytest.mark.parametrize("setting,expected", [("source", torch.bfloat16), ("float32", torch.float32)])
+def test_the_saved_checkpoint_has_the_chosen_dtype_and_the_live_weights_stay_float32(bf16_checkpoint, tmp_path,
+                                                                                    setting, expected):
+    model = load_model(str(bf16_checkpoint), train=True)
+    trainer = make_trainer(model, TrainConfig(lr=1e-6), total_steps=1)
+    dtype = save_dtype(setting, str(bf16_checkpoint))
+    save_model(trainer, tmp_path / "out", dtype=dtype)
+    tensors = load_file(tmp_path / "out" / "model.safetensors")
+    assert {t.dtype for t in tensors.values()} == {expected}
+    assert checkpoint_dtype(str(tmp_path / "out")) == expected
+    assert {p.dtype for p in trainer.model.parameters()} == {torch.float32}  # saving did not cast the master weights
+    reloaded = load_model(str(tmp_path / "out"), train=True)
+    for name, p in reloaded.named_parameters():
+        live = dict(trainer.model.named_parameters())[name]
+        assert torch.equal(p, live.detach().to(expected).float()), name
+
+
+@pytest.mark.parametrize("field,value", [("temperature", float("inf")), ("top_p", float("nan"))])
+def test_non_finite_sampling_values_are_refused_naming_the_field(field, value):
+    with pytest.raises(ValidationError, match=field):
+        SamplingConfig(**{field: value})
+
+
+@pytest.mark.parametrize("name", ["../elsewhere", "a/b", "a\\b", "..", "."])
+def test_a_run_name_that_is_not_one_folder_is_refused(name):
+    with pytest.raises(ValidationError, match="name"):
+        RunConfig(name=name)
+    RunConfig(name="paper_table_ci.gft.s0")  # experiment trial names stay valid
