@@ -281,7 +281,8 @@ def _save_round(job: Job, trainer, tok, result: RoundResult, dtype, *, sampled: 
     trainer.accelerator.save_state(str(job.out / "state"))
     save_model(trainer, job.out / "model", tok, dtype=dtype)
     job.res.count("optimizer.step", len(result.history))
-    job.res.count("engine.generate", int(sampled))
+    if sampled:
+        job.res.count("engine.generate")
     return result.metrics
 
 

@@ -113,3 +113,27 @@ def test_gft_resumes_after_its_last_finished_round(pipeline_run):
     assert res.calls == {"gft_round": 1, "engine.generate": 1, "optimizer.step": GFT.minibatches_per_round}
     assert rounds[0] == first["gft0"]
     assert (Path(rounds[1].uri) / "groups.parquet").exists()
+
+
+def test_same_key_same_bytes_whatever_ran_before_in_the_process(pipeline_run, tmp_path):
+    """A round's output (its state/ holds the process's RNG state) depends on its key only. With no policy
+    members the engine never reseeds the process (nor does vLLM's engine ever), so only the round's own seeding
+    keeps the bytes: draw from every global RNG differently before each computation of the same round."""
+    import random
+
+    import numpy as np
+    import torch
+
+    root, first, *_ = pipeline_run
+    offline = GFT.model_copy(update={"policy": 0})
+    digests = []
+    for seed in (1, 2):
+        torch.manual_seed(seed), random.seed(seed), np.random.seed(seed)
+        res = runtime.Resources(StageStore(tmp_path / f"store-{seed}"), progress=False)  # two separate outputs
+        try:
+            digests.append(stages.gft_round(offline, 0, first["prompts"], first["teacher"], first["base"],
+                                            res=res).sha256)
+        finally:
+            res.close()
+        assert res.calls["gft_round"] == 1 and "engine.generate" not in res.calls
+    assert digests[0] == digests[1]
