@@ -22,7 +22,7 @@ import time
 import urllib.request
 from pathlib import Path
 
-from pipeline.config import RunConfig, load_toml
+from pipeline.config import RunConfig, load_run_config
 
 __all__ = ["main"]
 
@@ -34,7 +34,7 @@ PREFECT_DEFAULTS = {"PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS": "180",
 def _load(config: Path, root: Path | None) -> tuple[RunConfig, Path]:
     from flows.post_train import resolve_root
 
-    cfg = load_toml(RunConfig, config)
+    cfg = load_run_config(config)
     return cfg, resolve_root(config, cfg, str(root) if root else None)
 
 

@@ -13,7 +13,7 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 __all__ = ["Settings", "TrainConfig", "SamplingConfig", "EngineConfig", "DataConfig", "ModelsConfig",
            "TeacherSampleConfig", "SFTConfig", "GFTConfig", "GRPOConfig", "EvalConfig", "SyntheticConfig", "RunConfig",
-           "load_toml", "apply_overrides"]
+           "load_toml", "load_run_config", "resolve_paths", "apply_overrides"]
 
 S = TypeVar("S", bound="Settings")
 
@@ -376,6 +376,44 @@ def load_toml(model: type[S], path: str | Path, *, section: str | None = None) -
         data = data[section]
     try:
         return model.model_validate(data)
+    except ValueError as exc:
+        raise ValueError(f"{path}: {exc}") from exc
+
+
+_NOT_PATHS = {"synthetic", "bootstrap"}
+_PATH_FIELDS = (("data", "source"), ("models", "base"), ("models", "teacher"))
+
+
+def _looks_like_path(value: str) -> bool:
+    """A value meant as a local path rather than a hub id ("org/name"): explicitly relative or absolute, nested
+    deeper than org/name, or with a data file's suffix."""
+    return (value.startswith(("./", "../", "/", "~")) or value.count("/") > 1
+            or Path(value).suffix in (".jsonl", ".json", ".parquet"))
+
+
+def resolve_paths(cfg: RunConfig, folder: str | Path) -> RunConfig:
+    """Every path field of a run config resolved one way: relative to the config file's `folder` (like `root`).
+    A value naming an existing file or folder there becomes its absolute path; a path-like value that names
+    nothing fails here, naming the field, before any stage runs; anything else is a hub id and stays as it is."""
+    updates = {}
+    for table, field in _PATH_FIELDS:
+        value = getattr(getattr(cfg, table), field)
+        if value is None or value in _NOT_PATHS:
+            continue
+        candidate = Path(folder) / Path(value).expanduser()
+        if candidate.exists():
+            updates[f"{table}.{field}"] = str(candidate.resolve())
+        elif _looks_like_path(value):
+            raise ValueError(f"{table}.{field} = {value!r}: no such file or folder {candidate} (relative paths are "
+                             f"relative to the config file's folder; a hub id is written org/name)")
+    return apply_overrides(cfg, updates, where=f"paths relative to {folder}") if updates else cfg
+
+
+def load_run_config(path: str | Path) -> RunConfig:
+    """A run config from its TOML file, with every path field resolved against the file's folder."""
+    cfg = load_toml(RunConfig, path)
+    try:
+        return resolve_paths(cfg, Path(path).resolve().parent)
     except ValueError as exc:
         raise ValueError(f"{path}: {exc}") from exc
 

@@ -22,7 +22,7 @@ import torch
 from pipeline import runtime, plots, stages
 from pipeline.store.artifacts import ArtifactRef, StageStore, write_text_atomic
 from pipeline.store.outputs import Chain, read_chain, read_output
-from pipeline.config import RunConfig, load_toml
+from pipeline.config import RunConfig, load_run_config
 from pipeline.algo.metrics import comparison_table
 from pipeline.tracking import MlflowTracker, NullTracker, sqlite_uri
 
@@ -268,7 +268,7 @@ def main(argv: list[str] | None = None) -> int:
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()  # per-file "Loading weights" bars; ours stay
-    cfg = load_toml(RunConfig, args.config)
+    cfg = load_run_config(args.config)
     root = (args.root or (args.config.resolve().parent / cfg.root)).resolve()
     start = time.perf_counter()
     result = run(cfg, root=root, progress=not args.no_progress)

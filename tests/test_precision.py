@@ -77,3 +77,42 @@ def test_a_run_name_that_is_not_one_folder_is_refused(name):
     with pytest.raises(ValidationError, match="name"):
         RunConfig(name=name)
     RunConfig(name="paper_table_ci.gft.s0")  # experiment trial names stay valid
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Path fields resolve against the config's folder; a missing path fails at load, naming the field
+# ---------------------------------------------------------------------------------------------------------
+
+
+def _config(folder, body: str):
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / "run.toml"
+    path.write_text(body)
+    return path
+
+
+def test_relative_paths_resolve_against_the_config_folder_not_the_cwd(tmp_path, monkeypatch):
+    from pipeline.config import load_run_config
+
+    folder = tmp_path / "project"
+    (folder / "data").mkdir(parents=True)
+    (folder / "data" / "rows.jsonl").write_text("{}\n")
+    tiny_lm().save_pretrained(folder / "models" / "base")
+    path = _config(folder, '[data]\nsource = "data/rows.jsonl"\n[models]\nbase = "models/base"\nteacher = "org/name"\n')
+    monkeypatch.chdir(tmp_path)  # elsewhere: the old rule would look for ./data/rows.jsonl here
+    cfg = load_run_config(path)
+    assert cfg.data.source == str(folder / "data" / "rows.jsonl")
+    assert cfg.models.base == str(folder / "models" / "base")
+    assert cfg.models.teacher == "org/name"  # a hub id stays a hub id
+
+
+@pytest.mark.parametrize("field,line", [
+    ("models.base", '[models]\nbase = "./models/bsae"\n'),
+    ("data.source", '[data]\nsource = "data/rows.jsnl.jsonl"\n'),
+    ("models.teacher", '[models]\nteacher = "checkpoints/run1/teacher"\n'),
+])
+def test_a_mistyped_path_fails_at_load_naming_the_field(tmp_path, field, line):
+    from pipeline.config import load_run_config
+
+    with pytest.raises(ValueError, match=f"{field} = .*no such file or folder"):
+        load_run_config(_config(tmp_path, line))

@@ -50,7 +50,7 @@ from typing import Any, Literal
 from pydantic import Field, model_validator
 
 from pipeline.store.artifacts import ArtifactRef
-from pipeline.config import RunConfig, Settings, apply_overrides, load_toml
+from pipeline.config import RunConfig, Settings, apply_overrides, load_run_config
 from pipeline.progress import bar
 from pipeline.experiment.report import own_overrides, short, write_report
 
@@ -215,7 +215,7 @@ def _slug(text: str) -> str:
 def expand(exp: ExperimentConfig, *, only: Iterable[str] | None = None) -> list[Trial]:
     """Every trial of the experiment, seed by seed (a whole table per seed), each config derived from the base.
     `only` keeps the named variants (or sweeps); an unknown name raises ValueError listing the known ones."""
-    base = load_toml(RunConfig, exp.base)
+    base = load_run_config(exp.base)
     variants = _variants(exp)
     if only is not None:
         wanted = set(only)
@@ -239,7 +239,7 @@ def experiment_root(exp: ExperimentConfig) -> Path:
     """The artifact store: the experiment's `root`, else the base config's root (beside the base config)."""
     if exp.root:
         return Path(exp.root)
-    return (Path(exp.base).parent / load_toml(RunConfig, exp.base).root).resolve()
+    return (Path(exp.base).parent / load_run_config(exp.base).root).resolve()
 
 
 # ---------------------------------------------------------------------------------------------------------
