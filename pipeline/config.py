@@ -532,6 +532,20 @@ class RunConfig(Settings):
     """Evaluation after each stage."""
     tracking: TrackingConfig = TrackingConfig()
     """MLflow tracking (not part of any stage key)."""
+    reward_modules: tuple[str, ...] = ()
+    """Python modules (and their submodules) whose functions the config may name as rewards, `module:function`;
+    a reward from any other module is refused at load. Registered verifiers (math_answer, exact_match) need none."""
+
+    @model_validator(mode="after")
+    def _rewards_allowed(self) -> RunConfig:
+        specs = [("gft.reward", self.gft.reward), ("eval.reward", self.eval.reward)]
+        specs += [(f"grpo.rewards[{i}]", s) for i, s in enumerate(self.grpo.rewards)]
+        for field, spec in specs:
+            module = spec.partition(":")[0] if ":" in spec else None
+            if module and not any(module == m or module.startswith(m + ".") for m in self.reward_modules):
+                raise ValueError(f"{field} = {spec!r}: module {module!r} is not in reward_modules "
+                                 f"{list(self.reward_modules)}; add it there to allow its functions as rewards")
+        return self
 
     @model_validator(mode="after")
     def _name_is_one_folder(self) -> RunConfig:

@@ -201,7 +201,7 @@ seeds = [0]
 chain = ["sft"]
 [variants.broken]
 chain = ["gft"]
-overrides = {{ "gft.reward" = "no_such_module_xyz:reward" }}
+overrides = {{ "gft.reward" = "no_such_module_xyz:reward", "reward_modules" = ["no_such_module_xyz"] }}
 [sweeps.tau]
 field = "gft.tau"
 values = [0.0, 1.5]

@@ -324,8 +324,29 @@ def test_unknown_reward_fails_at_construction():
         Verifier("no_such_reward")
     with pytest.raises(ImportError):
         Verifier("tests.no_such_module:fn")
-    with pytest.raises(AttributeError):
+    with pytest.raises(ValueError, match="not a Python function defined in"):
         Verifier(f"{H}:no_such_function")
+
+
+@pytest.mark.parametrize("spec", ["builtins:exec", "builtins:eval", "os:system", "subprocess:Popen",
+                                  "tests.reward_helpers:time"])
+def test_a_reward_spec_names_a_function_of_its_own_module(spec):
+    """Not a builtin, not something the module imported from elsewhere (os.system is posix.system), not a class
+    or a module."""
+    with pytest.raises(ValueError, match="not a Python function defined in"):
+        Verifier(spec)
+
+
+def test_a_run_config_allows_reward_modules_only_by_name():
+    from pydantic import ValidationError
+
+    from pipeline.config import GRPOConfig, RunConfig
+
+    with pytest.raises(ValidationError, match=r"grpo.rewards\[1\] = 'tests.reward_helpers:none_for_odd_id'.*reward_modules"):
+        RunConfig(grpo=GRPOConfig(rewards=("math_answer", f"{H}:none_for_odd_id")))
+    with pytest.raises(ValidationError, match="eval.reward = 'builtins:exec'"):
+        RunConfig(eval={"reward": "builtins:exec"})
+    RunConfig(grpo=GRPOConfig(rewards=("math_answer", f"{H}:none_for_odd_id")), reward_modules=("tests",))
 
 
 def test_resolve_reward():

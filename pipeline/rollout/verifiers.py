@@ -15,6 +15,7 @@ reward or the data and is raised, naming the row.
 from __future__ import annotations
 
 import importlib
+import inspect
 import multiprocessing as mp
 import re
 from collections import Counter
@@ -125,7 +126,11 @@ def resolve_reward(spec: str) -> RewardFn:
         return REWARDS[spec]
     if ":" in spec:
         module, _, name = spec.partition(":")
-        return getattr(importlib.import_module(module), name)
+        fn = getattr(importlib.import_module(module), name, None)
+        if not inspect.isfunction(fn) or fn.__module__ != module:  # builtins:exec, os:system re-exported, a class
+            raise ValueError(f"reward {spec!r}: {module}.{name} is not a Python function defined in {module}; a "
+                             "reward spec names a function of the user's own module")
+        return fn
     raise KeyError(f"unknown reward {spec!r}; known: {sorted(REWARDS)} or an import path 'module:function'")
 
 
