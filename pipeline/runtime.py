@@ -29,7 +29,6 @@ log = logging.getLogger(__name__)
 class _Loaded:
     engine: Engine
     cfg: EngineConfig
-    model_dir: str
 
 
 @dataclass
@@ -43,20 +42,31 @@ class Resources:
     calls: dict[str, int] = field(default_factory=dict)  # work actually done, for tests and the summary
     tracker: Tracker = field(default_factory=NullTracker)
     force: bool = False  # recompute even valid outputs (`gft run --refresh STAGE` sets it from STAGE on)
+    weights: dict[int, str] = field(default_factory=dict)  # id(engine) -> the checkpoint its weights are now
 
     def engine(self, role: str, model_dir: str, cfg: EngineConfig) -> Engine:
-        """The engine of a role (policy, teacher, base, eval) with settings `cfg`, built once and refreshed in
-        place to model_dir; rebuilt when the settings change."""
+        """The engine of a role (policy, teacher, base, eval) with settings `cfg`, holding model_dir's weights.
+        Built once per role and refreshed in place; roles may share one engine object (vLLM keeps one engine per
+        model folder), so the weights are checked against what the engine holds now, not what the role loaded
+        last: every role samples the checkpoint it names."""
         loaded = self.engines.get(role)
         if loaded is not None and loaded.cfg != cfg:
-            loaded.engine.close()
+            self._release(role)
             loaded = None
         if loaded is None:
-            loaded = self.engines[role] = _Loaded(build_engine(model_dir, cfg), cfg, model_dir)
-        if loaded.model_dir != model_dir:
+            loaded = self.engines[role] = _Loaded(build_engine(model_dir, cfg), cfg)
+            self.weights[id(loaded.engine)] = model_dir  # a fresh (or shared, reset) engine holds its folder's
+        if self.weights.get(id(loaded.engine)) != model_dir:
             loaded.engine.load_weights(model_dir)
-            loaded.model_dir = model_dir
+            self.weights[id(loaded.engine)] = model_dir
         return loaded.engine
+
+    def _release(self, role: str) -> None:
+        """Forget a role's engine; close it unless another role still uses the same object."""
+        engine = self.engines.pop(role).engine
+        if all(other.engine is not engine for other in self.engines.values()):
+            self.weights.pop(id(engine), None)
+            engine.close()
 
     def verifier(self, reward: str) -> Verifier:
         """The verifier process of a reward spec, started once."""
@@ -68,11 +78,10 @@ class Resources:
         self.calls[what] = self.calls.get(what, 0) + n
 
     def close(self) -> None:
-        for loaded in self.engines.values():
-            loaded.engine.close()
+        for role in list(self.engines):
+            self._release(role)
         for verifier in self.verifiers.values():
             verifier.close()
-        self.engines.clear()
         self.verifiers.clear()
 
 

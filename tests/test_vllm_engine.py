@@ -113,6 +113,25 @@ def test_greedy_matches_hf_before_and_after_load_weights(vllm_engine, hf_a, ckpt
     assert ids(engine.generate(MORE_PROMPTS, 1, GREEDY)) == ids(on_a)
 
 
+def test_every_role_samples_the_checkpoint_it_names(vllm_engine, hf_a, ckpts, tmp_path):
+    """Roles on one model folder share one vLLM engine. The evaluation's pattern: eval(a), base(a), eval(b) loads b
+    into that engine, then base(a) must sample a again (it used to sample b: a KL of the policy against itself)."""
+    from pipeline.runtime import Resources
+    from pipeline.store.artifacts import StageStore
+
+    a, b = (str(c) for c in ckpts)
+    ids = lambda results: [group[0].token_ids for group in results]  # noqa: E731
+    res = Resources(StageStore(tmp_path / "store"), progress=False)
+    on_a = ids(res.engine("eval", a, CFG).generate(MORE_PROMPTS, 1, GREEDY))
+    assert res.engine("base", a, CFG) is res.engine("eval", a, CFG)  # shared: the case that went wrong
+    on_b = ids(res.engine("eval", b, CFG).generate(MORE_PROMPTS, 1, GREEDY))
+    assert on_b != on_a
+    assert ids(res.engine("base", a, CFG).generate(MORE_PROMPTS, 1, GREEDY)) == on_a == ids(
+        hf_a.generate(MORE_PROMPTS, 1, GREEDY))
+    assert ids(res.engine("eval", b, CFG).generate(MORE_PROMPTS, 1, GREEDY)) == on_b
+    res.engines.clear()  # the module's engine stays open for the other tests; Resources would close it
+
+
 def test_engine_bench_runs_both_engines_on_both_workloads(tmp_path):
     """`bench/engines.py --tiny`: every engine measured on both workloads, with the same thread count, and each
     honours the uneven workload's eos list from generation_config.json (shorter completions, most stopped)."""
