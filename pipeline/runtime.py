@@ -92,6 +92,7 @@ def cached(res: Resources, spec: StageSpec, build: Callable[[Path, str], dict[st
     ref = None if res.force else res.store.lookup(spec.stage, key)
     if ref is not None:
         log.info("%s %s: served from cache", spec.stage, key[:12])
+        res.store.discard_work(spec.stage, key)  # a killed run's leftovers, now that the output exists
         return ref
     config = {type(c).__name__: c.model_dump(mode="json") for c in spec.configs.values()}
     config.update({"arguments": spec.scalars} if spec.scalars else {})
@@ -103,6 +104,7 @@ def cached(res: Resources, spec: StageSpec, build: Callable[[Path, str], dict[st
             out.metrics.update(build(Path(out.path), key))
             out.metrics["wall_time_s"] = time.perf_counter() - start
         run.finish(out.ref, res.store.manifest(out.ref))
+    res.store.discard_work(spec.stage, key)
     res.count(spec.stage)
     return out.ref
 

@@ -35,6 +35,7 @@ from pipeline.config import (
 from pipeline.data import chat, synthetic
 from pipeline.data import prompts as data_lib
 from pipeline.model.batches import Example
+from pipeline.model.checkpoint import load_state, save_state
 from pipeline.model.loading import load_model, save_dtype
 from pipeline.model.loop import fit
 from pipeline.model.scoring import dft_objective, score_responses, sft_objective
@@ -246,17 +247,15 @@ def sft(job: Job, cfg: SFTConfig, prompts: ArtifactRef, teacher: ArtifactRef | N
     teachers = _teacher_map(teacher, rows) if cfg.source == "mix" else {}
     examples, truncated = _sft_examples(tok, rows, teachers, cfg.max_response_tokens)
     objective = sft_objective() if cfg.loss == "sft" else dft_objective()
-    work = job.res.store.root / "sft" / f".ckpt-{job.key}"  # outside the temp folder: a rerun resumes from it
+    work = job.res.store.work_dir("sft", job.key)  # outside the temp folder: a rerun resumes from it
     result = fit(load_model(model_dir(init), trust_remote_code=trust_remote_code, train=True), examples, objective,
                  cfg.train, pad_id=chat.pad_id(tok), checkpoint_dir=work, progress_bar=job.res.progress)
     job.res.count("optimizer.step", len(result.history))
     save_model(result.trainer, job.out / "model", tok,
                dtype=save_dtype(cfg.train.save_dtype, model_dir(init), trust_remote_code=trust_remote_code))
-    _write_history(job.out / "history.jsonl", result.history)
-    shutil.rmtree(work, ignore_errors=True)
-    last = result.history[-1] if result.history else {}
+    _write_history(job.out / "history.jsonl", result.full_history)  # with the steps before a resume
     return {"examples": float(len(examples)), "truncated_responses": float(truncated),
-            "final_loss": last.get("loss", float("nan"))}
+            "final_loss": result.full_history[-1]["loss"]}
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -269,7 +268,7 @@ def _round_trainer(job: Job, prev: ArtifactRef, train_cfg, total_steps: int, *, 
     trainer = make_trainer(load_model(model_dir(prev), trust_remote_code=trust_remote_code, train=True), train_cfg,
                            total_steps=total_steps)
     if resume and (Path(prev.uri) / "state").is_dir():
-        trainer.accelerator.load_state(str(Path(prev.uri) / "state"))
+        load_state(trainer, Path(prev.uri) / "state")
     return trainer
 
 
@@ -278,7 +277,7 @@ def _save_round(job: Job, trainer, tok, result: RoundResult, dtype, *, sampled: 
     the next round continues from these, so a bf16 model/ loses nothing between rounds)."""
     result.table.to_parquet(job.out / "groups.parquet")
     _write_history(job.out / "history.jsonl", result.history)
-    trainer.accelerator.save_state(str(job.out / "state"))
+    save_state(trainer, job.out / "state")
     save_model(trainer, job.out / "model", tok, dtype=dtype)
     job.res.count("optimizer.step", len(result.history))
     if sampled:

@@ -19,7 +19,7 @@ GRPO = GRPOConfig(rounds=2, prompts_per_round=3, num_generations=2, max_response
                   reward_weights=(1.0, 0.5), train=TrainConfig(lr=1e-3, micro_batch_size=4))
 METRICS = ("reward", "reward_std", "frac_reward_zero_std", "clip_ratio/low_mean", "clip_ratio/high_mean",
            "clip_ratio/region_mean", "kl", "entropy", "completions/mean_length", "completions/clipped_ratio",
-           "perf/throughput", "perf/sample_s", "perf/score_s", "perf/train_s", "sampling/sampling_logp_difference/mean",
+           "perf/throughput", "perf/sample_s", "perf/reward_s", "perf/train_s", "sampling/sampling_logp_difference/mean",
            "sampling/sampling_logp_difference/max", "sampling/kl_k3", "sampling/importance_sampling_ratio/mean",
            "rewards/math_answer/mean", "rewards/none_for_odd_id/mean")
 

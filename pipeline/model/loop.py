@@ -19,7 +19,8 @@ from torch import nn
 from pipeline.config import TrainConfig
 from pipeline.model.batches import Example, check_example, plan_step, step_order
 from pipeline.model.scoring import Objective
-from pipeline.model.trainer import Trainer, make_trainer, resume_latest, save_checkpoint, train_step
+from pipeline.model.checkpoint import resume_latest, save_checkpoint
+from pipeline.model.trainer import Trainer, make_trainer, train_step
 from pipeline.progress import bar as progress_bar_of
 
 __all__ = ["StepPlan", "run_steps", "FitResult", "fit", "total_steps"]
@@ -58,11 +59,13 @@ def total_steps(cfg: TrainConfig, n_examples: int) -> int:
 
 @dataclass
 class FitResult:
-    """The trainer (its `.model` is the trained model), per-step metrics of this call, last checkpoint."""
+    """The trainer (its `.model` is the trained model), per-step metrics of this call, of the whole run (the
+    resumed checkpoint's history first), and the last checkpoint."""
 
     trainer: Trainer
     history: list[dict[str, float]]
     checkpoint: Path | None
+    full_history: list[dict[str, float]] = field(default_factory=list)
 
 
 def _epoch_plans(trainer: Trainer, examples: Sequence[Example], cfg: TrainConfig, end: int) -> Iterator[StepPlan]:
@@ -83,22 +86,25 @@ def fit(model: nn.Module, examples: Sequence[Example], objective: Objective, cfg
     set_seed(cfg.seed)
     steps = total_steps(cfg, len(examples))
     trainer = make_trainer(model, cfg, steps)
-    last = resume_latest(trainer, checkpoint_dir) if checkpoint_dir is not None else None
+    last, earlier = resume_latest(trainer, checkpoint_dir) if checkpoint_dir is not None else (None, [])
     end = min(steps, stop_at_step or steps)
     bar = progress_bar_of(total=end, initial=trainer.progress.step, desc="train",
                           disable=not (progress_bar and trainer.accelerator.is_main_process))
 
+    history: list[dict[str, float]] = []
+
     def after_step(row: dict[str, float]) -> None:
         nonlocal last
+        history.append(row)
         done = int(row["step"])
         bar.update(1)
         bar.set_postfix(loss=f"{row['loss']:.4f}", gnorm=f"{row['grad_norm']:.3f}")
         if on_step is not None and trainer.accelerator.is_main_process and done % cfg.log_every == 0:
             on_step(done, {k: v for k, v in row.items() if k != "step"})
         if checkpoint_dir is not None and (done == end or (cfg.save_every is not None and done % cfg.save_every == 0)):
-            last = save_checkpoint(trainer, checkpoint_dir, keep=cfg.keep_checkpoints)
+            last = save_checkpoint(trainer, checkpoint_dir, earlier + history, keep=cfg.keep_checkpoints)
 
-    history = run_steps(trainer, _epoch_plans(trainer, examples, cfg, end), objective, cfg, pad_id=pad_id,
-                        after_step=after_step)
+    run_steps(trainer, _epoch_plans(trainer, examples, cfg, end), objective, cfg, pad_id=pad_id,
+              after_step=after_step)
     bar.close()
-    return FitResult(trainer=trainer, history=history, checkpoint=last)
+    return FitResult(trainer=trainer, history=history, checkpoint=last, full_history=earlier + history)

@@ -32,7 +32,7 @@ from pipeline.model.batches import StepTotals, TokenBatch
 from pipeline.model.scoring import Objective, ScoredTokens, TokenScorer
 
 __all__ = ["Trainer", "Progress", "NonFiniteError", "StepResult", "make_trainer", "accumulate_gradients", "train_step",
-           "save_checkpoint", "resume_latest", "save_model"]
+           "save_model"]
 
 
 class NonFiniteError(FloatingPointError):
@@ -101,7 +101,7 @@ def make_trainer(model: nn.Module, cfg: TrainConfig, total_steps: int) -> Traine
     scorer, optimizer = accelerator.prepare(scorer, optimizer)
     trainer = Trainer(accelerator, scorer, optimizer, scheduler, varlen=varlen)
     # The scheduler stays unprepared: accelerate's wrapper steps it once per process, not once per step.
-    accelerator.register_for_checkpointing(trainer.scheduler, trainer.progress)
+    # Training state is saved by pipeline.model.checkpoint (no pickles), not accelerate's save_state.
     return trainer
 
 
@@ -245,40 +245,6 @@ def _reduce_metrics(acc: Accelerator, loss_sum: Tensor, sums: dict[str, Tensor],
 # ---------------------------------------------------------------------------------------------------------
 # Checkpoints
 # ---------------------------------------------------------------------------------------------------------
-
-
-def _checkpoints(root: Path) -> list[Path]:
-    return sorted(root.glob("step-*"), key=lambda p: int(p.name.split("-")[1])) if root.exists() else []
-
-
-def save_checkpoint(trainer: Trainer, root: Path, *, keep: int) -> Path:
-    """accelerate state (model, optimizer, scheduler, RNG of every process, progress) written to a temp folder
-    and renamed into place, so a crash never leaves a half-written checkpoint that resume would pick up."""
-    acc = trainer.accelerator
-    final = root / f"step-{trainer.progress.step:08d}"
-    tmp = root / f".tmp-{final.name}"
-    if acc.is_main_process:
-        shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir(parents=True)
-    acc.wait_for_everyone()
-    acc.save_state(str(tmp))
-    acc.wait_for_everyone()
-    if acc.is_main_process:
-        shutil.rmtree(final, ignore_errors=True)
-        tmp.rename(final)
-        for old in _checkpoints(root)[:-keep]:
-            shutil.rmtree(old)
-    acc.wait_for_everyone()
-    return final
-
-
-def resume_latest(trainer: Trainer, root: Path) -> Path | None:
-    """Load the newest complete checkpoint under root, if any."""
-    found = _checkpoints(root)
-    if not found:
-        return None
-    trainer.accelerator.load_state(str(found[-1]))
-    return found[-1]
 
 
 def _save_pretrained(model: nn.Module, folder: Path, dtype: torch.dtype | None) -> None:

@@ -230,6 +230,16 @@ class StageStore:
         _check_name(key, "key")
         return self.root / stage / key
 
+    def work_dir(self, stage: str, key: str) -> Path:
+        """Where a stage keeps resumable work while it computes `key` (SFT's checkpoints): outside the temp folder,
+        so a rerun after a kill resumes from it; `discard_work` removes it once the output is published or served."""
+        _check_name(stage, "stage")
+        _check_name(key, "key")
+        return self.root / stage / f".ckpt-{key}"
+
+    def discard_work(self, stage: str, key: str) -> None:
+        shutil.rmtree(self.work_dir(stage, key), ignore_errors=True)
+
     def lookup(self, stage: str, key: str) -> ArtifactRef | None:
         """The verified output of (stage, key), or None (logged with the reason) so that the caller recomputes."""
         folder = self.folder(stage, key)
