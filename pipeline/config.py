@@ -191,6 +191,9 @@ class DataConfig(Settings):
     """Seed of the shuffle and the split."""
     synthetic_rows: int = Field(1000, ge=2)
     """Rows generated when `source` is "synthetic" (before the split)."""
+    max_prompt_chars: int = Field(20_000, ge=1)
+    """A prompt longer than this many characters is a bad row (refused, or skipped with on_bad_row = "skip"), before
+    any model sees it; the engines refuse a prompt whose tokens and max_new_tokens exceed engine.max_model_len."""
     on_bad_row: Literal["error", "skip"] = "error"
     """error: stop before any stage runs and list every bad row; skip: drop them and report the count."""
 
@@ -545,6 +548,13 @@ class RunConfig(Settings):
             if module and not any(module == m or module.startswith(m + ".") for m in self.reward_modules):
                 raise ValueError(f"{field} = {spec!r}: module {module!r} is not in reward_modules "
                                  f"{list(self.reward_modules)}; add it there to allow its functions as rewards")
+        return self
+
+    @model_validator(mode="after")
+    def _evaluation_has_prompts(self) -> RunConfig:
+        if self.data.eval_fraction == 0:
+            raise ValueError("data.eval_fraction = 0 holds out no prompts, but every checkpoint is evaluated on "
+                             "held-out prompts: set it above 0 (e.g. 0.1)")
         return self
 
     @model_validator(mode="after")

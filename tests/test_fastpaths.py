@@ -197,14 +197,17 @@ def test_static_cache_engine_and_engine_over_a_live_model_match_the_plain_engine
 
 
 def test_round_perf_metrics_count_policy_and_trained_tokens():
-    from pipeline.rounds.groups import Member
-    from pipeline.stages import _round_perf
+    from pipeline.rounds.gft import _perf
+    from pipeline.rounds.groups import Member, Phases
 
     members = [[Member("a", "expert", "", [1, 2, 3], False), Member("a", "policy", "", [4, 5], False)],
                [Member("b", "policy", "", [6, 7, 8, 9], True)]]
-    perf = _round_perf({"perf/sample_s": 2.0, "perf/train_s": 4.0}, members, [{"tokens": 10.0}, {"tokens": 6.0}], 7.0)
+    phases = Phases()
+    phases.seconds.update({"sample": 2.0, "reward": 1.0, "train": 4.0})
+    perf = _perf(phases, members, [{"tokens": 10.0}, {"tokens": 6.0}])
     assert perf["perf/sample_tokens"] == 6 and perf["perf/sample_tokens_per_s"] == 3.0
     assert perf["perf/train_tokens"] == 16 and perf["perf/throughput"] == 4.0 and perf["perf/round_s"] == 7.0
+    assert perf["perf/sample_s"] == 2.0 and perf["perf/reward_s"] == 1.0 and perf["perf/train_s"] == 4.0
     assert all(name.startswith("perf/") for name in perf)
 
 

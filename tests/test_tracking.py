@@ -141,3 +141,117 @@ def test_old_list_inputs_and_undeclared_datasets_log_as_before(tmp_path):
     assert pipe.tracker.register(r0, "policy", "candidate") == "1"
     version = pipe.tracker.client.get_model_version_by_alias("policy", "candidate")
     assert version.tags["pipeline.sha256"] == r0.sha256 and version.run_id == pipe.tracker.parent_run_id
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Leftovers: registration of unchanged weights, runs of killed processes, telemetry
+# ---------------------------------------------------------------------------------------------------------
+
+
+def test_a_cached_rerun_registers_no_new_version_of_the_same_weights(tmp_path):
+    pipe = _Pipeline(tmp_path)
+    model = pipe.stage("sft", "model", {"model/w": "weights"}, {})
+    assert pipe.tracker.register(model, "m-policy", "candidate") == "1"
+    rerun = _Pipeline(tmp_path)  # a new pipeline run serving the same output
+    assert rerun.tracker.register(model, "m-policy", "candidate") == "1"
+    other = rerun.stage("gft_round", "model", {"model/w": "new weights"}, {})
+    assert rerun.tracker.register(other, "m-policy", "candidate") == "2"
+    client = rerun.tracker.client
+    assert len(client.search_model_versions("name='m-policy'")) == 2
+    assert str(client.get_model_version_by_alias("m-policy", "candidate").version) == "2"
+
+
+def test_runs_of_a_killed_process_are_marked_killed_on_the_next_start(tmp_path):
+    """A process that dies with its runs open (kill -9) leaves them RUNNING; the next start on the same tracking
+    store marks them KILLED, and leaves a live process's runs alone."""
+    import subprocess
+    import sys
+
+    script = (f"import sys; sys.path.insert(0, {str(REPO)!r}); from tests.test_tracking import _Pipeline; "
+              f"from pathlib import Path; p = _Pipeline(Path({str(tmp_path)!r})); "
+              "cm = p.tracker.stage_run('sft', 'k', {}, {}); cm.__enter__(); import os; os._exit(0)")
+    subprocess.run([sys.executable, "-c", script], check=True, timeout=120)  # exits without ending its runs
+    pipe = _Pipeline(tmp_path)  # starts a new parent run: reaps the dead one's
+    client = pipe.tracker.client
+    runs = client.search_runs([pipe.tracker.experiment_id])
+    statuses = {r.info.run_id: r.info.status for r in runs}
+    assert statuses.pop(pipe.tracker.parent_run_id) == "RUNNING"  # this live process's own run
+    assert sorted(statuses.values()) == ["KILLED", "KILLED"]  # the dead process's parent and child
+
+
+def test_mlflow_telemetry_is_off_unless_the_user_opts_in():
+    import os
+    import subprocess
+    import sys
+
+    env = {k: v for k, v in os.environ.items() if k != "MLFLOW_DISABLE_TELEMETRY"}
+    probe = "import pipeline, os; print(os.environ['MLFLOW_DISABLE_TELEMETRY'])"
+    out = subprocess.run([sys.executable, "-c", probe], env=env, cwd=REPO, capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "true"
+    env["MLFLOW_DISABLE_TELEMETRY"] = "false"
+    out = subprocess.run([sys.executable, "-c", probe], env=env, cwd=REPO, capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "false"  # an explicit choice stands
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The MLflow database of a fresh root: created aside, under a lock
+# ---------------------------------------------------------------------------------------------------------
+
+_START = ("import sys; sys.path.insert(0, {repo!r}); from pathlib import Path; "
+          "from pipeline.tracking import MlflowTracker, sqlite_uri; "
+          "MlflowTracker(sqlite_uri(Path({root!r}) / 'mlflow.db'), 'exp').start_pipeline('p', {{}}, {{}})")
+
+
+def _starter(root: Path):
+    import subprocess
+    import sys
+
+    return subprocess.Popen([sys.executable, "-c", _START.format(repo=str(REPO), root=str(root))],
+                            stderr=subprocess.PIPE, text=True)
+
+
+def test_two_runs_starting_together_on_a_fresh_root_both_start(tmp_path):
+    procs = [_starter(tmp_path), _starter(tmp_path)]
+    errors = [p.communicate(timeout=180)[1] for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], errors
+    client = MlflowTracker(sqlite_uri(tmp_path / "mlflow.db"), "exp").client
+    assert len(client.search_runs([client.get_experiment_by_name("exp").experiment_id])) == 2
+
+
+def test_a_kill_while_the_database_is_created_leaves_the_root_usable(tmp_path):
+    """kill -9 the first run while it migrates the database (its aside file exists): no mlflow.db is left
+    half-made, and the next run on the root starts."""
+    import signal
+    import time
+
+    proc = _starter(tmp_path)
+    deadline = time.time() + 120
+    while not list(tmp_path.glob(".mlflow.db.new-*")) and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.005)
+    proc.send_signal(signal.SIGKILL)
+    proc.communicate()
+    assert proc.returncode == -signal.SIGKILL, "the creator finished before the kill"
+    assert not (tmp_path / "mlflow.db").exists()
+    tracker = MlflowTracker(sqlite_uri(tmp_path / "mlflow.db"), "exp")
+    tracker.start_pipeline("p", {}, {})
+    tracker.end_pipeline("FINISHED")
+    assert not list(tmp_path.glob(".mlflow.db.new-*"))
+
+
+def test_a_tracking_server_that_does_not_answer_fails_in_seconds_naming_it():
+    import socket
+    import time
+
+    with socket.socket() as silent:  # accepts connections (the kernel's backlog) and never replies
+        silent.bind(("127.0.0.1", 0))
+        silent.listen(4)
+        uri = f"http://127.0.0.1:{silent.getsockname()[1]}"
+        start = time.perf_counter()
+        with pytest.raises(ConnectionError, match=f"tracking server at {uri} does not answer"):
+            MlflowTracker(uri, "exp")
+        assert time.perf_counter() - start < 15
+    with socket.socket() as closed:
+        closed.bind(("127.0.0.1", 0))
+        uri = f"http://127.0.0.1:{closed.getsockname()[1]}"  # bound, not listening: refused at once
+    with pytest.raises(ConnectionError, match=uri):
+        MlflowTracker(uri, "exp")

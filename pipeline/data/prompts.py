@@ -282,6 +282,12 @@ def _text(value: Any, *, int_ok: bool = False) -> str:
     return value
 
 
+def _capped(text: str, cap: int) -> str:
+    if len(text) > cap:
+        raise _Bad("too long", f"({len(text)} characters > data.max_prompt_chars = {cap})")
+    return text
+
+
 def _teacher(value: Any) -> list[str]:
     if value is None:
         return []
@@ -313,7 +319,8 @@ def _check_row(i: int, rec: Mapping[str, Any], cfg: DataConfig, gold_check: Gold
     values = {name: rec.get(col) if col is not None else None for name, col in _column_map(cfg).items()}
     if cfg.id_column is None:
         values["id"] = f"row-{i}"
-    checks = {"id": lambda v: _text(v, int_ok=True), "prompt": _text, "solution": _text,
+    checks = {"id": lambda v: _text(v, int_ok=True), "prompt": lambda v: _capped(_text(v), cfg.max_prompt_chars),
+              "solution": _text,
               "answer": lambda v: _gold(_text(v, int_ok=True), gold_check), "teacher_responses": _teacher}
     row: dict[str, Any] = {}
     problems: list[tuple[str, _Bad]] = []

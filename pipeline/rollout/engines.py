@@ -86,12 +86,17 @@ def _resolve_dtype(dtype: str, on_gpu: bool) -> str:
     return dtype
 
 
-def _check_request(prompt_ids: Sequence[Sequence[int]], n: int) -> None:
+def _check_request(prompt_ids: Sequence[Sequence[int]], n: int, sampling: SamplingConfig, cfg: EngineConfig) -> None:
+    """Refuse a request before any memory is allocated for it: an empty prompt, or one whose tokens plus
+    max_new_tokens do not fit engine.max_model_len."""
     if n < 1:
         raise ValueError(f"n must be >= 1, got {n}")
     for i, ids in enumerate(prompt_ids):
         if len(ids) == 0:
             raise ValueError(f"prompt {i} is empty: every prompt needs at least one token id")
+        if len(ids) + sampling.max_new_tokens > cfg.max_model_len:
+            raise ValueError(f"prompt {i} has {len(ids)} tokens; with max_new_tokens = {sampling.max_new_tokens} it "
+                             f"needs {len(ids) + sampling.max_new_tokens} > engine.max_model_len = {cfg.max_model_len}")
 
 
 def _finish(token_ids: list[int], logprobs: list[float], eos_ids: frozenset[int]) -> tuple[list[int], list[float], str]:
@@ -244,7 +249,7 @@ class HFEngine:
         """[prompts][n] completions; sampling is seeded, the caller's torch RNG state is left untouched."""
         if self.model is None:
             raise RuntimeError("this HFEngine is closed")
-        _check_request(prompt_ids, n)
+        _check_request(prompt_ids, n, sampling, self.cfg)
         size = self.cfg.batch_size
         batches = [prompt_ids[i:i + size] for i in range(0, len(prompt_ids), size)]
         devices = [self.device.index or 0] if self.device.type == "cuda" else []
@@ -381,7 +386,7 @@ class VLLMEngine:
 
         if self.llm is None:
             raise RuntimeError("this VLLMEngine is closed")
-        _check_request(prompt_ids, n)
+        _check_request(prompt_ids, n, sampling, self.cfg)
         copies = 1 if sampling.temperature == 0 else n
         params = [_sampling_params(sampling, copies, _request_seed(sampling.seed, i)) for i in range(len(prompt_ids))]
         prompts = [TokensPrompt(prompt_token_ids=list(ids)) for ids in prompt_ids]

@@ -19,7 +19,7 @@ from pipeline.store.outputs import StageOutput, find_output
 from pipeline.tracking.base import Inputs, ui_address
 from pipeline.tracking.lineage import Lineage
 from pipeline.tracking.registry import register_model
-from pipeline.tracking.runs import Runs, open_experiment
+from pipeline.tracking.runs import Runs, check_server, create_sqlite_store, open_experiment
 
 __all__ = ["MlflowTracker"]
 
@@ -32,6 +32,10 @@ class MlflowTracker:
         from mlflow import MlflowClient
 
         self.uri, self.experiment, self.artifact_location, self.ui_url = uri, experiment, artifact_location, ui_url
+        if uri.startswith("sqlite:///"):
+            create_sqlite_store(Path(uri.removeprefix("sqlite:///")), artifact_location)
+        elif uri.startswith(("http://", "https://")):
+            check_server(uri)
         self.client = MlflowClient(tracking_uri=uri, registry_uri=uri)
         self.experiment_id = open_experiment(self.client, experiment, artifact_location)
         self.runs = Runs(self.client, self.experiment_id, context_tags, parent_run_id)

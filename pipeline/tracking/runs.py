@@ -10,6 +10,8 @@ Prefect flow-run and task-run ids). A child holds the stage's config as params a
 from __future__ import annotations
 
 import json
+import os
+import socket
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
@@ -17,14 +19,32 @@ from pathlib import Path
 from typing import Any
 
 from pipeline.store.artifacts import Manifest
-from pipeline.tracking.base import ui_address
+from pipeline.tracking.base import sqlite_uri, ui_address
 
-__all__ = ["Runs", "metric_name", "open_experiment", "experiment_addresses"]
+__all__ = ["Runs", "metric_name", "open_experiment", "experiment_addresses", "create_sqlite_store",
+           "check_server"]
 
 
 def metric_name(key: str) -> str:
     """MLflow's spelling of a metric key: "mean@4" -> "mean_at_4" (MLflow rejects "@")."""
     return key.replace("@", "_at_")
+
+
+def _process() -> dict[str, str]:
+    """Tags naming the process that opens a run, so a later start can tell a killed run from a live one."""
+    return {"pipeline.host": socket.gethostname(), "pipeline.pid": str(os.getpid())}
+
+
+def _alive(pid: int) -> bool:
+    if pid <= 0:
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
 
 
 def _flatten(obj: Any, prefix: str = "") -> dict[str, str]:
@@ -35,6 +55,46 @@ def _flatten(obj: Any, prefix: str = "") -> dict[str, str]:
             out.update(_flatten(v, f"{prefix}.{k}" if prefix else str(k)))
         return out
     return {prefix: json.dumps(obj)[:6000] if not isinstance(obj, str) else obj[:6000]}
+
+
+def create_sqlite_store(db: Path, artifact_location: str | None = None) -> Path:
+    """The MLflow SQLite database at `db`, created and migrated aside and renamed into place under a lock: two runs
+    starting together on a fresh root both get it, and a kill during creation leaves no half-migrated `db` behind
+    (only an aside file, removed by the next creator)."""
+    import fcntl
+    import secrets
+
+    db = Path(db)
+    if db.exists():
+        return db
+    db.parent.mkdir(parents=True, exist_ok=True)
+    with open(db.with_name(f".{db.name}.lock"), "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # released by the kernel if this process dies
+        if db.exists():
+            return db
+        for stale in db.parent.glob(f".{db.name}.new-*"):  # a killed creator's, since we hold the lock
+            stale.unlink()
+        aside = db.with_name(f".{db.name}.new-{secrets.token_hex(4)}")
+        from mlflow.store.tracking.sqlalchemy_store import SqlAlchemyStore
+
+        store = SqlAlchemyStore(sqlite_uri(aside), artifact_location or (db.parent / "mlartifacts").as_uri())
+        store.engine.dispose()
+        os.replace(aside, db)
+    return db
+
+
+def check_server(uri: str, timeout_s: float = 5.0) -> None:
+    """Fail in seconds, naming the address, when a tracking server does not answer its health check (MLflow's own
+    client would retry for minutes before saying anything)."""
+    import urllib.error
+    import urllib.request
+
+    try:
+        with urllib.request.urlopen(f"{uri.rstrip('/')}/health", timeout=timeout_s) as response:
+            response.read(64)
+    except (urllib.error.URLError, TimeoutError, ConnectionError, OSError) as exc:
+        raise ConnectionError(f"the MLflow tracking server at {uri} does not answer ({exc}): start it, fix "
+                              "tracking.uri, or set tracking.enabled = false") from None
 
 
 def open_experiment(client: Any, name: str, artifact_location: str | None = None) -> str:
@@ -63,9 +123,11 @@ class Runs:
     parent_run_id: str | None = None
 
     def start_parent(self, run_name: str, config: Mapping[str, Any], tags: Mapping[str, str]) -> str:
-        """Open the parent run, with the config as params and as config.json; child runs attach to it explicitly."""
+        """Open the parent run, with the config as params and as config.json; child runs attach to it explicitly.
+        Runs left RUNNING by a killed process on this machine are marked KILLED first."""
+        self.reap_orphans()
         run = self.client.create_run(self.experiment_id, run_name=run_name,
-                                     tags={"pipeline.stage": "pipeline", **tags, **self.context_tags()})
+                                     tags={"pipeline.stage": "pipeline", **tags, **self.context_tags(), **_process()})
         self.parent_run_id = run.info.run_id
         self.log_params(self.parent_run_id, config)
         self.client.log_dict(self.parent_run_id, dict(config), "config.json")
@@ -78,10 +140,20 @@ class Runs:
 
     def start_child(self, stage: str, key: str) -> str:
         """Open the child run of one stage computation under the parent (if any); returns its id."""
-        tags = {"pipeline.stage": stage, "pipeline.key": key, **self.context_tags()}
+        tags = {"pipeline.stage": stage, "pipeline.key": key, **self.context_tags(), **_process()}
         if self.parent_run_id is not None:
             tags["mlflow.parentRunId"] = self.parent_run_id
         return self.client.create_run(self.experiment_id, run_name=stage, tags=tags).info.run_id
+
+    def reap_orphans(self) -> list[str]:
+        """Mark KILLED every RUNNING run of the experiment that a process of this machine opened and that is gone
+        (kill -9, OOM, a lost machine's reboot): MLflow would show it running forever. Returns their ids."""
+        running = self.client.search_runs([self.experiment_id], "attributes.status = 'RUNNING'", max_results=1000)
+        dead = [r.info.run_id for r in running if r.data.tags.get("pipeline.host") == socket.gethostname()
+                and not _alive(int(r.data.tags.get("pipeline.pid", "0")))]
+        for run_id in dead:
+            self.client.set_terminated(run_id, "KILLED")
+        return dead
 
     def end(self, run_id: str, status: str) -> None:
         """Close a run with `status`."""

@@ -1,5 +1,5 @@
-"""A bf16 checkpoint trains in float32 and is saved in the dtype the user chooses (default: the source's);
-non-finite settings and run names that leave the root are refused when the config loads."""
+"""Trustworthy at real scale: a bf16 checkpoint trains in float32 and is saved in the dtype the user chooses
+(default: the source's); bad settings, paths, run names and prompts are refused when the config loads, naming them."""
 
 from __future__ import annotations
 
@@ -116,3 +116,38 @@ def test_a_mistyped_path_fails_at_load_naming_the_field(tmp_path, field, line):
 
     with pytest.raises(ValueError, match=f"{field} = .*no such file or folder"):
         load_run_config(_config(tmp_path, line))
+
+
+def test_no_held_out_prompts_is_refused_at_load():
+    from pipeline.config import DataConfig
+
+    with pytest.raises(ValidationError, match="data.eval_fraction = 0 holds out no prompts"):
+        RunConfig(data=DataConfig(eval_fraction=0.0))
+
+
+def test_an_overlong_prompt_is_a_bad_row_named_before_any_model_sees_it(tmp_path):
+    import json
+
+    from pipeline.config import DataConfig
+    from pipeline.data.prompts import DataError, load_prompts
+
+    rows = [{"id": "ok", "prompt": "1+1?", "solution": "\\boxed{2}", "answer": "2"},
+            {"id": "huge", "prompt": "x" * 1_000_000, "solution": "\\boxed{2}", "answer": "2"}]
+    path = tmp_path / "rows.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    with pytest.raises(DataError, match=r"huge.*prompt.*too long.*1000000 characters > data.max_prompt_chars"):
+        load_prompts(DataConfig(source=str(path)))
+    assert [r["id"] for r in load_prompts(DataConfig(source=str(path), on_bad_row="skip")).rows] == ["ok"]
+
+
+def test_an_engine_refuses_a_prompt_that_does_not_fit_its_context(tmp_path):
+    from pipeline.config import EngineConfig
+    from pipeline.rollout.engines import HFEngine
+    from tests.test_engines import save_tiny_checkpoint
+
+    engine = HFEngine(save_tiny_checkpoint(tmp_path / "m", seed=0), EngineConfig(max_model_len=64), progress=False)
+    long = [1] + [5] * 60
+    with pytest.raises(ValueError, match=r"prompt 1 has 61 tokens; with max_new_tokens = 8 it needs 69 > "
+                                         r"engine.max_model_len = 64"):
+        engine.generate([[1, 5], long], 2, SamplingConfig(max_new_tokens=8))
+    assert len(engine.generate([long], 1, SamplingConfig(max_new_tokens=3))[0]) == 1
