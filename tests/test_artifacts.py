@@ -228,6 +228,26 @@ def test_altered_output_is_not_served_and_others_are(store, damage, caplog):
     assert store.lookup("sft", "k2") == other
 
 
+@pytest.mark.parametrize("link", ["file", "folder"])
+def test_a_symlink_to_a_matching_copy_outside_the_store_is_not_served(store, tmp_path, link, caplog):
+    """Same bytes, wrong place: a file, or the whole stage folder, replaced by a link to an identical copy outside
+    the root is refused (the store serves only what lives in it)."""
+    import shutil
+
+    ref = write_output(store, "gft", "k1", {"a.bin": b"abcdef", "sub/b.txt": b"hello"})
+    folder, outside = Path(ref.uri), tmp_path / "elsewhere"
+    shutil.copytree(folder, outside)
+    if link == "file":
+        (folder / "a.bin").unlink()
+        (folder / "a.bin").symlink_to(outside / "a.bin")
+    else:
+        shutil.rmtree(folder)
+        folder.symlink_to(outside, target_is_directory=True)
+    with caplog.at_level(logging.WARNING, logger="pipeline.store.artifacts"):
+        assert store.lookup("gft", "k1") is None
+    assert "symlink" in caplog.text or "outside the store" in caplog.text
+
+
 def test_rewrite_replaces_an_invalid_output(store):
     ref = write_output(store, "gft", "k1", {"a.bin": b"old"})
     (Path(ref.uri) / "a.bin").write_bytes(b"tampered")

@@ -254,6 +254,7 @@ class StageStore:
 
     def _verified_manifest(self, folder: Path, stage: str, key: str) -> Manifest:
         """The manifest of a folder that matches it exactly (same files, same digests); else ArtifactError."""
+        self._inside(folder)
         m = self._read_manifest(folder)
         if (m.stage, m.key) != (stage, key):
             raise ArtifactError(f"{folder}: manifest is for {m.stage}/{m.key}")
@@ -272,6 +273,17 @@ class StageStore:
                 raise ArtifactError(f"{folder}: file {rel!r} has sha256 {on_disk[rel][:12]}..., "
                                     f"the manifest says {m.files[rel][:12]}...")
         return m
+
+    def _inside(self, folder: Path) -> None:
+        """Serve only content that lives in the store: no symlink in a stage output (the pipeline writes none), and
+        the folder itself resolving inside the root (a stage folder replaced by a link to a matching copy elsewhere
+        is refused, not served)."""
+        if not folder.resolve().is_relative_to(self.root.resolve()):
+            raise ArtifactError(f"{folder}: resolves to {folder.resolve()}, outside the store {self.root}")
+        links = [p for p in [folder, *folder.rglob("*")] if p.is_symlink()]
+        if links:
+            raise ArtifactError(f"{folder}: {links[0].relative_to(folder.parent).as_posix()} is a symlink; a stage "
+                                "output is served only from files inside the store")
 
     @staticmethod
     def _read_manifest(folder: Path) -> Manifest:
