@@ -57,13 +57,18 @@ def _results(root: Path) -> LocalFileSystem:
 
 
 def _record_matches(res: runtime.Resources, stage: str, key: str, root: Path) -> bool:
-    """Whether the artifact store holds a verified output for (stage, key) and Prefect's record (if any) names it."""
+    """Whether the artifact store holds a verified output for (stage, key) and Prefect's record (if any) names it:
+    the same content at the same place. A root copied or moved elsewhere keeps records naming the old place; they
+    are refreshed (the stage is then served from this root's store), never trusted."""
     ref = res.store.lookup(stage, key)
     if ref is None:
         return False
     store = ResultStore(result_storage=_results(root), serializer=JSONSerializer())
     prefect_key = f"{stage}-{key}"
-    return not store.exists(prefect_key) or store.read(prefect_key).result.sha256 == ref.sha256
+    if not store.exists(prefect_key):
+        return True
+    record = store.read(prefect_key).result
+    return (record.sha256, record.uri) == (ref.sha256, ref.uri)
 
 
 def _ops(res: runtime.Resources, root: Path) -> Ops:

@@ -113,6 +113,21 @@ def test_third_run_executes_nothing(failed_then_rerun):
     assert third.result()["refs"] == second.result()["refs"]
 
 
+def test_a_copied_root_serves_its_own_files_not_the_old_roots(failed_then_rerun, tmp_path):
+    """Prefect's records in a copied root name the old root's folders (same sha256): they are refreshed, and every
+    stage is served from the copy, computing nothing."""
+    import shutil
+
+    root, *_ = failed_then_rerun
+    moved = tmp_path / "moved"
+    shutil.copytree(root, moved)
+    state = _flow(moved)
+    out = state.result()
+    assert out["calls"] == {}
+    uris = [ref["uri"] for ref in out["refs"].values()]
+    assert uris and all(Path(uri).is_relative_to(moved) for uri in uris), uris
+
+
 def test_altered_output_is_recomputed_not_served(failed_then_rerun):
     """Prefect's record says Cached, but the artifact store's files no longer match: the stage recomputes."""
     root, *_ = failed_then_rerun
