@@ -364,3 +364,22 @@ def test_concurrent_writers_of_one_stage(store):
     for i, ref in enumerate(refs):
         assert store.lookup("eval", f"k{i % 6}") == ref
     assert leftovers(store, "eval") == []
+
+
+def test_a_write_that_fails_on_a_full_disk_says_the_disk_is_full(store, monkeypatch):
+    """torch's writer says "unexpected pos" when the disk fills up; the store says what happened, and leaves
+    nothing behind."""
+    import shutil
+
+    real = shutil.disk_usage
+    with pytest.raises(OSError, match=r"no space left on the device of .*unexpected pos") as info:
+        with store.write("sft", "k1", kind="x", version=1, config={}, inputs=[]) as out:
+            (out.path / "part.bin").write_bytes(b"x")
+            monkeypatch.setattr(shutil, "disk_usage", lambda p: real(p)._replace(free=1024))  # the disk fills up
+            raise RuntimeError("PytorchStreamWriter failed writing file data/0: file write failed, unexpected pos")
+    assert info.value.errno == 28
+    monkeypatch.setattr(shutil, "disk_usage", real)
+    assert leftovers(store, "sft") == [] and store.lookup("sft", "k1") is None
+    with pytest.raises(RuntimeError, match="boom"):  # with room on the disk, the writer's own error stands
+        with store.write("sft", "k2", kind="x", version=1, config={}, inputs=[]):
+            raise RuntimeError("boom")

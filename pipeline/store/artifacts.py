@@ -13,6 +13,7 @@ temp folders whose lock is free and leaves the ones of live writers (other threa
 
 from __future__ import annotations
 
+import errno
 import fcntl
 import functools
 import hashlib
@@ -336,6 +337,9 @@ class StageStore:
                                 wall_time_s=time.monotonic() - start)
             write_text_atomic(tmp / MANIFEST, m.model_dump_json(indent=2))
             pending.ref = self._publish(tmp, final, m)
+        except Exception as exc:
+            _raise_if_disk_full(self.root, exc)
+            raise
         finally:
             try:
                 _remove(tmp)  # still there only when the body or publishing failed
@@ -423,6 +427,23 @@ def _build_manifest(tmp: Path, final: Path, *, kind: str, version: int, config: 
     return Manifest(stage=stage, key=key, version=version, config=config, inputs=inputs, datasets=datasets,
                     files=files, package_version=pipeline.__version__, git_commit=git_commit(),
                     created_at=datetime.now(timezone.utc), wall_time_s=wall_time_s, metrics=metrics, output=output)
+
+
+LOW_DISK_BYTES = 64 * 2**20
+"""Below this much free space, a failed write is reported as a full disk (whatever the writer's own error says)."""
+
+
+def _raise_if_disk_full(root: Path, exc: BaseException) -> None:
+    """A write that failed on a (nearly) full disk says so: torch's zip writer reports "unexpected pos", safetensors
+    and pyarrow their own words; the free space under the root is what decides."""
+    try:
+        free = shutil.disk_usage(root).free
+    except OSError:
+        return
+    if free < LOW_DISK_BYTES or (isinstance(exc, OSError) and exc.errno == errno.ENOSPC):
+        raise OSError(errno.ENOSPC, f"no space left on the device of {root}: {free / 2**20:.0f} MiB free; the stage "
+                      f"wrote nothing (its temp folder is removed). Free space, or move `root` (the write failed "
+                      f"with: {type(exc).__name__}: {exc})") from exc
 
 
 def write_text_atomic(path: Path, text: str) -> Path:
