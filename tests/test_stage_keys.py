@@ -140,3 +140,39 @@ def test_the_trust_remote_code_check_can_fail(tmp_path):
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr(Path, "relative_to", lambda self, other: Path("stages.py"))
         assert any("without trust_remote_code" in v for v in _loads_without_flag(probe))
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The run passes an input only when it changes what the stage writes
+# ---------------------------------------------------------------------------------------------------------
+
+
+def _calls(tmp_path, **overrides) -> list[stages.StageCall]:
+    """The stage calls of the tiny run's DAG, each answered with a placeholder output (nothing runs)."""
+    from pipeline import run, runtime
+    from pipeline.config import apply_overrides, load_run_config
+    from pipeline.store.artifacts import StageStore
+
+    cfg = apply_overrides(load_run_config(Path(__file__).parent / "data" / "tiny_run.toml"), overrides)
+    calls: list[stages.StageCall] = []
+
+    def record(call: stages.StageCall) -> ArtifactRef:
+        calls.append(call)
+        return _ref(f"{call.stage}-{len(calls)}").model_copy(update={"kind": "pending"})
+
+    run.execute(cfg, record, runtime.Resources(StageStore(tmp_path), progress=False))
+    return calls
+
+
+def test_the_grpo_reference_is_an_argument_only_when_beta_weighs_the_kl(tmp_path):
+    no_kl = [c for c in _calls(tmp_path, chain=["grpo"], **{"grpo.beta": 0.0}) if c.stage == "grpo_round"]
+    assert no_kl and all(c.arguments["reference"] is None and "reference" not in c.spec.inputs for c in no_kl)
+    with_kl = [c for c in _calls(tmp_path, chain=["grpo"], **{"grpo.beta": 0.1}) if c.stage == "grpo_round"]
+    start = with_kl[0].arguments["prev"]
+    assert all(c.spec.inputs["reference"] == start for c in with_kl)  # every round: the checkpoint GRPO began at
+
+
+def test_sft_takes_the_teacher_responses_only_when_it_trains_on_them(tmp_path):
+    (expert,) = [c for c in _calls(tmp_path, chain=["sft"]) if c.stage == "sft"]
+    (mix,) = [c for c in _calls(tmp_path, chain=["sft"], **{"sft.source": "mix"}) if c.stage == "sft"]
+    assert "teacher" not in expert.spec.inputs and "teacher" in mix.spec.inputs
