@@ -21,6 +21,7 @@ import inspect
 import json
 import logging
 import shutil
+import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -248,14 +249,23 @@ def sft(job: Job, cfg: SFTConfig, prompts: ArtifactRef, teacher: ArtifactRef | N
     examples, truncated = _sft_examples(tok, rows, teachers, cfg.max_response_tokens)
     objective = sft_objective() if cfg.loss == "sft" else dft_objective()
     work = job.res.store.work_dir("sft", job.key)  # outside the temp folder: a rerun resumes from it
+    start = time.perf_counter()
     result = fit(load_model(model_dir(init), trust_remote_code=trust_remote_code, train=True), examples, objective,
                  cfg.train, pad_id=chat.pad_id(tok), checkpoint_dir=work, progress_bar=job.res.progress)
+    train_s = time.perf_counter() - start
     job.res.count("optimizer.step", len(result.history))
     save_model(result.trainer, job.out / "model", tok,
                dtype=save_dtype(cfg.train.save_dtype, model_dir(init), trust_remote_code=trust_remote_code))
     _write_history(job.out / "history.jsonl", result.full_history)  # with the steps before a resume
     return {"examples": float(len(examples)), "truncated_responses": float(truncated),
-            "final_loss": result.full_history[-1]["loss"]}
+            "final_loss": result.full_history[-1]["loss"], **_train_perf(result.history, train_s)}
+
+
+def _train_perf(history: Sequence[dict[str, float]], seconds: float) -> dict[str, float]:
+    """Training throughput of this call (model loading and checkpoints included), as the rounds log it."""
+    tokens = sum(h.get("tokens", 0.0) for h in history)
+    return {"perf/train_s": seconds, "perf/train_tokens": tokens, "perf/throughput": tokens / max(seconds, 1e-9),
+            "perf/step_s": seconds / max(len(history), 1)}
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -376,7 +386,9 @@ def _entropy_and_kl(res: Resources, cfg: EvalConfig, model: ArtifactRef, base: A
     own = score_responses(policy, flat_p, [list(c.token_ids) for cs in sampled for c in cs], pad_id=pad)
     tokens = sum(e.numel() for e in own.entropy)
     out = {"entropy": sum(float(e.sum()) for e in own.entropy) / max(tokens, 1)}
-    if cfg.kl_samples > 0:
+    if cfg.kl_samples > 0 and model.sha256 == base.sha256:
+        out["kl_base_policy"] = 0.0  # the base against itself: 0 by definition, no second sampling pass
+    elif cfg.kl_samples > 0:
         base_samples = res.engine("base", model_dir(base), engine).generate(
             prompt_ids, cfg.kl_samples, cfg.sampling.model_copy(update={"temperature": 1.0}))
         bp = [p for p, cs in zip(prompt_ids, base_samples) for _ in cs]

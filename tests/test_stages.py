@@ -137,3 +137,18 @@ def test_same_key_same_bytes_whatever_ran_before_in_the_process(pipeline_run, tm
             res.close()
         assert res.calls["gft_round"] == 1 and "engine.generate" not in res.calls
     assert digests[0] == digests[1]
+
+
+def test_evaluating_the_base_samples_it_once_and_sft_logs_its_throughput(pipeline_run, tmp_path):
+    """KL(base || base) is 0 by definition: the base's evaluation samples k + greedy, not a third KL pass.
+    SFT's metrics carry perf/* like the rounds'."""
+    root, first, *_ = pipeline_run
+    res = runtime.Resources(StageStore(tmp_path / "store"), progress=False)
+    try:
+        ref = stages.evaluate(EVAL, first["prompts"], first["base"], first["base"], res=res)
+    finally:
+        res.close()
+    assert res.calls["engine.generate"] == 2
+    assert json.loads((Path(ref.uri) / "metrics.json").read_text())["kl_base_policy"] == 0.0
+    sft = json.loads((Path(first["sft"].uri) / "manifest.json").read_text())["metrics"]
+    assert sft["perf/throughput"] > 0 and sft["perf/train_tokens"] > 0 and sft["perf/step_s"] > 0
