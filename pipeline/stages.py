@@ -391,6 +391,7 @@ def _entropy_and_kl(res: Resources, cfg: EvalConfig, model: ArtifactRef, base: A
     elif cfg.kl_samples > 0:
         base_samples = res.engine("base", model_dir(base), engine).generate(
             prompt_ids, cfg.kl_samples, cfg.sampling.model_copy(update={"temperature": 1.0}))
+        res.count("engine.generate")
         bp = [p for p, cs in zip(prompt_ids, base_samples) for _ in cs]
         br = [list(c.token_ids) for cs in base_samples for c in cs]
         base_scores = score_responses(load_model(model_dir(base), trust_remote_code=remote), bp, br, pad_id=pad)
