@@ -368,83 +368,6 @@ class EvalConfig(Settings):
     """The verifier, by name or `module:function`."""
 
 
-def load_toml(model: type[S], path: str | Path, *, section: str | None = None) -> S:
-    """Validate a TOML file (or one table of it) into a settings model; errors name the file."""
-    path = Path(path)
-    with path.open("rb") as fh:
-        data = tomllib.load(fh)
-    if section is not None:
-        if section not in data:
-            raise KeyError(f"{path}: no [{section}] table")
-        data = data[section]
-    try:
-        return model.model_validate(data)
-    except ValueError as exc:
-        raise ValueError(f"{path}: {exc}") from exc
-
-
-_NOT_PATHS = {"synthetic", "bootstrap"}
-_PATH_FIELDS = (("data", "source"), ("models", "base"), ("models", "teacher"))
-
-
-def _looks_like_path(value: str) -> bool:
-    """A value meant as a local path rather than a hub id ("org/name"): explicitly relative or absolute, nested
-    deeper than org/name, or with a data file's suffix."""
-    return (value.startswith(("./", "../", "/", "~")) or value.count("/") > 1
-            or Path(value).suffix in (".jsonl", ".json", ".parquet"))
-
-
-def resolve_paths(cfg: RunConfig, folder: str | Path) -> RunConfig:
-    """Every path field of a run config resolved one way: relative to the config file's `folder` (like `root`).
-    A value naming an existing file or folder there becomes its absolute path; a path-like value that names
-    nothing fails here, naming the field, before any stage runs; anything else is a hub id and stays as it is."""
-    updates = {}
-    for table, field in _PATH_FIELDS:
-        value = getattr(getattr(cfg, table), field)
-        if value is None or value in _NOT_PATHS:
-            continue
-        candidate = Path(folder) / Path(value).expanduser()
-        if candidate.exists():
-            updates[f"{table}.{field}"] = str(candidate.resolve())
-        elif _looks_like_path(value):
-            raise ValueError(f"{table}.{field} = {value!r}: no such file or folder {candidate} (relative paths are "
-                             f"relative to the config file's folder; a hub id is written org/name)")
-    return apply_overrides(cfg, updates, where=f"paths relative to {folder}") if updates else cfg
-
-
-def load_run_config(path: str | Path) -> RunConfig:
-    """A run config from its TOML file, with every path field resolved against the file's folder."""
-    cfg = load_toml(RunConfig, path)
-    try:
-        return resolve_paths(cfg, Path(path).resolve().parent)
-    except ValueError as exc:
-        raise ValueError(f"{path}: {exc}") from exc
-
-
-def apply_overrides(cfg: S, overrides: Mapping[str, Any], *, where: str = "override") -> S:
-    """A copy of `cfg` with dotted fields replaced, e.g. {"gft.tau": 0.7, "sft.train.lr": 1e-4}, validated again.
-    An unknown field or a bad value raises ValueError naming `where` and the field."""
-    data = cfg.model_dump(mode="json")
-    for path, value in overrides.items():
-        *parents, leaf = path.split(".")
-        node = data
-        for key in parents:
-            node = _field(node, key, path, where)
-        _field(node, leaf, path, where)
-        node[leaf] = value
-    try:
-        return type(cfg).model_validate(data)
-    except ValueError as exc:
-        raise ValueError(f"{where}: {exc}") from exc
-
-
-def _field(node: Any, key: str, path: str, where: str) -> Any:
-    if not isinstance(node, dict) or key not in node:
-        known = sorted(node) if isinstance(node, dict) else "none: not a table"
-        raise ValueError(f"{where}: unknown field {path!r} ({key!r} is not a field there; known: {known})")
-    return node[key]
-
-
 class SyntheticConfig(Settings):
     """The built-in arithmetic task and the pretraining of its teacher and base models (`pipeline.data.synthetic`)."""
 
@@ -573,3 +496,85 @@ class RunConfig(Settings):
             raise ValueError(f"gft.teacher = {self.gft.teacher} teacher members per group, but the teacher stage "
                              f"samples teacher_sample.k = {self.teacher_sample.k} per prompt: raise teacher_sample.k")
         return self
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Loading: TOML files, path fields, dotted overrides
+# ---------------------------------------------------------------------------------------------------------
+
+
+def load_toml(model: type[S], path: str | Path, *, section: str | None = None) -> S:
+    """Validate a TOML file (or one table of it) into a settings model; errors name the file."""
+    path = Path(path)
+    with path.open("rb") as fh:
+        data = tomllib.load(fh)
+    if section is not None:
+        if section not in data:
+            raise KeyError(f"{path}: no [{section}] table")
+        data = data[section]
+    try:
+        return model.model_validate(data)
+    except ValueError as exc:
+        raise ValueError(f"{path}: {exc}") from exc
+
+
+_NOT_PATHS = {"synthetic", "bootstrap"}
+_PATH_FIELDS = (("data", "source"), ("models", "base"), ("models", "teacher"))
+
+
+def _looks_like_path(value: str) -> bool:
+    """A value meant as a local path rather than a hub id ("org/name"): explicitly relative or absolute, nested
+    deeper than org/name, or with a data file's suffix."""
+    return (value.startswith(("./", "../", "/", "~")) or value.count("/") > 1
+            or Path(value).suffix in (".jsonl", ".json", ".parquet"))
+
+
+def resolve_paths(cfg: RunConfig, folder: str | Path) -> RunConfig:
+    """Every path field of a run config resolved one way: relative to the config file's `folder` (like `root`).
+    A value naming an existing file or folder there becomes its absolute path; a path-like value that names
+    nothing fails here, naming the field, before any stage runs; anything else is a hub id and stays as it is."""
+    updates = {}
+    for table, field in _PATH_FIELDS:
+        value = getattr(getattr(cfg, table), field)
+        if value is None or value in _NOT_PATHS:
+            continue
+        candidate = Path(folder) / Path(value).expanduser()
+        if candidate.exists():
+            updates[f"{table}.{field}"] = str(candidate.resolve())
+        elif _looks_like_path(value):
+            raise ValueError(f"{table}.{field} = {value!r}: no such file or folder {candidate} (relative paths are "
+                             f"relative to the config file's folder; a hub id is written org/name)")
+    return apply_overrides(cfg, updates, where=f"paths relative to {folder}") if updates else cfg
+
+
+def load_run_config(path: str | Path) -> RunConfig:
+    """A run config from its TOML file, with every path field resolved against the file's folder."""
+    cfg = load_toml(RunConfig, path)
+    try:
+        return resolve_paths(cfg, Path(path).resolve().parent)
+    except ValueError as exc:
+        raise ValueError(f"{path}: {exc}") from exc
+
+
+def apply_overrides(cfg: S, overrides: Mapping[str, Any], *, where: str = "override") -> S:
+    """A copy of `cfg` with dotted fields replaced, e.g. {"gft.tau": 0.7, "sft.train.lr": 1e-4}, validated again.
+    An unknown field or a bad value raises ValueError naming `where` and the field."""
+    data = cfg.model_dump(mode="json")
+    for path, value in overrides.items():
+        *parents, leaf = path.split(".")
+        node = data
+        for key in parents:
+            node = _field(node, key, path, where)
+        _field(node, leaf, path, where)
+        node[leaf] = value
+    try:
+        return type(cfg).model_validate(data)
+    except ValueError as exc:
+        raise ValueError(f"{where}: {exc}") from exc
+
+
+def _field(node: Any, key: str, path: str, where: str) -> Any:
+    if not isinstance(node, dict) or key not in node:
+        known = sorted(node) if isinstance(node, dict) else "none: not a table"
+        raise ValueError(f"{where}: unknown field {path!r} ({key!r} is not a field there; known: {known})")
+    return node[key]

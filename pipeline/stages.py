@@ -49,6 +49,7 @@ from pipeline.rounds.groups import RoundResult, off_policy, round_prompts
 from pipeline.runtime import Resources, cached, model_dir
 from pipeline.store.artifacts import ArtifactRef, tree_sha256
 from pipeline.store.cache import StageSpec, derive_spec
+from pipeline.store.outputs import EVAL_METRICS, HISTORY
 
 __all__ = ["Job", "StageCall", "STAGES", "bind", "execute", "prepare_data", "prepare_data_inputs", "bootstrap_models",
            "bootstrap_member", "teacher_sample", "sft", "gft_round", "gft", "grpo_round", "grpo", "evaluate"]
@@ -256,7 +257,7 @@ def sft(job: Job, cfg: SFTConfig, prompts: ArtifactRef, teacher: ArtifactRef | N
     job.res.count("optimizer.step", len(result.history))
     save_model(result.trainer, job.out / "model", tok,
                dtype=save_dtype(cfg.train.save_dtype, model_dir(init), trust_remote_code=trust_remote_code))
-    _write_history(job.out / "history.jsonl", result.full_history)  # with the steps before a resume
+    _write_history(job.out / HISTORY, result.full_history)  # with the steps before a resume
     return {"examples": float(len(examples)), "truncated_responses": float(truncated),
             "final_loss": result.full_history[-1]["loss"], **_train_perf(result.history, train_s)}
 
@@ -282,11 +283,13 @@ def _round_trainer(job: Job, prev: ArtifactRef, train_cfg, total_steps: int, *, 
     return trainer
 
 
-def _save_round(job: Job, trainer, tok, result: RoundResult, dtype, *, sampled: bool = True) -> dict[str, float]:
-    """groups.parquet, history.jsonl, model/ (in `dtype`) and state/ (float32 weights, optimizer, scheduler, RNG:
-    the next round continues from these, so a bf16 model/ loses nothing between rounds)."""
+def _save_round(job: Job, trainer, tok, result: RoundResult, prev: ArtifactRef, train_cfg, *, trust_remote_code: bool,
+                sampled: bool = True) -> dict[str, float]:
+    """groups.parquet, history.jsonl, model/ (in train_cfg.save_dtype, "source" meaning `prev`'s) and state/ (float32
+    weights, optimizer, scheduler, RNG: the next round continues from these, so a bf16 model/ loses nothing)."""
+    dtype = save_dtype(train_cfg.save_dtype, model_dir(prev), trust_remote_code=trust_remote_code)
     result.table.to_parquet(job.out / "groups.parquet")
-    _write_history(job.out / "history.jsonl", result.history)
+    _write_history(job.out / HISTORY, result.history)
     save_state(trainer, job.out / "state")
     save_model(trainer, job.out / "model", tok, dtype=dtype)
     job.res.count("optimizer.step", len(result.history))
@@ -305,8 +308,8 @@ def gft_round(job: Job, cfg: GFTConfig, round_idx: int, prompts: ArtifactRef, te
                              trust_remote_code=engine.trust_remote_code)
     result = gft_lib.run_round(trainer, job.res.engine("policy", model_dir(prev), engine), job.res.verifier(cfg.reward),
                                rows, _teacher_map(teacher, rows), tok, cfg, round_idx=round_idx)
-    dtype = save_dtype(cfg.train.save_dtype, model_dir(prev), trust_remote_code=engine.trust_remote_code)
-    return _save_round(job, trainer, tok, result, dtype, sampled=cfg.policy > 0)
+    return _save_round(job, trainer, tok, result, prev, cfg.train, trust_remote_code=engine.trust_remote_code,
+                       sampled=cfg.policy > 0)
 
 
 def gft(cfg: GFTConfig, prompts: ArtifactRef, teacher: ArtifactRef | None, init: ArtifactRef, *, res: Resources,
@@ -325,20 +328,19 @@ def grpo_round(job: Job, cfg: GRPOConfig, round_idx: int, prompts: ArtifactRef, 
     """One GRPO round from `prev` (`rounds.grpo.run_round`); `reference` (the checkpoint the GRPO stage started
     from) scores the KL term and is passed only when beta > 0. Optimizer state continues from the previous GRPO
     round only: round 0 starts a fresh optimizer even when `prev` (an SFT or GFT output) carries a state/."""
+    if cfg.beta > 0 and reference is None:  # before anything is loaded
+        raise ValueError(f"grpo_round: beta={cfg.beta} needs the reference checkpoint of the KL term")
     pool = _read_parquet(prompts, "train.parquet").iloc[: cfg.prompt_pool]  # all of them when None
     rows = round_prompts(pool, cfg.prompts_per_round, round_idx, seed)
     remote = engine.trust_remote_code
     tok = chat.load_tokenizer(model_dir(prev), trust_remote_code=remote)
     steps = cfg.rounds * cfg.minibatches_per_round * cfg.num_iterations
     trainer = _round_trainer(job, prev, cfg.train, steps, resume=round_idx > 0, trust_remote_code=remote)
-    if cfg.beta > 0 and reference is None:
-        raise ValueError(f"grpo_round: beta={cfg.beta} needs the reference checkpoint of the KL term")
     ref_model = None if cfg.beta == 0 else load_model(model_dir(reference), trust_remote_code=remote)
     result = grpo_lib.run_round(trainer, job.res.engine("policy", model_dir(prev), engine),
                                 [job.res.verifier(r) for r in cfg.rewards], rows, tok, cfg, round_idx=round_idx,
                                 reference=ref_model)
-    dtype = save_dtype(cfg.train.save_dtype, model_dir(prev), trust_remote_code=remote)
-    return _save_round(job, trainer, tok, result, dtype)
+    return _save_round(job, trainer, tok, result, prev, cfg.train, trust_remote_code=remote)
 
 
 def grpo(cfg: GRPOConfig, prompts: ArtifactRef, init: ArtifactRef, *, res: Resources,
@@ -374,7 +376,7 @@ def evaluate(job: Job, cfg: EvalConfig, prompts: ArtifactRef, model: ArtifactRef
     metrics = accuracy_metrics(per_prompt, k=cfg.k)
     metrics.update(_entropy_and_kl(job.res, cfg, model, base, engine, prompt_ids, sampled, tok))
     _samples_table(rows, sampled, greedy, per_prompt).to_parquet(job.out / "samples.parquet")
-    _write_json(job.out / "metrics.json", metrics)
+    _write_json(job.out / EVAL_METRICS, metrics)
     return metrics
 
 

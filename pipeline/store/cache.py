@@ -14,6 +14,7 @@ from __future__ import annotations
 import hashlib
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+from functools import cached_property
 from typing import Any
 
 from pipeline.config import Settings
@@ -40,8 +41,9 @@ class StageSpec:
     scalars: dict[str, Any]
     datasets: dict[str, str] = field(default_factory=dict)
 
-    @property
+    @cached_property
     def key(self) -> str:
+        """`stage_key(stage, VERSIONS[stage], config digest + scalars, input digests)`, computed once per spec."""
         digest = hashlib.sha256("|".join(c.digest() for c in self.configs.values()).encode()).hexdigest()
         extra = ",".join(f"{name}={value}" for name, value in self.scalars.items())
         return stage_key(self.stage, VERSIONS[self.stage], digest + extra, [r.sha256 for r in self.inputs.values()])
