@@ -424,6 +424,17 @@ class TrackingConfig(Settings):
     """Alias pointed at the newly registered version."""
 
 
+class RetentionConfig(Settings):
+    """What a finished GFT or GRPO round keeps on disk once the next round of its chain is published."""
+
+    state: Literal["last", "all"] = "last"
+    """last: only the newest round of a chain keeps `state/` (float32 weights, optimizer, RNG; about 3x the model);
+    all: every round keeps it. A round whose state is gone is recomputed (same key, same bytes) if a later round
+    must be recomputed from it, so a resume stays exact either way."""
+    model_every: int = Field(1, ge=0)
+    """Keep the `model/` of every Nth round (rounds N-1, 2N-1, ...) and always the last; 0 keeps the last only."""
+
+
 class RunConfig(Settings):
     """A whole pipeline run: where it writes, and one table per stage."""
 
@@ -458,6 +469,8 @@ class RunConfig(Settings):
     """Evaluation after each stage."""
     tracking: TrackingConfig = TrackingConfig()
     """MLflow tracking (not part of any stage key)."""
+    retention: RetentionConfig = RetentionConfig()
+    """What earlier rounds keep on disk (not part of any stage key)."""
     reward_modules: tuple[str, ...] = ()
     """Python modules (and their submodules) whose functions the config may name as rewards, `module:function`;
     a reward from any other module is refused at load. Registered verifiers (math_answer, exact_match) need none."""

@@ -22,12 +22,14 @@ import torch
 from pipeline import runtime, plots, stages
 from pipeline.store.artifacts import ArtifactRef, StageStore, write_text_atomic
 from pipeline.store.outputs import Chain, read_chain, read_output
-from pipeline.config import RunConfig, load_run_config
+from pipeline.config import RetentionConfig, RunConfig, load_run_config
 from pipeline.algo.metrics import comparison_table
 from pipeline.tracking import MlflowTracker, NullTracker, sqlite_uri
 
 __all__ = ["RunResult", "Ops", "local_ops", "execute", "plan", "run", "chain_outputs", "stage_history",
            "round_metrics", "main"]
+
+log = logging.getLogger(__name__)
 
 TABLE_COLUMNS = ["greedy_accuracy", "mean@{k}", "pass@{k}", "entropy", "kl_base_policy", "distinct_answers"]
 
@@ -60,6 +62,7 @@ class _Walk:
     res: runtime.Resources
     ops: Ops
     refresh: str | None
+    retention: RetentionConfig | None  # None: prune nothing (a dry run)
 
     def __call__(self, name: str, stage: str, *args, step: int | None = None, label: str | None = None, **kw):
         if name == self.refresh:
@@ -68,12 +71,32 @@ class _Walk:
         self.res.tracker.observe(label or name, ref, step=step)  # label: which call of a repeated stage
         return ref
 
+    def cached(self, stage: str, *args) -> bool:
+        """Whether the call would be served from the store (no refresh in force, a verified output there)."""
+        call = stages.bind(stage, *args)
+        return not self.res.force and not call.spec.pending and self.res.store.lookup(stage, call.key) is not None
 
-def execute(cfg: RunConfig, ops: Ops, res: runtime.Resources, *, refresh: str | None = None) -> dict[str, ArtifactRef]:
+    def retain(self, ref: ArtifactRef, round_idx: int) -> None:
+        """Prune a round whose successor is published, per the run's retention."""
+        if self.retention is not None:
+            stages.retain(self.res.store, ref, round_idx, self.retention)
+
+    def recompute(self, name: str, stage: str, *args, step: int | None = None) -> ArtifactRef:
+        """The call computed even though its (pruned) output is in the store; it republishes the complete output."""
+        force, self.res.force = self.res.force, True
+        try:
+            return self(name, stage, *args, step=step)
+        finally:
+            self.res.force = force
+
+
+def execute(cfg: RunConfig, ops: Ops, res: runtime.Resources, *, refresh: str | None = None,
+            prune: bool = True) -> dict[str, ArtifactRef]:
     """The run's DAG: prompts -> models -> teacher responses -> eval(base) -> chain stages, each from the previous
-    checkpoint and each evaluated. `refresh` names the first stage to recompute even if cached."""
+    checkpoint and each evaluated. `refresh` names the first stage to recompute even if cached; `prune` applies the
+    retention policy to finished rounds (off for a dry run)."""
     check_refresh(cfg, refresh)
-    call = _Walk(res, ops, refresh)
+    call = _Walk(res, ops, refresh, cfg.retention if prune else None)
     synth, source = stages.prepare_data_inputs(cfg.data, cfg.synthetic)
     refs = {"prompts": call("prepare_data", "prepare_data", cfg.data, synth, source)}
     refs["base"], teacher_model = resolve_models(cfg, call)
@@ -112,21 +135,49 @@ def resolve_models(cfg: RunConfig, call: Callable[..., ArtifactRef]) -> tuple[Ar
     return model(cfg.models.base, "base"), None if cfg.models.teacher is None else model(cfg.models.teacher, "teacher")
 
 
-def _train(name: str, cfg: RunConfig, refs: dict[str, ArtifactRef], init: ArtifactRef,
-           call: Callable[..., ArtifactRef]) -> ArtifactRef:
+def _train(name: str, cfg: RunConfig, refs: dict[str, ArtifactRef], init: ArtifactRef, call: _Walk) -> ArtifactRef:
     """One chain stage from `init`; GFT and GRPO as one call per round (each round its own cached task)."""
     teacher, prompts = refs.get("teacher"), refs["prompts"]
     if name == "sft":
         return call("sft", "sft", cfg.sft, prompts, teacher if cfg.sft.source == "mix" else None, init,
                     cfg.engine.trust_remote_code)
-    prev = init
-    for r in range(cfg.gft.rounds if name == "gft" else cfg.grpo.rounds):
+    return _rounds(name, cfg, prompts, teacher, init, call)
+
+
+def _rounds(name: str, cfg: RunConfig, prompts: ArtifactRef, teacher: ArtifactRef | None, init: ArtifactRef,
+            call: _Walk) -> ArtifactRef:
+    """GFT or GRPO as one call per round (each round its own cached task). Once a round is published, the one
+    before it is pruned per `cfg.retention`; a round that must compute from a pruned one first recomputes that
+    one (recursively, from the newest complete round: same keys, same bytes)."""
+    stage = _chain_stage(name)
+
+    def args(r: int, prev: ArtifactRef) -> tuple:
         if name == "gft":
-            prev = call("gft", "gft_round", cfg.gft, r, prompts, teacher, prev, cfg.engine, cfg.seed, step=r)
-        else:
-            reference = init if cfg.grpo.beta > 0 else None
-            prev = call("grpo", "grpo_round", cfg.grpo, r, prompts, reference, prev, cfg.engine, cfg.seed, step=r)
-    return prev
+            return cfg.gft, r, prompts, teacher, prev, cfg.engine, cfg.seed
+        return cfg.grpo, r, prompts, init if cfg.grpo.beta > 0 else None, prev, cfg.engine, cfg.seed
+
+    chain = [init]  # chain[r + 1] is round r's output
+    for r in range(cfg.gft.rounds if name == "gft" else cfg.grpo.rounds):
+        if not stages.resumable(call.res.store, chain[r]) and not call.cached(stage, *args(r, chain[r])):
+            _restore(name, stage, chain, r - 1, args, call)
+        chain.append(call(name, stage, *args(r, chain[r]), step=r))
+        if r > 0:
+            call.retain(chain[r], r - 1)
+    return chain[-1]
+
+
+def _restore(name: str, stage: str, chain: list[ArtifactRef], r: int, args: Callable[..., tuple],
+             call: _Walk) -> None:
+    """Recompute pruned round `r` into `chain[r + 1]` (same key, so the same reference), its own input first; the
+    round before it is pruned again once it is no longer needed."""
+    if r < 0:
+        raise RuntimeError(f"{name}: the chain's initial checkpoint {chain[0].uri} is pruned; it cannot be rebuilt")
+    if not stages.resumable(call.res.store, chain[r]):
+        _restore(name, stage, chain, r - 1, args, call)
+    log.info("%s round %d was pruned; recomputing it to continue the chain", name, r)
+    chain[r + 1] = call.recompute(name, stage, *args(r, chain[r]), step=r)
+    if r > 0:
+        call.retain(chain[r], r - 1)
 
 
 @dataclass(frozen=True)
@@ -152,7 +203,7 @@ def plan(cfg: RunConfig, root: Path) -> list[PlannedCall]:
         return ref or ArtifactRef(kind="pending", uri=f"pending:{call.stage}", sha256="0" * 64, schema_version=1)
 
     try:
-        execute(cfg, dry, res)
+        execute(cfg, dry, res, prune=False)
     finally:
         res.close()
     return calls

@@ -31,7 +31,8 @@ import pandas as pd
 
 from pipeline.algo.metrics import accuracy_metrics, kl_per_token
 from pipeline.config import (
-    DataConfig, EngineConfig, EvalConfig, GFTConfig, GRPOConfig, SFTConfig, SyntheticConfig, TeacherSampleConfig,
+    DataConfig, EngineConfig, EvalConfig, GFTConfig, GRPOConfig, RetentionConfig, SFTConfig, SyntheticConfig,
+    TeacherSampleConfig,
 )
 from pipeline.data import chat, synthetic
 from pipeline.data import prompts as data_lib
@@ -47,7 +48,7 @@ from pipeline.rounds import grpo as grpo_lib
 from pipeline.rounds.evaluate import grade_prompt
 from pipeline.rounds.groups import RoundResult, off_policy, round_prompts
 from pipeline.runtime import Resources, cached, model_dir
-from pipeline.store.artifacts import ArtifactRef, tree_sha256
+from pipeline.store.artifacts import ArtifactRef, StageStore, tree_sha256
 from pipeline.store.cache import StageSpec, derive_spec
 from pipeline.store.outputs import EVAL_METRICS, HISTORY
 
@@ -296,6 +297,23 @@ def _save_round(job: Job, trainer, tok, result: RoundResult, prev: ArtifactRef, 
     if sampled:
         job.res.count("engine.generate")
     return result.metrics
+
+
+def retain(store: StageStore, ref: ArtifactRef, round_idx: int, cfg: RetentionConfig) -> int:
+    """Prune a finished round whose successor is published: its `state/` unless every round keeps it, its `model/`
+    unless it is an every-Nth round. Returns the bytes freed (the round's history and groups always stay)."""
+    prefixes = ["state/"] if cfg.state == "last" else []
+    if not (cfg.model_every and (round_idx + 1) % cfg.model_every == 0):
+        prefixes.append("model/")
+    freed = store.prune(ref, prefixes) if prefixes else 0
+    if freed:
+        log.info("round %d (%s): pruned %s, %.0f MiB freed", round_idx, ref.path.name[:12], prefixes, freed / 2**20)
+    return freed
+
+
+def resumable(store: StageStore, ref: ArtifactRef) -> bool:
+    """Whether a round can be continued from `ref`: nothing of it pruned (any other reference: always)."""
+    return not store.pruned(ref)
 
 
 @stage("model", datasets={"groups.parquet": "training"})

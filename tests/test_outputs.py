@@ -30,8 +30,9 @@ def _unroled(ref: ArtifactRef) -> None:
     """Rewrite a manifest the way manifests were written before inputs had roles and datasets were declared."""
     path = ref.path / "manifest.json"
     data = json.loads(path.read_text())
-    data["inputs"] = list(data["inputs"].values())
-    del data["datasets"]
+    root = ref.path.parent.parent
+    data["inputs"] = [{**r, "uri": str(root / r["uri"])} for r in data["inputs"].values()]  # absolute uris then
+    del data["datasets"], data["digest"]  # neither existed then
     path.write_text(json.dumps(data))
 
 

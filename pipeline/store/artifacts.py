@@ -6,6 +6,17 @@ the run's metrics; `key = stage_key(stage, version, config digest, input digests
 `.tmp-<key>-<random>` and renamed into place only once complete, and `lookup` re-hashes every file before
 serving it, so a killed, altered or half-written output is recomputed, never served.
 
+Inside a manifest on disk, references to outputs of the same store are store-relative (`<stage>/<key>`) and
+resolved against the folder's root when read, so a copied or moved root reads its own files, never the old
+root's. The manifest's `digest` covers every other field (config, inputs, metrics, file list), so what plots
+and lineage read from it is verified like the files are.
+
+A finished output may be pruned by the run's retention policy (`prune`): the listed files are removed and
+recorded in `pruned.json` beside the manifest. Its reference and digest stay those of the complete output, so
+the keys downstream do not change; `lookup` serves it (a later round still continues the chain), and
+`pruned(ref)` says what is gone, so a caller that needs those files recomputes the output (same key, same
+bytes) before it reads them.
+
 A writer holds an exclusive `flock` on `.tmp-<key>-<random>.lock` while its temp folder exists. The kernel
 drops the lock when the process dies (kill -9 included), so the next write of the stage removes exactly the
 temp folders whose lock is free and leaves the ones of live writers (other threads or processes) alone.
@@ -39,11 +50,14 @@ import pipeline
 __all__ = [
     "ArtifactRef", "Manifest", "PendingOutput", "StageStore", "ArtifactError", "named_inputs",
     "file_sha256", "tree_sha256", "files_sha256", "hash_tree", "stage_key", "git_commit", "write_text_atomic",
+    "manifest_digest", "PRUNED",
 ]
 
 log = logging.getLogger(__name__)
 
 MANIFEST = "manifest.json"
+PRUNED = "pruned.json"
+"""The relative paths a retention policy removed from a finished output (beside the manifest, not hashed)."""
 _NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.\-]*")
 _HEX64 = r"^[0-9a-f]{64}$"
 
@@ -60,7 +74,8 @@ class ArtifactRef(BaseModel):
     kind: str = Field(min_length=1)
     """What the artifact is, e.g. "prompts", "checkpoint", "eval"."""
     uri: str = Field(min_length=1)
-    """Absolute path of the folder or file."""
+    """Absolute path of the folder or file (in a manifest on disk, `<stage>/<key>` for an output of the same
+    store, resolved against that store's root when read)."""
     sha256: str = Field(pattern=_HEX64)
     """`tree_sha256` of a folder (manifest excluded) or `file_sha256` of a file."""
     schema_version: int = Field(ge=1)
@@ -97,6 +112,8 @@ class Manifest(BaseModel):
     metrics: dict[str, float]
     """Stage metrics; NaN and inf are kept (written as JSON constants)."""
     output: ArtifactRef
+    digest: str | None = Field(None, pattern=_HEX64)
+    """sha256 of every other field as written (`manifest_digest`); None in manifests written before it existed."""
 
     @field_validator("inputs", mode="before")
     @classmethod
@@ -126,14 +143,15 @@ def file_sha256(path: str | Path) -> str:
 
 
 def hash_tree(folder: str | Path) -> dict[str, str]:
-    """{relative POSIX path: sha256} of every file under `folder` (recursively), the top-level manifest excluded."""
+    """{relative POSIX path: sha256} of every file under `folder` (recursively), the top-level manifest and prune
+    record excluded."""
     folder = Path(folder)
     if not folder.is_dir():
         raise ArtifactError(f"{folder}: not a folder")
     out = {}
     for path in sorted(folder.rglob("*")):
         rel = path.relative_to(folder).as_posix()
-        if rel != MANIFEST and path.is_file():
+        if rel not in (MANIFEST, PRUNED) and path.is_file():
             out[rel] = file_sha256(path)
     return out
 
@@ -265,7 +283,10 @@ class StageStore:
             on_disk = hash_tree(folder)
         except OSError as exc:  # e.g. moved aside by a writer replacing it while we read
             raise ArtifactError(f"{folder}: cannot read: {exc}") from exc
+        pruned = _pruned_files(folder)
         for rel in sorted(set(m.files) | set(on_disk)):
+            if rel not in on_disk and rel in pruned:
+                continue  # removed by the retention policy; the reference still names the complete output
             if rel not in on_disk:
                 raise ArtifactError(f"{folder}: file {rel!r} is missing")
             if rel not in m.files:
@@ -288,18 +309,49 @@ class StageStore:
 
     @staticmethod
     def _read_manifest(folder: Path) -> Manifest:
+        """The manifest of `folder`, its digest checked and its store-relative references resolved against the
+        folder's root (`<root>/<stage>/<key>`), wherever that root is now."""
         path = folder / MANIFEST
         try:
-            return Manifest.model_validate_json(path.read_bytes())
+            m = Manifest.model_validate_json(path.read_bytes())
         except (FileNotFoundError, NotADirectoryError) as exc:
             raise ArtifactError(f"{path}: no manifest") from exc
         except ValueError as exc:
             raise ArtifactError(f"{path}: unreadable manifest: {exc}") from exc
+        if m.digest is not None and m.digest != manifest_digest(m):
+            raise ArtifactError(f"{path}: the manifest's fields do not match its digest (altered or damaged)")
+        return _resolve_refs(m, folder.parent.parent)
 
     @staticmethod
     def _ref(folder: Path, m: Manifest) -> ArtifactRef:
         """The manifest's output ref, pointing at where the folder is now (the store root may have moved)."""
         return m.output.model_copy(update={"uri": str(folder)})
+
+    def pruned(self, ref: ArtifactRef) -> frozenset[str]:
+        """The files of a stage output that the retention policy removed (empty for a complete output)."""
+        return frozenset(_pruned_files(ref.path))
+
+    def prune(self, ref: ArtifactRef, prefixes: Sequence[str]) -> int:
+        """Remove the output's files under `prefixes` (e.g. "state/"), recording them in `pruned.json` first, so a
+        kill midway leaves an output that still verifies. Returns the bytes freed. Only verified outputs of this
+        store are pruned."""
+        folder = ref.path
+        m = self._verified_manifest(folder, folder.parent.name, folder.name)
+        if m.output.sha256 != ref.sha256:
+            raise ArtifactError(f"{folder}: holds content {m.output.sha256[:12]}..., the reference says "
+                                f"{ref.sha256[:12]}...")
+        gone = sorted(rel for rel in m.files if rel.startswith(tuple(prefixes)))
+        if not gone:
+            return 0
+        write_text_atomic(folder / PRUNED, json.dumps(sorted(set(gone) | _pruned_files(folder)), indent=1))
+        freed = 0
+        for rel in gone:
+            path = folder / rel
+            if path.is_file():
+                freed += path.stat().st_size
+                path.unlink()
+        _remove_empty_dirs(folder)
+        return freed
 
     def manifest(self, ref: ArtifactRef) -> Manifest:
         """The manifest of a stage output; raises ArtifactError when it is missing or describes other content."""
@@ -359,8 +411,10 @@ class StageStore:
                     raise
             try:
                 kept = self._verified_manifest(final, stage, key)
-                log.info("%s/%s: another writer finished first; keeping its output", stage, key)
-                return self._ref(final, kept)
+                if not _pruned_files(final):
+                    log.info("%s/%s: another writer finished first; keeping its output", stage, key)
+                    return self._ref(final, kept)
+                log.info("%s/%s: replacing a pruned output with the complete one", stage, key)
             except ArtifactError as exc:
                 log.warning("%s/%s: replacing an invalid output (%s)", stage, key, exc)
             aside = tmp.with_name(tmp.name + ".old")  # guarded by our lock until removed
@@ -420,13 +474,55 @@ def _build_manifest(tmp: Path, final: Path, *, kind: str, version: int, config: 
         metrics = {str(k): float(v) for k, v in metrics.items()}
     except (TypeError, ValueError) as exc:
         raise TypeError(f"{stage}/{key}: metrics must be numbers: {exc}") from exc
-    output = ArtifactRef(kind=kind, uri=str(final), sha256=files_sha256(files), schema_version=schema_version)
+    root = final.parent.parent
+    output = ArtifactRef(kind=kind, uri=f"{stage}/{key}", sha256=files_sha256(files), schema_version=schema_version)
     missing = sorted(set(datasets) - set(files))
     if missing:
         raise ArtifactError(f"{stage}/{key}: declared dataset files {missing} were not written")
-    return Manifest(stage=stage, key=key, version=version, config=config, inputs=inputs, datasets=datasets,
-                    files=files, package_version=pipeline.__version__, git_commit=git_commit(),
-                    created_at=datetime.now(timezone.utc), wall_time_s=wall_time_s, metrics=metrics, output=output)
+    m = Manifest(stage=stage, key=key, version=version, config=config,
+                 inputs={role: _store_relative(ref, root) for role, ref in inputs.items()}, datasets=datasets,
+                 files=files, package_version=pipeline.__version__, git_commit=git_commit(),
+                 created_at=datetime.now(timezone.utc), wall_time_s=wall_time_s, metrics=metrics, output=output)
+    return m.model_copy(update={"digest": manifest_digest(m)})
+
+
+def manifest_digest(m: Manifest) -> str:
+    """sha256 of a manifest's fields other than `digest`, as canonical JSON (sorted keys; NaN and inf as constants)."""
+    data = json.loads(m.model_dump_json(exclude={"digest"}))
+    return hashlib.sha256(json.dumps(data, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
+
+
+def _store_relative(ref: ArtifactRef, root: Path) -> ArtifactRef:
+    """`ref` with a store-relative uri when it names something inside the store at `root` (an output, a member folder
+    of one), else unchanged (an external model, a prompt source)."""
+    path = Path(ref.uri)
+    if path.is_absolute() and path.is_relative_to(root):
+        return ref.model_copy(update={"uri": path.relative_to(root).as_posix()})
+    return ref
+
+
+def _resolve_refs(m: Manifest, root: Path) -> Manifest:
+    """The manifest with its store-relative uris (inputs and output) made absolute under `root`."""
+    def absolute(ref: ArtifactRef) -> ArtifactRef:
+        return ref if Path(ref.uri).is_absolute() else ref.model_copy(update={"uri": str(root / ref.uri)})
+    return m.model_copy(update={"inputs": {role: absolute(r) for role, r in m.inputs.items()},
+                                "output": absolute(m.output)})
+
+
+def _pruned_files(folder: Path) -> set[str]:
+    """The relative paths `pruned.json` lists (empty when there is none; an unreadable one lists nothing, so the
+    missing files fail verification)."""
+    try:
+        listed = json.loads((folder / PRUNED).read_text())
+    except (OSError, ValueError):
+        return set()
+    return {str(rel) for rel in listed} if isinstance(listed, list) else set()
+
+
+def _remove_empty_dirs(folder: Path) -> None:
+    for path in sorted(folder.rglob("*"), key=lambda p: len(p.parts), reverse=True):
+        if path.is_dir() and not path.is_symlink() and not any(path.iterdir()):
+            path.rmdir()
 
 
 LOW_DISK_BYTES = 64 * 2**20
