@@ -244,6 +244,10 @@ class GFTConfig(Settings):
     """Policy members per group, sampled every round from the current policy."""
     tau: float = Field(0.5, ge=0)
     """DCR threshold: tokens with p <= tau get the coefficient sg(p); 0 turns DCR off, > 1 rectifies all (DFT)."""
+    entropy_coeff: float = Field(0.0, ge=0)
+    """Entropy bonus: c * H per token is subtracted from the loss (verl's entropy_coeff; 0 in the paper's script,
+    and off by default). Above 0 the scorer also computes H with its gradient (one more output-projection matmul
+    per chunk, forward and backward)."""
     advantage_scale: Literal["group", "none"] = "group"
     """group: divide by the group's std (the paper); none: Dr.GRPO."""
     advantage_baseline: Literal["mean", "leave_one_out"] = "mean"
@@ -276,7 +280,8 @@ class GFTConfig(Settings):
 
 
 class GRPOConfig(Settings):
-    """GRPO in rounds: policy-only groups, group advantages, the clipped ratio surrogate, optional k3 KL."""
+    """GRPO in rounds: policy-only groups, group advantages, the clipped ratio surrogate, optional KL and entropy
+    bonus; options named after their TRL and verl counterparts (docs/design.md section 1.7)."""
 
     rounds: int = Field(4, ge=1)
     """Rounds; each samples `num_generations` completions for each of `prompts_per_round` prompts."""
@@ -288,24 +293,50 @@ class GRPOConfig(Settings):
     rather than which prompts each round happened to draw."""
     num_generations: int = Field(8, ge=2)
     """Group size G: completions per prompt (TRL's default, 8)."""
-    advantage_scale: Literal["group", "none"] = "group"
-    """group: divide by the group's std (TRL's scale_rewards="group"); none: Dr.GRPO. Our std has Bessel's
-    correction and eps 1e-6 like verl; TRL adds eps 1e-4, so advantages differ slightly in the last digits."""
+    advantage_scale: Literal["group", "batch", "none"] = "group"
+    """TRL's scale_rewards: group = divide A = R - group mean by the group's std; batch = by the std of every
+    scorable reward of the round (TRL "batch"); none = no division (Dr.GRPO). Stds have Bessel's correction."""
+    advantage_eps: float = Field(1e-6, gt=0)
+    """eps of A = (R - b) / (std + eps): 1e-6 as verl; TRL uses 1e-4."""
     advantage_baseline: Literal["mean", "leave_one_out"] = "mean"
     """mean: the group mean (GRPO); leave_one_out: the mean of the other members (RLOO)."""
+    singleton_advantage: Literal["zero", "reward"] = "zero"
+    """A group where only one completion has a reward (the others None): zero = that completion gets A = 0,
+    as in TRL (nanstd of one value is NaN, then 0); reward = A = R with no baseline (verl's singleton rule)."""
+    multi_objective_aggregation: Literal["sum_then_normalize", "normalize_then_sum"] = "sum_then_normalize"
+    """TRL's name, for several rewards: sum_then_normalize = weighted sum, then group advantages (above);
+    normalize_then_sum = each reward normalized in its group first, weighted sum, then normalized over the batch
+    (GDPO; it always divides by stds, so it needs advantage_scale "group" and advantage_baseline "mean")."""
     eps_low: float = Field(0.2, ge=0, lt=1)
     """Lower clip: the ratio is clipped below at 1 - eps_low (TRL's epsilon, 0.2)."""
     eps_high: float = Field(0.28, ge=0)
     """Upper clip: the ratio is clipped above at 1 + eps_high. TRL's default is epsilon (0.2, symmetric); we
     chose DAPO's clip-higher 0.28, which lets low-probability tokens gain mass and slows entropy collapse.
     It only matters when the ratio can leave 1 (num_iterations > 1 or minibatches_per_round > 1)."""
+    dual_clip: float | None = Field(None, gt=1)
+    """Dual clip c for negative advantages: their loss is at most -c A (verl's clip_ratio_c, 3 in verl; TRL's
+    delta, which is the same loss when c > 1 + eps_high). None (TRL's default) turns it off."""
+    importance_sampling_level: Literal["token", "sequence"] = "token"
+    """TRL's name: token = the ratio pi / pi_old per token (GRPO); sequence = GSPO's length-normalised sequence
+    ratio exp(mean_t log(pi / pi_old)) on every token of the sequence. Not the sampler correction below."""
     beta: float = Field(0.0, ge=0)
-    """Weight of the k3 KL to the frozen reference (the checkpoint the GRPO stage started from), added to the
+    """Weight of the KL to the frozen reference (the checkpoint the GRPO stage started from), added to the
     per-token loss. 0 (TRL's default) loads no reference model and logs no `kl`."""
-    aggregation: Literal["token_mean", "sequence_mean", "constant"] = "token_mean"
-    """token_mean: sum over the step's tokens / their count (DAPO; TRL's default loss_type "dapo");
-    sequence_mean: mean over sequences of per-sequence token means (the 2024 GRPO paper, TRL "grpo");
-    constant: sum / (sequences x max_response_tokens) (Dr.GRPO, TRL "dr_grpo")."""
+    kl_estimator: Literal["k1", "k2", "abs", "k3"] = "k3"
+    """verl's kl_loss_type, d = log pi_ref - log pi: k1 = -d ("kl"), k2 = d^2 / 2 ("mse"), abs = |d|, k3 =
+    exp(d) - d - 1 ("low_var_kl"; TRL's only estimator)."""
+    kl_clamp: float | None = Field(None, gt=0)
+    """k3 only: clamp k3 to [-kl_clamp, kl_clamp] and d to [-20, 20] as verl's low_var_kl does (verl: 10);
+    None (TRL) does not clamp."""
+    entropy_coeff: float = Field(0.0, ge=0)
+    """Entropy bonus: c * H per token is subtracted from the loss (verl's entropy_coeff; 0 by default). Above 0
+    the scorer also computes H with its gradient (one more output-projection matmul per chunk)."""
+    aggregation: Literal["token-mean", "seq-mean-token-mean", "seq-mean-token-sum", "seq-mean-token-sum-norm",
+                         "dr_grpo"] = "token-mean"
+    """verl's loss_agg_mode, over the optimizer step: token-mean = sum / tokens (DAPO; TRL "dapo"/"bnpo");
+    seq-mean-token-mean = mean of per-sequence token means, empty sequences left out (GRPO 2024; TRL "grpo");
+    seq-mean-token-sum = sum / sequences; seq-mean-token-sum-norm = sum / max_response_tokens (verl divides by
+    the constant T, not by the sequences); dr_grpo = sum / (sequences x max_response_tokens) (TRL "dr_grpo")."""
     num_iterations: int = Field(1, ge=1)
     """Passes over each round's rollouts (TRL's num_iterations, mu; default 1). The old log-probs of the
     ratio are recomputed by the trainer before the round's first update; the first optimizer step of a
@@ -327,13 +358,17 @@ class GRPOConfig(Settings):
     """One weight per reward (TRL's reward_weights; None = all 1). The reward of a completion is the weighted
     sum over the functions that apply to it (None skipped, TRL's nansum); where none applies the reward is
     NaN, the completion is left out of its group's baseline and gets advantage 0 (current TRL)."""
-    importance_sampling: Literal["none", "token", "sequence"] = "token"
-    """Truncated importance-sampling correction of the sampler/trainer mismatch, weight
-    min(pi_trainer / pi_sampler, cap) per token (TIS) or per sequence (product over its tokens). TRL's
-    default is "sequence_mask" (drop sequences above the cap); we chose token truncation, which keeps every
-    sequence's gradient and matches TRL's "token_truncate" and verl's token-level rollout IS."""
-    importance_sampling_cap: float = Field(3.0, ge=1)
-    """Upper bound C of the importance weight (TRL's vllm_importance_sampling_clip_max, 3.0)."""
+    sampler_correction: Literal["none", "token_truncate", "sequence_truncate", "token_mask",
+                                "sequence_mask"] = "token_truncate"
+    """Correction of the sampler/trainer mismatch (TRL's vllm_importance_sampling_mode; any engine here), with
+    rho = pi_trainer / pi_sampler per token or per sequence (product over its tokens): *_truncate weights the
+    surrogate by rho clamped to [sampler_correction_min, sampler_correction_max]; *_mask by rho inside that
+    range and 0 outside (the token or sequence drops out). TRL's default is sequence_mask; we chose
+    token_truncate, which keeps every sequence's gradient (verl's token-level rollout IS)."""
+    sampler_correction_max: float = Field(3.0, ge=1)
+    """Upper bound of rho (TRL's vllm_importance_sampling_clip_max, 3.0)."""
+    sampler_correction_min: float | None = Field(None, ge=0, le=1)
+    """Lower bound of rho (TRL's vllm_importance_sampling_clip_min); None: no lower bound."""
     train: TrainConfig = TrainConfig(lr=1e-6, micro_batch_size=64)
     """Optimizer settings (TRL's lr 1e-6); the step count and batch follow from rounds, minibatches_per_round
     and num_iterations, so num_steps, epochs, sequences_per_step, save_every, keep_checkpoints and log_every
@@ -351,6 +386,42 @@ class GRPOConfig(Settings):
             raise ValueError(f"reward_weights has {len(self.reward_weights)} entries for {len(self.rewards)} "
                              f"rewards {list(self.rewards)}")
         return self
+
+    @model_validator(mode="before")
+    @classmethod
+    def _renamed(cls, data: Any) -> Any:
+        """Old names fail with the new one named (a sampler correction is not GSPO's sequence ratio)."""
+        if isinstance(data, Mapping):
+            for old, new in _GRPO_RENAMED.items():
+                if old in data:
+                    raise ValueError(f"grpo.{old} was renamed: {new}")
+            if data.get("aggregation") in _OLD_AGGREGATIONS:
+                raise ValueError(f"grpo.aggregation = {data['aggregation']!r} is now "
+                                 f"{_OLD_AGGREGATIONS[data['aggregation']]!r} (verl's loss_agg_mode names)")
+        return data
+
+    @model_validator(mode="after")
+    def _options_consistent(self) -> GRPOConfig:
+        if self.dual_clip is not None and self.dual_clip <= 1 + self.eps_high:
+            raise ValueError(f"dual_clip = {self.dual_clip} must exceed 1 + eps_high = {1 + self.eps_high}")
+        if self.kl_clamp is not None and self.kl_estimator != "k3":
+            raise ValueError(f"kl_clamp applies to kl_estimator 'k3' (verl's low_var_kl), not {self.kl_estimator!r}")
+        if self.multi_objective_aggregation == "normalize_then_sum" and (
+                self.advantage_scale != "group" or self.advantage_baseline != "mean"):
+            raise ValueError("multi_objective_aggregation 'normalize_then_sum' normalizes by group and batch stds "
+                             "itself: leave advantage_scale = 'group' and advantage_baseline = 'mean'")
+        if (self.sampler_correction_min or 0.0) > self.sampler_correction_max:
+            raise ValueError("sampler_correction_min exceeds sampler_correction_max")
+        return self
+
+
+_GRPO_RENAMED = {
+    "importance_sampling": "the sampler/trainer correction is sampler_correction (none, token_truncate, "
+                           "sequence_truncate, token_mask, sequence_mask); GSPO's sequence ratio is "
+                           "importance_sampling_level",
+    "importance_sampling_cap": "use sampler_correction_max",
+}
+_OLD_AGGREGATIONS = {"token_mean": "token-mean", "sequence_mean": "seq-mean-token-mean", "constant": "dr_grpo"}
 
 
 class EvalConfig(Settings):

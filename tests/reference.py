@@ -23,7 +23,7 @@ def gft_reference(logprobs, advantages, mask, *, tau, normalizer=None):
 
 
 def grpo_reference(logprobs, old_logprobs, advantages, mask, *, eps_low, eps_high, beta=0.0, ref_logprobs=None,
-                   aggregation="token_mean", normalizer=None, is_weights=None):
+                   aggregation="token-mean", normalizer=None, is_weights=None):
     lp = logprobs.double()
     n, t_len = lp.shape
     zero = 0.0 * lp.sum()  # keeps the graph connected when every token is clipped
@@ -50,16 +50,22 @@ def grpo_reference(logprobs, old_logprobs, advantages, mask, *, eps_low, eps_hig
             cnt += 1
         seq_sums.append(s)
         seq_counts.append(cnt)
-    if aggregation == "token_mean":
+    if aggregation == "token-mean":
         return sum(seq_sums) / (sum(seq_counts) if normalizer is None else normalizer)
-    if aggregation == "sequence_mean":
-        return sum(s / max(c, 1) for s, c in zip(seq_sums, seq_counts)) / (n if normalizer is None else normalizer)
-    return sum(seq_sums) / (n * t_len if normalizer is None else normalizer)
+    if aggregation == "seq-mean-token-mean":  # sequences without tokens are left out (verl)
+        present = [(s, c) for s, c in zip(seq_sums, seq_counts) if c > 0]
+        return sum(s / c for s, c in present) / (len(present) if normalizer is None else normalizer)
+    return sum(seq_sums) / (n * t_len if normalizer is None else normalizer)  # dr_grpo
 
 
-def advantages_reference(rewards, group_ids, *, scale="group", baseline="mean", eps=1e-6):
+def advantages_reference(rewards, group_ids, *, scale="group", baseline="mean", eps=1e-6, singleton="reward"):
+    """(R - b) / (s + eps): b the group mean or the others' mean, s the group's or the batch's Bessel std, or
+    no division; a one-member group gets b = 0, s = 1 (singleton "reward") or A = 0 (singleton "zero", TRL)."""
     r = [x for x in rewards]
     out = [None] * len(r)
+    n_all = len(r)
+    batch_mean = sum(r) / n_all
+    batch_std = (sum((v - batch_mean) ** 2 for v in r) / (n_all - 1)) ** 0.5 if n_all > 1 else 0.0
     for g in dict.fromkeys(group_ids):
         idx = [i for i, h in enumerate(group_ids) if h == g]
         vals = [r[i] for i in idx]
@@ -74,7 +80,14 @@ def advantages_reference(rewards, group_ids, *, scale="group", baseline="mean", 
                 b = mean
             else:
                 b = (sum(vals) - r[i]) / (n - 1)
-            out[i] = (r[i] - b) / (std + eps) if scale == "group" else (r[i] - b)
+            if n == 1 and singleton == "zero":
+                out[i] = 0.0 * r[i]
+            elif scale == "group" or (scale == "batch" and n == 1):
+                out[i] = (r[i] - b) / (std + eps)
+            elif scale == "batch":
+                out[i] = (r[i] - b) / (batch_std + eps)
+            else:
+                out[i] = r[i] - b
     return out
 
 
@@ -87,8 +100,9 @@ def token_stats_reference(hidden, weight, bias, labels):
     return logp.gather(-1, labels[:, None]).squeeze(-1), -(logp.exp() * logp).sum(-1)
 
 
-def importance_weights_reference(trainer_lp, sampler_lp, mask, *, level, cap):
-    """Per token: min(exp(lp - q), cap); per sequence: min(exp(sum of lp - q over its tokens), cap); 1 elsewhere."""
+def importance_weights_reference(trainer_lp, sampler_lp, mask, *, level, cap, floor=None, masking=False):
+    """Per token: exp(lp - q); per sequence: exp(sum of lp - q over its tokens); then truncated to [floor, cap],
+    or (masking) 0 outside [floor, cap] (TRL's vllm_importance_sampling_mode); 1 on masked positions."""
     n, t_len = trainer_lp.shape
     w = [[1.0] * t_len for _ in range(n)]
     for i in range(n):
@@ -97,7 +111,11 @@ def importance_weights_reference(trainer_lp, sampler_lp, mask, *, level, cap):
             if not mask[i, t] or level == "none":
                 continue
             d = seq if level == "sequence" else float(trainer_lp[i, t]) - float(sampler_lp[i, t])
-            w[i][t] = min(math.exp(d), cap)
+            rho, low = math.exp(d), (-math.inf if floor is None else floor)
+            if masking:
+                w[i][t] = rho if low <= rho <= cap else 0.0
+            else:
+                w[i][t] = min(max(rho, low), cap)
     return torch.tensor(w, dtype=torch.float64)
 
 

@@ -110,4 +110,4 @@ def test_bad_arguments():
     with pytest.raises(ValueError, match="baseline"):
         group_advantages([1.0], ["a"], baseline="median")
     with pytest.raises(ValueError, match="scale"):
-        group_advantages([1.0], ["a"], scale="batch")
+        group_advantages([1.0], ["a"], scale="global")

@@ -55,12 +55,16 @@ def test_combine_rewards_hand_case_and_errors():
 
 
 def test_missing_rewards_leave_the_baseline_and_get_zero_advantage():
-    # Group a: [1, NaN, 0, 0] -> baseline over [1, 0, 0] only; group b: [NaN, 1] -> a singleton, A = R.
+    # Group a: [1, NaN, 0, 0] -> baseline over [1, 0, 0] only; group b: [NaN, 1] -> one scored completion:
+    # A = 0 with TRL's rule (singleton="zero"), A = R with verl's singleton rule (singleton="reward").
     rewards = torch.tensor([1.0, NAN, 0.0, 0.0, NAN, 1.0], dtype=torch.float64)
     ids = ["a", "a", "a", "a", "b", "b"]
-    out = masked_group_advantages(rewards, ids)
     kept = advantages_reference([1.0, 0.0, 0.0, 1.0], ["a", "a", "a", "b"])
+    out = masked_group_advantages(rewards, ids, singleton="reward")
     assert out.advantages.tolist() == pytest.approx([kept[0], 0.0, kept[1], kept[2], 0.0, kept[3]], rel=1e-12)
+    assert kept[3] == pytest.approx(1.0, rel=1e-5)
+    trl = masked_group_advantages(rewards, ids, singleton="zero")
+    assert trl.advantages.tolist() == pytest.approx([kept[0], 0.0, kept[1], kept[2], 0.0, 0.0], rel=1e-12)
     assert out.stats["frac_reward_missing"] == pytest.approx(2 / 6)
     full = masked_group_advantages(rewards.nan_to_num(0.5), ids)  # nothing missing: plain group advantages
     assert_close(full.advantages, group_advantages(rewards.nan_to_num(0.5), ids).advantages)
@@ -96,7 +100,7 @@ def test_reward_rollouts_weighted_rewards_with_none(specs, weights):
     for got, w in zip(table["reward"], want):
         assert math.isnan(got) if w is None else got == pytest.approx(w)
     kept = [i for i, w in enumerate(want) if w is not None]
-    adv = advantages_reference([want[i] for i in kept], [table["prompt_id"][i] for i in kept])
+    adv = advantages_reference([want[i] for i in kept], [table["prompt_id"][i] for i in kept], singleton="zero")
     expected = [0.0] * len(want)
     for i, a in zip(kept, adv):
         expected[i] = a
@@ -155,10 +159,14 @@ def _reference_gradient(model, prompt_ids, table, aggregation, weights, max_toke
     """grad of -(sum_k A_k sum_t w_kt log p_kt) / Z, Z = tokens | (per-sequence means, N) | N * T_max."""
     lps = _plain_logprobs(model, prompt_ids, table)
     terms = [-a * (w * lp) for a, w, lp in zip(table["advantage"], weights, lps)]
-    if aggregation == "token_mean":
+    if aggregation == "token-mean":
         loss = sum(t.sum() for t in terms) / sum(len(t) for t in terms)
-    elif aggregation == "sequence_mean":
+    elif aggregation == "seq-mean-token-mean":
         loss = sum(t.mean() for t in terms) / len(terms)
+    elif aggregation == "seq-mean-token-sum":
+        loss = sum(t.sum() for t in terms) / len(terms)
+    elif aggregation == "seq-mean-token-sum-norm":
+        loss = sum(t.sum() for t in terms) / max_tokens
     else:
         loss = sum(t.sum() for t in terms) / (len(terms) * max_tokens)
     loss.backward()
@@ -179,7 +187,8 @@ def _run_round(model, prompt_ids, table, cfg):
     return behave, examples, history, grads
 
 
-@pytest.mark.parametrize("aggregation", ["token_mean", "sequence_mean", "constant"])
+@pytest.mark.parametrize("aggregation", ["token-mean", "seq-mean-token-mean", "seq-mean-token-sum",
+                                         "seq-mean-token-sum-norm", "dr_grpo"])
 @pytest.mark.parametrize("correction", ["none", "token", "sequence"])
 def test_on_policy_round_ratio_is_one_and_gradient_is_the_policy_gradient(aggregation, correction):
     model = tiny_lm(seed=1)
@@ -188,8 +197,9 @@ def test_on_policy_round_ratio_is_one_and_gradient_is_the_policy_gradient(aggreg
         noise = torch.Generator().manual_seed(5)
         table["sampler_logprobs"] = [[x + 0.2 * float(torch.randn(1, generator=noise)) for x in lp]
                                      for lp in table["sampler_logprobs"]]
-    cfg = GRPOConfig(num_generations=4, aggregation=aggregation, importance_sampling=correction,
-                     importance_sampling_cap=1.2, max_response_tokens=8,
+    mode = {"none": "none", "token": "token_truncate", "sequence": "sequence_truncate"}[correction]
+    cfg = GRPOConfig(num_generations=4, aggregation=aggregation, sampler_correction=mode,
+                     sampler_correction_max=1.2, max_response_tokens=8,
                      train=TrainConfig(lr=1e-3, max_grad_norm=None, micro_batch_size=5))  # 12 rows: 3 micro-batches
     reference = copy.deepcopy(model)
     behave, _, history, grads = _run_round(model, prompt_ids, table, cfg)
@@ -219,7 +229,7 @@ def test_later_steps_use_the_old_logprobs_of_the_rounds_start():
     model = tiny_lm(seed=2)
     prompt_ids, table = _on_policy_round(model, seed=3)
     cfg = GRPOConfig(num_generations=4, num_iterations=2, minibatches_per_round=2, eps_low=0.01, eps_high=0.01,
-                     importance_sampling="none", train=TrainConfig(lr=3e-2, micro_batch_size=4))
+                     sampler_correction="none", train=TrainConfig(lr=3e-2, micro_batch_size=4))
     before = copy.deepcopy(model)
     behave, examples, history, _ = _run_round(model, prompt_ids, table, cfg)
     assert [h["step"] for h in history] == [1.0, 2.0, 3.0, 4.0]
@@ -240,7 +250,7 @@ def test_the_first_step_of_a_round_never_reads_the_stored_old_logprobs():
 
     model = tiny_lm(seed=4)
     prompt_ids, table = _on_policy_round(model, seed=6)
-    cfg = GRPOConfig(num_generations=4, minibatches_per_round=2, importance_sampling="none",
+    cfg = GRPOConfig(num_generations=4, minibatches_per_round=2, sampler_correction="none",
                      train=TrainConfig(lr=1e-4, micro_batch_size=8))
     behave = grpo.behaviour(model, table, prompt_ids, cfg, pad_id=PAD)
     examples = grpo.round_examples(table, prompt_ids, behave, None)

@@ -181,7 +181,7 @@ def test_shape_errors_name_both_shapes():
 
 @pytest.mark.parametrize("shape", SHAPES)
 @pytest.mark.parametrize("seed", [0, 1, 2])
-@pytest.mark.parametrize("aggregation", ["token_mean", "sequence_mean", "constant"])
+@pytest.mark.parametrize("aggregation", ["token-mean", "seq-mean-token-mean", "dr_grpo"])
 @pytest.mark.parametrize("beta", [0.0, 0.04])
 @pytest.mark.parametrize("normalizer", [None, 13.0])
 def test_grpo_matches_reference(shape, seed, aggregation, beta, normalizer):
@@ -198,7 +198,7 @@ def test_grpo_matches_reference(shape, seed, aggregation, beta, normalizer):
 
 
 @pytest.mark.parametrize("seed", [0, 1])
-@pytest.mark.parametrize("aggregation", ["token_mean", "sequence_mean", "constant"])
+@pytest.mark.parametrize("aggregation", ["token-mean", "seq-mean-token-mean", "dr_grpo"])
 def test_grpo_with_importance_weights_matches_reference(seed, aggregation):
     lp, adv, mask = _inputs((5, 8), seed)
     g = torch.Generator().manual_seed(seed + 7)
@@ -212,14 +212,14 @@ def test_grpo_with_importance_weights_matches_reference(seed, aggregation):
     assert_close(_grad(out.loss, lp), _grad(ref, lp), rtol=1e-12, atol=1e-12)
 
 
-@pytest.mark.parametrize("aggregation", ["token_mean", "sequence_mean", "constant"])
+@pytest.mark.parametrize("aggregation", ["token-mean", "seq-mean-token-mean", "dr_grpo"])
 def test_grpo_flat_tokens_with_sequence_index_equal_padded_rows(aggregation):
     # The trainer hands grpo_loss flat [M] tokens with each token's sequence: the same loss and gradient as
     # the padded [N, T] rows, with the step's global normalizer (constant: sequences x T).
     lp, adv, mask = _inputs((6, 7), 4)
     old = lp.detach() + 0.3 * torch.randn(6, 7, generator=torch.Generator().manual_seed(2), dtype=torch.float64)
     rows = torch.arange(6)[:, None].expand(6, 7)
-    normalizer = {"token_mean": None, "sequence_mean": None, "constant": 6 * 7}[aggregation]
+    normalizer = {"token-mean": None, "seq-mean-token-mean": None, "dr_grpo": 6 * 7}[aggregation]
     padded = grpo_loss(lp, old, adv, mask, eps_low=0.2, eps_high=0.28, aggregation=aggregation)
     flat = grpo_loss(lp[mask], old[mask], adv[:, None].expand(6, 7)[mask], torch.ones(int(mask.sum()), dtype=torch.bool),
                      eps_low=0.2, eps_high=0.28, aggregation=aggregation, normalizer=normalizer, seq_index=rows[mask])
@@ -227,19 +227,20 @@ def test_grpo_flat_tokens_with_sequence_index_equal_padded_rows(aggregation):
     assert_close(_grad(flat.loss, lp), _grad(padded.loss, lp), rtol=1e-13, atol=1e-15)
     with pytest.raises(ValueError, match="seq_index"):
         grpo_loss(lp[mask], old[mask], adv[:, None].expand(6, 7)[mask], torch.ones(int(mask.sum()), dtype=torch.bool),
-                  eps_low=0.2, eps_high=0.2, aggregation="sequence_mean")
+                  eps_low=0.2, eps_high=0.2, aggregation="seq-mean-token-mean")
 
 
 @pytest.mark.parametrize("level", ["none", "token", "sequence"])
 @pytest.mark.parametrize("cap", [1.0, 1.5, 3.0, 1e9])
 @pytest.mark.parametrize("seed", [0, 1])
 def test_importance_weights_match_reference(level, cap, seed):
+    mode = {"none": "none", "token": "token_truncate", "sequence": "sequence_truncate"}[level]
     g = torch.Generator().manual_seed(seed)
     lp = -3 * torch.rand(6, 9, generator=g, dtype=torch.float64)
     q = lp + 0.3 * torch.randn(6, 9, generator=g, dtype=torch.float64)  # a visible sampler/trainer gap
     mask = torch.rand(6, 9, generator=g) < 0.7
     mask[:, 0] = True
-    out = importance_weights(lp, q, mask, level=level, cap=cap)
+    out = importance_weights(lp, q, mask, mode=mode, cap=cap)
     ref = importance_weights_reference(lp, q, mask, level=level, cap=cap)
     assert_close(out.weights, ref, rtol=1e-13, atol=0)
     values = ref[mask] if level != "sequence" else ref[:, 0]
@@ -256,11 +257,11 @@ def test_importance_weights_hand_cases():
     lp = torch.tensor([[math.log(2.0), math.log(2.0), 5.0]], dtype=torch.float64)
     q = torch.zeros(1, 3, dtype=torch.float64)
     mask = torch.tensor([[True, True, False]])
-    assert importance_weights(lp, q, mask, level="token", cap=3.0).weights.tolist() == [[2.0, 2.0, 1.0]]
-    assert importance_weights(lp, q, mask, level="sequence", cap=3.0).weights.tolist() == [[3.0, 3.0, 1.0]]
-    assert importance_weights(lp, q, mask, level="sequence", cap=10.0).weights[0, :2].tolist() == pytest.approx([4, 4])
-    with pytest.raises(ValueError, match="unknown importance sampling level"):
-        importance_weights(lp, q, mask, level="tokens", cap=3.0)
+    assert importance_weights(lp, q, mask, mode="token_truncate", cap=3.0).weights.tolist() == [[2.0, 2.0, 1.0]]
+    assert importance_weights(lp, q, mask, mode="sequence_truncate", cap=3.0).weights.tolist() == [[3.0, 3.0, 1.0]]
+    assert importance_weights(lp, q, mask, mode="sequence_truncate", cap=10.0).weights[0, :2].tolist() == pytest.approx([4, 4])
+    with pytest.raises(ValueError, match="unknown importance sampling mode"):
+        importance_weights(lp, q, mask, mode="token", cap=3.0)
 
 
 def test_sampler_mismatch_matches_reference():

@@ -4,23 +4,36 @@ GFT (Group Fine-Tuning), per response token t of group member k with group advan
 
     p_{k,t} = pi_theta(y_{k,t} | x, y_{k,<t})                    (current policy, temperature 1)
     C(p)    = sg(p)  if p <= tau  else 1                          (Dynamic Coefficient Rectification)
-    l_{k,t} = -A_k * C(p_{k,t}) * log p_{k,t}
+    l_{k,t} = -A_k * C(p_{k,t}) * log p_{k,t}  -  c_H * H_{k,t}   (c_H: optional entropy bonus, 0 by default)
     L       = sum_{k,t} m_{k,t} * l_{k,t} / Z                     (Z = response tokens of the optimizer step)
 
 The baselines are the same function (docs/design.md section 1.7):
     SFT                = expert-only groups, A = 1, tau = 0       -> `sft_loss`
     DFT                = A = 1, C = sg(p) everywhere (tau > 1)    -> `dft_loss`
     GFT without DCR    = tau = 0                                  -> `gft_loss(..., tau=0.0)`
-GRPO is the clipped importance-ratio surrogate with an optional k3 KL to a reference -> `grpo_loss`:
+GRPO is the clipped importance-ratio surrogate with an optional KL to a reference -> `grpo_loss`:
 
-    r_{k,t}  = exp(log p_{k,t} - log p_old_{k,t})
-    l_{k,t}  = -min(r A_k, clip(r, 1 - eps_low, 1 + eps_high) A_k) * w_{k,t} + beta * k3_{k,t}
-    k3_{k,t} = exp(log p_ref - log p) - (log p_ref - log p) - 1
-aggregated as a token mean (DAPO), a mean of per-sequence token means (GRPO 2024) or sum / (N * T_max)
-(Dr.GRPO). w is the truncated importance weight of the sampler/trainer mismatch (`importance_weights`):
+    r_{k,t}  = exp(log p_{k,t} - log p_old_{k,t})                 (ratio_level "token")
+    r_{k,t}  = exp(mean_t (log p_{k,t} - log p_old_{k,t}))        (ratio_level "sequence": GSPO, TRL
+                                                                   importance_sampling_level="sequence")
+    s_{k,t}  = -min(r A_k, clip(r, 1 - eps_low, 1 + eps_high) A_k)
+    s_{k,t}  = min(s_{k,t}, -c A_k)  where A_k < 0                (dual clip c: verl clip_ratio_c, TRL delta)
+    l_{k,t}  = s_{k,t} * w_{k,t} + beta * KL_{k,t} - c_H * H_{k,t}
+with KL one of verl's `kl_penalty` estimators (`kl_penalty`; d = log p_ref - log p): k1 = -d, abs = |d|,
+k2 = d^2 / 2, k3 = exp(d) - d - 1 (TRL's, and verl's low_var_kl, which clamps it to [-10, 10]). The per-token
+loss is aggregated by verl's loss_agg_mode (`AGGREGATIONS`), over the optimizer step's global normalizer:
 
-    token:    w_{k,t} = min(exp(log p_old_{k,t} - log q_{k,t}), C)
-    sequence: w_{k,t} = min(exp(sum_t (log p_old_{k,t} - log q_{k,t})), C)      (q: the sampler's log-probs)
+    token-mean              sum / tokens                                   (DAPO; TRL "dapo", "bnpo")
+    seq-mean-token-mean     mean over non-empty sequences of token means   (GRPO 2024; TRL "grpo")
+    seq-mean-token-sum      sum / sequences
+    seq-mean-token-sum-norm sum / T   (T = max_response_tokens: a constant, not divided by the sequences)
+    dr_grpo                 sum / (sequences * T)                          (Dr.GRPO; TRL "dr_grpo")
+
+w is the importance weight of the sampler/trainer mismatch (`importance_weights`, TRL's
+vllm_importance_sampling_mode), rho = exp(log p_old - log q) per token or exp(sum_t ...) per sequence:
+
+    *_truncate: w = clamp(rho, floor, cap)              *_mask: w = rho if floor <= rho <= cap else 0
+
 It multiplies the surrogate only, not the KL term (TRL's order). Expert and teacher tokens have no sampler
 log-probs (no q), so GFT, which has no ratio, never applies it: they are excluded by construction.
 
@@ -29,14 +42,21 @@ Deliberate deviations from the paper and its released code:
    (`prob > tao` keeps the coefficient 1). The two differ only on a set of measure zero.
 2. The released code averages tokens per micro-batch (verl `token-mean`), so its gradient depends on the
    micro-batch split. We divide by `normalizer`, the response-token count of the whole optimizer step
-   across micro-batches and ranks, so the gradient does not depend on how the step is split.
-3. Token entropy is computed as a detached diagnostic; no loss here has an entropy bonus.
+   across micro-batches and ranks, so the gradient does not depend on how the step is split. The same holds
+   for every aggregation: seq-mean-token-sum-norm divides the step's sum by T once (verl divides each
+   micro-batch's sum by T and averages the micro-batches).
+3. The entropy bonus is subtracted per token before aggregation, so it is aggregated like the policy loss
+   (verl aggregates it separately with the same mode: the same number), and it is subtracted after the
+   importance weight (verl: outside the policy loss, likewise unweighted).
+4. Dual clip is verl's form; TRL's delta caps the unclipped ratio instead, which is the same loss and
+   gradient whenever delta > 1 + eps_high (GRPOConfig requires that).
 
 Token log-probs come from `pipeline.model.logprobs` (chunked and fused over the vocabulary).
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Literal
 
@@ -49,12 +69,20 @@ __all__ = [
     "sft_loss",
     "dft_loss",
     "grpo_loss",
+    "kl_penalty",
+    "policy_ratio",
+    "clipped_surrogate",
+    "AGGREGATIONS",
     "ISWeights",
     "importance_weights",
     "sampler_mismatch",
 ]
 
-Aggregation = Literal["token_mean", "sequence_mean", "constant"]
+Aggregation = Literal["token-mean", "seq-mean-token-mean", "seq-mean-token-sum", "seq-mean-token-sum-norm", "dr_grpo"]
+AGGREGATIONS: tuple[str, ...] = Aggregation.__args__
+KLEstimator = Literal["k1", "k2", "abs", "k3"]
+RatioLevel = Literal["token", "sequence"]
+ISMode = Literal["none", "token_truncate", "sequence_truncate", "token_mask", "sequence_mask"]
 
 
 @dataclass(frozen=True)
@@ -104,9 +132,10 @@ def _token_sum_over(per_token: Tensor, mask: Tensor, normalizer: float | Tensor 
 
 def gft_loss(
     logprobs: Tensor, advantages: Tensor, mask: Tensor, *, tau: float,
-    normalizer: float | Tensor | None = None, entropy: Tensor | None = None,
+    normalizer: float | Tensor | None = None, entropy: Tensor | None = None, entropy_coeff: float = 0.0,
 ) -> LossOutput:
-    """GFT loss: token sum of -A * C(p) * log p over `normalizer` tokens (the local token count if None).
+    """GFT loss: token sum of -A * C(p) * log p - entropy_coeff * H over `normalizer` tokens (the local token
+    count if None).
 
     Args:
         logprobs: [N, T] (or flat [M]) log p of the response tokens under the current policy.
@@ -114,23 +143,21 @@ def gft_loss(
         mask: shape of logprobs; 1 for response tokens that count.
         tau: DCR threshold; tokens with p <= tau get C = sg(p), others C = 1.
         normalizer: global response-token count of the optimizer step (across micro-batches and ranks).
-        entropy: optional per-token entropy, shape of logprobs, reported as a metric.
+        entropy: optional per-token entropy, shape of logprobs: a metric, and the bonus when entropy_coeff > 0
+            (it must then carry its gradient).
     """
     adv = _expand_advantages(advantages, logprobs, mask)
     probs = logprobs.detach().exp()  # [N, T]
     rectified = probs <= tau  # [N, T] bool
     coef = torch.where(rectified, probs, torch.ones_like(probs))  # [N, T], detached by construction
-    per_token = -adv * coef * logprobs  # [N, T]
-    loss = _token_sum_over(per_token, mask, normalizer)
     metrics = {
         "rectified_frac": _token_mean(rectified.to(logprobs.dtype), mask),
         "coef_mean": _token_mean(coef, mask),
         "logprob_mean": _token_mean(logprobs.detach(), mask),
         "advantage_mean": _token_mean(adv.detach().to(logprobs.dtype), mask),
     }
-    if entropy is not None:
-        metrics["entropy"] = _token_mean(entropy.detach(), mask)
-    return LossOutput(loss=loss, metrics=metrics)
+    per_token = _entropy_bonus(-adv * coef * logprobs, entropy, entropy_coeff, logprobs, mask, metrics)  # [N, T]
+    return LossOutput(loss=_token_sum_over(per_token, mask, normalizer), metrics=metrics)
 
 
 def sft_loss(logprobs: Tensor, mask: Tensor, *, normalizer: float | Tensor | None = None,
@@ -151,72 +178,136 @@ def dft_loss(logprobs: Tensor, mask: Tensor, *, normalizer: float | Tensor | Non
 # ---------------------------------------------------------------------------------------------------------
 
 
-def _aggregate(per_token: Tensor, mask: Tensor, aggregation: Aggregation,
-               normalizer: float | Tensor | None, seq_index: Tensor | None = None) -> Tensor:
-    """token_mean: sum / tokens; sequence_mean: mean over sequences of per-sequence token means; constant:
-    sum / (sequences * T) (Dr.GRPO). `normalizer` replaces the local tokens, sequences or sequences * T of the
-    respective rule with the optimizer step's global value. Flat [M] inputs name each token's sequence in
-    `seq_index` for sequence_mean, and need an explicit normalizer for constant (T is not known)."""
-    if aggregation == "token_mean":
-        return _token_sum_over(per_token, mask, normalizer)
-    if aggregation not in ("sequence_mean", "constant"):
-        raise ValueError(f"unknown aggregation {aggregation!r}; expected token_mean, sequence_mean or constant")
-    if per_token.dim() == 1:
-        return _aggregate_flat(per_token, mask, aggregation, normalizer, seq_index)
-    if per_token.dim() != 2:
-        raise ValueError(f"aggregation {aggregation!r} needs [N, T] or flat [M] inputs, got shape "
-                         f"{tuple(per_token.shape)}")
-    masked = torch.where(mask.bool(), per_token, torch.zeros_like(per_token))  # [N, T]
-    if aggregation == "sequence_mean":
-        per_seq = masked.sum(-1) / mask.sum(-1).clamp_min(1)  # [N]
-        return per_seq.sum() / (per_token.shape[0] if normalizer is None else normalizer)
-    return masked.sum() / (per_token.numel() if normalizer is None else normalizer)
-
-
-def _aggregate_flat(per_token: Tensor, mask: Tensor, aggregation: Aggregation,
-                    normalizer: float | Tensor | None, seq_index: Tensor | None) -> Tensor:
-    if aggregation == "constant":
-        if normalizer is None:
-            raise ValueError("aggregation 'constant' on flat [M] tokens needs normalizer = sequences * T_max")
-        return _token_sum_over(per_token, mask, normalizer)
+def _sequence_ids(per_token: Tensor, seq_index: Tensor | None, what: str) -> Tensor:
+    """The sequence of every token: the row of [N, T] inputs, or `seq_index` for flat [M] inputs."""
+    if per_token.dim() == 2:
+        return torch.arange(per_token.shape[0], device=per_token.device)[:, None].expand_as(per_token)  # [N, T]
+    if per_token.dim() != 1:
+        raise ValueError(f"{what} needs [N, T] or flat [M] inputs, got shape {tuple(per_token.shape)}")
     if seq_index is None or seq_index.shape != per_token.shape:
         got = None if seq_index is None else tuple(seq_index.shape)
-        raise ValueError(f"aggregation 'sequence_mean' on flat tokens {tuple(per_token.shape)} needs seq_index "
-                         f"of the same shape, got {got}")
-    ids, inverse = torch.unique(seq_index, return_inverse=True)  # [S], [M]
-    m = mask.bool()
-    masked = torch.where(m, per_token, torch.zeros_like(per_token))  # [M]
-    sums = masked.new_zeros(ids.shape[0]).index_add(0, inverse, masked)  # [S]
-    counts = masked.new_zeros(ids.shape[0]).index_add(0, inverse, m.to(masked.dtype))  # [S]
-    per_seq = sums / counts.clamp_min(1)  # [S]
-    return per_seq.sum() / (ids.shape[0] if normalizer is None else normalizer)
+        raise ValueError(f"{what} on flat tokens {tuple(per_token.shape)} needs seq_index of the same shape, got {got}")
+    return seq_index
+
+
+def _per_sequence(per_token: Tensor, mask: Tensor, seq_index: Tensor | None, what: str) -> tuple[Tensor, Tensor,
+                                                                                                    Tensor]:
+    """(masked sums [S], masked token counts [S], each token's sequence [same shape as per_token] as 0..S-1)."""
+    ids = _sequence_ids(per_token, seq_index, what)
+    _, inverse = torch.unique(ids.reshape(-1), return_inverse=True)  # [M]
+    s = int(inverse.max()) + 1 if inverse.numel() else 0
+    m = mask.reshape(-1).bool()
+    values = torch.where(m, per_token.reshape(-1), torch.zeros_like(per_token.reshape(-1)))  # [M]
+    sums = values.new_zeros(s).index_add(0, inverse, values)  # [S]
+    counts = values.new_zeros(s).index_add(0, inverse, m.to(values.dtype))  # [S]
+    return sums, counts, inverse.reshape(per_token.shape)
+
+
+def _aggregate(per_token: Tensor, mask: Tensor, aggregation: Aggregation,
+               normalizer: float | Tensor | None, seq_index: Tensor | None = None) -> Tensor:
+    """verl's loss_agg_mode (module docstring). `normalizer` replaces the local denominator (tokens, sequences,
+    T or sequences x T) with the optimizer step's global one. Flat [M] inputs name each token's sequence in
+    `seq_index` for seq-mean-token-mean and need an explicit normalizer for the modes that divide by T or by
+    the sequence count."""
+    if aggregation not in AGGREGATIONS:
+        raise ValueError(f"unknown aggregation {aggregation!r}; expected one of {', '.join(AGGREGATIONS)}")
+    if aggregation == "seq-mean-token-mean":
+        sums, counts, _ = _per_sequence(per_token, mask, seq_index, "aggregation 'seq-mean-token-mean'")
+        present = counts > 0  # [S]: fully masked rows are left out, as verl does
+        per_seq = torch.where(present, sums / counts.clamp_min(1), torch.zeros_like(sums))  # [S]
+        return per_seq.sum() / (present.sum().clamp_min(1) if normalizer is None else normalizer)
+    if normalizer is None:
+        normalizer = _local_normalizer(aggregation, per_token, mask)
+    return _token_sum_over(per_token, mask, normalizer)
+
+
+def _local_normalizer(aggregation: Aggregation, per_token: Tensor, mask: Tensor) -> Tensor | int:
+    """The denominator of one [N, T] batch: tokens, non-empty sequences, T, or N x T."""
+    if aggregation == "token-mean":
+        return mask.sum().clamp_min(1)
+    if per_token.dim() != 2:
+        raise ValueError(f"aggregation {aggregation!r} on flat [M] tokens needs an explicit normalizer "
+                         f"(sequences, T or sequences x T of the step)")
+    if aggregation == "seq-mean-token-sum":
+        return mask.bool().any(-1).sum().clamp_min(1)
+    if aggregation == "seq-mean-token-sum-norm":
+        return per_token.shape[1]
+    return per_token.numel()  # dr_grpo
+
+
+def kl_penalty(logprobs: Tensor, ref_logprobs: Tensor, *, estimator: KLEstimator = "k3",
+               clamp: float | None = None) -> Tensor:
+    """Per-token estimate of KL(pi || pi_ref) from the sampled tokens' log-probs (verl `kl_penalty`).
+
+    With d = log pi_ref - log pi: k1 = -d (verl "kl"); abs = |d|; k2 = d^2 / 2 (verl "mse"); k3 = exp(d) - d - 1
+    (verl "low_var_kl", TRL's only estimator). `clamp` (k3 only; verl uses 10) clamps d to [-20, 20] and k3 to
+    [-clamp, clamp] as verl's low_var_kl does: no gradient flows where a clamp is active."""
+    delta = ref_logprobs.detach() - logprobs  # [N, T]
+    if clamp is not None and estimator != "k3":
+        raise ValueError(f"kl clamp {clamp} applies to the k3 (low_var_kl) estimator only, not {estimator!r}")
+    if estimator == "k1":
+        return -delta
+    if estimator == "abs":
+        return delta.abs()
+    if estimator == "k2":
+        return 0.5 * delta.square()
+    if estimator != "k3":
+        raise ValueError(f"unknown KL estimator {estimator!r}; expected k1, k2, abs or k3")
+    if clamp is None:
+        return torch.exp(delta) - delta - 1.0
+    delta = delta.clamp(-20.0, 20.0)
+    return (torch.exp(delta) - delta - 1.0).clamp(-clamp, clamp)
+
+
+def policy_ratio(logprobs: Tensor, old_logprobs: Tensor, mask: Tensor, *, level: RatioLevel = "token",
+                 seq_index: Tensor | None = None) -> Tensor:
+    """pi / pi_old per token (r = exp(lp - old)), or GSPO's per sequence (TRL importance_sampling_level=
+    "sequence"): s_k = exp(mean over k's tokens of (lp - old)) on every token of k, with its gradient."""
+    log_ratio = logprobs - old_logprobs.detach()  # [N, T]
+    if level == "token":
+        return torch.exp(log_ratio)
+    if level != "sequence":
+        raise ValueError(f"unknown ratio level {level!r}; expected 'token' or 'sequence'")
+    sums, counts, inverse = _per_sequence(log_ratio, mask, seq_index, "ratio level 'sequence'")
+    return torch.exp((sums / counts.clamp_min(1))[inverse])  # [N, T], one value per sequence
+
+
+def clipped_surrogate(ratio: Tensor, adv: Tensor, *, eps_low: float, eps_high: float,
+                      dual_clip: float | None = None) -> Tensor:
+    """Per-token -min(r A, clip(r, 1 - eps_low, 1 + eps_high) A); with `dual_clip` c, tokens with A < 0 are
+    bounded by -c A (verl clip_ratio_c; the same as TRL's delta when c > 1 + eps_high)."""
+    clipped = torch.clamp(ratio, 1.0 - eps_low, 1.0 + eps_high)  # [N, T]
+    loss = torch.maximum(-adv * ratio, -adv * clipped)  # [N, T]
+    if dual_clip is None:
+        return loss
+    return torch.where(adv < 0, torch.minimum(loss, -adv * dual_clip), loss)
 
 
 def grpo_loss(
     logprobs: Tensor, old_logprobs: Tensor, advantages: Tensor, mask: Tensor, *,
-    eps_low: float, eps_high: float, beta: float = 0.0, ref_logprobs: Tensor | None = None,
-    aggregation: Aggregation = "token_mean", normalizer: float | Tensor | None = None,
-    is_weights: Tensor | None = None, seq_index: Tensor | None = None, entropy: Tensor | None = None,
+    eps_low: float, eps_high: float, dual_clip: float | None = None, ratio_level: RatioLevel = "token",
+    beta: float = 0.0, ref_logprobs: Tensor | None = None, kl_estimator: KLEstimator = "k3",
+    kl_clamp: float | None = None, entropy_coeff: float = 0.0, aggregation: Aggregation = "token-mean",
+    normalizer: float | Tensor | None = None, is_weights: Tensor | None = None, seq_index: Tensor | None = None,
+    entropy: Tensor | None = None,
 ) -> LossOutput:
-    """Clipped surrogate -min(r A, clip(r, 1 - eps_low, 1 + eps_high) A) * w + beta * k3 KL, aggregated.
+    """Clipped surrogate * w + beta * KL - entropy_coeff * H per token, aggregated (module docstring).
 
     Args:
-        logprobs, old_logprobs, mask: [N, T] or flat [M]; r = exp(logprobs - old_logprobs).
+        logprobs, old_logprobs, mask: [N, T] or flat [M]; the ratio is `policy_ratio` at `ratio_level`.
         advantages: [N] or the shape of logprobs.
-        ref_logprobs: log-probs of the frozen reference, shape of logprobs, required when beta > 0.
-            k3 = exp(ref - logp) - (ref - logp) - 1 (Schulman's unbiased, non-negative estimator).
+        ref_logprobs: log-probs of the frozen reference, shape of logprobs, required when beta > 0; the KL is
+            `kl_penalty(estimator=kl_estimator, clamp=kl_clamp)`.
         is_weights: optional importance weights w (shape of logprobs, detached) on the surrogate only.
-        seq_index: flat inputs only: the sequence of every token (for sequence_mean).
-        entropy: optional per-token entropy, shape of logprobs, reported as a metric.
+        seq_index: flat inputs only: the sequence of every token (seq-mean-token-mean, sequence ratio).
+        entropy: per-token entropy, shape of logprobs: a metric, and the bonus when entropy_coeff > 0 (it must
+            then carry its gradient).
     """
-    if old_logprobs.shape != logprobs.shape:
-        raise ValueError(f"old_logprobs shape {tuple(old_logprobs.shape)} does not match logprobs shape "
-                         f"{tuple(logprobs.shape)}")
+    _check_same_shape("old_logprobs", old_logprobs, logprobs)
     adv = _expand_advantages(advantages, logprobs, mask)
-    ratio = torch.exp(logprobs - old_logprobs.detach())  # [N, T]
-    clipped = torch.clamp(ratio, 1.0 - eps_low, 1.0 + eps_high)  # [N, T]
-    per_token = torch.maximum(-adv * ratio, -adv * clipped)  # [N, T]
-    metrics = _clip_metrics(ratio.detach(), adv.detach(), mask, eps_low, eps_high)
+    ratio = policy_ratio(logprobs, old_logprobs, mask, level=ratio_level, seq_index=seq_index)  # [N, T]
+    per_token = clipped_surrogate(ratio, adv, eps_low=eps_low, eps_high=eps_high, dual_clip=dual_clip)  # [N, T]
+    metrics = _clip_metrics(ratio.detach(), adv.detach(), mask, eps_low, eps_high, dual_clip)
     if is_weights is not None:
         _check_same_shape("is_weights", is_weights, logprobs)
         per_token = per_token * is_weights.detach()
@@ -224,14 +315,30 @@ def grpo_loss(
         if ref_logprobs is None or ref_logprobs.shape != logprobs.shape:
             got = None if ref_logprobs is None else tuple(ref_logprobs.shape)
             raise ValueError(f"beta={beta} needs ref_logprobs of shape {tuple(logprobs.shape)}, got {got}")
-        delta = ref_logprobs.detach() - logprobs  # [N, T]
-        kl = torch.exp(delta) - delta - 1.0  # [N, T]
+        kl = kl_penalty(logprobs, ref_logprobs, estimator=kl_estimator, clamp=kl_clamp)  # [N, T]
         per_token = per_token + beta * kl
         metrics["kl"] = _token_mean(kl.detach(), mask)
-    if entropy is not None:
-        metrics["entropy"] = _token_mean(entropy.detach(), mask)
+    per_token = _entropy_bonus(per_token, entropy, entropy_coeff, logprobs, mask, metrics)
     loss = _aggregate(per_token, mask, aggregation, normalizer, seq_index)
     return LossOutput(loss=loss, metrics=metrics)
+
+
+def _entropy_bonus(per_token: Tensor, entropy: Tensor | None, coeff: float, logprobs: Tensor, mask: Tensor,
+                   metrics: dict[str, Tensor]) -> Tensor:
+    """per_token - coeff * H (verl entropy_coeff), and the `entropy` metric. A bonus needs H with its gradient:
+    a detached H would add a constant and silently do nothing."""
+    if entropy is None:
+        if coeff != 0.0:
+            raise ValueError(f"entropy_coeff={coeff} needs the per-token entropy")
+        return per_token
+    _check_same_shape("entropy", entropy, logprobs)
+    metrics["entropy"] = _token_mean(entropy.detach(), mask)
+    if coeff == 0.0:
+        return per_token
+    if logprobs.requires_grad and not entropy.requires_grad:
+        raise ValueError(f"entropy_coeff={coeff} needs an entropy that carries its gradient (the scorer's "
+                         f"differentiable entropy); a detached one would change nothing")
+    return per_token - coeff * entropy
 
 
 def _check_same_shape(name: str, x: Tensor, like: Tensor) -> None:
@@ -239,21 +346,26 @@ def _check_same_shape(name: str, x: Tensor, like: Tensor) -> None:
         raise ValueError(f"{name} shape {tuple(x.shape)} does not match logprobs shape {tuple(like.shape)}")
 
 
-def _clip_metrics(ratio: Tensor, adv: Tensor, mask: Tensor, eps_low: float, eps_high: float) -> dict[str, Tensor]:
-    """TRL/verl clip ratios: low = r < 1 - eps_low with A < 0, high = r > 1 + eps_high with A > 0."""
+def _clip_metrics(ratio: Tensor, adv: Tensor, mask: Tensor, eps_low: float, eps_high: float,
+                  dual_clip: float | None) -> dict[str, Tensor]:
+    """TRL/verl clip ratios: low = r < 1 - eps_low with A < 0, high = r > 1 + eps_high with A > 0; verl's
+    pg_clipfrac_lower = r > c with A < 0 (the dual clip is active)."""
     low = (ratio < 1.0 - eps_low) & (adv < 0)
     high = (ratio > 1.0 + eps_high) & (adv > 0)
     f = ratio.dtype
-    return {
+    out = {
         "clip_ratio/low_mean": _token_mean(low.to(f), mask),
         "clip_ratio/high_mean": _token_mean(high.to(f), mask),
         "clip_ratio/region_mean": _token_mean((low | high).to(f), mask),
         "ratio_mean": _token_mean(ratio, mask),
     }
+    if dual_clip is not None:
+        out["pg_clipfrac_lower"] = _token_mean(((ratio > dual_clip) & (adv < 0)).to(f), mask)
+    return out
 
 
 # ---------------------------------------------------------------------------------------------------------
-# The sampler/trainer mismatch: measured, and corrected by truncated importance sampling
+# The sampler/trainer mismatch: measured, and corrected by truncated or masked importance sampling
 # ---------------------------------------------------------------------------------------------------------
 
 
@@ -265,38 +377,51 @@ class ISWeights:
     metrics: dict[str, Tensor]
 
 
-def importance_weights(trainer_logprobs: Tensor, sampler_logprobs: Tensor, mask: Tensor, *,
-                       level: Literal["none", "token", "sequence"], cap: float) -> ISWeights:
-    """Truncated importance weights of the trainer's policy over the sampler's, from [N, T] log-probs.
+def importance_weights(trainer_logprobs: Tensor, sampler_logprobs: Tensor, mask: Tensor, *, mode: ISMode,
+                       cap: float, floor: float | None = None) -> ISWeights:
+    """Importance weights of the trainer's policy over the sampler's, from [N, T] log-probs (TRL's
+    vllm_importance_sampling_mode with clip_max = cap and clip_min = floor).
 
-    token: w_{k,t} = min(exp(lp_{k,t} - q_{k,t}), cap); sequence: w_k = min(exp(sum_t m (lp - q)), cap) on every
-    token of k; none: w = 1. Statistics (min, mean, max) are over tokens (token) or sequences (sequence).
+    rho = exp(lp - q) per token (token_*) or exp(sum_t m (lp - q)) on every token of a sequence (sequence_*);
+    *_truncate: w = clamp(rho, floor, cap); *_mask: w = rho inside [floor, cap], 0 outside (the token or the
+    whole sequence drops out of the surrogate); none: w = 1. Statistics (min, mean, max, and the masked
+    fraction for *_mask) are over tokens or sequences, after the bound, as TRL logs them.
     """
     _check_same_shape("sampler_logprobs", sampler_logprobs, trainer_logprobs)
     _check_same_shape("mask", mask, trainer_logprobs)
     if trainer_logprobs.dim() != 2:
         raise ValueError(f"importance_weights needs [N, T] inputs, got {tuple(trainer_logprobs.shape)}")
+    if mode not in ISMode.__args__:
+        raise ValueError(f"unknown importance sampling mode {mode!r}; expected one of {', '.join(ISMode.__args__)}")
     m = mask.bool()
     diff = torch.where(m, trainer_logprobs.detach() - sampler_logprobs.detach(), torch.zeros_like(trainer_logprobs))
-    if level == "token":
-        w = torch.clamp(torch.exp(diff), max=cap)  # [N, T]
-        values = w[m]
-    elif level == "sequence":
-        per_seq = torch.clamp(torch.exp(diff.sum(-1)), max=cap)  # [N]
-        w = per_seq.unsqueeze(-1).expand_as(diff).clone()  # [N, T]
-        values = per_seq[m.any(-1)]
-    elif level == "none":
-        w = torch.ones_like(diff)
-        values = w[m]
+    if mode == "none":
+        w, values = torch.ones_like(diff), diff.new_ones(int(m.sum()))  # [N, T], [M]
+    elif mode.startswith("sequence"):
+        per_seq = _bounded(torch.exp(diff.sum(-1)), mode, cap, floor)  # [N]
+        w, values = per_seq.unsqueeze(-1).expand_as(diff).clone(), per_seq[m.any(-1)]  # [N, T], [S]
     else:
-        raise ValueError(f"unknown importance sampling level {level!r}; expected none, token or sequence")
-    w = torch.where(m, w, torch.ones_like(w))
-    empty = values.numel() == 0
+        w = _bounded(torch.exp(diff), mode, cap, floor)  # [N, T]
+        values = w[m]
+    return ISWeights(weights=torch.where(m, w, torch.ones_like(w)), metrics=_is_metrics(values, mode))
+
+
+def _bounded(rho: Tensor, mode: str, cap: float, floor: float | None) -> Tensor:
+    low = -math.inf if floor is None else floor
+    if mode.endswith("truncate"):
+        return torch.clamp(rho, min=low, max=cap)
+    return torch.where((rho < low) | (rho > cap), torch.zeros_like(rho), rho)
+
+
+def _is_metrics(values: Tensor, mode: str) -> dict[str, Tensor]:
     name = "sampling/importance_sampling_ratio"
-    metrics = {f"{name}/min": values.min() if not empty else w.new_ones(()),
-               f"{name}/mean": values.mean() if not empty else w.new_ones(()),
-               f"{name}/max": values.max() if not empty else w.new_ones(())}
-    return ISWeights(weights=w, metrics=metrics)
+    empty = values.numel() == 0
+    one = values.new_ones(())
+    out = {f"{name}/min": one if empty else values.min(), f"{name}/mean": one if empty else values.mean(),
+           f"{name}/max": one if empty else values.max()}
+    if mode.endswith("mask"):
+        out[f"{name}/frac_masked"] = values.new_zeros(()) if empty else (values == 0).to(values.dtype).mean()
+    return out
 
 
 def sampler_mismatch(trainer_logprobs: Tensor, sampler_logprobs: Tensor, mask: Tensor) -> dict[str, Tensor]:

@@ -13,14 +13,17 @@ from typing import Protocol
 
 import torch
 from torch import Tensor, nn
+from torch.utils.checkpoint import checkpoint
 
 from pipeline.model import attention
 from pipeline.model.batches import Example, StepTotals, collate_padded
 from pipeline.model.logprobs import COMPILE_OPTIONS, token_logprobs, token_logprobs_from_logits
-from pipeline.algo.losses import Aggregation, LossOutput, dft_loss, gft_loss, grpo_loss, sft_loss
+from pipeline.algo.losses import (
+    Aggregation, KLEstimator, LossOutput, RatioLevel, dft_loss, gft_loss, grpo_loss, sft_loss,
+)
 
-__all__ = ["ScoredTokens", "Objective", "gft_objective", "sft_objective", "dft_objective", "grpo_objective",
-           "TokenScorer", "ResponseScores", "score_responses"]
+__all__ = ["ScoredTokens", "Objective", "gft_objective", "sft_objective", "dft_objective", "GRPOLossOptions",
+           "grpo_objective", "TokenScorer", "differentiable_entropy", "ResponseScores", "score_responses"]
 
 
 
@@ -42,10 +45,12 @@ class Objective(Protocol):
     def __call__(self, scored: ScoredTokens, totals: StepTotals) -> LossOutput: ...
 
 
-def gft_objective(*, tau: float) -> Objective:
-    """GFT with DCR threshold tau, token mean over the step's global token count."""
+def gft_objective(*, tau: float, entropy_coeff: float = 0.0) -> Objective:
+    """GFT with DCR threshold tau, token mean over the step's global token count; entropy_coeff > 0 needs a
+    scorer with a differentiable entropy (`differentiable_entropy`)."""
     def objective(s: ScoredTokens, totals: StepTotals) -> LossOutput:
-        return gft_loss(s.logprobs, s.advantages, s.mask, tau=tau, normalizer=totals.tokens, entropy=s.entropy)
+        return gft_loss(s.logprobs, s.advantages, s.mask, tau=tau, normalizer=totals.tokens, entropy=s.entropy,
+                        entropy_coeff=entropy_coeff)
     return objective
 
 
@@ -63,22 +68,37 @@ def dft_objective() -> Objective:
     return objective
 
 
-def grpo_objective(*, eps_low: float, eps_high: float, beta: float = 0.0, aggregation: Aggregation = "token_mean",
-                   max_response_tokens: int | None = None) -> Objective:
-    """GRPO's clipped surrogate over the step's global normalizer: tokens (token_mean), sequences
-    (sequence_mean) or sequences x max_response_tokens (constant). A batch without old log-probs is on-policy:
-    the old log-probs are the current ones detached, so the ratio is exactly 1 and the gradient is the
-    advantage-weighted policy gradient."""
-    if aggregation == "constant" and max_response_tokens is None:
-        raise ValueError("aggregation 'constant' needs max_response_tokens")
+@dataclass(frozen=True)
+class GRPOLossOptions:
+    """The floats and names `grpo_loss` takes besides its tensors (see there); one GRPOConfig makes one."""
+
+    eps_low: float
+    eps_high: float
+    dual_clip: float | None = None
+    ratio_level: RatioLevel = "token"
+    beta: float = 0.0
+    kl_estimator: KLEstimator = "k3"
+    kl_clamp: float | None = None
+    entropy_coeff: float = 0.0
+    aggregation: Aggregation = "token-mean"
+
+
+def grpo_objective(options: GRPOLossOptions, *, max_response_tokens: int | None = None) -> Objective:
+    """GRPO's clipped surrogate over the step's global normalizer: tokens (token-mean), sequences
+    (seq-mean-token-mean, seq-mean-token-sum), max_response_tokens (seq-mean-token-sum-norm) or sequences x
+    max_response_tokens (dr_grpo). A batch without old log-probs is on-policy: the old log-probs are the current
+    ones detached, so the ratio is exactly 1 and the gradient is the advantage-weighted policy gradient."""
+    if options.aggregation in ("seq-mean-token-sum-norm", "dr_grpo") and max_response_tokens is None:
+        raise ValueError(f"aggregation {options.aggregation!r} needs max_response_tokens")
+    kwargs = {k: getattr(options, k) for k in GRPOLossOptions.__dataclass_fields__}
 
     def objective(s: ScoredTokens, totals: StepTotals) -> LossOutput:
         old = s.logprobs.detach() if s.old_logprobs is None else s.old_logprobs
-        normalizer = {"token_mean": totals.tokens, "sequence_mean": totals.sequences,
-                      "constant": totals.sequences * (max_response_tokens or 0)}[aggregation]
-        return grpo_loss(s.logprobs, old, s.advantages, s.mask, eps_low=eps_low, eps_high=eps_high, beta=beta,
-                         ref_logprobs=s.ref_logprobs, aggregation=aggregation, normalizer=normalizer,
-                         is_weights=s.is_weights, seq_index=s.rows, entropy=s.entropy)
+        normalizer = {"token-mean": totals.tokens, "seq-mean-token-mean": totals.sequences,
+                      "seq-mean-token-sum": totals.sequences, "seq-mean-token-sum-norm": max_response_tokens,
+                      "dr_grpo": totals.sequences * (max_response_tokens or 0)}[options.aggregation]
+        return grpo_loss(s.logprobs, old, s.advantages, s.mask, ref_logprobs=s.ref_logprobs, normalizer=normalizer,
+                         is_weights=s.is_weights, seq_index=s.rows, entropy=s.entropy, **kwargs)
     return objective
 
 
@@ -115,8 +135,13 @@ class TokenScorer(nn.Module):
     `compiled` compiles the decoder (`_compile_in_place`: each layer, or the whole body with `compile_scope`
     "model") and the log-prob chunk kernels;
     `varlen` makes packed rows (`packed` given to forward) attend per sequence without a mask tensor;
-    `keep_logits` keeps the fused head's logits for backward instead of recomputing them.
+    `keep_logits` keeps the fused head's logits for backward instead of recomputing them;
+    `entropy_grad` (set by `differentiable_entropy`) returns an entropy that carries its gradient, for an
+    entropy bonus: recomputed from the same hidden states (or logits) in checkpointed chunks, one more
+    output-projection matmul per chunk in forward and in backward. Otherwise the entropy is detached.
     """
+
+    entropy_grad: bool = False
 
     def __init__(self, lm: nn.Module, *, chunk_size: int = 2048, fused: bool | None = None,
                  compiled: bool = False, varlen: bool = False, keep_logits: bool = False,
@@ -143,12 +168,42 @@ class TokenScorer(nn.Module):
         if self.fused:
             hidden = self.lm.get_decoder()(**inputs, use_cache=False).last_hidden_state  # [R, L, H]
             head = self.lm.get_output_embeddings()
-            stats = token_logprobs(hidden.flatten(0, 1)[index], head.weight, labels, bias=head.bias,
-                                   chunk_size=self.chunk_size, compiled=self.compiled, keep_logits=self.keep_logits)
+            picked = hidden.flatten(0, 1)[index]  # [M, H]
+            stats = token_logprobs(picked, head.weight, labels, bias=head.bias, chunk_size=self.chunk_size,
+                                   compiled=self.compiled, keep_logits=self.keep_logits)
+            rows, extra = picked, (head.weight, head.bias)
         else:
             logits = self.lm(**inputs, use_cache=False).logits  # [R, L, V]
-            stats = token_logprobs_from_logits(logits.flatten(0, 1)[index], labels, chunk_size=self.chunk_size)
+            rows, extra = logits.flatten(0, 1)[index], ()  # [M, V]
+            stats = token_logprobs_from_logits(rows, labels, chunk_size=self.chunk_size)
+        if self.entropy_grad and torch.is_grad_enabled():
+            return stats.logprobs, _entropy_with_grad(rows, extra, self.chunk_size).to(stats.logprobs.dtype)
         return stats.logprobs, stats.entropy
+
+
+def _chunk_entropy(rows: Tensor, *head: Tensor | None) -> Tensor:
+    """H of softmax over the vocabulary of one chunk: rows are logits [C, V], or hidden states [C, H] with the
+    head's (weight, bias). float32 at least, like the log-probs."""
+    z = rows if not head else nn.functional.linear(rows, head[0].to(rows.dtype), None if head[1] is None
+                                                   else head[1].to(rows.dtype))  # [C, V]
+    logsm = torch.log_softmax(z.to(torch.promote_types(z.dtype, torch.float32)), dim=-1)  # [C, V]
+    return -(logsm.exp() * logsm).sum(-1)  # [C]
+
+
+def _entropy_with_grad(rows: Tensor, head: tuple, chunk_size: int) -> Tensor:
+    """Token entropy [M] with its gradient, in checkpointed row chunks (a few [chunk, V] blocks in memory)."""
+    parts = [checkpoint(_chunk_entropy, rows[s:s + chunk_size], *head, use_reentrant=False)
+             for s in range(0, rows.shape[0], chunk_size)]
+    return torch.cat(parts) if parts else rows.new_zeros(0, dtype=torch.float32)
+
+
+def differentiable_entropy(scorer: nn.Module, on: bool) -> None:
+    """Make `scorer` (a TokenScorer, possibly wrapped by DDP) return an entropy with its gradient, for an entropy
+    bonus (`on`), or the cheaper detached one."""
+    inner = getattr(scorer, "module", scorer)
+    if not isinstance(inner, TokenScorer):
+        raise TypeError(f"differentiable_entropy needs a TokenScorer, got {type(inner).__name__}")
+    inner.entropy_grad = on
 
 
 @dataclass(frozen=True)

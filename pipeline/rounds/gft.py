@@ -20,7 +20,7 @@ from pipeline.config import GFTConfig
 from pipeline.data import chat
 from pipeline.model.batches import Example
 from pipeline.model.loop import run_steps
-from pipeline.model.scoring import gft_objective
+from pipeline.model.scoring import differentiable_entropy, gft_objective
 from pipeline.model.trainer import Trainer
 from pipeline.rollout.engines import Engine
 from pipeline.rollout.verifiers import Verifier
@@ -66,7 +66,9 @@ def _train(trainer: Trainer, prompt_ids: list[list[int]], table: pd.DataFrame, c
                 zip(table["group_index"], table["token_ids"], table["advantage"])]
     order = round_order(len(examples), cfg.train.seed, round_idx)
     plans = minibatch_plans(examples, order, cfg.minibatches_per_round, {"round": float(round_idx)})
-    return run_steps(trainer, plans, gft_objective(tau=cfg.tau), cfg.train, pad_id=pad_id)
+    differentiable_entropy(trainer.scorer, cfg.entropy_coeff > 0)
+    return run_steps(trainer, plans, gft_objective(tau=cfg.tau, entropy_coeff=cfg.entropy_coeff), cfg.train,
+                     pad_id=pad_id)
 
 
 def run_round(trainer: Trainer, engine: Engine, verifier: Verifier, rows: pd.DataFrame,

@@ -7,19 +7,25 @@ One round, for P prompts and G completions each:
 1. Sample G completions per prompt from the current policy; the engine reports q_{k,t}, the raw
    (temperature 1) log-prob of each sampled token.
 2. Score with every reward: R_k = sum_f w_f R_{k,f} over the functions that apply (None skipped); a
-   completion no function applies to gets R = NaN and A = 0. A_k = (R_k - b) / (s_G + eps) per group.
+   completion no function applies to gets R = NaN and A = 0. A_k = (R_k - b) / (s + eps) per group, s the
+   group's or the batch's std (TRL's scale_rewards); a group with one scored completion gives it A = 0 (TRL)
+   unless singleton_advantage = "reward". With multi_objective_aggregation = "normalize_then_sum" each reward
+   is normalized in its group before the weighted sum, which is then normalized over the batch.
 3. One no-grad pass of the trainer over the rollouts gives lp_old_{k,t}, the round's starting policy. The
-   gap lp_old - q is logged (sampling/*), and with correction on, every token's surrogate is weighted by
-   w = min(exp(lp_old - q), C) (token) or min(exp(sum_t (lp_old - q)), C) (sequence).
+   gap lp_old - q is logged (sampling/*), and with a sampler correction every token's surrogate is weighted
+   by rho = exp(lp_old - q) per token or exp(sum_t (lp_old - q)) per sequence, truncated to [min, max] or
+   masked (0) outside it (TRL's vllm_importance_sampling_mode).
 4. num_iterations passes, each of minibatches_per_round optimizer steps over a seeded shuffle, of
-   -min(r A, clip(r, 1 - eps_low, 1 + eps_high) A) * w + beta * k3, r = exp(lp - lp_old). The first step of
-   a round uses lp.detach() as lp_old: the policy has not moved since sampling, so its ratio is exactly 1
-   and its gradient is the advantage-weighted policy gradient, bit for bit.
+   `grpo_loss`: the clipped surrogate (optionally dual-clipped, at the token or GSPO's sequence ratio) * w
+   + beta * KL - entropy_coeff * H. The first step of a round uses lp.detach() as lp_old: the policy has not
+   moved since sampling, so its ratio is exactly 1 and its gradient is the advantage-weighted policy
+   gradient, bit for bit.
 
 Deviations from TRL, on purpose:
 - TRL scores tokens at logits / temperature; we score at temperature 1 like the engines' log-probs (see
   GRPOConfig.sampling). With temperature 1, TRL's default, the two agree.
-- Only truncation (TIS) is offered, at token or sequence level; TRL's masking modes (MIS) are not.
+- The default sampler correction is token_truncate, not TRL's sequence_mask (GRPOConfig.sampler_correction).
+- advantage_eps defaults to verl's 1e-6, not TRL's 1e-4.
 - `kl` is logged only when beta > 0 (no reference model is loaded otherwise), as in TRL.
 - Expert and teacher tokens of GFT groups have no sampler log-probs; GFT has no ratio and applies no
   importance weight, so they are excluded from the correction by construction. GRPO groups have none.
@@ -35,13 +41,13 @@ import torch
 from accelerate.utils import set_seed
 from torch import Tensor, nn
 
-from pipeline.algo.advantages import combine_rewards, masked_group_advantages
+from pipeline.algo.advantages import combine_rewards, masked_group_advantages, normalize_then_sum
 from pipeline.algo.losses import importance_weights, sampler_mismatch
 from pipeline.config import GRPOConfig
 from pipeline.data import chat
 from pipeline.model.batches import Example
 from pipeline.model.loop import run_steps
-from pipeline.model.scoring import grpo_objective, score_responses
+from pipeline.model.scoring import GRPOLossOptions, differentiable_entropy, grpo_objective, score_responses
 from pipeline.model.trainer import Trainer
 from pipeline.rollout.engines import Engine
 from pipeline.rollout.verifiers import Verifier
@@ -50,7 +56,7 @@ from pipeline.rounds.groups import (
 )
 
 __all__ = ["Rollouts", "sample_rollouts", "RewardedRollouts", "reward_rollouts", "Behaviour", "behaviour",
-           "RoundExamples", "round_examples", "train_round", "run_round", "round_metrics", "reward_name"]
+           "RoundExamples", "round_examples", "train_round", "loss_options", "run_round", "round_metrics", "reward_name"]
 
 
 @dataclass(frozen=True)
@@ -94,9 +100,13 @@ def reward_rollouts(verifiers: Sequence[Verifier], cfg: GRPOConfig, rows: pd.Dat
         out = verifier.reward([m.text for _, m in flat], [records[k] for k, _ in flat])
         per_func[:, f] = torch.tensor([float("nan") if r is None else r for r in out.rewards], dtype=torch.float64)
     combined = combine_rewards(per_func, cfg.reward_weights)
-    adv = masked_group_advantages(combined.rewards, [m.prompt_id for _, m in flat], scale=cfg.advantage_scale,
-                                  baseline=cfg.advantage_baseline)
-    table = group_table(rollouts.members, combined.rewards, adv.advantages)
+    ids = [m.prompt_id for _, m in flat]
+    adv = masked_group_advantages(combined.rewards, ids, scale=cfg.advantage_scale, baseline=cfg.advantage_baseline,
+                                  eps=cfg.advantage_eps, singleton=cfg.singleton_advantage)
+    advantages = adv.advantages  # [N]
+    if cfg.multi_objective_aggregation == "normalize_then_sum":  # the group stats above stay for logging
+        advantages = normalize_then_sum(per_func, ids, cfg.reward_weights, eps=cfg.advantage_eps).advantages
+    table = group_table(rollouts.members, combined.rewards, advantages)
     return RewardedRollouts(table=table, per_func=per_func, stats=adv.stats)
 
 
@@ -133,10 +143,11 @@ def behaviour(model: nn.Module, table: pd.DataFrame, prompt_ids: list[list[int]]
         model.train(was_training)
     lp, mask = _padded(scores.logprobs)  # [N, T]
     q, _ = _padded(list(table["sampler_logprobs"]))  # [N, T]
-    isw = importance_weights(lp, q, mask, level=cfg.importance_sampling, cap=cfg.importance_sampling_cap)
+    isw = importance_weights(lp, q, mask, mode=cfg.sampler_correction, cap=cfg.sampler_correction_max,
+                             floor=cfg.sampler_correction_min)
     metrics = {k: float(v) for k, v in {**sampler_mismatch(lp, q, mask), **isw.metrics}.items()}
     lengths = [len(x) for x in scores.logprobs]
-    weights = None if cfg.importance_sampling == "none" else [isw.weights[i, :n] for i, n in enumerate(lengths)]
+    weights = None if cfg.sampler_correction == "none" else [isw.weights[i, :n] for i, n in enumerate(lengths)]
     return Behaviour(logprobs=scores.logprobs, is_weights=weights, metrics=metrics)
 
 
@@ -164,8 +175,8 @@ def train_round(trainer: Trainer, examples: RoundExamples, cfg: GRPOConfig, roun
                 pad_id: int) -> list[dict[str, float]]:
     """num_iterations x minibatches_per_round optimizer steps; one history row per step. The round's first step
     takes the fresh examples (ratio exactly 1), every later one the stale (lp_old) ones."""
-    objective = grpo_objective(eps_low=cfg.eps_low, eps_high=cfg.eps_high, beta=cfg.beta,
-                               aggregation=cfg.aggregation, max_response_tokens=cfg.max_response_tokens)
+    objective = grpo_objective(loss_options(cfg), max_response_tokens=cfg.max_response_tokens)
+    differentiable_entropy(trainer.scorer, cfg.entropy_coeff > 0)
     plans = []
     for it in range(cfg.num_iterations):
         order = round_order(len(examples.fresh), cfg.train.seed, round_idx, it)
@@ -173,6 +184,13 @@ def train_round(trainer: Trainer, examples: RoundExamples, cfg: GRPOConfig, roun
         plans += minibatch_plans(examples.stale, order, cfg.minibatches_per_round, tags)
     plans[0] = replace(plans[0], examples=examples.fresh)
     return run_steps(trainer, plans, objective, cfg.train, pad_id=pad_id)
+
+
+def loss_options(cfg: GRPOConfig) -> GRPOLossOptions:
+    """The settings `grpo_loss` takes, read off the config."""
+    return GRPOLossOptions(eps_low=cfg.eps_low, eps_high=cfg.eps_high, dual_clip=cfg.dual_clip,
+                           ratio_level=cfg.importance_sampling_level, beta=cfg.beta, kl_estimator=cfg.kl_estimator,
+                           kl_clamp=cfg.kl_clamp, entropy_coeff=cfg.entropy_coeff, aggregation=cfg.aggregation)
 
 
 def run_round(trainer: Trainer, engine: Engine, verifiers: Sequence[Verifier], rows: pd.DataFrame, tok,
@@ -221,7 +239,7 @@ def _completion_stats(table: pd.DataFrame) -> dict[str, float]:
 
 
 _STEP_MEANS = ("loss", "grad_norm", "entropy", "kl", "ratio_mean", "clip_ratio/low_mean", "clip_ratio/high_mean",
-               "clip_ratio/region_mean")
+               "clip_ratio/region_mean", "pg_clipfrac_lower")
 
 
 def round_metrics(scored: RewardedRollouts, behave: Behaviour, history: list[dict[str, float]], names: Sequence[str],
