@@ -5,8 +5,9 @@
     gft serve CONFIG --cron "0 2 * * *"                         a scheduled deployment (needs a Prefect server)
     gft ui [CONFIG | --root DIR] [--prefect]                    MLflow UI (and Prefect's) on 127.0.0.1
 
-Without PREFECT_API_URL, `gft run` uses Prefect's ephemeral mode (a temporary local API over
-~/.prefect/prefect.db, which `gft ui --prefect` serves afterwards).
+Without PREFECT_API_URL, `gft run` starts a Prefect API of its own for the run (the app of Prefect's ephemeral
+mode, over ~/.prefect/prefect.db, which `gft ui --prefect` serves afterwards), stopped when the run ends however it
+ends (`flows/servers.py`).
 """
 
 from __future__ import annotations
@@ -19,9 +20,9 @@ import signal
 import subprocess
 import sys
 import time
-import urllib.request
 from pathlib import Path
 
+from flows import servers
 from pipeline.config import RunConfig, load_run_config
 
 __all__ = ["main"]
@@ -48,8 +49,9 @@ def cmd_run(args: argparse.Namespace) -> int:
 
     progress.use_rich(not args.no_progress)
     start = time.perf_counter()
-    state = post_train(config=str(args.config.resolve()), refresh=args.refresh, root=str(root),
-                       progress=not args.no_progress, return_state=True)
+    with servers.run_api(root / "logs"):
+        state = post_train(config=str(args.config.resolve()), refresh=args.refresh, root=str(root),
+                           progress=not args.no_progress, return_state=True)
     if not state.is_completed():
         print(f"\nThe run failed: {state.message}\nRerun the same command: finished stages are served from "
               f"the cache, and only what failed or changed runs again.", file=sys.stderr)
@@ -69,7 +71,7 @@ def _where_to_look(cfg: RunConfig, root: Path, out: dict, seconds: float) -> Non
         print(f"- MLflow: start the UI with `gft ui --root {root}`, then open {out['mlflow']}")
     elif not cfg.tracking.enabled:
         print("- MLflow: tracking is disabled in this config ([tracking] enabled = false)")
-    print("- Prefect: `gft ui --prefect` -> http://127.0.0.1:4200 (flow `post-train`)")
+    print(f"- Prefect: `gft ui --prefect` -> http://127.0.0.1:{servers.UI_PORT} (flow `post-train`)")
 
 
 def _dry_run(cfg: RunConfig, root: Path, refresh: str | None) -> int:
@@ -100,8 +102,9 @@ def cmd_experiment(args: argparse.Namespace) -> int:
 
     progress.use_rich(not args.no_progress)
     start = time.perf_counter()
-    state = experiment(config=str(args.config.resolve()), root=str(root), only=only, progress=not args.no_progress,
-                       return_state=True)
+    with servers.run_api(root / "logs"):
+        state = experiment(config=str(args.config.resolve()), root=str(root), only=only,
+                           progress=not args.no_progress, return_state=True)
     report = root / "reports" / exp.name / "results.md"
     if report.is_file():
         print(report.read_text())
@@ -126,40 +129,6 @@ def cmd_serve(args: argparse.Namespace) -> int:
     post_train.serve(name=args.name or f"{cfg.name}-scheduled", cron=args.cron,
                      parameters={"config": str(args.config.resolve()), "root": str(root), "progress": False})
     return 0
-
-
-def _start(cmd: list[str], env: dict[str, str], log_path: Path) -> subprocess.Popen:
-    """A server in its own process group (stopped by its group id, never by name), output to a log file."""
-    log_path.parent.mkdir(parents=True, exist_ok=True)
-    with log_path.open("ab") as log:
-        return subprocess.Popen(cmd, env={**os.environ, **env}, stdout=log, stderr=subprocess.STDOUT,
-                                start_new_session=True)
-
-
-def _wait_http(url: str, proc: subprocess.Popen, timeout_s: float) -> None:
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise RuntimeError(f"{url}: the server exited with code {proc.returncode}")
-        try:
-            with urllib.request.urlopen(url, timeout=2) as r:
-                if r.status == 200:
-                    return
-        except OSError:
-            time.sleep(0.5)
-    raise TimeoutError(f"{url}: no answer after {timeout_s:.0f} s")
-
-
-def _stop(procs: list[subprocess.Popen]) -> None:
-    for p in procs:
-        if p.poll() is None:
-            os.killpg(p.pid, signal.SIGTERM)
-    for p in procs:
-        try:
-            p.wait(15)
-        except subprocess.TimeoutExpired:
-            os.killpg(p.pid, signal.SIGKILL)
-            p.wait()
 
 
 def ui_commands(root: Path, port: int, prefect_port: int | None) -> list[tuple[str, list[str], dict, str]]:
@@ -191,8 +160,8 @@ def cmd_ui(args: argparse.Namespace) -> int:
     signal.signal(signal.SIGTERM, _interrupt)  # stop the servers the same way on SIGTERM as on Ctrl-C
     try:
         for name, cmd, env, health in ui_commands(root, args.port, args.prefect_port if args.prefect else None):
-            procs.append(_start(cmd, env, root / "logs" / f"{name.lower()}-ui.log"))
-            _wait_http(health, procs[-1], args.timeout)
+            procs.append(servers.start(cmd, env, root / "logs" / f"{name.lower()}-ui.log"))
+            servers.wait_http(health, procs[-1], args.timeout)
             print(f"{name} UI: {health.rsplit('/', 2 if name == 'Prefect' else 1)[0]}", flush=True)
         mlflow_ui = f"http://127.0.0.1:{args.port}"
         for name, address in experiment_addresses(sqlite_uri(root / "mlflow.db"), mlflow_ui):
@@ -204,7 +173,7 @@ def cmd_ui(args: argparse.Namespace) -> int:
     except KeyboardInterrupt:
         return 0
     finally:
-        _stop(procs)
+        servers.stop(procs)
 
 
 def _quiet_libraries() -> None:
@@ -242,7 +211,7 @@ def parser() -> argparse.ArgumentParser:
     u.add_argument("--root", type=Path, help="a run root holding mlflow.db")
     u.add_argument("--port", type=int, default=5000)
     u.add_argument("--prefect", action="store_true", help="also start `prefect server start`")
-    u.add_argument("--prefect-port", type=int, default=4200)
+    u.add_argument("--prefect-port", type=int, default=servers.UI_PORT)
     u.add_argument("--timeout", type=float, default=180, help="seconds to wait for each server")
     u.set_defaults(fn=cmd_ui)
     return p

@@ -1,0 +1,104 @@
+"""Local servers the CLI starts and stops: the UIs of `gft ui`, and the Prefect API a `gft run` owns.
+
+Every server runs in its own process group and is stopped by that group's id, never by name. The Prefect API of a
+run without PREFECT_API_URL is the same uvicorn app Prefect's ephemeral mode starts, with one difference: Prefect
+stops its ephemeral server at interpreter exit (`atexit`), so a `kill -9` of the run left it running. Ours is
+started with the kernel's parent-death signal (Linux `prctl(PR_SET_PDEATHSIG)`): however the run ends, the server
+gets SIGTERM. Elsewhere (macOS) the run falls back to Prefect's own ephemeral mode.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import functools
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from collections.abc import Iterator
+from pathlib import Path
+
+__all__ = ["start", "wait_http", "stop", "run_api", "UI_PORT"]
+
+UI_PORT = 4200
+"""Where `gft ui --prefect` serves Prefect's UI: the flow-run links a run records point there."""
+_PR_SET_PDEATHSIG = 1
+
+
+def start(cmd: list[str], env: dict[str, str], log_path: Path, *, die_with_parent: bool = False) -> subprocess.Popen:
+    """A server in its own process group, output to a log file; with `die_with_parent`, SIGTERM when we die."""
+    log_path.parent.mkdir(parents=True, exist_ok=True)
+    hook = functools.partial(_die_with_parent, os.getpid()) if die_with_parent else None
+    with log_path.open("ab") as log:
+        return subprocess.Popen(cmd, env={**os.environ, **env}, stdout=log, stderr=subprocess.STDOUT,
+                                start_new_session=True, preexec_fn=hook)
+
+
+def _die_with_parent(parent: int) -> None:
+    """In the child, before exec: ask for SIGTERM when the parent dies; exit if it already has (the race before)."""
+    libc = ctypes.CDLL(None, use_errno=True)
+    if libc.prctl(_PR_SET_PDEATHSIG, signal.SIGTERM) != 0 or os.getppid() != parent:
+        os._exit(1)
+
+
+def wait_http(url: str, proc: subprocess.Popen, timeout_s: float) -> None:
+    """Until `url` answers 200; fails naming the address when the server exits or the time is up."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"{url}: the server exited with code {proc.returncode}")
+        try:
+            with urllib.request.urlopen(url, timeout=2) as r:
+                if r.status == 200:
+                    return
+        except OSError:
+            time.sleep(0.5)
+    raise TimeoutError(f"{url}: no answer after {timeout_s:.0f} s")
+
+
+def stop(procs: list[subprocess.Popen]) -> None:
+    """SIGTERM each server's process group, SIGKILL what is left after 15 s."""
+    for p in procs:
+        if p.poll() is None:
+            os.killpg(p.pid, signal.SIGTERM)
+    for p in procs:
+        try:
+            p.wait(15)
+        except subprocess.TimeoutExpired:
+            os.killpg(p.pid, signal.SIGKILL)
+            p.wait()
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@contextlib.contextmanager
+def run_api(log_dir: Path, timeout_s: float = 180) -> Iterator[str | None]:
+    """A Prefect API on 127.0.0.1 for the duration of the block, in Prefect's settings as PREFECT_API_URL (and the
+    UI address `gft ui --prefect` serves); yields its URL, or None when PREFECT_API_URL is already set or the
+    platform has no parent-death signal (Prefect then uses its server, or its ephemeral one)."""
+    from prefect.settings import PREFECT_API_URL, PREFECT_UI_URL, get_current_settings, temporary_settings
+
+    if os.environ.get("PREFECT_API_URL") or get_current_settings().api.url or not sys.platform.startswith("linux"):
+        yield None
+        return
+    port = _free_port()
+    cmd = [sys.executable, "-m", "uvicorn", "--factory", "prefect.server.api.server:create_app", "--host",
+           "127.0.0.1", "--port", str(port), "--log-level", "error", "--lifespan", "on"]
+    env = {**get_current_settings().to_environment_variables(exclude_unset=True), "PREFECT_UI_ENABLED": "0",
+           "PREFECT__SERVER_EPHEMERAL": "1", "PREFECT__SERVER_FINAL": "1"}
+    proc = start(cmd, env, log_dir / "prefect-api.log", die_with_parent=True)
+    url = f"http://127.0.0.1:{port}/api"
+    try:
+        wait_http(f"{url}/health", proc, timeout_s)
+        with temporary_settings(updates={PREFECT_API_URL: url, PREFECT_UI_URL: f"http://127.0.0.1:{UI_PORT}"}):
+            yield url
+    finally:
+        stop([proc])
