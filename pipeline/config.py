@@ -410,8 +410,6 @@ class GRPOConfig(Settings):
                 self.advantage_scale != "group" or self.advantage_baseline != "mean"):
             raise ValueError("multi_objective_aggregation 'normalize_then_sum' normalizes by group and batch stds "
                              "itself: leave advantage_scale = 'group' and advantage_baseline = 'mean'")
-        if (self.sampler_correction_min or 0.0) > self.sampler_correction_max:
-            raise ValueError("sampler_correction_min exceeds sampler_correction_max")
         return self
 
 

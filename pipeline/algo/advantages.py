@@ -89,7 +89,7 @@ def group_advantages(
         adv = (r - base) / (std[index] + eps)  # [N]
     elif scale == "batch":
         batch_std = _safe_sqrt(r.var()) if r.numel() > 1 else r.new_zeros(())  # [], Bessel, like torch.std
-        adv = torch.where(single[index], r - base, (r - base) / (batch_std + eps))  # [N]
+        adv = (r - base) / (torch.where(single, std, batch_std)[index] + eps)  # [N]; singletons keep s = 1
     elif scale == "none":
         adv = r - base  # [N]
     else:
