@@ -87,13 +87,23 @@ class Resources:
 
 def cached(res: Resources, spec: StageSpec, build: Callable[[Path, str], dict[str, float]]) -> ArtifactRef:
     """Serve the stage's verified output, or run `build(folder, key)` into a fresh folder and publish it; `res.force`
-    recomputes even a valid output. The computation is one child run of the tracker."""
+    recomputes even a valid output. The computation is one child run of the tracker. A miss takes the key's
+    compute lock and looks again: a run computing the same key meanwhile (another process or worker on the same
+    root) is waited for and its output served, so no key is computed twice at once."""
     key = spec.key
     ref = None if res.force else res.store.lookup(spec.stage, key)
-    if ref is not None:
-        log.info("%s %s: served from cache", spec.stage, key[:12])
-        res.store.discard_work(spec.stage, key)  # a killed run's leftovers, now that the output exists
-        return ref
+    if ref is None:
+        with res.store.computing(spec.stage, key):
+            ref = None if res.force else res.store.lookup(spec.stage, key)
+            if ref is None:
+                return _compute(res, spec, build)
+    log.info("%s %s: served from cache", spec.stage, key[:12])
+    res.store.discard_work(spec.stage, key)  # a killed run's leftovers, now that the output exists
+    return ref
+
+
+def _compute(res: Resources, spec: StageSpec, build: Callable[[Path, str], dict[str, float]]) -> ArtifactRef:
+    key = spec.key
     config = {type(c).__name__: c.model_dump(mode="json") for c in spec.configs.values()}
     config.update({"arguments": spec.scalars} if spec.scalars else {})
     log.info("%s %s: running", spec.stage, key[:12])

@@ -20,6 +20,10 @@ bytes) before it reads them.
 A writer holds an exclusive `flock` on `.tmp-<key>-<random>.lock` while its temp folder exists. The kernel
 drops the lock when the process dies (kill -9 included), so the next write of the stage removes exactly the
 temp folders whose lock is free and leaves the ones of live writers (other threads or processes) alone.
+
+Computing a key is serialised by a second lock, `.compute-<key>.lock` (`StageStore.computing`): a caller that
+finds no output takes it, waiting while another thread, process or machine on the same root holds it, then looks
+the output up again, so of several runs that need the same stage at once one computes and the others are served.
 """
 
 from __future__ import annotations
@@ -258,6 +262,25 @@ class StageStore:
 
     def discard_work(self, stage: str, key: str) -> None:
         shutil.rmtree(self.work_dir(stage, key), ignore_errors=True)
+
+    @contextmanager
+    def computing(self, stage: str, key: str) -> Iterator[None]:
+        """Hold the exclusive compute lock of (stage, key), waiting while another writer holds it (a thread, a
+        process, or a machine sharing the root through a file system with `flock`, such as NFS v4). The lock file
+        stays (removing it could let two writers lock two different files); the kernel drops the lock when its
+        holder dies."""
+        folder = self.folder(stage, key).parent
+        folder.mkdir(parents=True, exist_ok=True)
+        fd = os.open(folder / f".compute-{key}.lock", os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                log.info("%s/%s: another writer is computing it; waiting for it", stage, key)
+                fcntl.flock(fd, fcntl.LOCK_EX)
+            yield
+        finally:
+            os.close(fd)  # closing the descriptor releases the lock
 
     def lookup(self, stage: str, key: str) -> ArtifactRef | None:
         """The verified output of (stage, key), or None (logged with the reason) so that the caller recomputes."""
