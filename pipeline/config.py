@@ -174,15 +174,29 @@ class DataConfig(Settings):
     split: str = "train"
     """Split to read from a hub dataset or a DatasetDict folder."""
     id_column: str | None = "id"
-    """Column holding a unique row id; None numbers the rows ("row-<i>")."""
+    """Column holding a unique row id; None numbers the rows ("row-<i>"). Every *_column is a column name or a
+    path into nested fields: `extra_info.index`, `messages[0].content`, `prompt[-1].content`."""
     prompt_column: str = "prompt"
-    """Column holding the problem text."""
+    """Column (or path) holding the problem text, e.g. "problem" (MATH, NuminaMath-CoT), "question" (GSM8K)."""
     solution_column: str = "solution"
-    """Column holding the expert (reference) solution."""
+    """Column (or path) holding the expert (reference) solution, e.g. "messages[1].content" (NuminaMath-CoT)."""
     answer_column: str = "answer"
-    """Column holding the gold final answer."""
+    """Column (or path) holding the gold final answer. It may be a whole solution: the math verifier compares with
+    its last \\boxed{} (MATH and NuminaMath-CoT rows: answer_column = "solution")."""
+    answer_format: Literal["text", "gsm8k"] = "text"
+    """text: the answer column as it is; gsm8k: the text after its last "####" line marker, thousands separators
+    removed ("... #### 1,234" -> "1234")."""
+    solution_format: Literal["text", "gsm8k"] = "text"
+    """text: the solution column as it is; gsm8k: GSM8K's calculator annotations <<...>> removed and the final
+    "#### x" line written as "The final answer is \\boxed{x}." (what the math verifier and the policy expect)."""
     teacher_column: str | None = None
-    """Optional column holding a list of teacher responses."""
+    """Optional column (or path) holding a list of teacher responses."""
+    system_prompt: str | None = None
+    """A system turn put before every prompt in the chat template, wherever prompts are rendered (sampling, SFT,
+    evaluation); None: the user turn alone."""
+    prompt_template: str = "{prompt}"
+    """The user turn: "{prompt}" is replaced by the mapped problem text (a plain replacement, so braces such as
+    \\boxed{} need no escaping), e.g. "{prompt}\\nPut the final answer in \\boxed{}."."""
     max_prompts: int | None = Field(None, ge=1)
     """Keep at most this many training rows (chosen by a seeded hash order; the eval rows do not change)."""
     eval_fraction: float = Field(0.1, ge=0, lt=1)
@@ -196,6 +210,12 @@ class DataConfig(Settings):
     any model sees it; the engines refuse a prompt whose tokens and max_new_tokens exceed engine.max_model_len."""
     on_bad_row: Literal["error", "skip"] = "error"
     """error: stop before any stage runs and list every bad row; skip: drop them and report the count."""
+
+    @model_validator(mode="after")
+    def _template_has_the_prompt(self) -> DataConfig:
+        if self.prompt_template.count("{prompt}") != 1:
+            raise ValueError(f"prompt_template must contain {{prompt}} exactly once, got {self.prompt_template!r}")
+        return self
 
 
 class ModelsConfig(Settings):

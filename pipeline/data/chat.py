@@ -2,6 +2,10 @@
 
 The policy's chat template on the prompt (`render_prompt`), response + EOS cut at the response budget
 (`render_response`), and the tokenizer of a model folder exactly as saved (`load_tokenizer`).
+
+A prompt row is plain user text, or, when the data settings give a system prompt, the whole conversation in one
+string (`encode_prompt`: JSON {"chat": [system turn, user turn]}). Every stage renders prompts through
+`render_prompt`, so sampling, SFT, teacher sampling and evaluation all see the same system turn.
 """
 
 from __future__ import annotations
@@ -12,7 +16,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-__all__ = ["RenderedResponse", "load_tokenizer", "render_prompt", "render_response", "pad_id"]
+__all__ = ["RenderedResponse", "load_tokenizer", "encode_prompt", "prompt_messages", "render_prompt", "render_response",
+           "pad_id"]
 
 
 @dataclass(frozen=True)
@@ -39,10 +44,34 @@ def load_tokenizer(path: str | Path, *, trust_remote_code: bool = False) -> Any:
 _GENERIC_TOKENIZERS = ("TokenizersBackend", "PreTrainedTokenizerFast")
 
 
+_CHAT_KEY = '{"chat": ['
+
+
+def encode_prompt(user: str, system: str | None = None) -> str:
+    """The prompt row of a user turn: the text itself, or with a system turn the JSON of both."""
+    if system is None:
+        return user
+    messages = [{"role": "system", "content": system}, {"role": "user", "content": user}]
+    return json.dumps({"chat": messages}, ensure_ascii=False)
+
+
+def prompt_messages(prompt: str) -> list[dict[str, str]]:
+    """The chat turns of a prompt row (`encode_prompt`'s inverse): one user turn unless it is an encoded chat."""
+    if prompt.startswith(_CHAT_KEY):
+        try:
+            chat = json.loads(prompt)
+        except json.JSONDecodeError:
+            chat = None
+        if isinstance(chat, dict) and list(chat) == ["chat"] and all(
+                isinstance(m, dict) and set(m) == {"role", "content"} for m in chat["chat"]):
+            return list(chat["chat"])
+    return [{"role": "user", "content": prompt}]
+
+
 def render_prompt(tokenizer: Any, text: str) -> list[int]:
-    """Token ids of the chat template on one user turn, with the generation prompt: what an engine is fed."""
-    out = tokenizer.apply_chat_template([{"role": "user", "content": text}], add_generation_prompt=True,
-                                        tokenize=True)
+    """Token ids of the chat template on a prompt row (a user turn, or the system + user turns of
+    `encode_prompt`), with the generation prompt: what an engine is fed."""
+    out = tokenizer.apply_chat_template(prompt_messages(text), add_generation_prompt=True, tokenize=True)
     if isinstance(out, Mapping):  # transformers 5 returns a BatchEncoding; 4.x a list
         out = out["input_ids"]
     ids = list(out)

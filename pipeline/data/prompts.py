@@ -5,6 +5,13 @@ The schema of one row (a plain dict): id (str), prompt (str), solution (str, the
 column mapping and validation: `load_prompts` reads a file or dataset, `rows_from_records` takes in-memory
 dicts (the synthetic task). Validation looks at every row and reports every problem by row id and field, then
 either stops (`on_bad_row="error"`) or drops the bad rows and counts why (`"skip"`).
+
+A column setting is a column name or a path into nested fields (`messages[0].content`, `extra_info.index`,
+`prompt[-1].content`): the top-level column must exist (checked once, before any row), and a row whose path
+leads nowhere is a bad row named by its number, field and path. The gold answer and the solution can be
+rewritten from GSM8K's "#### x" form (`answer_format`, `solution_format`). The prompt becomes
+`prompt_template` with the problem text in place of "{prompt}", and with `system_prompt` the row holds both turns
+(`chat.encode_prompt`), which every stage renders through `chat.render_prompt`.
 """
 
 from __future__ import annotations
@@ -13,6 +20,7 @@ import hashlib
 import json
 import logging
 import os
+import re
 import secrets
 from collections import Counter
 from collections.abc import Callable, Iterable, Mapping, Sequence
@@ -25,9 +33,10 @@ import pyarrow.parquet as pq
 
 from pipeline.store.artifacts import ArtifactRef, file_sha256, tree_sha256
 from pipeline.config import DataConfig
+from pipeline.data.chat import encode_prompt
 
 __all__ = [
-    "DataError", "BadRow", "LoadReport", "PromptSet", "PromptSplit", "FIELDS",
+    "DataError", "BadRow", "LoadReport", "PromptSet", "PromptSplit", "FIELDS", "column_path",
     "PROMPT_SCHEMA", "load_prompts", "rows_from_records", "resolve_format", "split_prompts",
     "write_prompts_parquet", "read_prompts_parquet", "rows_digest", "source_ref",
 ]
@@ -248,26 +257,77 @@ def _validate(table: _Table, cfg: DataConfig, gold_check: GoldCheck | None) -> P
         raise DataError(f"{table.origin}: no rows")
     _check_columns(table, cfg)
     bad: list[BadRow] = []
-    rows = [_check_row(i, rec, cfg, gold_check, bad) for i, rec in enumerate(table.records)]
+    paths = _column_map(cfg, table.columns)
+    rows = [_check_row(i, rec, paths, cfg, gold_check, bad) for i, rec in enumerate(table.records)]
     bad += _duplicate_ids(rows)
     return _finish(table.origin, rows, bad, cfg)
 
 
 _SETTING = {"id": "id_column", "prompt": "prompt_column", "solution": "solution_column",
             "answer": "answer_column", "teacher_responses": "teacher_column"}
+_PATH = re.compile(r"[^.\[\]]+(?:\.[^.\[\]]+|\[-?\d+\])*")
+_PATH_PART = re.compile(r"([^.\[\]]+)|\[(-?\d+)\]")
 
 
-def _column_map(cfg: DataConfig) -> dict[str, str | None]:
-    """Schema field -> source column (None: not read)."""
-    return {name: getattr(cfg, setting) for name, setting in _SETTING.items()}
+def column_path(spec: str, columns: Sequence[str] = ()) -> list[str | int]:
+    """A column setting as keys and list indices: "messages[0].content" -> ["messages", 0, "content"]; a name
+    that is itself one of `columns` stays whole (a flat column named "a.b")."""
+    if spec in columns:
+        return [spec]
+    if not _PATH.fullmatch(spec):
+        raise DataError(f"column path {spec!r}: expected a column name followed by .key or [index] parts, "
+                        f"e.g. 'messages[0].content'")
+    return [key if key else int(index) for key, index in _PATH_PART.findall(spec)]
+
+
+def _column_map(cfg: DataConfig, columns: Sequence[str]) -> dict[str, list[str | int] | None]:
+    """Schema field -> path into a source row (None: not read)."""
+    return {name: None if getattr(cfg, setting) is None else column_path(getattr(cfg, setting), columns)
+            for name, setting in _SETTING.items()}
 
 
 def _check_columns(table: _Table, cfg: DataConfig) -> None:
-    missing = [f"{col!r} (data.{_SETTING[name]})" for name, col in _column_map(cfg).items()
-               if col is not None and col not in table.columns]
+    missing = [f"{path[0]!r} (data.{_SETTING[name]}{'' if len(path) == 1 else ' = ' + repr(getattr(cfg, _SETTING[name]))})"
+               for name, path in _column_map(cfg, table.columns).items()
+               if path is not None and path[0] not in table.columns]
     if missing:
         raise DataError(f"{table.origin}: missing column{'s' if len(missing) > 1 else ''} {', '.join(missing)}; "
                         f"available columns: {', '.join(map(repr, table.columns)) or 'none'}")
+
+
+def _lookup(record: Mapping[str, Any], path: list[str | int]) -> Any:
+    """The value at `path` in one row; a step that leads nowhere is this row's bad field."""
+    value: Any = record
+    for depth, part in enumerate(path):
+        where = _path_text(path[:depth]) or "the row"
+        if isinstance(part, int):
+            if not isinstance(value, (list, tuple)):
+                raise _Bad("missing", f"({where} is {type(value).__name__}, not a list to take [{part}] from)")
+            if not -len(value) <= part < len(value):
+                raise _Bad("missing", f"(no [{part}] in {where}, a list of {len(value)})")
+        elif not isinstance(value, Mapping) or part not in value:
+            known = f"; it has {', '.join(map(repr, list(value)[:10]))}" if isinstance(value, Mapping) else ""
+            raise _Bad("missing", f"(no key {part!r} in {where}{known})")
+        value = value[part]
+    return value
+
+
+def _path_text(path: Sequence[str | int]) -> str:
+    return "".join(f"[{p}]" if isinstance(p, int) else (f".{p}" if i else p) for i, p in enumerate(path))
+
+
+def _gsm8k_answer(text: str) -> str:
+    """The final answer after GSM8K's last "####", thousands separators removed."""
+    answer = text.rsplit("####", 1)[1].strip().replace(",", "") if "####" in text else ""
+    if not answer:
+        raise _Bad("no final answer", "(answer_format = 'gsm8k' needs a '#### <answer>' line)")
+    return answer
+
+
+def _gsm8k_solution(text: str) -> str:
+    """GSM8K's solution without calculator annotations, its "#### x" line as a boxed final answer."""
+    body = re.sub(r"<<[^<>]*>>", "", text.rsplit("####", 1)[0]).rstrip()
+    return f"{body}\nThe final answer is \\boxed{{{_gsm8k_answer(text)}}}."
 
 
 def _text(value: Any, *, int_ok: bool = False) -> str:
@@ -313,25 +373,45 @@ def _gold(answer: str, gold_check: GoldCheck | None) -> str:
     return answer
 
 
-def _check_row(i: int, rec: Mapping[str, Any], cfg: DataConfig, gold_check: GoldCheck | None,
-               bad: list[BadRow]) -> dict[str, Any]:
+def _check_row(i: int, rec: Mapping[str, Any], paths: Mapping[str, list[str | int] | None], cfg: DataConfig,
+               gold_check: GoldCheck | None, bad: list[BadRow]) -> dict[str, Any]:
     """The row in schema form (None for a bad field); each problem is appended to `bad`."""
-    values = {name: rec.get(col) if col is not None else None for name, col in _column_map(cfg).items()}
-    if cfg.id_column is None:
-        values["id"] = f"row-{i}"
-    checks = {"id": lambda v: _text(v, int_ok=True), "prompt": lambda v: _capped(_text(v), cfg.max_prompt_chars),
-              "solution": _text,
-              "answer": lambda v: _gold(_text(v, int_ok=True), gold_check), "teacher_responses": _teacher}
     row: dict[str, Any] = {}
     problems: list[tuple[str, _Bad]] = []
-    for name, check in checks.items():
+    for name, path in paths.items():
         try:
-            row[name] = check(values[name])
+            value = None if path is None else _lookup(rec, path)
+            row[name] = _FIELD_CHECKS[name](f"row-{i}" if name == "id" and path is None else value, cfg, gold_check)
         except _Bad as exc:
             row[name] = None
             problems.append((name, exc))
     bad += [BadRow(i, row["id"], name, exc.reason, exc.detail) for name, exc in problems]
     return row
+
+
+def _prompt(value: Any, cfg: DataConfig) -> str:
+    """The templated user turn (with the system turn when set), capped at max_prompt_chars."""
+    text = cfg.prompt_template.replace("{prompt}", _text(value))
+    return encode_prompt(_capped(text, cfg.max_prompt_chars), cfg.system_prompt)
+
+
+def _answer(value: Any, cfg: DataConfig, gold_check: GoldCheck | None) -> str:
+    text = _text(value, int_ok=True)
+    return _gold(_gsm8k_answer(text) if cfg.answer_format == "gsm8k" else text, gold_check)
+
+
+def _solution(value: Any, cfg: DataConfig) -> str:
+    text = _text(value)
+    return _gsm8k_solution(text) if cfg.solution_format == "gsm8k" else text
+
+
+_FIELD_CHECKS: dict[str, Callable[[Any, DataConfig, GoldCheck | None], Any]] = {
+    "id": lambda v, cfg, gold: _text(v, int_ok=True),
+    "prompt": lambda v, cfg, gold: _prompt(v, cfg),
+    "solution": lambda v, cfg, gold: _solution(v, cfg),
+    "answer": _answer,
+    "teacher_responses": lambda v, cfg, gold: _teacher(v),
+}
 
 
 def _duplicate_ids(rows: list[dict[str, Any]]) -> list[BadRow]:
