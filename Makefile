@@ -12,7 +12,7 @@ export HF_DATASETS_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 export OMP_NUM_THREADS ?= 1
 
-.PHONY: test test-fast stage-versions run bench bench-engines env clean chromium
+.PHONY: test test-fast stage-versions run bench bench-engines env clean chromium postgres
 
 env: $(STAMP)
 
@@ -30,7 +30,16 @@ chromium:
 	    echo "chromium is missing and apt needs root: apt-get install -y chromium"; exit 1; fi; \
 	  $$SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq chromium >/dev/null; }
 
-test: $(STAMP) chromium
+# Debian's PostgreSQL server binaries for the team-stack tests (tests/team_stack.py initdb's a throwaway cluster;
+# no service is started or enabled here); apt needs root or passwordless sudo.
+postgres:
+	@ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 || { \
+	  if [ "$$(id -u)" = 0 ]; then SUDO=; elif sudo -n true 2>/dev/null; then SUDO=sudo; else \
+	    echo "postgresql is missing and apt needs root: apt-get install -y postgresql"; exit 1; fi; \
+	  $$SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq --no-install-recommends \
+	    postgresql postgresql-client >/dev/null; }
+
+test: $(STAMP) chromium postgres
 	$(PY) -m pytest -q
 
 # The inner loop: unit and integration tests (no multi-process runs, no flows, no vLLM), under 5 minutes on 2 cores.
