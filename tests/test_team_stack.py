@@ -112,6 +112,16 @@ def _logs(flow_run_id) -> str:
     return "\n".join(log.message for log in logs)
 
 
+def _wait_process_exit(stack: TeamStack, flow_run_name: str, timeout_s: float = 60) -> None:
+    """Until the worker has seen the run's process exit. The run is Failed a moment before: a retry set in that
+    moment would be overwritten by the worker's report of the exit (Crashed)."""
+    needle = f"Process for flow run '{flow_run_name}' exited"
+    deadline = time.monotonic() + timeout_s
+    while not any(needle in p.log.read_text(errors="replace") for p in stack.procs if p.name in WORKERS):
+        assert time.monotonic() < deadline, f"no worker reported the exit of {flow_run_name}"
+        time.sleep(0.5)
+
+
 def _ran_on(stack: TeamStack, flow_run_id) -> list[str]:
     """The workers whose log names the flow run (a worker logs each run it submits)."""
     return [p.name for p in stack.procs if p.name in WORKERS and str(flow_run_id) in p.log.read_text(errors="replace")]
@@ -186,6 +196,7 @@ def worker_run(stack):
     run = _trigger("post-train/tiny", job_variables={"env": env})
     first = _wait_final(run.id)
     failed_states = _task_states(run.id)
+    _wait_process_exit(stack, first.name)
     sentinel.unlink()
     _retry(run.id)
     second = _wait_final(run.id)
@@ -223,8 +234,8 @@ def test_mlflow_lineage_from_the_postgresql_backed_server(stack, worker_run):
     parent = parents[1]
     children = client.search_runs([exp.experiment_id], f"tags.`mlflow.parentRunId` = '{parent.info.run_id}'")
     assert sorted(c.data.tags["pipeline.stage"] for c in children) == ["evaluate", "gft_round"]
-    assert parent.data.tags.get("reused.sft") and parent.data.tags.get("reused.prompts")  # served: their makers
-    prep = client.get_run(parent.data.tags["reused.prompts"])
+    assert parent.data.tags.get("reused.sft") and parent.data.tags.get("reused.prepare_data")  # served: their makers
+    prep = client.get_run(parent.data.tags["reused.prepare_data"])
     assert {d.dataset.name for d in prep.inputs.dataset_inputs} >= {"prepare_data/train", "prepare_data/eval"}
     gft = client.get_run(next(c for c in children if c.data.tags["pipeline.stage"] == "gft_round").info.run_id)
     assert gft.outputs.model_outputs and gft.inputs.model_inputs  # round 1's model, from round 0's
