@@ -2,6 +2,7 @@
 
     gft run CONFIG [--refresh STAGE] [--root DIR] [--dry-run]   one pipeline run as a Prefect flow run
     gft experiment EXPERIMENT [--only a,b] [--dry-run]          a grid of runs, summarised over seeds
+    gft experiment EXPERIMENT --deployment post-train/NAME      ... each trial a deployment run, on the workers
     gft serve CONFIG --cron "0 2 * * *"                         a scheduled deployment (needs a Prefect server)
     gft ui [CONFIG | --root DIR] [--prefect]                    MLflow UI (and Prefect's) on 127.0.0.1
 
@@ -96,6 +97,10 @@ def cmd_experiment(args: argparse.Namespace) -> int:
     if args.dry_run:
         print_plan(exp, root, only)
         return 0
+    if args.deployment and not os.environ.get("PREFECT_API_URL"):
+        print("--deployment runs trials on a work pool's workers: export PREFECT_API_URL=http://<host>:4200/api "
+              "(the server the deployment is on; infra/README.md) and run this again.", file=sys.stderr)
+        return 2
     _quiet_libraries()
     from pipeline import progress
     from flows.experiment import experiment
@@ -104,7 +109,7 @@ def cmd_experiment(args: argparse.Namespace) -> int:
     start = time.perf_counter()
     with servers.run_api(root / "logs"):
         state = experiment(config=str(args.config.resolve()), root=str(root), only=only,
-                           progress=not args.no_progress, return_state=True)
+                           progress=not args.no_progress, deployment=args.deployment, return_state=True)
     report = root / "reports" / exp.name / "results.md"
     if report.is_file():
         print(report.read_text())
@@ -199,6 +204,8 @@ def parser() -> argparse.ArgumentParser:
     e.add_argument("--only", help="comma-separated variant or sweep names to run")
     e.add_argument("--dry-run", action="store_true", help="list every trial and what it changes; run nothing")
     e.add_argument("--no-progress", action="store_true", help="no progress bars")
+    e.add_argument("--deployment", metavar="NAME", help="run each trial as a run of this post-train deployment "
+                   "(e.g. post-train/nightly) on its work pool's workers, all at once; needs PREFECT_API_URL")
     e.set_defaults(fn=cmd_experiment)
     s = sub.add_parser("serve", help="serve a scheduled deployment of the flow")
     s.add_argument("config", type=Path)

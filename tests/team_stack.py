@@ -31,7 +31,7 @@ from pathlib import Path
 
 from tests.browser import wait_http
 
-__all__ = ["INSTALL_HINT", "StackError", "TeamStack", "find_pg_bin", "free_port", "port_is_free"]
+__all__ = ["INSTALL_HINT", "StackError", "TeamStack", "find_pg_bin", "free_port", "group_members", "port_is_free"]
 
 REPO = Path(__file__).resolve().parent.parent
 BIN = Path(sys.executable).parent
@@ -249,6 +249,9 @@ class TeamStack:
                 proc.popen.wait(timeout_s)
             _killpg(proc.popen.pid, signal.SIGKILL)  # what is left of the group: flow runs, uvicorn workers
         proc.popen.wait()
+        deadline = time.monotonic() + 10
+        while _group_alive(proc.popen.pid) and time.monotonic() < deadline:  # SIGKILL is asynchronous
+            time.sleep(0.1)
         if proc in self.procs:
             self.procs.remove(proc)
 
@@ -267,8 +270,18 @@ def _killpg(pgid: int, sig: int) -> None:
 
 
 def _group_alive(pgid: int) -> bool:
-    try:
-        os.killpg(pgid, 0)
-    except (ProcessLookupError, PermissionError):
-        return False
-    return True
+    return bool(group_members(pgid))
+
+
+def group_members(pgid: int) -> list[tuple[int, str]]:
+    """(pid, command) of the live processes of a process group (zombies, already dead, left out), from /proc."""
+    members = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            text = stat.read_text()
+        except OSError:
+            continue  # exited meanwhile
+        fields = text[text.rindex(")") + 2:].split()  # after "pid (comm) ": state, ppid, pgrp, ...
+        if int(fields[2]) == pgid and fields[0] != "Z":
+            members.append((int(stat.parent.name), text[text.index("(") + 1:text.rindex(")")]))
+    return members

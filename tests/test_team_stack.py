@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.team_stack import REPO, TeamStack, port_is_free
+from tests.team_stack import REPO, TeamStack, group_members, port_is_free
 
 pytestmark = pytest.mark.slow
 
@@ -355,12 +355,18 @@ def test_fanned_out_report_equals_the_sequential_one(stack, fanned_out, tmp_path
 
 
 def test_everything_stops_by_process_group_and_the_ports_are_free(stack):
-    import os
-
-    groups = [p.popen.pid for p in stack.procs]
+    groups = {p.name: p.popen.pid for p in stack.procs}
+    assert set(groups) == {"postgres", "prefect-server", "mlflow-server", *WORKERS}
     ports = stack.ports
     stack.stop()
-    for pgid in groups:
-        with pytest.raises(ProcessLookupError):
-            os.killpg(pgid, 0)
+    assert {name: group_members(pgid) for name, pgid in groups.items() if group_members(pgid)} == {}
     assert all(port_is_free(p) for p in ports), ports
+
+
+def test_experiment_deployment_without_a_server_says_what_to_set(capsys, monkeypatch):
+    from flows.cli import main
+
+    monkeypatch.delenv("PREFECT_API_URL", raising=False)
+    exp = REPO / "experiments" / "paper_table_ci.toml"
+    assert main(["experiment", str(exp), "--deployment", "post-train/tiny", "--only", "sft"]) == 2
+    assert "export PREFECT_API_URL" in capsys.readouterr().err

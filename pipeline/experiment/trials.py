@@ -55,7 +55,7 @@ from pipeline.progress import bar
 from pipeline.experiment.report import own_overrides, short, write_report
 
 __all__ = ["VariantConfig", "SweepConfig", "ExperimentConfig", "Trial", "TrialResult", "ExperimentResult",
-           "load_experiment", "expand", "experiment_root", "run_experiment", "local_trial", "main"]
+           "load_experiment", "expand", "experiment_root", "run_experiment", "local_trial", "stored_refs", "main"]
 
 log = logging.getLogger(__name__)
 
@@ -269,23 +269,33 @@ class ExperimentResult:
 
 
 RunTrial = Callable[[Trial, dict[str, str]], dict[str, ArtifactRef]]
+"""Run a trial (a pipeline run with these MLflow tags on its parent run) and return its stage references."""
+SubmitTrial = Callable[[Trial, dict[str, str]], Callable[[], dict[str, ArtifactRef]]]
+"""Start a trial elsewhere (a deployment run on a worker) without waiting; returns a function that waits for it and
+returns its stage references (`stored_refs`), raising when it did not complete."""
 
 
-def run_experiment(exp: ExperimentConfig, root: Path, run_trial: RunTrial, *, only: Iterable[str] | None = None,
+def run_experiment(exp: ExperimentConfig, root: Path, run_trial: RunTrial | None = None, *,
+                   submit: SubmitTrial | None = None, only: Iterable[str] | None = None,
                    progress: bool = True) -> ExperimentResult:
-    """Run every trial through `run_trial(trial, mlflow_tags)` (a pipeline run), then write and log the report.
-    Each trial's MLflow run is a child of the experiment's parent run."""
+    """Run every trial through `run_trial(trial, mlflow_tags)` (a pipeline run), one after the other, or with
+    `submit` start them all first and then wait for each (they run at once, one per free worker); then write and log
+    the report. Each trial's MLflow run is a child of the experiment's parent run."""
     from pipeline.run import make_tracker
 
+    if (run_trial is None) == (submit is None):
+        raise ValueError("run_experiment: pass either run_trial (one after the other) or submit (fanned out)")
     trials = expand(exp, only=only)
     first = trials[0].config
     tracker = make_tracker(first, root)
     parent = tracker.start_pipeline(f"experiment-{exp.name}-{time.strftime('%Y%m%d-%H%M%S')}",
                                     exp.model_dump(mode="json"), {"pipeline.stage": "experiment"})
-    results = []
     try:
-        for trial in bar(trials, desc=f"experiment {exp.name}", unit="trial", disable=not progress):
-            results.append(_run_one(trial, run_trial, _trial_tags(trial, parent)))
+        if submit is not None:
+            results = _fan_out(exp, trials, submit, parent, progress)
+        else:
+            results = [_run_one(trial, run_trial, _trial_tags(trial, parent))
+                       for trial in bar(trials, desc=f"experiment {exp.name}", unit="trial", disable=not progress)]
         out = write_report(exp, results, root / "reports" / exp.name)
         for path in [out.report, out.table_json, *out.plots]:
             tracker.log_artifact(path, "report")
@@ -304,14 +314,56 @@ def _trial_tags(trial: Trial, parent: str | None) -> dict[str, str]:
     return {**tags, "mlflow.parentRunId": parent} if parent else tags
 
 
-def _run_one(trial: Trial, run_trial: RunTrial, tags: dict[str, str]) -> TrialResult:
-    start = time.perf_counter()
+def _run_one(trial: Trial, run_trial: RunTrial, tags: dict[str, str], start: float | None = None) -> TrialResult:
+    start = time.perf_counter() if start is None else start
     try:
         refs = run_trial(trial, tags)
     except Exception as exc:  # reported in the table and in the experiment's final status, never swallowed
         log.exception("trial %s failed", trial.id)
         return TrialResult(trial, None, f"{type(exc).__name__}: {exc}", time.perf_counter() - start)
     return TrialResult(trial, refs, None, time.perf_counter() - start)
+
+
+def _fan_out(exp: ExperimentConfig, trials: list[Trial], submit: SubmitTrial, parent: str | None,
+             progress: bool) -> list[TrialResult]:
+    """Submit every trial, then wait for each in order; a trial's wall time runs from the submission to its end."""
+    start = time.perf_counter()
+    waits: dict[str, Callable[[], dict[str, ArtifactRef]] | Exception] = {}
+    for trial in trials:
+        try:
+            waits[trial.id] = submit(trial, _trial_tags(trial, parent))
+        except Exception as exc:  # this trial is reported as failed; the others still run
+            waits[trial.id] = exc
+
+    def wait(trial: Trial, tags: dict[str, str]) -> dict[str, ArtifactRef]:
+        waiting = waits[trial.id]
+        if isinstance(waiting, Exception):
+            raise waiting
+        return waiting()
+    return [_run_one(t, wait, {}, start)
+            for t in bar(trials, desc=f"experiment {exp.name} (fanned out)", unit="trial", disable=not progress)]
+
+
+def stored_refs(cfg: RunConfig, root: Path) -> dict[str, ArtifactRef]:
+    """The stage references of a run finished elsewhere (a worker) on the shared store `root`: its DAG walked
+    through verified lookups, computing nothing. Raises ArtifactError naming the first stage without an output."""
+    from pipeline import runtime
+    from pipeline.run import execute
+    from pipeline.store.artifacts import ArtifactError, StageStore
+
+    res = runtime.Resources(StageStore(root), progress=False)
+
+    def lookup(call) -> ArtifactRef:
+        ref = res.store.lookup(call.stage, call.key)
+        if ref is None:
+            raise ArtifactError(f"{root}: no verified output of {call.stage} (key {call.key[:12]}...) for run "
+                                f"{cfg.name!r}; did its run complete on this store?")
+        return ref
+
+    try:
+        return execute(cfg, lookup, res)
+    finally:
+        res.close()
 
 
 def local_trial(root: Path, progress: bool = False) -> RunTrial:
