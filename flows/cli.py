@@ -40,6 +40,18 @@ def _load(config: Path, root: Path | None) -> tuple[RunConfig, Path]:
     return cfg, resolve_root(config, cfg, str(root) if root else None)
 
 
+def _writable(root: Path) -> bool:
+    """Whether the run root can be written (else the reason, on stderr), before a server or flow starts."""
+    from pipeline.run import RootError, check_root
+
+    try:
+        check_root(root)
+    except RootError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return False
+    return True
+
+
 def cmd_run(args: argparse.Namespace) -> int:
     cfg, root = _load(args.config, args.root)
     if args.dry_run:
@@ -50,6 +62,8 @@ def cmd_run(args: argparse.Namespace) -> int:
 
     progress.use_rich(not args.no_progress)
     start = time.perf_counter()
+    if not _writable(root):
+        return 2
     with servers.run_api(root / "logs"):
         state = post_train(config=str(args.config.resolve()), refresh=args.refresh, root=str(root),
                            progress=not args.no_progress, return_state=True)
@@ -107,6 +121,8 @@ def cmd_experiment(args: argparse.Namespace) -> int:
 
     progress.use_rich(not args.no_progress)
     start = time.perf_counter()
+    if not _writable(root):
+        return 2
     with servers.run_api(root / "logs"):
         state = experiment(config=str(args.config.resolve()), root=str(root), only=only,
                            progress=not args.no_progress, deployment=args.deployment, return_state=True)

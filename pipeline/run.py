@@ -9,9 +9,12 @@ stage and computes only what is missing or changed.
 from __future__ import annotations
 
 import argparse
+import errno
 import functools
 import logging
+import os
 import sys
+import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -26,8 +29,8 @@ from pipeline.config import RetentionConfig, RunConfig, load_run_config
 from pipeline.algo.metrics import comparison_table
 from pipeline.tracking import MlflowTracker, NullTracker, sqlite_uri
 
-__all__ = ["RunResult", "Ops", "local_ops", "execute", "plan", "run", "chain_outputs", "stage_history",
-           "round_metrics", "main"]
+__all__ = ["RunResult", "RootError", "Ops", "local_ops", "execute", "plan", "run", "check_root", "chain_outputs",
+           "stage_history", "round_metrics", "main"]
 
 log = logging.getLogger(__name__)
 
@@ -43,6 +46,10 @@ class RunResult:
     summary_path: Path
     calls: dict[str, int]
     mlflow_url: str | None = None
+
+
+class RootError(RuntimeError):
+    """The run root cannot hold a run: it is read-only or not a folder."""
 
 
 Ops = Callable[[stages.StageCall], ArtifactRef]
@@ -77,8 +84,8 @@ class _Walk:
         return not self.res.force and not call.spec.pending and self.res.store.lookup(stage, call.key) is not None
 
     def retain(self, ref: ArtifactRef, round_idx: int) -> None:
-        """Prune a round whose successor is published, per the run's retention."""
-        if self.retention is not None:
+        """Prune a round whose successor is published, per the run's retention (a pending reference: nothing yet)."""
+        if self.retention is not None and ref.kind != "pending":
             stages.retain(self.res.store, ref, round_idx, self.retention)
 
     def recompute(self, name: str, stage: str, *args, step: int | None = None) -> ArtifactRef:
@@ -214,6 +221,7 @@ def run(cfg: RunConfig, *, root: Path, progress: bool = True, ops: Callable[[run
         tags: dict[str, str] | None = None) -> RunResult:
     """Run the configured DAG with tracking; writes the summary, the plots, and registers the final model.
     `tags` go on the run's MLflow parent run (an experiment nests its runs with `mlflow.parentRunId`)."""
+    check_root(root)
     torch.set_num_threads(cfg.threads)
     tracker = make_tracker(cfg, root, context_tags)
     res = runtime.Resources(StageStore(root), progress=progress, tracker=tracker)
@@ -229,6 +237,26 @@ def run(cfg: RunConfig, *, root: Path, progress: bool = True, ops: Callable[[run
         res.close()
     tracker.end_pipeline("FINISHED")
     return result
+
+
+def check_root(root: Path) -> None:
+    """Refuse, before any server or stage starts, a run root the run cannot write: it writes stage outputs, its
+    MLflow database (`mlflow.db`, opened for writing even when every stage is cached), logs and the summary there.
+    Creates the root when it is missing."""
+    try:
+        root.mkdir(parents=True, exist_ok=True)
+        fd, probe = tempfile.mkstemp(dir=root, prefix=".write-probe-")
+        os.close(fd)
+        os.unlink(probe)
+        if (root / "mlflow.db").is_file():
+            open(root / "mlflow.db", "r+b").close()  # a probe: opened for writing, closed at once
+    except OSError as exc:
+        what = "read-only" if exc.errno in (errno.EROFS, errno.EACCES, errno.EPERM) else "not writable"
+        raise RootError(
+            f"run root {root} is {what} ({exc.strerror}: {exc.filename or root}). A run writes its stage outputs, "
+            "its MLflow database and its summary there, even when every stage is cached. Copy the root to a "
+            "writable place (roots are relocatable) and pass --root, or look at it without running: "
+            f"gft ui --root {root}") from exc
 
 
 def make_tracker(cfg: RunConfig, root: Path, context_tags: Callable[[], dict[str, str]] = dict):
@@ -322,7 +350,11 @@ def main(argv: list[str] | None = None) -> int:
     cfg = load_run_config(args.config)
     root = (args.root or (args.config.resolve().parent / cfg.root)).resolve()
     start = time.perf_counter()
-    result = run(cfg, root=root, progress=not args.no_progress)
+    try:
+        result = run(cfg, root=root, progress=not args.no_progress)
+    except RootError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
     print(result.summary_path.read_text())
     print(f"Finished in {time.perf_counter() - start:.0f} s. Summary: {result.summary_path}")
     print(f"Work done this time (cached stages do none): {result.calls}")

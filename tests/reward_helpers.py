@@ -52,3 +52,7 @@ def none_for_odd_id(response, row):
 def none_unless_long(response, row):
     """Applies only to responses of more than 3 characters: their length / 10."""
     return len(response) / 10 if len(response) > 3 else None
+
+
+if os.environ.get("GFT_TEST_REWARD_IMPORT_FAILS"):  # set by a test after this module is imported in the parent
+    raise RuntimeError("this reward's module cannot be imported in the worker")

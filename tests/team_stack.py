@@ -127,7 +127,9 @@ class TeamStack:
 
     def env(self, **extra: str) -> dict[str, str]:
         """Environment of a client of the stack: the Prefect CLI, a worker, this test process."""
-        return {**os.environ, **BASE_ENV, "PREFECT_API_URL": self.prefect_api, "PREFECT_UI_URL": self.prefect_ui,
+        inherited = {k: v for k, v in os.environ.items() if not k.startswith("PREFECT_")}  # not another test
+        # file's Prefect settings (test_flows.py turns logging to the API off for its whole process)
+        return {**inherited, **BASE_ENV, "PREFECT_API_URL": self.prefect_api, "PREFECT_UI_URL": self.prefect_ui,
                 "PREFECT_HOME": str(self.base / "home"), "MLFLOW_TRACKING_URI": self.mlflow_url, **extra}
 
     # -- start --------------------------------------------------------------------------------------------------

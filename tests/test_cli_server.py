@@ -1,4 +1,5 @@
-"""`gft run` owns its Prefect API: a kill -9 of the run takes the server with it, and the rerun resumes."""
+"""`gft run` owns its Prefect API: a kill -9 of the run takes the server with it, and the rerun resumes; the
+finished root made read-only is refused by name before anything starts."""
 
 from __future__ import annotations
 
@@ -77,3 +78,13 @@ def test_a_killed_run_takes_its_prefect_api_with_it_and_the_rerun_resumes(tmp_pa
     again = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=900)
     assert again.returncode == 0, again.stderr[-3000:]
     assert "Work done this time" in again.stdout
+
+    # the finished root, read-only: refused by name before anything starts, and left as it was
+    from tests.test_read_only_root import read_only, tree_digest
+
+    root = tmp_path / "root"
+    before = tree_digest(root)
+    with read_only(root):
+        refused = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    assert refused.returncode == 2 and f"run root {root} is read-only" in refused.stderr, refused.stderr[-3000:]
+    assert tree_digest(root) == before

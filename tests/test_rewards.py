@@ -287,6 +287,30 @@ def test_math_worker_is_warm_before_the_first_timed_call():
     assert (1.0, None) in results
 
 
+def test_the_warm_up_sets_no_math_verify_alarm(monkeypatch):
+    # On a loaded machine math-verify's first parse (imports, grammar) can pass its own 3 s alarm; parse then
+    # returns nothing, the warm-up raised Unscorable and the worker died with "exit code None". The start is
+    # bounded by the parent's startup_timeout_s instead, so the warm-up arms no alarm.
+    import signal
+
+    from pipeline.rollout import verifiers
+
+    armed: list[int] = []
+    real = signal.alarm
+    monkeypatch.setattr(signal, "alarm", lambda s: armed.append(s) or real(s))
+    verifiers._warm_up(verifiers.math_answer)
+    assert not [s for s in armed if s > 0]
+
+
+def test_a_worker_that_fails_to_start_says_why(monkeypatch):
+    import tests.reward_helpers  # noqa: F401 (imported here, so only the spawned worker's import fails)
+
+    monkeypatch.setenv("GFT_TEST_REWARD_IMPORT_FAILS", "1")
+    with Verifier(f"{H}:returns_none") as verifier:
+        with pytest.raises(RewardError, match=r"failed while starting: RuntimeError: this reward's module cannot"):
+            verifier.reward_one("resp", {"id": 1})
+
+
 def test_reward_exception_raises_reward_error_naming_the_row():
     with Verifier(f"{H}:raises_value_error") as verifier:
         with pytest.raises(RewardError, match=r"row id='row-17'.*ValueError: cannot score 'resp'"):

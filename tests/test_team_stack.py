@@ -257,14 +257,15 @@ def test_prefect_ui_shows_the_worker_run_and_its_task_runs(stack, worker_run):
     run_id, *_, states = worker_run
     out = Path(os.environ.get("GFT_TEST_OUTPUT", REPO / "test-output"))
     shot = out / "prefect-flow-run.png"
-    url = f"{stack.prefect_ui}/runs/flow-run/{run_id}?tab=Task%20Runs"
+    url = f"{stack.prefect_ui}/runs/flow-run/{run_id}"
     text = visible_text(render(url, shot, wait_ms=15_000, timeout_s=180))
     with _client() as client:
         name = client.read_flow_run(run_id).name
     assert name in text and "Completed" in text
     assert f"{len(states)} Task runs" in text  # the header over the run's graph of task runs (both attempts)
     for task in ("prepare_data", "bootstrap_models", "teacher_sample", "sft", "gft_round", "evaluate"):
-        assert f"{task}-" in text, task  # task runs are listed as <task>-<suffix>
+        assert f"{task}-" in text, task  # <task>-<suffix>: the Logs tab names the task run of each line (the
+        # graph that draws them is a canvas; the page ignores ?tab=); empty if the flow process logs nothing to the API
     assert shot.stat().st_size > 20_000
 
 

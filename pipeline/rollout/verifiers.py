@@ -142,14 +142,20 @@ def resolve_reward(spec: str) -> RewardFn:
 def _warm_up(fn: RewardFn) -> None:
     """Pay the one-time costs (importing math-verify and sympy, building the LaTeX parser) before `ready`,
     so they do not count against the first response's `timeout_s`: with a short timeout, every fresh worker
-    would otherwise time out on its first response, and so on every response after a timeout."""
+    would otherwise time out on its first response, and so on every response after a timeout. Without
+    math-verify's own alarm (`timeout_s=0`): on a loaded machine the first parse can pass its 3 s, and the
+    parent's `startup_timeout_s` bounds the start anyway."""
     if fn is math_answer:
-        math_answer("\\boxed{\\frac{1}{2}}", {"answer": "0.5"})
+        math_answer("\\boxed{\\frac{1}{2}}", {"answer": "0.5"}, timeout_s=0)
 
 
 def _worker_main(conn, spec: str) -> None:
-    fn = resolve_reward(spec)
-    _warm_up(fn)
+    try:
+        fn = resolve_reward(spec)
+        _warm_up(fn)
+    except BaseException as exc:  # reported to the parent, which raises it naming the reward
+        conn.send(("failed", f"{type(exc).__name__}: {exc}"))
+        return
     conn.send(("ready", None))
     while True:
         item = conn.recv()
@@ -196,12 +202,15 @@ class Verifier:
             self.close()
             raise RewardError(f"reward worker for {self.spec!r} did not start in {self.startup_timeout_s}s")
         try:
-            self._conn.recv()
-        except (EOFError, OSError):  # it died while starting (its traceback went to stderr)
-            self._proc.join(1)
+            status, reason = self._conn.recv()
+        except (EOFError, OSError):  # it died while starting (a crash in C code, the OOM killer)
+            self._proc.join(10)
             code = self._proc.exitcode
             self.close()
             raise RewardError(f"reward worker for {self.spec!r} died while starting (exit code {code})") from None
+        if status == "failed":
+            self.close()
+            raise RewardError(f"reward worker for {self.spec!r} failed while starting: {reason}")
 
     def close(self) -> None:
         if self._proc is not None:
