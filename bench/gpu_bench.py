@@ -580,6 +580,7 @@ def run_round(shape: dict, args) -> dict:
     from pipeline.model.trainer import make_trainer
     from pipeline.rollout.verifiers import Verifier
     from pipeline.rounds import gft
+    from pipeline.data import chat
     from pipeline.rounds.groups import Phases
 
     cfg, phases, device = _round_config(shape, args), Phases(), _device()
@@ -596,7 +597,8 @@ def run_round(shape: dict, args) -> dict:
             trainer = make_trainer(model, cfg.train, total_steps=cfg.rounds * cfg.minibatches_per_round)
             verifier.reward_one(rows["solution"][0], rows.iloc[0].to_dict())  # starts the worker process
             _sync()
-        result = gft.run_round(trainer, engine, verifier, rows, {}, tok, cfg, round_idx=0)
+        train = functools.partial(gft.train_phase, trainer, cfg=cfg, round_idx=0, pad_id=chat.pad_id(tok))
+        result = gft.run_round(train, engine, verifier, rows, {}, tok, cfg, round_idx=0)
     with phases("sync_weights"):
         engine_model.load_state_dict(trainer.model.state_dict())
         _sync()

@@ -11,7 +11,7 @@ from typing import Any, Literal, TypeVar
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-__all__ = ["Settings", "TrainConfig", "SamplingConfig", "EngineConfig", "DataConfig", "ModelsConfig",
+__all__ = ["Settings", "LaunchConfig", "TrainConfig", "SamplingConfig", "EngineConfig", "DataConfig", "ModelsConfig",
            "TeacherSampleConfig", "SFTConfig", "GFTConfig", "GRPOConfig", "EvalConfig", "SyntheticConfig", "RunConfig",
            "load_toml", "load_run_config", "resolve_paths", "apply_overrides"]
 
@@ -28,6 +28,17 @@ class Settings(BaseModel):
         """Stable sha256 of the settings (sorted-key JSON of every field, defaults included)."""
         blob = json.dumps(self.model_dump(mode="json"), sort_keys=True, separators=(",", ":"))
         return hashlib.sha256(blob.encode()).hexdigest()
+
+
+class LaunchConfig(Settings):
+    """Where a stage's training phase runs: in the stage's own process, or as a torchrun job of several processes."""
+
+    processes: int = Field(1, ge=1)
+    """Training processes on this machine. 1: in the stage's process (the default); N > 1: the stage launches a
+    torchrun job of N data-parallel processes (DDP through accelerate; gloo on CPU, NCCL on GPUs), which reads its
+    inputs from files, trains and writes the checkpoint into the stage's output folder (docs/scale.md)."""
+    timeout_s: float = Field(24 * 3600.0, gt=0)
+    """The job is stopped (all its processes) and the stage fails after this many seconds."""
 
 
 class TrainConfig(Settings):
@@ -66,9 +77,13 @@ class TrainConfig(Settings):
     backward instead of recomputing them: one output-projection matmul fewer per chunk, for that memory."""
     precision: Literal["auto", "bf16", "fp32"] = "auto"
     """auto = bf16 autocast on GPU, full precision (the model's own dtype) on CPU."""
-    save_dtype: Literal["source", "float32", "bfloat16", "float16"] = "source"
-    """dtype of the saved checkpoint (model/); training weights and optimizer state are float32 whatever the
-    source's dtype. source = the dtype of the checkpoint training started from (a bf16 hub model stays bf16)."""
+    save_dtype: Literal["source", "float32", "float64", "bfloat16", "float16"] = "source"
+    """dtype of the saved checkpoint (model/); training weights and optimizer state are `master_dtype` whatever
+    the source's dtype. source = the dtype of the checkpoint training started from (a bf16 hub model stays bf16)."""
+    master_dtype: Literal["float32", "float64"] = "float32"
+    """dtype of the trained weights and optimizer state (float64: exactness checks of small models on CPU)."""
+    launch: LaunchConfig = LaunchConfig()
+    """In the stage's process, or a job of several processes (SFT and GFT rounds)."""
     gradient_checkpointing: bool = False
     """Recompute decoder activations in backward to save memory."""
     compile: bool = False
@@ -393,6 +408,14 @@ class GRPOConfig(Settings):
     """Optimizer settings (TRL's lr 1e-6); the step count and batch follow from rounds, minibatches_per_round
     and num_iterations, so num_steps, epochs, sequences_per_step, save_every, keep_checkpoints and log_every
     stay at their defaults."""
+
+    @model_validator(mode="after")
+    def _trains_in_process(self) -> GRPOConfig:
+        if self.train.launch.processes > 1:
+            raise ValueError(f"grpo.train.launch.processes = {self.train.launch.processes}: GRPO rounds train in the "
+                             "stage's process (their old and reference log-probs come from the live trainer); "
+                             "launched jobs serve sft and gft rounds")
+        return self
 
     @model_validator(mode="after")
     def _round_owns_batching(self) -> GRPOConfig:

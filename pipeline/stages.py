@@ -45,10 +45,11 @@ from pipeline.model.trainer import make_trainer, save_model
 from pipeline.rounds import bootstrap as bootstrap_lib
 from pipeline.rounds import gft as gft_lib
 from pipeline.rounds import grpo as grpo_lib
+from pipeline.rounds import launch
 from pipeline.rounds.evaluate import grade_prompt
 from pipeline.rounds.groups import RoundResult, off_policy, round_prompts
 from pipeline.runtime import Resources, cached, model_dir
-from pipeline.store.artifacts import ArtifactRef, StageStore, tree_sha256
+from pipeline.store.artifacts import ArtifactRef, StageStore, tree_sha256, write_text_atomic
 from pipeline.store.cache import StageSpec, derive_spec
 from pipeline.store.outputs import EVAL_METRICS, HISTORY
 
@@ -249,18 +250,37 @@ def sft(job: Job, cfg: SFTConfig, prompts: ArtifactRef, teacher: ArtifactRef | N
     tok = chat.load_tokenizer(model_dir(init), trust_remote_code=trust_remote_code)
     teachers = _teacher_map(teacher, rows) if cfg.source == "mix" else {}
     examples, truncated = _sft_examples(tok, rows, teachers, cfg.max_response_tokens)
-    objective = sft_objective() if cfg.loss == "sft" else dft_objective()
     work = job.res.store.work_dir("sft", job.key)  # outside the temp folder: a rerun resumes from it
+    dtype = save_dtype(cfg.train.save_dtype, model_dir(init), trust_remote_code=trust_remote_code)
     start = time.perf_counter()
-    result = fit(load_model(model_dir(init), trust_remote_code=trust_remote_code, train=True), examples, objective,
-                 cfg.train, pad_id=chat.pad_id(tok), checkpoint_dir=work, progress_bar=job.res.progress)
+    if cfg.train.launch.processes > 1:
+        history, full_history = _launched_sft(job, cfg, examples, init, work, dtype, trust_remote_code)
+    else:
+        model = load_model(model_dir(init), trust_remote_code=trust_remote_code, train=True,
+                           master_dtype=cfg.train.master_dtype)
+        result = fit(model, examples, sft_objective() if cfg.loss == "sft" else dft_objective(), cfg.train,
+                     pad_id=chat.pad_id(tok), checkpoint_dir=work, progress_bar=job.res.progress)
+        save_model(result.trainer, job.out / "model", tok, dtype=dtype)
+        history, full_history = result.history, result.full_history
     train_s = time.perf_counter() - start
-    job.res.count("optimizer.step", len(result.history))
-    save_model(result.trainer, job.out / "model", tok,
-               dtype=save_dtype(cfg.train.save_dtype, model_dir(init), trust_remote_code=trust_remote_code))
-    _write_history(job.out / HISTORY, result.full_history)  # with the steps before a resume
+    job.res.count("optimizer.step", len(history))
+    _write_history(job.out / HISTORY, full_history)  # with the steps before a resume
     return {"examples": float(len(examples)), "truncated_responses": float(truncated),
-            "final_loss": result.full_history[-1]["loss"], **_train_perf(result.history, train_s)}
+            "final_loss": full_history[-1]["loss"], **_train_perf(history, train_s)}
+
+
+def _launched_sft(job: Job, cfg: SFTConfig, examples: list[Example], init: ArtifactRef, work: Path, dtype,
+                  trust_remote_code: bool) -> tuple[list[dict[str, float]], list[dict[str, float]]]:
+    """SFT's training as a job of `cfg.train.launch.processes` processes (`rounds.launch`): model/ into the
+    output folder, resuming from the same work checkpoints as in process."""
+    folder = work / "job"
+    folder.mkdir(parents=True, exist_ok=True)
+    launch.write_examples(examples, folder / "examples.parquet")
+    spec = launch.TrainJob(stage="sft", config=cfg.model_dump(mode="json"), model=model_dir(init), folder=str(folder),
+                           out=str(job.out), save_dtype=str(dtype).removeprefix("torch."), checkpoint_dir=str(work),
+                           trust_remote_code=trust_remote_code)
+    result = launch.run_job(spec, cfg.train.launch)
+    return result.history, result.full_history
 
 
 def _train_perf(history: Sequence[dict[str, float]], seconds: float) -> dict[str, float]:
@@ -276,9 +296,10 @@ def _train_perf(history: Sequence[dict[str, float]], seconds: float) -> dict[str
 
 
 def _round_trainer(job: Job, prev: ArtifactRef, train_cfg, total_steps: int, *, resume: bool, trust_remote_code: bool):
-    """The trainer of a round: `prev`'s weights in float32, its optimizer state when `resume` and it has one."""
-    trainer = make_trainer(load_model(model_dir(prev), trust_remote_code=trust_remote_code, train=True), train_cfg,
-                           total_steps=total_steps)
+    """The trainer of a round: `prev`'s weights in `master_dtype`, its optimizer state when `resume` and it has one."""
+    model = load_model(model_dir(prev), trust_remote_code=trust_remote_code, train=True,
+                       master_dtype=train_cfg.master_dtype)
+    trainer = make_trainer(model, train_cfg, total_steps=total_steps)
     if resume and (Path(prev.uri) / "state").is_dir():
         load_state(trainer, Path(prev.uri) / "state")
     return trainer
@@ -291,8 +312,9 @@ def _save_round(job: Job, trainer, tok, result: RoundResult, prev: ArtifactRef, 
     dtype = save_dtype(train_cfg.save_dtype, model_dir(prev), trust_remote_code=trust_remote_code)
     result.table.to_parquet(job.out / "groups.parquet")
     _write_history(job.out / HISTORY, result.history)
-    save_state(trainer, job.out / "state")
-    save_model(trainer, job.out / "model", tok, dtype=dtype)
+    if trainer is not None:  # else a launched job wrote state/ and model/
+        save_state(trainer, job.out / "state")
+        save_model(trainer, job.out / "model", tok, dtype=dtype)
     job.res.count("optimizer.step", len(result.history))
     if sampled:
         job.res.count("engine.generate")
@@ -322,12 +344,35 @@ def gft_round(job: Job, cfg: GFTConfig, round_idx: int, prompts: ArtifactRef, te
     """One GFT round from `prev` (`rounds.gft.run_round`): groups.parquet, model/, state/ and metrics."""
     rows = round_prompts(_read_parquet(prompts, "train.parquet"), cfg.prompts_per_round, round_idx, seed)
     tok = chat.load_tokenizer(model_dir(prev), trust_remote_code=engine.trust_remote_code)
-    trainer = _round_trainer(job, prev, cfg.train, cfg.rounds * cfg.minibatches_per_round, resume=True,
-                             trust_remote_code=engine.trust_remote_code)
-    result = gft_lib.run_round(trainer, job.res.engine("policy", model_dir(prev), engine), job.res.verifier(cfg.reward),
+    trainer, train = _gft_train_phase(job, cfg, round_idx, prev, tok, engine.trust_remote_code)
+    result = gft_lib.run_round(train, job.res.engine("policy", model_dir(prev), engine), job.res.verifier(cfg.reward),
                                rows, _teacher_map(teacher, rows), tok, cfg, round_idx=round_idx)
     return _save_round(job, trainer, tok, result, prev, cfg.train, trust_remote_code=engine.trust_remote_code,
                        sampled=cfg.policy > 0)
+
+
+def _gft_train_phase(job: Job, cfg: GFTConfig, round_idx: int, prev: ArtifactRef, tok, trust_remote_code: bool):
+    """(trainer, train phase) of a round: a live trainer in this process, or (None, a launched job that reads the
+    round's groups and writes model/ and state/ into the output folder)."""
+    if cfg.train.launch.processes == 1:
+        trainer = _round_trainer(job, prev, cfg.train, cfg.rounds * cfg.minibatches_per_round, resume=True,
+                                 trust_remote_code=trust_remote_code)
+        return trainer, functools.partial(gft_lib.train_phase, trainer, cfg=cfg, round_idx=round_idx,
+                                          pad_id=chat.pad_id(tok))
+    folder = job.res.store.work_dir("gft_round", job.key) / "job"
+    dtype = save_dtype(cfg.train.save_dtype, model_dir(prev), trust_remote_code=trust_remote_code)
+    state = Path(prev.uri) / "state"
+    spec = launch.TrainJob(stage="gft_round", config=cfg.model_dump(mode="json"), model=model_dir(prev),
+                           state=str(state) if state.is_dir() else None, folder=str(folder), out=str(job.out),
+                           save_dtype=str(dtype).removeprefix("torch."), round_idx=round_idx,
+                           trust_remote_code=trust_remote_code)
+
+    def train(prompt_ids: list[list[int]], table: pd.DataFrame) -> list[dict[str, float]]:
+        folder.mkdir(parents=True, exist_ok=True)
+        table.to_parquet(folder / "groups.parquet")
+        write_text_atomic(folder / "prompt_ids.json", json.dumps(prompt_ids))
+        return launch.run_job(spec, cfg.train.launch).history
+    return None, train
 
 
 def gft(cfg: GFTConfig, prompts: ArtifactRef, teacher: ArtifactRef | None, init: ArtifactRef, *, res: Resources,

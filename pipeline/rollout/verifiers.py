@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import importlib
 import inspect
+import logging
 import multiprocessing as mp
 import re
 from collections import Counter
@@ -146,7 +147,13 @@ def _warm_up(fn: RewardFn) -> None:
     math-verify's own alarm (`timeout_s=0`): on a loaded machine the first parse can pass its 3 s, and the
     parent's `startup_timeout_s` bounds the start anyway."""
     if fn is math_answer:
-        math_answer("\\boxed{\\frac{1}{2}}", {"answer": "0.5"}, timeout_s=0)
+        quiet = logging.getLogger("math_verify")  # its one-time "Timeout is disabled" warning
+        level = quiet.level
+        quiet.setLevel(logging.ERROR)
+        try:
+            math_answer("\\boxed{\\frac{1}{2}}", {"answer": "0.5"}, timeout_s=0)
+        finally:
+            quiet.setLevel(level)
 
 
 def _worker_main(conn, spec: str) -> None:

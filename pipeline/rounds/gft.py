@@ -9,7 +9,7 @@ Coefficient Rectification) each take an equal share of the round's responses. `r
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import pandas as pd
 import torch
@@ -28,7 +28,7 @@ from pipeline.rounds.groups import (
     Member, Phases, RoundResult, derive_seed, group_table, minibatch_plans, off_policy, round_order, sample_members,
 )
 
-__all__ = ["build_groups", "reward_groups", "run_round", "round_metrics"]
+__all__ = ["TrainPhase", "build_groups", "reward_groups", "train_phase", "run_round", "round_metrics"]
 
 
 def build_groups(engine: Engine, cfg: GFTConfig, rows: pd.DataFrame, teachers: dict[str, list[str]], tok,
@@ -59,8 +59,13 @@ def reward_groups(verifier: Verifier, cfg: GFTConfig, rows: pd.DataFrame,
     return group_table(groups, rewards, adv.advantages), adv.stats
 
 
-def _train(trainer: Trainer, prompt_ids: list[list[int]], table: pd.DataFrame, cfg: GFTConfig, round_idx: int,
-           pad_id: int) -> list[dict[str, float]]:
+TrainPhase = Callable[[list[list[int]], pd.DataFrame], list[dict[str, float]]]
+"""The round's optimizer steps on (prompt ids, group table) -> history: `train_phase` on a live trainer, or a
+launched job of several processes (`pipeline.rounds.launch`)."""
+
+
+def train_phase(trainer: Trainer, prompt_ids: list[list[int]], table: pd.DataFrame, cfg: GFTConfig, round_idx: int,
+                pad_id: int) -> list[dict[str, float]]:
     """`minibatches_per_round` optimizer steps over the round's responses, in one seeded order."""
     examples = [Example(prompt_ids[g], list(ids), float(a)) for g, ids, a in
                 zip(table["group_index"], table["token_ids"], table["advantage"])]
@@ -71,10 +76,11 @@ def _train(trainer: Trainer, prompt_ids: list[list[int]], table: pd.DataFrame, c
                      pad_id=pad_id)
 
 
-def run_round(trainer: Trainer, engine: Engine, verifier: Verifier, rows: pd.DataFrame,
+def run_round(train: TrainPhase, engine: Engine, verifier: Verifier, rows: pd.DataFrame,
               teachers: dict[str, list[str]], tok, cfg: GFTConfig, *, round_idx: int) -> RoundResult:
-    """One GFT round on `rows` (the round's prompts), continuing `trainer` (its model is the policy the engine
-    samples); RNGs are seeded from (train seed, round) first, so the round's bytes depend on its inputs only."""
+    """One GFT round on `rows` (the round's prompts): sample and reward groups with the engine (its model is the
+    policy `train` continues), then `train`. RNGs are seeded from (train seed, round) first, so the round's bytes
+    depend on its inputs only."""
     set_seed(derive_seed(cfg.train.seed, "round", round_idx))
     phases = Phases()
     with phases("sample"):
@@ -82,7 +88,7 @@ def run_round(trainer: Trainer, engine: Engine, verifier: Verifier, rows: pd.Dat
     with phases("reward"):
         table, stats = reward_groups(verifier, cfg, rows, groups)
     with phases("train"):
-        history = _train(trainer, prompt_ids, table, cfg, round_idx, chat.pad_id(tok))
+        history = train(prompt_ids, table)
     metrics = {**round_metrics(table, stats), **_perf(phases, groups, history),
                **{f"train/{k}": v for k, v in history[-1].items()}}
     return RoundResult(table=table, history=history, metrics=metrics)

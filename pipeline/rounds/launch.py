@@ -1,0 +1,208 @@
+"""The training phase of a stage as a job of several processes: torchrun launches N copies of this module's
+`main`, accelerate joins them into one data-parallel group (DDP: gloo on CPU, NCCL on GPUs), and the trainer's
+existing split (every process takes its strided share of each step's global batch, the loss scaled so DDP's mean
+is the one-process sum, `pipeline.model.trainer`) makes the result the one-process result up to float rounding.
+
+The stage writes what training needs into a job folder (`job.json`: the settings and paths; `examples.parquet`),
+launches the job and waits; the job reads its inputs by path, trains, and writes the checkpoint (`model/`, and a
+round's `state/`) into the stage's output folder, then `result.json` (the history), before the stage publishes
+anything. Weights travel through folders, so several nodes need only a shared file system for the run root.
+
+A failed process fails the stage with that process's error (each writes `error-<rank>.txt`); the job runs in its
+own process group, stopped as a whole when the stage ends early or passes `LaunchConfig.timeout_s`, and torchrun
+gets SIGTERM if the stage's process dies. SFT resumes from its work checkpoints as in process.
+
+    python -m pipeline.rounds.launch JOB_JSON      (run by torchrun, never by hand)
+"""
+
+from __future__ import annotations
+
+import ctypes
+import json
+import os
+import signal
+import subprocess
+import sys
+import traceback
+from pathlib import Path
+from typing import Literal
+
+import pandas as pd
+import torch
+from accelerate.utils import set_seed
+from pydantic import BaseModel, ConfigDict
+
+from pipeline.config import GFTConfig, LaunchConfig, SFTConfig
+from pipeline.data import chat
+from pipeline.model.batches import Example
+from pipeline.model.checkpoint import load_state, save_state
+from pipeline.model.loading import load_model
+from pipeline.model.loop import fit
+from pipeline.model.scoring import dft_objective, sft_objective
+from pipeline.model.trainer import make_trainer, save_model
+from pipeline.rounds.gft import train_phase
+from pipeline.rounds.groups import derive_seed
+from pipeline.store.artifacts import write_text_atomic
+
+__all__ = ["TrainJob", "TrainJobError", "JobResult", "run_job", "write_examples", "main"]
+
+
+class TrainJobError(RuntimeError):
+    """A training job failed: the message carries the first failing process's error and the job's log path."""
+
+
+class TrainJob(BaseModel):
+    """Everything a job process needs, by path: written by the stage as `job.json`."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    stage: Literal["sft", "gft_round"]
+    config: dict  # SFTConfig or GFTConfig, as JSON
+    model: str  # the folder the weights start from (and the tokenizer)
+    state: str | None = None  # a round's state/ to continue from
+    folder: str  # the job folder: examples.parquet, result.json, error-<rank>.txt, job.log
+    out: str  # the stage's output folder: model/ (and state/) are written here
+    save_dtype: str
+    checkpoint_dir: str | None = None  # SFT's resumable work checkpoints
+    round_idx: int = 0
+    trust_remote_code: bool = False
+
+
+class JobResult(BaseModel):
+    """What the job reports: this call's per-step history and the whole run's (SFT: the resumed steps first)."""
+
+    history: list[dict[str, float]]
+    full_history: list[dict[str, float]]
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The stage's side: write the inputs, launch, wait, read the result
+# ---------------------------------------------------------------------------------------------------------
+
+
+def write_examples(examples: list[Example], path: Path) -> Path:
+    """Examples as a parquet file (prompt ids, response ids, advantage: the fields SFT and GFT train on)."""
+    pd.DataFrame({"prompt_ids": [list(e.prompt_ids) for e in examples],
+                  "response_ids": [list(e.response_ids) for e in examples],
+                  "advantage": [float(e.advantage) for e in examples]}).to_parquet(path)
+    return path
+
+
+def _read_examples(path: Path) -> list[Example]:
+    table = pd.read_parquet(path)
+    return [Example([int(t) for t in p], [int(t) for t in r], float(a))
+            for p, r, a in zip(table["prompt_ids"], table["response_ids"], table["advantage"])]
+
+
+def _die_with_parent() -> None:
+    """In the child before exec: SIGTERM when the stage's process dies (Linux), so no job outlives a kill -9."""
+    if sys.platform.startswith("linux"):
+        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+
+
+def _command(launch: LaunchConfig, spec: Path) -> list[str]:
+    return [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nnodes", "1",
+            "--nproc_per_node", str(launch.processes), "-m", "pipeline.rounds.launch", str(spec)]
+
+
+def _stop(proc: subprocess.Popen) -> None:
+    """SIGTERM to the job's process group, SIGKILL after 20 s."""
+    for sig, wait in ((signal.SIGTERM, 20), (signal.SIGKILL, 10)):
+        try:
+            os.killpg(proc.pid, sig)
+            proc.wait(wait)
+            return
+        except ProcessLookupError:
+            return
+        except subprocess.TimeoutExpired:
+            continue
+
+
+def run_job(job: TrainJob, launch: LaunchConfig) -> JobResult:
+    """Launch `job` on `launch.processes` processes and wait; its result, or TrainJobError with the first failing
+    process's error. The job's processes are all gone when this returns or raises."""
+    folder = Path(job.folder)
+    for old in [folder / "result.json", *folder.glob("error-*.txt")]:
+        old.unlink(missing_ok=True)
+    spec = write_text_atomic(folder / "job.json", job.model_dump_json(indent=1))
+    log_path = folder / "job.log"
+    with open(log_path, "w") as log:
+        proc = subprocess.Popen(_command(launch, spec), stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                                start_new_session=True, preexec_fn=_die_with_parent)
+        try:
+            code = proc.wait(launch.timeout_s)
+        except subprocess.TimeoutExpired:
+            _stop(proc)
+            raise TrainJobError(f"{job.stage} training job passed timeout_s={launch.timeout_s:.0f}; "
+                                f"stopped. Its log: {log_path}") from None
+        except BaseException:
+            _stop(proc)
+            raise
+    if code != 0 or not (folder / "result.json").is_file():
+        raise TrainJobError(_failure(job, launch, code, log_path))
+    return JobResult.model_validate_json((folder / "result.json").read_text())
+
+
+def _failure(job: TrainJob, launch: LaunchConfig, code: int, log_path: Path) -> str:
+    """The first process error (its last traceback line and the file), else the log's tail."""
+    errors = sorted(Path(job.folder).glob("error-*.txt"))
+    if errors:
+        last = errors[0].read_text().strip().splitlines()[-1]
+        return (f"{job.stage} training job ({launch.processes} processes) failed in process "
+                f"{errors[0].stem.removeprefix('error-')}:"
+                f" {last}\n(full traceback: {errors[0]}; job log: {log_path})")
+    tail = "\n".join(log_path.read_text(errors="replace").splitlines()[-20:])
+    return f"{job.stage} training job ({launch.processes} processes) exited with {code}; log {log_path}:\n{tail}"
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The job's side: one process of N
+# ---------------------------------------------------------------------------------------------------------
+
+
+def _sft(job: TrainJob, model, tok) -> JobResult:
+    cfg = SFTConfig.model_validate(job.config)
+    objective = sft_objective() if cfg.loss == "sft" else dft_objective()
+    examples = _read_examples(Path(job.folder) / "examples.parquet")
+    result = fit(model, examples, objective, cfg.train, pad_id=chat.pad_id(tok),
+                 checkpoint_dir=Path(job.checkpoint_dir) if job.checkpoint_dir else None, progress_bar=False)
+    save_model(result.trainer, Path(job.out) / "model", tok, dtype=getattr(torch, job.save_dtype))
+    return JobResult(history=result.history, full_history=result.full_history)
+
+
+def _gft_round(job: TrainJob, model, tok) -> JobResult:
+    cfg = GFTConfig.model_validate(job.config)
+    trainer = make_trainer(model, cfg.train, total_steps=cfg.rounds * cfg.minibatches_per_round)
+    if job.state:
+        load_state(trainer, Path(job.state))
+    set_seed(derive_seed(cfg.train.seed, "round", job.round_idx))
+    groups = pd.read_parquet(Path(job.folder) / "groups.parquet")
+    prompts = json.loads((Path(job.folder) / "prompt_ids.json").read_text())
+    history = train_phase(trainer, prompts, groups, cfg, job.round_idx, chat.pad_id(tok))
+    save_state(trainer, Path(job.out) / "state")
+    save_model(trainer, Path(job.out) / "model", tok, dtype=getattr(torch, job.save_dtype))
+    return JobResult(history=history, full_history=history)
+
+
+def main(spec_path: str) -> None:
+    """One process of the job: train per `job.json`; rank 0 writes `result.json` last."""
+    job = TrainJob.model_validate_json(Path(spec_path).read_text())
+    rank = int(os.environ.get("RANK", "0"))
+    try:
+        torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))
+        train = (SFTConfig if job.stage == "sft" else GFTConfig).model_validate(job.config).train
+        tok = chat.load_tokenizer(job.model, trust_remote_code=job.trust_remote_code)
+        model = load_model(job.model, trust_remote_code=job.trust_remote_code, train=True,
+                           master_dtype=train.master_dtype)
+        result = (_sft if job.stage == "sft" else _gft_round)(job, model, tok)
+    except BaseException:
+        write_text_atomic(Path(job.folder) / f"error-{rank}.txt", traceback.format_exc())
+        raise
+    if rank == 0:
+        write_text_atomic(Path(job.folder) / "result.json", result.model_dump_json())
+    if torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main(sys.argv[1])
