@@ -65,3 +65,63 @@ def test_a_failing_process_fails_the_stage_with_its_error(tmp_path):
     with pytest.raises(TrainJobError, match=r"failed in process [01]: .*no-such-model") as err:
         run_job(job, LaunchConfig(processes=2, timeout_s=300))
     assert "full traceback" in str(err.value) and not (tmp_path / "result.json").exists()
+
+
+def _workers(spec_part: str) -> list[int]:
+    """Pids of the job's training processes (not torchrun itself), found by their command line in /proc."""
+    pids = []
+    for entry in Path("/proc").iterdir():
+        try:
+            cmd = (entry / "cmdline").read_bytes().decode(errors="replace").split("\0")
+        except OSError:
+            continue
+        if entry.name.isdigit() and any(spec_part in c for c in cmd) and "torch.distributed.run" not in cmd:
+            pids.append(int(entry.name))
+    return pids
+
+
+@pytest.mark.slow
+def test_a_killed_worker_fails_the_stage_and_the_rerun_resumes_exactly(tmp_path):
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from pipeline.run import run
+    from pipeline.store.outputs import read_output
+
+    text = TINY.read_text().replace('chain = ["sft", "gft"]', 'chain = ["sft"]').replace(
+        "train = { lr = 1e-3, num_steps = 2, sequences_per_step = 8, micro_batch_size = 8 }",
+        'train = { lr = 1e-3, num_steps = 6, sequences_per_step = 8, micro_batch_size = 8, save_every = 1, '
+        'master_dtype = "float64", save_dtype = "float64", launch = { processes = 2 } }') + "\n[tracking]\nenabled = false\n"
+    config = tmp_path / "sft2.toml"
+    config.write_text(text)
+    root = tmp_path / "root"
+    cmd = [sys.executable, "-m", "pipeline.run", str(config), "--root", str(root), "--no-progress"]
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 300
+        while not list(root.glob("sft/.ckpt-*/step-00000002")):
+            assert proc.poll() is None and time.monotonic() < deadline, "the job wrote no checkpoint at step 2"
+            time.sleep(0.2)
+        victim = _workers(str(root / "sft"))[-1]
+        os.kill(victim, signal.SIGKILL)
+        _, err = proc.communicate(timeout=300)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode != 0 and "TrainJobError" in err and "sft training job (2 processes)" in err, err[-2000:]
+    assert not list(root.glob("sft/[!.]*")) and not _workers(str(root / "sft"))  # nothing published, none left
+    done = [int(p.name.split("-")[1]) for p in root.glob("sft/.ckpt-*/step-*")]
+    resumed = run(load_run_config(config), root=root, progress=False)  # resumes from the last checkpoint
+    fresh = run(load_run_config(config), root=tmp_path / "fresh", progress=False)
+    history = [json.loads(line) for line in (Path(resumed.refs["sft"].uri) / "history.jsonl").read_text().splitlines()]
+    assert done and [h["step"] for h in history] == [1, 2, 3, 4, 5, 6]
+    trained = {name: read_output(r.refs["sft"]).metrics["perf/train_tokens"] for name, r in
+               (("resumed", resumed), ("fresh", fresh))}
+    after = sum(h["tokens"] for h in history if h["step"] > max(done))
+    assert trained["resumed"] == after < trained["fresh"]  # the rerun trained only the steps after the checkpoint
+    a, b = _weights(fresh.refs["sft"]), _weights(resumed.refs["sft"])
+    for key in a:
+        torch.testing.assert_close(b[key], a[key], rtol=1e-12, atol=0, msg=key)
