@@ -15,6 +15,16 @@ What it measures
       gft_keep     gft with `TrainConfig(keep_logits=True)`: backward reuses the forward's chunk logits
                    instead of recomputing them (one output-projection matmul fewer per chunk).
 
+    Compiled variants, not in the default set (`--variants` names them): `sft_plain_compiled` is sft_plain
+    with each decoder layer compiled (`layer.compile` with the library's COMPILE_OPTIONS, as
+    `TrainConfig.compile_scope="layers"` does; the loss stays eager), `gft_compiled` and `sft_library_compiled`
+    the library steps with `TrainConfig(compile=True)` (each decoder layer and the log-prob chunk kernels
+    compiled). Their first steps compile: give them `--warmup 2` or more.
+
+    `--shape smollm2-135m` trains a real model shape instead of the Qwen2 toy: SmolLM2-135M's config (a
+    `LlamaForCausalLM`, 30 layers, hidden 576, MLP 1536, 9 heads, 3 KV heads, vocab 49,152, tied embeddings),
+    random init. `bench/cpu_shapes.py` runs it beside the sampling bench.
+
     Per variant: median step time over the timed steps (after warmup), tokens/s (all non-pad input tokens
     of the batch, prompt + response, per step: the same numerator for every variant, so throughput ratios
     are step-time ratios), response tokens/s, peak memory above the baseline taken right after model and
@@ -78,7 +88,13 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-VARIANTS = ("sft_plain", "gft", "gft_packed", "sft_library", "gft_keep")
+DEFAULT_VARIANTS = ("sft_plain", "gft", "gft_packed", "sft_library", "gft_keep")
+VARIANTS = (*DEFAULT_VARIANTS, "sft_plain_compiled", "gft_compiled", "sft_library_compiled")
+# Real model shapes (random init): the architecture and sizes of a published config, nothing downloaded.
+SHAPES = {
+    "smollm2-135m": dict(arch="llama", hidden=576, layers=30, intermediate=1536, heads=9, kv_heads=3, vocab=49152,
+                         tie=True, rope_theta=100000.0, rms_norm_eps=1e-5),
+}
 GOAL_THROUGHPUT = 0.95  # GFT tokens/s >= this x sft_plain
 GOAL_MEMORY = 1.05  # GFT peak memory <= this x sft_plain
 PAD_ID = 0
@@ -88,6 +104,8 @@ MIB = 1024 * 1024
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--shape", choices=sorted(SHAPES), help="a real model shape (random init); sets --hidden, "
+                   "--layers, --vocab, --intermediate, --heads and --kv-heads")
     p.add_argument("--hidden", type=int, default=256, help="hidden size")
     p.add_argument("--layers", type=int, default=4, help="decoder layers")
     p.add_argument("--vocab", type=int, default=32000, help="vocabulary size")
@@ -107,12 +125,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
     p.add_argument("--tau", type=float, default=0.5, help="GFT DCR threshold")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--variants", default=",".join(VARIANTS), help="comma-separated subset of " + ",".join(VARIANTS))
+    p.add_argument("--variants", default=",".join(DEFAULT_VARIANTS),
+                   help="comma-separated subset of " + ",".join(VARIANTS))
     p.add_argument("--json", type=Path, default=ROOT / "bench" / "results" / "train_step.json",
                    help="where to write the results")
     p.add_argument("--variant", choices=VARIANTS, help=argparse.SUPPRESS)  # internal: run one variant
     p.add_argument("--result-file", type=Path, help=argparse.SUPPRESS)  # internal: where it reports
     args = p.parse_args(argv)
+    for key, value in SHAPES.get(args.shape, {}).items():
+        setattr(args, key, value)
     args.variants = [v.strip() for v in args.variants.split(",") if v.strip()]
     unknown = sorted(set(args.variants) - set(VARIANTS))
     if unknown:
@@ -145,19 +166,29 @@ def _resolve_device(name: str):
     return torch.device(name)
 
 
+def model_config(shape: dict, **extra):
+    """A transformers config of `shape` (hidden, layers, vocab; optional intermediate, heads, kv_heads, tie: tied
+    embeddings, default off; with arch "llama" a LlamaConfig and its rope_theta and rms_norm_eps, else a
+    Qwen2Config) and its model class."""
+    from transformers import LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
+
+    heads = shape.get("heads") or max(1, shape["hidden"] // 64)
+    common = dict(vocab_size=shape["vocab"], hidden_size=shape["hidden"],
+                  intermediate_size=shape.get("intermediate") or 4 * shape["hidden"],
+                  num_hidden_layers=shape["layers"], num_attention_heads=heads,
+                  num_key_value_heads=shape.get("kv_heads") or max(1, heads // 2), **extra)
+    if shape.get("arch") == "llama":
+        return LlamaConfig(tie_word_embeddings=shape.get("tie", False), rope_theta=shape.get("rope_theta", 10000.0),
+                           rms_norm_eps=shape.get("rms_norm_eps", 1e-6), **common), LlamaForCausalLM
+    return Qwen2Config(tie_word_embeddings=shape.get("tie", False), **common), Qwen2ForCausalLM
+
+
 def build_model(args):
     import torch
-    from transformers import Qwen2Config, Qwen2ForCausalLM
 
-    heads = args.heads or max(1, args.hidden // 64)
-    cfg = Qwen2Config(
-        vocab_size=args.vocab, hidden_size=args.hidden, intermediate_size=args.intermediate or 4 * args.hidden,
-        num_hidden_layers=args.layers, num_attention_heads=heads,
-        num_key_value_heads=args.kv_heads or max(1, heads // 2), max_position_embeddings=1024,
-        tie_word_embeddings=False, pad_token_id=PAD_ID, use_cache=False,
-    )
+    cfg, cls = model_config(vars(args), max_position_embeddings=1024, pad_token_id=PAD_ID, use_cache=False)
     torch.manual_seed(args.seed)
-    model = Qwen2ForCausalLM(cfg)  # random init, float32
+    model = cls(cfg)  # random init, float32
     model.config._attn_implementation = "sdpa"
     return model
 
@@ -248,11 +279,13 @@ def setup_variant(args):
     model = build_model(args)
     examples = build_examples(args)
     n = len(examples)
+    compiled = args.variant.endswith("_compiled")
     cfg = TrainConfig(sequences_per_step=n, micro_batch_size=n, packing=args.variant == "gft_packed",
-                      keep_logits=args.variant == "gft_keep", precision="auto", seed=args.seed)
+                      keep_logits=args.variant == "gft_keep", precision="auto", seed=args.seed,
+                      compile=compiled and args.variant != "sft_plain_compiled")
 
     t0 = time.perf_counter()
-    if args.variant == "sft_plain":
+    if args.variant.startswith("sft_plain"):
         batch = plain_batch(examples)
         positions = batch["input_ids"].numel()
     else:
@@ -271,11 +304,16 @@ def setup_variant(args):
     else:
         base, base_hwm = _rss(), _maxrss()
 
-    if args.variant == "sft_plain":
+    if args.variant.startswith("sft_plain"):
+        from pipeline.model.logprobs import COMPILE_OPTIONS
+
         model.train()
         opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, betas=cfg.betas, eps=cfg.adam_eps,
                                 weight_decay=cfg.weight_decay)
         batch = {k: v.to(device) for k, v in batch.items()}
+        if compiled:  # each decoder layer, as TrainConfig.compile_scope="layers" (one graph they all reuse)
+            for layer in model.model.layers:
+                layer.compile(**COMPILE_OPTIONS)
 
         def step(i: int) -> float:
             with torch.autocast("cuda", dtype=torch.bfloat16) if cuda else contextlib.nullcontext():
@@ -362,8 +400,8 @@ def variant_worker(args) -> None:
 
 def _child_argv(args, variant: str, result: Path) -> list[str]:
     argv = [sys.executable, str(Path(__file__).resolve()), "--variant", variant, "--result-file", str(result)]
-    for flag in ("hidden", "layers", "vocab", "intermediate", "heads", "kv_heads", "batch", "steps", "warmup",
-                 "threads", "device", "tau", "seed"):
+    for flag in ("shape", "hidden", "layers", "vocab", "intermediate", "heads", "kv_heads", "batch", "steps",
+                 "warmup", "threads", "device", "tau", "seed"):
         value = getattr(args, flag)
         if value is not None:
             argv += [f"--{flag.replace('_', '-')}", str(value)]
@@ -479,10 +517,13 @@ def summarize(args, runs: dict[str, list[dict]]) -> dict:
         if ref["peak_mib"] > 0:
             row["memory_vs_sft_plain"] = row["peak_mib"] / ref["peak_mib"]
     goal = {}
-    for v in ("gft", "gft_packed", "gft_keep"):
-        if v in rows and ref is not None:
-            thr, mem = rows[v]["throughput_vs_sft_plain"], rows[v]["memory_vs_sft_plain"]
-            goal[v] = {"throughput_ok": thr >= GOAL_THROUGHPUT, "memory_ok": mem is not None and mem <= GOAL_MEMORY}
+    for v, base in (("gft", "sft_plain"), ("gft_packed", "sft_plain"), ("gft_keep", "sft_plain"),
+                    ("gft_compiled", "sft_plain_compiled")):
+        if v in rows and base in rows:
+            thr = rows[base]["step_ms_median"] / rows[v]["step_ms_median"]
+            mem = rows[v]["peak_mib"] / rows[base]["peak_mib"] if rows[base]["peak_mib"] > 0 else None
+            goal[v] = {"against": base, "throughput": thr, "memory": mem, "throughput_ok": thr >= GOAL_THROUGHPUT,
+                       "memory_ok": mem is not None and mem <= GOAL_MEMORY}
     import torch
     import transformers
 
@@ -522,7 +563,8 @@ def print_table(summary: dict) -> None:
     rows = summary["results"]
     c = summary["config"]
     first = next(iter(rows.values()))
-    print(f"\nGFT vs SFT training step | Qwen2 hidden={c['hidden']} layers={c['layers']} vocab={c['vocab']} | "
+    model = f"{c['shape']} (random init)" if c.get("shape") else "Qwen2"
+    print(f"\nGFT vs SFT training step | {model} hidden={c['hidden']} layers={c['layers']} vocab={c['vocab']} | "
           f"batch={c['batch']} prompt={c['prompt_len'][0]}-{c['prompt_len'][1]} "
           f"response={c['response_len'][0]}-{c['response_len'][1]} ({first['tokens_per_step']} tokens, {first['response_tokens_per_step']} response) | "
           f"{first['device']}, {first['threads']} thread(s) | {c['schedule']}, {c['rounds']} round(s) x "
@@ -545,9 +587,8 @@ def print_table(summary: dict) -> None:
 
     print("\n".join([line, fmt(head), line, *map(fmt, body), line]))
     for v, g in summary["goal"]["met"].items():
-        r = rows[v]
-        print(f"goal {v}: throughput {_fmt_ratio(r['throughput_vs_sft_plain'])} (>= {GOAL_THROUGHPUT}) "
-              f"{'ok' if g['throughput_ok'] else 'MISS'}; peak memory {_fmt_ratio(r['memory_vs_sft_plain'])} "
+        print(f"goal {v} vs {g['against']}: throughput {_fmt_ratio(g['throughput'])} (>= {GOAL_THROUGHPUT}) "
+              f"{'ok' if g['throughput_ok'] else 'MISS'}; peak memory {_fmt_ratio(g['memory'])} "
               f"(<= {GOAL_MEMORY}) {'ok' if g['memory_ok'] else 'MISS'}")
     shares = {v: r["cpu_per_wall"] for v, r in rows.items() if r["cpu_per_wall"] is not None}
     if shares and min(shares.values()) < 0.9 * c["threads"]:
