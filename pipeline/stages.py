@@ -39,7 +39,7 @@ from pipeline.data import prompts as data_lib
 from pipeline.model.batches import Example
 from pipeline.model.checkpoint import load_state, save_state
 from pipeline.model.loading import load_model, save_dtype
-from pipeline.model.loop import fit
+from pipeline.model.loop import fit, total_steps
 from pipeline.model.scoring import dft_objective, score_responses, sft_objective
 from pipeline.model.trainer import make_trainer, save_model
 from pipeline.rounds import bootstrap as bootstrap_lib
@@ -279,7 +279,8 @@ def _launched_sft(job: Job, cfg: SFTConfig, examples: list[Example], init: Artif
     spec = launch.TrainJob(stage="sft", config=cfg.model_dump(mode="json"), model=model_dir(init), folder=str(folder),
                            out=str(job.out), save_dtype=str(dtype).removeprefix("torch."), checkpoint_dir=str(work),
                            trust_remote_code=trust_remote_code)
-    result = launch.run_job(spec, cfg.train.launch)
+    result = launch.run_job(spec, cfg.train.launch, steps=total_steps(cfg.train, len(examples)),
+                            progress=job.res.progress)
     return result.history, result.full_history
 
 
@@ -295,11 +296,11 @@ def _train_perf(history: Sequence[dict[str, float]], seconds: float) -> dict[str
 # ---------------------------------------------------------------------------------------------------------
 
 
-def _round_trainer(job: Job, prev: ArtifactRef, train_cfg, total_steps: int, *, resume: bool, trust_remote_code: bool):
+def _round_trainer(job: Job, prev: ArtifactRef, train_cfg, steps: int, *, resume: bool, trust_remote_code: bool):
     """The trainer of a round: `prev`'s weights in `master_dtype`, its optimizer state when `resume` and it has one."""
     model = load_model(model_dir(prev), trust_remote_code=trust_remote_code, train=True,
                        master_dtype=train_cfg.master_dtype)
-    trainer = make_trainer(model, train_cfg, total_steps=total_steps)
+    trainer = make_trainer(model, train_cfg, total_steps=steps)
     if resume and (Path(prev.uri) / "state").is_dir():
         load_state(trainer, Path(prev.uri) / "state")
     return trainer
@@ -371,7 +372,8 @@ def _gft_train_phase(job: Job, cfg: GFTConfig, round_idx: int, prev: ArtifactRef
         folder.mkdir(parents=True, exist_ok=True)
         table.to_parquet(folder / "groups.parquet")
         write_text_atomic(folder / "prompt_ids.json", json.dumps(prompt_ids))
-        return launch.run_job(spec, cfg.train.launch).history
+        result = launch.run_job(spec, cfg.train.launch, steps=cfg.minibatches_per_round, progress=job.res.progress)
+        return result.history
     return None, train
 
 

@@ -114,6 +114,10 @@ def test_a_killed_worker_fails_the_stage_and_the_rerun_resumes_exactly(tmp_path)
     assert proc.returncode != 0 and "TrainJobError" in err and "sft training job (2 processes)" in err, err[-2000:]
     assert not list(root.glob("sft/[!.]*")) and not _workers(str(root / "sft"))  # nothing published, none left
     done = [int(p.name.split("-")[1]) for p in root.glob("sft/.ckpt-*/step-*")]
+    (steps,) = root.glob("sft/.ckpt-*/job/steps.jsonl")  # what the stage's progress bar followed: rank 0's steps
+    reported = [json.loads(line) for line in steps.read_text().splitlines()]
+    assert [r["done"] for r in reported] == list(range(1, len(reported) + 1)) and len(reported) >= max(done)
+    assert all(r["sequences"] == 8 for r in reported)  # each row is a whole step of both processes
     resumed = run(load_run_config(config), root=root, progress=False)  # resumes from the last checkpoint
     fresh = run(load_run_config(config), root=tmp_path / "fresh", progress=False)
     history = [json.loads(line) for line in (Path(resumed.refs["sft"].uri) / "history.jsonl").read_text().splitlines()]

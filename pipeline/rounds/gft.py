@@ -65,7 +65,7 @@ launched job of several processes (`pipeline.rounds.launch`)."""
 
 
 def train_phase(trainer: Trainer, prompt_ids: list[list[int]], table: pd.DataFrame, cfg: GFTConfig, round_idx: int,
-                pad_id: int) -> list[dict[str, float]]:
+                pad_id: int, after_step: Callable[[dict[str, float]], None] | None = None) -> list[dict[str, float]]:
     """`minibatches_per_round` optimizer steps over the round's responses, in one seeded order."""
     examples = [Example(prompt_ids[g], list(ids), float(a)) for g, ids, a in
                 zip(table["group_index"], table["token_ids"], table["advantage"])]
@@ -73,7 +73,7 @@ def train_phase(trainer: Trainer, prompt_ids: list[list[int]], table: pd.DataFra
     plans = minibatch_plans(examples, order, cfg.minibatches_per_round, {"round": float(round_idx)})
     differentiable_entropy(trainer.scorer, cfg.entropy_coeff > 0)
     return run_steps(trainer, plans, gft_objective(tau=cfg.tau, entropy_coeff=cfg.entropy_coeff), cfg.train,
-                     pad_id=pad_id)
+                     pad_id=pad_id, after_step=after_step)
 
 
 def run_round(train: TrainPhase, engine: Engine, verifier: Verifier, rows: pd.DataFrame,

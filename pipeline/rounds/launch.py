@@ -23,6 +23,7 @@ import os
 import signal
 import subprocess
 import sys
+import time
 import traceback
 from pathlib import Path
 from typing import Literal
@@ -42,7 +43,10 @@ from pipeline.model.scoring import dft_objective, sft_objective
 from pipeline.model.trainer import make_trainer, save_model
 from pipeline.rounds.gft import train_phase
 from pipeline.rounds.groups import derive_seed
+from pipeline.progress import bar as progress_bar
 from pipeline.store.artifacts import write_text_atomic
+
+STEPS = "steps.jsonl"
 
 __all__ = ["TrainJob", "TrainJobError", "JobResult", "run_job", "write_examples", "main"]
 
@@ -118,11 +122,12 @@ def _stop(proc: subprocess.Popen) -> None:
             continue
 
 
-def run_job(job: TrainJob, launch: LaunchConfig) -> JobResult:
-    """Launch `job` on `launch.processes` processes and wait; its result, or TrainJobError with the first failing
-    process's error. The job's processes are all gone when this returns or raises."""
+def run_job(job: TrainJob, launch: LaunchConfig, *, steps: int | None = None, progress: bool = True) -> JobResult:
+    """Launch `job` on `launch.processes` processes and wait, with a progress bar of its `steps` fed from the
+    steps rank 0 reports (`steps.jsonl`); its result, or TrainJobError with the first failing process's error.
+    The job's processes are all gone when this returns or raises."""
     folder = Path(job.folder)
-    for old in [folder / "result.json", *folder.glob("error-*.txt")]:
+    for old in [folder / "result.json", folder / STEPS, *folder.glob("error-*.txt")]:
         old.unlink(missing_ok=True)
     spec = write_text_atomic(folder / "job.json", job.model_dump_json(indent=1))
     log_path = folder / "job.log"
@@ -130,7 +135,7 @@ def run_job(job: TrainJob, launch: LaunchConfig) -> JobResult:
         proc = subprocess.Popen(_command(launch, spec), stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
                                 start_new_session=True, preexec_fn=_die_with_parent)
         try:
-            code = proc.wait(launch.timeout_s)
+            code = _follow(proc, folder / STEPS, launch, steps, progress)
         except subprocess.TimeoutExpired:
             _stop(proc)
             raise TrainJobError(f"{job.stage} training job passed timeout_s={launch.timeout_s:.0f}; "
@@ -141,6 +146,33 @@ def run_job(job: TrainJob, launch: LaunchConfig) -> JobResult:
     if code != 0 or not (folder / "result.json").is_file():
         raise TrainJobError(_failure(job, launch, code, log_path))
     return JobResult.model_validate_json((folder / "result.json").read_text())
+
+
+def _follow(proc: subprocess.Popen, steps_file: Path, launch: LaunchConfig, steps: int | None,
+            progress: bool) -> int:
+    """Wait for the job, advancing one bar per step line rank 0 appends; its exit code."""
+    deadline = time.monotonic() + launch.timeout_s
+    seen = 0
+    with progress_bar(total=steps, desc=f"train x{launch.processes}", disable=not progress) as bar:
+        while (code := proc.poll()) is None:
+            if time.monotonic() > deadline:
+                raise subprocess.TimeoutExpired(proc.args, launch.timeout_s)
+            rows = _step_rows(steps_file)
+            if len(rows) > seen:
+                bar.update(int(rows[-1]["done"]) - bar.n)
+                bar.set_postfix(loss=f"{rows[-1]['loss']:.4f}", gnorm=f"{rows[-1]['grad_norm']:.3f}")
+            seen = len(rows)
+            time.sleep(0.5)
+    return code
+
+
+def _step_rows(path: Path) -> list[dict[str, float]]:
+    """The complete lines of the job's step file (a line being written is left for the next look)."""
+    try:
+        text = path.read_text()
+    except FileNotFoundError:
+        return []
+    return [json.loads(line) for line in text.split("\n")[:-1]]
 
 
 def _failure(job: TrainJob, launch: LaunchConfig, code: int, log_path: Path) -> str:
@@ -160,12 +192,27 @@ def _failure(job: TrainJob, launch: LaunchConfig, code: int, log_path: Path) -> 
 # ---------------------------------------------------------------------------------------------------------
 
 
+def _reporter(job: TrainJob):
+    """Appends a finished step's row to `steps.jsonl` with `done`, the steps of the job's bar done so far (SFT:
+    the step number, so a resumed job starts where it left; a round: its rows so far). Rank 0 only."""
+    path, count = Path(job.folder) / STEPS, iter(range(1, 1 << 62))
+
+    def report(row: dict[str, float], done: int | None = None) -> None:
+        n = next(count)
+        if int(os.environ.get("RANK", "0")) == 0:
+            with open(path, "a") as fh:
+                fh.write(json.dumps({**row, "done": done or n}) + "\n")
+    return report
+
+
 def _sft(job: TrainJob, model, tok) -> JobResult:
     cfg = SFTConfig.model_validate(job.config)
     objective = sft_objective() if cfg.loss == "sft" else dft_objective()
     examples = _read_examples(Path(job.folder) / "examples.parquet")
+    report = _reporter(job)
     result = fit(model, examples, objective, cfg.train, pad_id=chat.pad_id(tok),
-                 checkpoint_dir=Path(job.checkpoint_dir) if job.checkpoint_dir else None, progress_bar=False)
+                 checkpoint_dir=Path(job.checkpoint_dir) if job.checkpoint_dir else None, progress_bar=False,
+                 on_step=lambda step, metrics: report(metrics, step))
     save_model(result.trainer, Path(job.out) / "model", tok, dtype=getattr(torch, job.save_dtype))
     return JobResult(history=result.history, full_history=result.full_history)
 
@@ -178,7 +225,7 @@ def _gft_round(job: TrainJob, model, tok) -> JobResult:
     set_seed(derive_seed(cfg.train.seed, "round", job.round_idx))
     groups = pd.read_parquet(Path(job.folder) / "groups.parquet")
     prompts = json.loads((Path(job.folder) / "prompt_ids.json").read_text())
-    history = train_phase(trainer, prompts, groups, cfg, job.round_idx, chat.pad_id(tok))
+    history = train_phase(trainer, prompts, groups, cfg, job.round_idx, chat.pad_id(tok), after_step=_reporter(job))
     save_state(trainer, Path(job.out) / "state")
     save_model(trainer, Path(job.out) / "model", tok, dtype=getattr(torch, job.save_dtype))
     return JobResult(history=history, full_history=history)
