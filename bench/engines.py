@@ -169,12 +169,12 @@ def sample_once(engine, prompts: list[list[int]], args: argparse.Namespace, seed
     from pipeline.config import SamplingConfig
 
     sampling = SamplingConfig(temperature=1.0, top_p=1.0, max_new_tokens=args.new_tokens, seed=seed)
-    t0 = time.perf_counter()
+    t0, c0 = time.perf_counter(), time.process_time()
     groups = engine.generate(prompts, args.samples, sampling)
-    wall = time.perf_counter() - t0
+    wall, cpu = time.perf_counter() - t0, time.process_time() - c0
     completions = [c for group in groups for c in group]
     lengths = [len(c.token_ids) for c in completions]
-    return {"wall_s": wall, "tokens": sum(lengths), "mean_len": statistics.fmean(lengths),
+    return {"wall_s": wall, "cpu_s": cpu, "tokens": sum(lengths), "mean_len": statistics.fmean(lengths),
             "stopped": sum(c.finish_reason == "stop" for c in completions) / len(completions),
             "threads": torch.get_num_threads()}
 
@@ -192,20 +192,22 @@ def run_workload(engines: dict, prompts: list[list[int]], args: argparse.Namespa
         tokens = statistics.median(r["tokens"] / r["wall_s"] for r in rs)
         out[name] = {"runs": rs, "median_wall_s": wall, "tokens_per_s": tokens,
                      "mean_len": statistics.fmean(r["mean_len"] for r in rs),
-                     "stopped": statistics.fmean(r["stopped"] for r in rs), "threads": rs[0]["threads"]}
+                     "stopped": statistics.fmean(r["stopped"] for r in rs), "threads": rs[0]["threads"],
+                     "cpu_per_wall": sum(r["cpu_s"] for r in rs) / sum(r["wall_s"] for r in rs)}
     return out
 
 
 def warm_up(engines: dict, prompts: list[list[int]], args: argparse.Namespace) -> dict[str, float]:
-    """One untimed call per engine; with the workload in --memory-workloads, the full workload under an RSS
-    sampler: each engine's peak RSS above the RSS before its call, in MiB."""
+    """One small untimed call per engine; with the workload in --memory-workloads, then the full workload under
+    an RSS sampler: each engine's peak RSS above the RSS before that call, in MiB (after the small call, so the
+    first touch of memory-mapped weights is not counted)."""
     from bench.train_step import MIB, RssSampler, _rss
 
     full = args.workload in args.memory_workloads.split(",")
     peaks = {}
     for name, engine in engines.items():
+        engine.generate(prompts[:1], 1, _warm_sampling())
         if not full:
-            engine.generate(prompts[:1], 1, _warm_sampling())
             continue
         base = _rss()
         with RssSampler() as sampler:
@@ -248,7 +250,7 @@ def _warm_sampling():
 def table(results: dict[str, dict], args: argparse.Namespace) -> str:
     base = "raw" if any("raw" in engines for engines in results.values()) else "hf"
     head = f"{'workload':<9} {'engine':<10} {'tokens/s':>10} {'median s':>9} {'mean len':>9} {'stopped':>8} {'start s':>8} {'threads':>7}" \
-           f" {'vs ' + base:>7} {'peak MiB':>9}"
+           f" {'vs ' + base:>7} {'peak MiB':>9} {'cpu/wall':>8}"
     lines = [head, "-" * len(head)]
     for workload, engines in results.items():
         hf = engines.get(base, {}).get("tokens_per_s")
@@ -257,7 +259,7 @@ def table(results: dict[str, dict], args: argparse.Namespace) -> str:
             peak = "-" if r.get("peak_rss_mib") is None else f"{r['peak_rss_mib']:.0f}"
             lines.append(f"{workload:<9} {name:<10} {r['tokens_per_s']:>10.0f} {r['median_wall_s']:>9.2f} "
                          f"{r['mean_len']:>9.1f} {r['stopped']:>8.0%} {r['startup_s']:>8.1f} {r['threads']:>7} {ratio:>7}"
-                         f" {peak:>9}")
+                         f" {peak:>9} {r['cpu_per_wall']:>8.2f}")
     return "\n".join(lines)
 
 
