@@ -37,6 +37,9 @@ class LaunchConfig(Settings):
     """Training processes on this machine. 1: in the stage's process (the default); N > 1: the stage launches a
     torchrun job of N data-parallel processes (DDP through accelerate; gloo on CPU, NCCL on GPUs), which reads its
     inputs from files, trains and writes the checkpoint into the stage's output folder (docs/scale.md)."""
+    strategy: Literal["ddp", "fsdp"] = "ddp"
+    """ddp: every process holds the whole model and optimizer state; fsdp: FSDP2 (`fully_shard` of every decoder
+    layer and of the root), so weights, gradients and optimizer state are sharded over the processes."""
     timeout_s: float = Field(24 * 3600.0, gt=0)
     """The job is stopped (all its processes) and the stage fails after this many seconds."""
 

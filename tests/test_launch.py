@@ -17,11 +17,12 @@ TINY = Path(__file__).parent / "data" / "tiny_run.toml"
 F64 = {"master_dtype": "float64", "save_dtype": "float64"}
 
 
-def _config(processes: int):
+def _config(processes: int, strategy: str = "ddp"):
     overrides = {"tracking.enabled": False}
     for section in ("sft", "gft"):
         overrides.update({f"{section}.train.{k}": v for k, v in F64.items()})
         overrides[f"{section}.train.launch.processes"] = processes
+        overrides[f"{section}.train.launch.strategy"] = strategy
     return apply_overrides(load_run_config(TINY), overrides)
 
 
@@ -35,18 +36,20 @@ def test_grpo_rounds_refuse_a_launched_job():
 
 
 @pytest.mark.slow
-def test_two_processes_train_the_run_of_one(tmp_path):
+@pytest.mark.parametrize("strategy", ["ddp", "fsdp"])
+def test_two_processes_train_the_run_of_one(tmp_path, strategy):
     from pipeline.run import run
 
     one = run(_config(1), root=tmp_path, progress=False)
-    two = run(_config(2), root=tmp_path, progress=False)  # same root: data, models, teacher served
+    two = run(_config(2, strategy), root=tmp_path, progress=False)  # same root: data, models, teacher served
     assert two.calls.get("prepare_data", 0) == 0 and one.refs["sft"].sha256 != two.refs["sft"].sha256
     for name in ("sft", "gft"):
         a, b = _weights(one.refs[name]), _weights(two.refs[name])
         assert a.keys() == b.keys() and all(t.dtype == torch.float64 for t in a.values())
         for key in a:
             torch.testing.assert_close(b[key], a[key], rtol=1e-10, atol=1e-12, msg=f"{name}: {key}")
-        print(f"{name}: max |2 processes - 1 process| = {max((b[k] - a[k]).abs().max().item() for k in a):.2e}")
+        print(f"{name} ({strategy}): max |2 processes - 1 process| = "
+              f"{max((b[k] - a[k]).abs().max().item() for k in a):.2e}")
     for result, world in ((one, 1), (two, 2)):  # the rounds did train on that many processes
         progress = json.loads((Path(result.refs["gft"].uri) / "state" / "progress.json").read_text())
         assert progress["processes"] == world

@@ -23,7 +23,7 @@ import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 
-from pipeline.model.trainer import Trainer
+from pipeline.model.trainer import Trainer, full_weights
 
 __all__ = ["StateError", "save_state", "load_state", "save_checkpoint", "resume_latest", "checkpoints"]
 
@@ -72,10 +72,11 @@ def save_state(trainer: Trainer, folder: Path, history: list[dict[str, float]] |
     acc.wait_for_everyone()
     torch.save(_rng_state(), folder / f"rng-{acc.process_index}.pt")
     acc.wait_for_everyone()
+    weights, optimizer = _full_state(trainer) if trainer.sharded or acc.is_main_process else (None, None)
     if acc.is_main_process:
-        weights = {k: v.detach().to("cpu").contiguous() for k, v in trainer.model.state_dict().items()}
+        weights = {k: v.detach().to("cpu").contiguous() for k, v in weights.items()}
         save_file(_untied(weights), str(folder / "model.safetensors"))
-        torch.save(trainer.optimizer.state_dict(), folder / "optimizer.pt")
+        torch.save(optimizer, folder / "optimizer.pt")
         torch.save(trainer.scheduler.state_dict(), folder / "scheduler.pt")
         progress = {"step": trainer.progress.step, "processes": acc.num_processes, "history": history or []}
         (folder / "progress.json").write_text(json.dumps(progress))
@@ -83,6 +84,34 @@ def save_state(trainer: Trainer, folder: Path, history: list[dict[str, float]] |
         (folder / DIGESTS).write_text(json.dumps({name: _sha(folder / name) for name in files}, indent=1))
     acc.wait_for_everyone()
     return folder
+
+
+def _full_state(trainer: Trainer) -> tuple[dict | None, dict | None]:
+    """(weights, optimizer state) whole: the live ones, or under FSDP2 gathered from the shards (a collective;
+    the main process gets them, keyed by parameter name)."""
+    if not trainer.sharded:
+        return trainer.model.state_dict(), trainer.optimizer.state_dict()
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
+
+    options = StateDictOptions(full_state_dict=True, cpu_offload=True)
+    optimizer = get_optimizer_state_dict(trainer.scorer, trainer.optimizer, options=options)
+    weights = full_weights(trainer)
+    return (weights, optimizer) if trainer.accelerator.is_main_process else (None, None)
+
+
+def _load_full_state(trainer: Trainer, weights: dict, optimizer: dict) -> None:
+    """Weights and optimizer state saved whole, into the live (or sharded) trainer."""
+    if not trainer.sharded:
+        trainer.model.load_state_dict(weights, strict=False)
+        trainer.optimizer.load_state_dict(optimizer)
+        return
+    from torch.distributed.checkpoint.state_dict import (
+        StateDictOptions, set_model_state_dict, set_optimizer_state_dict,
+    )
+
+    options = StateDictOptions(full_state_dict=True)
+    set_model_state_dict(trainer.scorer, {f"lm.{k}": v for k, v in weights.items()}, options=options)
+    set_optimizer_state_dict(trainer.scorer, trainer.optimizer, optimizer, options=options)
 
 
 def _untied(weights: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -120,8 +149,7 @@ def load_state(trainer: Trainer, folder: Path) -> list[dict[str, float]]:
     weights = load_file(str(folder / "model.safetensors"))  # everything is read before anything is applied
     optimizer, scheduler, rng = (torch.load(folder / name, weights_only=True)
                                  for name in ("optimizer.pt", "scheduler.pt", f"rng-{acc.process_index}.pt"))
-    trainer.model.load_state_dict(weights, strict=False)
-    trainer.optimizer.load_state_dict(optimizer)
+    _load_full_state(trainer, weights, optimizer)
     trainer.scheduler.load_state_dict(scheduler)
     _set_rng_state(rng)
     trainer.progress.step = int(progress["step"])

@@ -32,7 +32,7 @@ from pipeline.model.batches import StepTotals, TokenBatch
 from pipeline.model.scoring import Objective, ScoredTokens, TokenScorer
 
 __all__ = ["Trainer", "Progress", "NonFiniteError", "StepResult", "make_trainer", "accumulate_gradients", "train_step",
-           "save_model"]
+           "save_model", "full_weights", "full_tensor"]
 
 
 class NonFiniteError(FloatingPointError):
@@ -67,6 +67,7 @@ class Trainer:
     scheduler: torch.optim.lr_scheduler.LRScheduler
     progress: Progress = field(default_factory=Progress)
     varlen: bool = False  # packed micro-batches pass their sequence boundaries to the attention
+    sharded: bool = False  # FSDP2: parameters, gradients and optimizer state are DTensor shards
 
     @property
     def model(self) -> nn.Module:
@@ -92,17 +93,43 @@ def make_trainer(model: nn.Module, cfg: TrainConfig, total_steps: int) -> Traine
     varlen = cfg.packing and cfg.packed_attention == "varlen"
     scorer = TokenScorer(model, chunk_size=cfg.logprob_chunk_size, compiled=cfg.compile, varlen=varlen,
                          keep_logits=cfg.keep_logits, compile_scope=cfg.compile_scope)
+    sharded = cfg.launch.strategy == "fsdp" and accelerator.num_processes > 1
+    if sharded:  # before the optimizer: it must hold the sharded parameters
+        _shard(scorer, bf16=accelerator.mixed_precision == "bf16")
     params = [p for p in scorer.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=cfg.lr, betas=cfg.betas, eps=cfg.adam_eps,
                                   weight_decay=cfg.weight_decay, fused=accelerator.device.type == "cuda" or None)
     make = get_cosine_schedule_with_warmup if cfg.schedule == "cosine" else get_constant_schedule_with_warmup
     kwargs = {"num_training_steps": total_steps} if cfg.schedule == "cosine" else {}
     scheduler = make(optimizer, num_warmup_steps=cfg.warmup_steps, **kwargs)
-    scorer, optimizer = accelerator.prepare(scorer, optimizer)
-    trainer = Trainer(accelerator, scorer, optimizer, scheduler, varlen=varlen)
+    if not sharded:  # DDP (or one process); an FSDP2 module is not wrapped again
+        scorer, optimizer = accelerator.prepare(scorer, optimizer)
+    trainer = Trainer(accelerator, scorer, optimizer, scheduler, varlen=varlen, sharded=sharded)
     # The scheduler stays unprepared: accelerate's wrapper steps it once per process, not once per step.
     # Training state is saved by pipeline.model.checkpoint (no pickles), not accelerate's save_state.
     return trainer
+
+
+def _shard(scorer: nn.Module, *, bf16: bool) -> None:
+    """FSDP2 in place: `fully_shard` of every decoder layer (the model's `_no_split_modules` classes), then of the
+    scorer, whose forward computes the log-probs from the root's parameters (embeddings, final norm, output
+    projection), all-gathered for its duration. Under bf16, compute in bf16 with float32 gradient reduction."""
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+
+    policy = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) if bf16 else None
+    kinds = set(getattr(scorer.lm, "_no_split_modules", None) or [])
+    layers = [m for m in scorer.lm.modules() if type(m).__name__ in kinds]
+    if not layers:
+        raise ValueError(f"strategy fsdp: {type(scorer.lm).__name__} names no decoder layer class "
+                         "(_no_split_modules) to shard")
+    for layer in layers:
+        fully_shard(layer, mp_policy=policy or MixedPrecisionPolicy())
+    fully_shard(scorer, mp_policy=policy or MixedPrecisionPolicy())
+
+
+def full_tensor(x: Tensor) -> Tensor:
+    """A DTensor's whole value (a collective: every process calls it); any other tensor as it is."""
+    return x.full_tensor() if hasattr(x, "full_tensor") else x
 
 
 def _to_device(x: Tensor, device: torch.device) -> Tensor:
@@ -218,7 +245,8 @@ def train_step(trainer: Trainer, micro_batches: Sequence[TokenBatch], objective:
     """One optimizer step: accumulate gradients, clip, AdamW, advance the schedule. The host waits for the
     GPU once, before the optimizer step, reading the finite checks, gradient norm and metrics together."""
     loss_sum, sums, checks = _accumulate(trainer, micro_batches, objective, totals)
-    grad_norm = trainer.accelerator.clip_grad_norm_(trainer.scorer.parameters(), max_grad_norm or float("inf"))
+    grad_norm = full_tensor(trainer.accelerator.clip_grad_norm_(trainer.scorer.parameters(),
+                                                                max_grad_norm or float("inf")))
     lr = trainer.scheduler.get_last_lr()[0]
     metrics, bad = _reduce_metrics(trainer.accelerator, loss_sum, sums, totals, grad_norm, lr, checks.bad)
     if bad or not math.isfinite(metrics["grad_norm"]):
@@ -247,13 +275,41 @@ def _reduce_metrics(acc: Accelerator, loss_sum: Tensor, sums: dict[str, Tensor],
 # ---------------------------------------------------------------------------------------------------------
 
 
-def _save_pretrained(model: nn.Module, folder: Path, dtype: torch.dtype | None) -> None:
+def full_weights(trainer: Trainer) -> dict[str, Tensor] | None:
+    """The model's whole state dict: gathered from the shards under FSDP2 (a collective: every process calls it;
+    only the main process gets it, on the host), else the live one."""
+    if not trainer.sharded:
+        return trainer.model.state_dict()
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+    full = get_model_state_dict(trainer.scorer, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    return {k.removeprefix("lm."): v for k, v in full.items()} if trainer.accelerator.is_main_process else None
+
+
+def _aliases(model: nn.Module) -> set[str]:
+    """Names under which a parameter already named earlier appears again (tied embeddings)."""
+    first: dict[int, str] = {}
+    again = set()
+    for name, p in model.named_parameters(remove_duplicate=False):
+        if id(p) in first:
+            again.add(name)
+        else:
+            first[id(p)] = name
+    return again
+
+
+def _save_pretrained(model: nn.Module, folder: Path, dtype: torch.dtype | None,
+                     state: dict[str, Tensor] | None = None) -> None:
     """save_pretrained, with the floating-point tensors cast to `dtype` on the host (the live weights stay as they
-    are: float32 master weights keep their precision)."""
-    if dtype is None or dtype == next(model.parameters()).dtype:
+    are: float32 master weights keep their precision); `state`: the gathered weights of a sharded model."""
+    if state is None and (dtype is None or dtype == next(model.parameters()).dtype):
         model.save_pretrained(folder)
         return
-    state = {k: v.detach().to("cpu", dtype) if v.is_floating_point() else v for k, v in model.state_dict().items()}
+    state = model.state_dict() if state is None else state
+    dtype = dtype or next(v.dtype for v in state.values() if v.is_floating_point())
+    aliases = _aliases(model)  # a tied output projection is saved once, as save_pretrained does
+    state = {k: v.detach().to("cpu", dtype) if v.is_floating_point() else v for k, v in state.items()
+             if k not in aliases}
     model.save_pretrained(folder, state_dict=state)
     config = json.loads((folder / "config.json").read_text())
     config["dtype"] = str(dtype).removeprefix("torch.")  # the saved weights' dtype, not the live ones'
@@ -265,10 +321,11 @@ def save_model(trainer: Trainer, path: Path, tokenizer=None, *, dtype: torch.dty
     atomically by the main process."""
     acc = trainer.accelerator
     acc.wait_for_everyone()
+    state = full_weights(trainer) if trainer.sharded else None  # every process takes part in the gather
     if acc.is_main_process:
         tmp = path.with_name(f".tmp-{path.name}")
         shutil.rmtree(tmp, ignore_errors=True)
-        _save_pretrained(trainer.model, tmp, dtype)
+        _save_pretrained(trainer.model, tmp, dtype, state)
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
         shutil.rmtree(path, ignore_errors=True)
