@@ -24,8 +24,15 @@ Goals (issue 18), printed as a table with ok/MISS:
                uneven ones; vLLM's ratio printed beside them (not a goal).
     training   the GFT step >= 0.95x sft_plain's tokens/s and <= 1.05x its peak memory (compiled against
                compiled with --compiled).
-With `--profile` (on by default), each missed goal gets a short torch.profiler profile: one call of the engine
-and one of plain generate, or one step of gft and one of sft_plain, with the top ops by self CPU time.
+Each missed goal gets a short torch.profiler profile (unless --no-profile, or once the run has taken
+--budget-s): one call of the engine and one of plain generate, or one step of gft and one of sft_plain, each in
+a fresh process, with the top ops by self CPU time. HFEngine's generate loop on uneven lengths gets none: it is
+transformers `generate` with the log-prob recorder, so it cannot gain there by construction.
+
+OMP_WAIT_POLICY=PASSIVE unless set: on this shared 2-core machine, with one core busy elsewhere, one 2-thread
+`generate` call took 62 s with spinning OpenMP threads and 10.5 s with sleeping ones (10.4 s on 1 thread).
+Each sampling call's process CPU time is recorded beside its wall time (cpu/wall in the engines' table), each
+training step's too: cpu/wall well below the thread count means the machine was shared.
 
 How to run
     make bench-shapes                                      # 1 thread, then 2 threads; reference output kept
@@ -71,7 +78,7 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--steps", type=int, default=3, help="timed training steps per variant")
     ap.add_argument("--compiled", action="store_true", help="also the compiled training steps (first steps compile)")
     ap.add_argument("--no-profile", dest="profile", action="store_false", help="no profile of the missed goals")
-    ap.add_argument("--budget-s", type=float, default=450,
+    ap.add_argument("--budget-s", type=float, default=400,
                     help="no further profile is started once the run has taken this long (each takes about a minute)")
     ap.add_argument("--tiny", action="store_true", help="a toy model: checks the plumbing")
     ap.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "cpu_shapes",
@@ -150,8 +157,8 @@ def print_goals(rows: list[dict], threads: int) -> None:
 
 
 def profile_sample(settings: list[str], engine: str, workload: str) -> dict:
-    """torch.profiler over one call of `engine` and one of plain generate on the workload (a first call each
-    untimed: bench/gpu_bench.py's _profile)."""
+    """torch.profiler over one call of `engine` and one of plain generate on the workload (after a small
+    untimed call each: bench/gpu_bench.py's _profile)."""
     import functools
 
     import bench.engines as engines
@@ -169,7 +176,8 @@ def profile_sample(settings: list[str], engine: str, workload: str) -> dict:
         prompts = engines.prompts_of(args)
         for name in ("raw", engine):
             eng, _ = engines.start(name, path, args)
-            out[name] = _profile(functools.partial(engines.sample_once, eng, prompts, args, 0))
+            warm = functools.partial(eng.generate, prompts[:1], 1, engines._warm_sampling())
+            out[name] = _profile(functools.partial(engines.sample_once, eng, prompts, args, 0), warm)
             eng.close()
     return out
 
@@ -251,12 +259,15 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     os.environ["OMP_NUM_THREADS"] = os.environ["MKL_NUM_THREADS"] = str(args.threads)
     os.environ["VLLM_CPU_OMP_THREADS_BIND"] = "0" if args.threads == 1 else f"0-{args.threads - 1}"
+    # Idle OpenMP threads sleep instead of spinning: on a shared 2-core machine with one core busy elsewhere,
+    # one 2-thread generate call took 62 s spinning against 10.5 s passive (and 10.4 s on 1 thread)
+    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     out = io.StringIO()
     tee = _Tee(sys.stdout, out)
     t0 = time.perf_counter()
     with contextlib.redirect_stdout(tee), tempfile.TemporaryDirectory(prefix="bench-shapes-") as tmp:
         print(f"CPU bench on a real shape: {'tiny toy model' if args.tiny else 'SmolLM2-135M (random init)'}, "
-              f"{args.threads} thread(s), started {time.strftime('%Y-%m-%d %H:%M:%S UTC', time.gmtime())}, "
+              f"{args.threads} thread(s), OMP_WAIT_POLICY={os.environ['OMP_WAIT_POLICY']}, started {time.strftime('%Y-%m-%d %H:%M:%S UTC', time.gmtime())}, "
               f"load average {os.getloadavg()[0]:.2f}")
         report = run_benches(args, Path(tmp))
         report["goals"] = rows = goals(report)

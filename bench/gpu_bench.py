@@ -454,13 +454,14 @@ def raw_generate_variant(model, tok, prompts, shape, *, batch: int, max_new: int
             "samples": shape["samples"], "max_new_tokens": max_new, "engine": "model.generate"}
 
 
-def _profile(fn) -> dict:
+def _profile(fn, warm=None) -> dict:
     """Where one call's time goes: torch.profiler's top ops by self device time and by self CPU time, and the
-    host syncs and copies it made (counts). A first, unprofiled call takes the one-time costs."""
+    host syncs and copies it made (counts). A first, unprofiled call (of `warm` if given, else of `fn`) takes
+    the one-time costs."""
     torch = _torch()
     from torch.profiler import ProfilerActivity, profile
 
-    fn()
+    (warm or fn)()
     activities = [ProfilerActivity.CPU] + [ProfilerActivity.CUDA] * torch.cuda.is_available()
     with profile(activities=activities) as prof:
         result = fn()
