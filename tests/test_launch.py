@@ -132,3 +132,16 @@ def test_a_killed_worker_fails_the_stage_and_the_rerun_resumes_exactly(tmp_path)
     a, b = _weights(fresh.refs["sft"]), _weights(resumed.refs["sft"])
     for key in a:
         torch.testing.assert_close(b[key], a[key], rtol=1e-12, atol=0, msg=key)
+
+
+def test_the_progress_reader_takes_only_complete_new_lines(tmp_path):
+    from pipeline.rounds.launch import _new_rows
+
+    path = tmp_path / "steps.jsonl"
+    assert _new_rows(path, 0) == ([], 0)  # the job has not reported yet
+    path.write_text('{"done": 1}\n{"done": 2}\n{"do')
+    rows, offset = _new_rows(path, 0)
+    assert [r["done"] for r in rows] == [1, 2]
+    path.write_text('{"done": 1}\n{"done": 2}\n{"done": 3}\n')
+    rows, offset = _new_rows(path, offset)
+    assert [r["done"] for r in rows] == [3] and _new_rows(path, offset) == ([], offset)

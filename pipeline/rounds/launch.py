@@ -152,27 +152,30 @@ def _follow(proc: subprocess.Popen, steps_file: Path, launch: LaunchConfig, step
             progress: bool) -> int:
     """Wait for the job, advancing one bar per step line rank 0 appends; its exit code."""
     deadline = time.monotonic() + launch.timeout_s
-    seen = 0
+    offset = 0
     with progress_bar(total=steps, desc=f"train x{launch.processes}", disable=not progress) as bar:
         while (code := proc.poll()) is None:
             if time.monotonic() > deadline:
                 raise subprocess.TimeoutExpired(proc.args, launch.timeout_s)
-            rows = _step_rows(steps_file)
-            if len(rows) > seen:
+            rows, offset = _new_rows(steps_file, offset)
+            if rows:
                 bar.update(int(rows[-1]["done"]) - bar.n)
                 bar.set_postfix(loss=f"{rows[-1]['loss']:.4f}", gnorm=f"{rows[-1]['grad_norm']:.3f}")
-            seen = len(rows)
             time.sleep(0.5)
     return code
 
 
-def _step_rows(path: Path) -> list[dict[str, float]]:
-    """The complete lines of the job's step file (a line being written is left for the next look)."""
+def _new_rows(path: Path, offset: int) -> tuple[list[dict[str, float]], int]:
+    """The complete lines of the job's step file after byte `offset`, and the offset after them (a line still
+    being written is left for the next look)."""
     try:
-        text = path.read_text()
+        with open(path, "rb") as fh:
+            fh.seek(offset)
+            chunk = fh.read()
     except FileNotFoundError:
-        return []
-    return [json.loads(line) for line in text.split("\n")[:-1]]
+        return [], offset
+    complete = chunk[:chunk.rfind(b"\n") + 1]
+    return [json.loads(line) for line in complete.splitlines()], offset + len(complete)
 
 
 def _failure(job: TrainJob, launch: LaunchConfig, code: int, log_path: Path) -> str:
