@@ -37,11 +37,19 @@ class LaunchConfig(Settings):
     """Training processes on this machine. 1: in the stage's process (the default); N > 1: the stage launches a
     torchrun job of N data-parallel processes (DDP through accelerate; gloo on CPU, NCCL on GPUs), which reads its
     inputs from files, trains and writes the checkpoint into the stage's output folder (docs/scale.md)."""
+    job: bool = False
+    """Launch the job even for one process (its overhead against in-process training, bench/launch.py; or to keep
+    the trainer's memory out of the stage's process). More than one process always launches."""
     strategy: Literal["ddp", "fsdp"] = "ddp"
     """ddp: every process holds the whole model and optimizer state; fsdp: FSDP2 (`fully_shard` of every decoder
     layer and of the root), so weights, gradients and optimizer state are sharded over the processes."""
     timeout_s: float = Field(24 * 3600.0, gt=0)
     """The job is stopped (all its processes) and the stage fails after this many seconds."""
+
+    @property
+    def launched(self) -> bool:
+        """Whether the training runs as a launched job (else in the stage's process)."""
+        return self.job or self.processes > 1
 
 
 class TrainConfig(Settings):
@@ -414,8 +422,8 @@ class GRPOConfig(Settings):
 
     @model_validator(mode="after")
     def _trains_in_process(self) -> GRPOConfig:
-        if self.train.launch.processes > 1:
-            raise ValueError(f"grpo.train.launch.processes = {self.train.launch.processes}: GRPO rounds train in the "
+        if self.train.launch.launched:
+            raise ValueError(f"grpo.train.launch = {self.train.launch}: GRPO rounds train in the "
                              "stage's process (their old and reference log-probs come from the live trainer); "
                              "launched jobs serve sft and gft rounds")
         return self

@@ -253,7 +253,7 @@ def sft(job: Job, cfg: SFTConfig, prompts: ArtifactRef, teacher: ArtifactRef | N
     work = job.res.store.work_dir("sft", job.key)  # outside the temp folder: a rerun resumes from it
     dtype = save_dtype(cfg.train.save_dtype, model_dir(init), trust_remote_code=trust_remote_code)
     start = time.perf_counter()
-    if cfg.train.launch.processes > 1:
+    if cfg.train.launch.launched:
         history, full_history = _launched_sft(job, cfg, examples, init, work, dtype, trust_remote_code)
     else:
         model = load_model(model_dir(init), trust_remote_code=trust_remote_code, train=True,
@@ -355,7 +355,7 @@ def gft_round(job: Job, cfg: GFTConfig, round_idx: int, prompts: ArtifactRef, te
 def _gft_train_phase(job: Job, cfg: GFTConfig, round_idx: int, prev: ArtifactRef, tok, trust_remote_code: bool):
     """(trainer, train phase) of a round: a live trainer in this process, or (None, a launched job that reads the
     round's groups and writes model/ and state/ into the output folder)."""
-    if cfg.train.launch.processes == 1:
+    if not cfg.train.launch.launched:
         trainer = _round_trainer(job, prev, cfg.train, cfg.rounds * cfg.minibatches_per_round, resume=True,
                                  trust_remote_code=trust_remote_code)
         return trainer, functools.partial(gft_lib.train_phase, trainer, cfg=cfg, round_idx=round_idx,

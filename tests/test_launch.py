@@ -30,9 +30,16 @@ def _weights(ref) -> dict[str, torch.Tensor]:
     return load_file(str(Path(ref.uri) / "model" / "model.safetensors"))
 
 
-def test_grpo_rounds_refuse_a_launched_job():
+@pytest.mark.parametrize("launch", [{"processes": 2}, {"job": True}])
+def test_grpo_rounds_refuse_a_launched_job(launch):
     with pytest.raises(ValueError, match="GRPO rounds train in the stage's process"):
-        GRPOConfig.model_validate({"train": {"launch": {"processes": 2}}})
+        GRPOConfig.model_validate({"train": {"launch": launch}})
+
+
+def test_one_process_launches_only_when_asked():
+    from pipeline.config import LaunchConfig
+
+    assert [LaunchConfig(**kw).launched for kw in ({}, {"job": True}, {"processes": 2})] == [False, True, True]
 
 
 @pytest.mark.slow
