@@ -90,12 +90,12 @@ def _full_state(trainer: Trainer) -> tuple[dict | None, dict | None]:
     """(weights, optimizer state) whole: the live ones, or under FSDP2 gathered from the shards (a collective;
     the main process gets them, keyed by parameter name)."""
     if not trainer.sharded:
-        return trainer.model.state_dict(), trainer.optimizer.state_dict()
+        return full_weights(trainer), trainer.optimizer.state_dict()
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
 
     options = StateDictOptions(full_state_dict=True, cpu_offload=True)
     optimizer = get_optimizer_state_dict(trainer.scorer, trainer.optimizer, options=options)
-    weights = full_weights(trainer)
+    weights = full_weights(trainer)  # None off the main process
     return (weights, optimizer) if trainer.accelerator.is_main_process else (None, None)
 
 

@@ -116,15 +116,16 @@ def _shard(scorer: nn.Module, *, bf16: bool) -> None:
     projection), all-gathered for its duration. Under bf16, compute in bf16 with float32 gradient reduction."""
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
-    policy = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) if bf16 else None
+    policy = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) if bf16 else \
+        MixedPrecisionPolicy()
     kinds = set(getattr(scorer.lm, "_no_split_modules", None) or [])
     layers = [m for m in scorer.lm.modules() if type(m).__name__ in kinds]
     if not layers:
         raise ValueError(f"strategy fsdp: {type(scorer.lm).__name__} names no decoder layer class "
                          "(_no_split_modules) to shard")
     for layer in layers:
-        fully_shard(layer, mp_policy=policy or MixedPrecisionPolicy())
-    fully_shard(scorer, mp_policy=policy or MixedPrecisionPolicy())
+        fully_shard(layer, mp_policy=policy)
+    fully_shard(scorer, mp_policy=policy)
 
 
 def full_tensor(x: Tensor) -> Tensor:

@@ -208,8 +208,7 @@ def _reporter(job: TrainJob):
     return report
 
 
-def _sft(job: TrainJob, model, tok) -> JobResult:
-    cfg = SFTConfig.model_validate(job.config)
+def _sft(job: TrainJob, cfg: SFTConfig, model, tok) -> JobResult:
     objective = sft_objective() if cfg.loss == "sft" else dft_objective()
     examples = _read_examples(Path(job.folder) / "examples.parquet")
     report = _reporter(job)
@@ -220,8 +219,7 @@ def _sft(job: TrainJob, model, tok) -> JobResult:
     return JobResult(history=result.history, full_history=result.full_history)
 
 
-def _gft_round(job: TrainJob, model, tok) -> JobResult:
-    cfg = GFTConfig.model_validate(job.config)
+def _gft_round(job: TrainJob, cfg: GFTConfig, model, tok) -> JobResult:
     trainer = make_trainer(model, cfg.train, total_steps=cfg.rounds * cfg.minibatches_per_round)
     if job.state:
         load_state(trainer, Path(job.state))
@@ -240,11 +238,11 @@ def main(spec_path: str) -> None:
     rank = int(os.environ.get("RANK", "0"))
     try:
         torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))
-        train = (SFTConfig if job.stage == "sft" else GFTConfig).model_validate(job.config).train
+        cfg = (SFTConfig if job.stage == "sft" else GFTConfig).model_validate(job.config)
         tok = chat.load_tokenizer(job.model, trust_remote_code=job.trust_remote_code)
         model = load_model(job.model, trust_remote_code=job.trust_remote_code, train=True,
-                           master_dtype=train.master_dtype)
-        result = (_sft if job.stage == "sft" else _gft_round)(job, model, tok)
+                           master_dtype=cfg.train.master_dtype)
+        result = (_sft if job.stage == "sft" else _gft_round)(job, cfg, model, tok)
     except BaseException:
         write_text_atomic(Path(job.folder) / f"error-{rank}.txt", traceback.format_exc())
         raise
