@@ -226,7 +226,10 @@ class DataConfig(Settings):
     max_prompts: int | None = Field(None, ge=1)
     """Keep at most this many training rows (chosen by a seeded hash order; the eval rows do not change)."""
     eval_fraction: float = Field(0.1, ge=0, lt=1)
-    """Share of rows held out for evaluation, chosen by a hash of the id (stable across runs)."""
+    """Share of rows held out for evaluation (the test prompts), chosen by a hash of the id (stable across runs)."""
+    validation_fraction: float = Field(0.0, ge=0, lt=1)
+    """Share of rows held out for model selection (validation.parquet), disjoint from the eval and train rows;
+    with `eval.validation`, every checkpoint is also graded on them (an experiment's `[tune]` picks on them)."""
     seed: int = 0
     """Seed of the shuffle and the split."""
     synthetic_rows: int = Field(1000, ge=2)
@@ -489,6 +492,9 @@ class EvalConfig(Settings):
     """Base-model samples per prompt for KL(base || policy); 0 skips it."""
     reward: str = "math_answer"
     """The verifier, by name or `module:function`."""
+    validation: bool = False
+    """Also grade each checkpoint on the validation prompts (`data.validation_fraction`): `val/mean@k`,
+    `val/pass@k` and `val/greedy_accuracy` beside the test metrics, for model selection."""
 
 
 class SyntheticConfig(Settings):
@@ -614,6 +620,12 @@ class RunConfig(Settings):
         if self.data.eval_fraction == 0:
             raise ValueError("data.eval_fraction = 0 holds out no prompts, but every checkpoint is evaluated on "
                              "held-out prompts: set it above 0 (e.g. 0.1)")
+        if self.data.eval_fraction + self.data.validation_fraction >= 1:
+            raise ValueError(f"data.eval_fraction + data.validation_fraction = "
+                             f"{self.data.eval_fraction + self.data.validation_fraction:g} leaves no training prompts")
+        if self.eval.validation and self.data.validation_fraction == 0:
+            raise ValueError("eval.validation = true grades checkpoints on validation prompts, but "
+                             "data.validation_fraction = 0 holds none out: set it above 0 (e.g. 0.1)")
         return self
 
     @model_validator(mode="after")

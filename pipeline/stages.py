@@ -141,23 +141,25 @@ def _read_parquet(ref: ArtifactRef, name: str) -> pd.DataFrame:
 # ---------------------------------------------------------------------------------------------------------
 
 
-@stage("prompts", datasets={"train.parquet": "training", "eval.parquet": "evaluation"})
+@stage("prompts", datasets={"train.parquet": "training", "eval.parquet": "evaluation",
+                            "validation.parquet": "validation"})
 def prepare_data(job: Job, cfg: DataConfig, synth: SyntheticConfig | None,
                  source: ArtifactRef | None) -> dict[str, float]:
-    """Load, validate and split the prompt set into train.parquet and eval.parquet. `synth` is the synthetic
-    task's settings (None unless `cfg.source` is "synthetic"), `source` the local data's content reference
+    """Load, validate and split the prompt set into train.parquet, eval.parquet (the test prompts) and
+    validation.parquet (empty unless `data.validation_fraction` > 0). `synth` is the synthetic task's settings
+    (None unless `cfg.source` is "synthetic"), `source` the local data's content reference
     (`prepare_data_inputs` gives both)."""
     if source != data_lib.source_ref(cfg):
         raise ValueError(f"prepare_data: source must be the content reference of data.source={cfg.source!r} "
                          "(stages.prepare_data_inputs), so that the data's content is in the key")
     prompts = _load_prompt_set(job.res, cfg, synth)
     split = data_lib.split_prompts(prompts.rows, eval_fraction=cfg.eval_fraction, seed=cfg.seed,
-                                   max_prompts=cfg.max_prompts)
-    data_lib.write_prompts_parquet(split.train, job.out / "train.parquet")
-    data_lib.write_prompts_parquet(split.eval, job.out / "eval.parquet")
+                                   max_prompts=cfg.max_prompts, validation_fraction=cfg.validation_fraction)
+    for name, rows in (("train", split.train), ("eval", split.eval), ("validation", split.validation)):
+        data_lib.write_prompts_parquet(rows, job.out / f"{name}.parquet")
     _write_json(job.out / "report.json", prompts.report.to_dict())
     return {"train_prompts": float(len(split.train)), "eval_prompts": float(len(split.eval)),
-            "skipped_rows": float(prompts.report.skipped)}
+            "validation_prompts": float(len(split.validation)), "skipped_rows": float(prompts.report.skipped)}
 
 
 def prepare_data_inputs(cfg: DataConfig, synth: SyntheticConfig) -> tuple[SyntheticConfig | None, ArtifactRef | None]:
@@ -426,23 +428,43 @@ def grpo(cfg: GRPOConfig, prompts: ArtifactRef, init: ArtifactRef, *, res: Resou
 @stage("eval", datasets={"samples.parquet": "evaluation"})
 def evaluate(job: Job, cfg: EvalConfig, prompts: ArtifactRef, model: ArtifactRef, base: ArtifactRef,
              engine: EngineConfig = EngineConfig()) -> dict[str, float]:
-    """Held-out mean@k, pass@k, greedy accuracy, entropy and KL(base || policy): metrics.json, samples.parquet."""
-    rows = _read_parquet(prompts, "eval.parquet")
-    rows = rows.iloc[: cfg.max_prompts] if cfg.max_prompts else rows
+    """Held-out mean@k, pass@k, greedy accuracy, entropy and KL(base || policy): metrics.json, samples.parquet.
+    With `cfg.validation`, also `val/mean@k`, `val/pass@k` and `val/greedy_accuracy` on the validation prompts."""
     tok = chat.load_tokenizer(model_dir(model), trust_remote_code=engine.trust_remote_code)
-    prompt_ids = [chat.render_prompt(tok, p) for p in rows["prompt"]]
     sampler = job.res.engine("eval", model_dir(model), engine)
-    sampled = sampler.generate(prompt_ids, cfg.k, cfg.sampling)
-    greedy = sampler.generate(prompt_ids, 1, cfg.sampling.model_copy(update={"temperature": 0.0}))
-    job.res.count("engine.generate", 2)
-    verifier = job.res.verifier(cfg.reward)
-    per_prompt = [grade_prompt(verifier, rec, [c.text for c in cs], g[0].text)
-                  for rec, cs, g in zip(rows.to_dict("records"), sampled, greedy)]
-    metrics = accuracy_metrics(per_prompt, k=cfg.k)
-    metrics.update(_entropy_and_kl(job.res, cfg, model, base, engine, prompt_ids, sampled, tok))
-    _samples_table(rows, sampled, greedy, per_prompt).to_parquet(job.out / "samples.parquet")
+    test = _grade(job.res, cfg, sampler, tok, _read_parquet(prompts, "eval.parquet"))
+    metrics = accuracy_metrics(test.per_prompt, k=cfg.k)
+    metrics.update(_entropy_and_kl(job.res, cfg, model, base, engine, test.prompt_ids, test.sampled, tok))
+    if cfg.validation:
+        val = _grade(job.res, cfg, sampler, tok, _read_parquet(prompts, "validation.parquet"))
+        metrics.update({f"val/{name}": v for name, v in accuracy_metrics(val.per_prompt, k=cfg.k).items()})
+    _samples_table(test.rows, test.sampled, test.greedy, test.per_prompt).to_parquet(job.out / "samples.parquet")
     _write_json(job.out / EVAL_METRICS, metrics)
     return metrics
+
+
+@dataclass(frozen=True)
+class _Graded:
+    rows: pd.DataFrame
+    prompt_ids: list[list[int]]
+    sampled: list
+    greedy: list
+    per_prompt: list
+
+
+def _grade(res: Resources, cfg: EvalConfig, sampler, tok, rows: pd.DataFrame) -> _Graded:
+    """Sample k responses and a greedy one for (at most `cfg.max_prompts` of) `rows`, and grade them."""
+    if rows.empty:
+        raise ValueError("evaluate: no prompts to grade (the prompt set's eval or validation split is empty)")
+    rows = rows.iloc[: cfg.max_prompts] if cfg.max_prompts else rows
+    prompt_ids = [chat.render_prompt(tok, p) for p in rows["prompt"]]
+    sampled = sampler.generate(prompt_ids, cfg.k, cfg.sampling)
+    greedy = sampler.generate(prompt_ids, 1, cfg.sampling.model_copy(update={"temperature": 0.0}))
+    res.count("engine.generate", 2)
+    verifier = res.verifier(cfg.reward)
+    per_prompt = [grade_prompt(verifier, rec, [c.text for c in cs], g[0].text)
+                  for rec, cs, g in zip(rows.to_dict("records"), sampled, greedy)]
+    return _Graded(rows, prompt_ids, sampled, greedy, per_prompt)
 
 
 def _entropy_and_kl(res: Resources, cfg: EvalConfig, model: ArtifactRef, base: ArtifactRef, engine: EngineConfig,

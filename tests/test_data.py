@@ -278,6 +278,35 @@ def test_max_prompts_takes_a_seeded_order_free_sample_of_train():
     assert set(ids(split_prompts(MANY, eval_fraction=0.2, seed=1, max_prompts=50).train)) != set(ids(capped.train))
 
 
+def test_validation_split_is_disjoint_and_leaves_the_eval_rows_alone():
+    plain = split_prompts(MANY, eval_fraction=0.2, seed=0)
+    three = split_prompts(MANY, eval_fraction=0.2, seed=0, validation_fraction=0.15)
+    train, test, val = set(ids(three.train)), set(ids(three.eval)), set(ids(three.validation))
+    assert not (train & test) and not (train & val) and not (test & val)
+    assert train | test | val == set(ids(MANY))
+    assert three.eval == plain.eval  # adding a validation share never moves a test row
+    assert val <= set(ids(plain.train)) and 30 < len(val) < 90  # taken from what was training
+    assert ids(three.validation) == sorted(ids(three.validation), key=ids(MANY).index)  # source order kept
+    shuffled = MANY[::-1]
+    assert set(ids(split_prompts(shuffled, eval_fraction=0.2, seed=0, validation_fraction=0.15).validation)) == val
+    capped = split_prompts(MANY, eval_fraction=0.2, seed=0, validation_fraction=0.15, max_prompts=20)
+    assert capped.validation == three.validation and len(capped.train) == 20  # the cap is on training rows only
+    assert plain.validation == []
+    with pytest.raises(ValueError, match="validation_fraction"):
+        split_prompts(MANY, eval_fraction=0.5, seed=0, validation_fraction=0.5)
+
+
+def test_run_config_checks_the_validation_settings():
+    from pipeline.config import RunConfig
+
+    with pytest.raises(ValueError, match="eval.validation = true.*validation_fraction = 0"):
+        RunConfig.model_validate({"eval": {"validation": True}})
+    with pytest.raises(ValueError, match="leaves no training prompts"):
+        RunConfig.model_validate({"data": {"eval_fraction": 0.5, "validation_fraction": 0.5}})
+    cfg = RunConfig.model_validate({"data": {"validation_fraction": 0.1}, "eval": {"validation": True}})
+    assert cfg.eval.validation and cfg.data.validation_fraction == 0.1
+
+
 def test_split_rejects_duplicates_and_bad_fractions():
     with pytest.raises(DataError, match="duplicate ids"):
         split_prompts(ROWS + ROWS[:1], eval_fraction=0.1, seed=0)

@@ -105,10 +105,11 @@ class PromptSet:
 
 @dataclass(frozen=True)
 class PromptSplit:
-    """Train and held-out eval rows, each in source order."""
+    """Train, held-out eval (test) and validation rows, each in source order."""
 
     train: list[dict[str, Any]]
     eval: list[dict[str, Any]]
+    validation: list[dict[str, Any]] = field(default_factory=list)
 
 
 @dataclass(frozen=True)
@@ -470,23 +471,28 @@ def _unit_hash(seed: int, salt: str, row_id: str) -> float:
 
 
 def split_prompts(rows: Sequence[Mapping[str, Any]], *, eval_fraction: float, seed: int,
-                  max_prompts: int | None = None) -> PromptSplit:
-    """Hold out rows for evaluation by a hash of (seed, id): a row's side never depends on the other rows, so
-    the split is stable when rows are added or reordered. Then keep `max_prompts` train rows, chosen by a
-    seeded hash shuffle (also order-free). Both parts keep source order."""
-    if not 0 <= eval_fraction < 1:
-        raise ValueError(f"eval_fraction must be in [0, 1), got {eval_fraction}")
+                  max_prompts: int | None = None, validation_fraction: float = 0.0) -> PromptSplit:
+    """Hold out rows for evaluation (test), then for validation (model selection), by one hash u of (seed, id):
+    eval if u < eval_fraction, validation if u < eval_fraction + validation_fraction, else train. A row's side
+    never depends on the other rows, so the split is stable when rows are added or reordered, and adding a
+    validation share leaves the eval rows as they were. Then keep `max_prompts` train rows, chosen by a seeded
+    hash shuffle (also order-free). Every part keeps source order."""
+    if not (0 <= eval_fraction < 1 and 0 <= validation_fraction < 1 and eval_fraction + validation_fraction < 1):
+        raise ValueError(f"eval_fraction ({eval_fraction}) and validation_fraction ({validation_fraction}) must be "
+                         "in [0, 1) with a sum below 1")
     if max_prompts is not None and max_prompts < 1:
         raise ValueError(f"max_prompts must be >= 1 or None, got {max_prompts}")
     dups = [b.row_id for b in _duplicate_ids([{"id": r["id"]} for r in rows])]
     if dups:
         raise DataError(f"split_prompts: duplicate ids {sorted(set(dups))[:10]}")
-    eval_rows = [dict(r) for r in rows if _unit_hash(seed, "eval", r["id"]) < eval_fraction]
-    train = [dict(r) for r in rows if _unit_hash(seed, "eval", r["id"]) >= eval_fraction]
+    u = [_unit_hash(seed, "eval", r["id"]) for r in rows]
+    eval_rows = [dict(r) for r, x in zip(rows, u) if x < eval_fraction]
+    validation = [dict(r) for r, x in zip(rows, u) if eval_fraction <= x < eval_fraction + validation_fraction]
+    train = [dict(r) for r, x in zip(rows, u) if x >= eval_fraction + validation_fraction]
     if max_prompts is not None and len(train) > max_prompts:
         chosen = set(sorted((r["id"] for r in train), key=lambda rid: _unit_hash(seed, "train", rid))[:max_prompts])
         train = [r for r in train if r["id"] in chosen]
-    return PromptSplit(train, eval_rows)
+    return PromptSplit(train, eval_rows, validation)
 
 
 def rows_digest(rows: Iterable[Mapping[str, Any]]) -> str:

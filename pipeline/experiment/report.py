@@ -27,7 +27,8 @@ METRICS = ("mean@{k}", "pass@{k}", "greedy_accuracy", "entropy", "kl_base_policy
 
 def trial_metrics(result: TrialResult) -> dict[str, Any]:
     """A finished trial's numbers: final held-out metrics, the chain's checkpoints with cumulative prompts seen,
-    its per-step history (steps continued across the chain), and GFT's mean rectified fraction."""
+    its per-step history (steps continued across the chain), its optimizer steps, and GFT's mean rectified
+    fraction."""
     from pipeline.run import chain_outputs
 
     refs, cfg = result.refs, result.trial.config
@@ -44,7 +45,7 @@ def trial_metrics(result: TrialResult) -> dict[str, Any]:
     rect = [r["rectified_frac"] for r in history if r["stage"] == "gft" and "rectified_frac" in r]
     if rect:
         final["rectified_frac"] = sum(rect) / len(rect)
-    return {"final": final, "checkpoints": checkpoints, "history": history, "prompts_seen": seen}
+    return {"final": final, "checkpoints": checkpoints, "history": history, "prompts_seen": seen, "steps": offset}
 
 
 def _eval(refs: Mapping[str, ArtifactRef], checkpoint: str) -> dict[str, float]:
@@ -53,8 +54,9 @@ def _eval(refs: Mapping[str, ArtifactRef], checkpoint: str) -> dict[str, float]:
 
 def _prompts_seen(cfg: RunConfig, stage: str, history: Sequence[Mapping[str, float]],
                   rounds: Sequence[Mapping[str, float]], refs: Mapping[str, ArtifactRef]) -> float:
-    """Training prompts a stage visited: rounds x prompts per round (GFT, GRPO); for SFT the prompts times the
-    passes over its examples (sequences trained / examples), whatever traces per prompt it trained on."""
+    """Distinct training prompts a stage visited: rounds x prompts per round (GFT, GRPO); for SFT all its prompts
+    once its sequences made a full pass over its examples, else that share of them (more passes over the same
+    prompts add optimizer steps, not prompts)."""
     if stage == "gft":
         return float(cfg.gft.rounds * cfg.gft.prompts_per_round)
     if stage == "grpo":
@@ -63,7 +65,7 @@ def _prompts_seen(cfg: RunConfig, stage: str, history: Sequence[Mapping[str, flo
 
     n_prompts = pq.ParquetFile(read_output(refs["prompts"]).file("train.parquet")).metadata.num_rows
     passes = sum(r.get("sequences", 0.0) for r in history) / max(rounds[0].get("examples", 1.0), 1.0)
-    return n_prompts * passes
+    return n_prompts * min(passes, 1.0)
 
 
 def _mean_std(values: Sequence[float]) -> tuple[float, float]:
@@ -73,30 +75,52 @@ def _mean_std(values: Sequence[float]) -> tuple[float, float]:
     return mean, math.sqrt(sum((v - mean) ** 2 for v in values) / (len(values) - 1))
 
 
-def summarise(results: Sequence[TrialResult], k: int) -> dict[str, dict[str, Any]]:
+def summarise(results: Sequence[TrialResult], k: int, metric: str | None = None) -> dict[str, dict[str, Any]]:
     """Per variant, in grid order: mean and sample std over seeds of every reported metric, the seeds that
-    finished, prompts seen, and the mean checkpoint trajectory and per-step history."""
-    by_variant: dict[str, list[tuple[TrialResult, dict[str, Any]]]] = {}
+    finished, prompts seen, optimizer steps, and the mean checkpoint trajectory and per-step history. A variant
+    run at several `[tune]` points is reported at the point whose mean `metric` (a validation metric) is highest,
+    with every point's `metric` under "tuned"; the test metrics play no part in the pick."""
+    points: dict[tuple[str, str], list[TrialResult]] = {}
     for r in results:
-        by_variant.setdefault(r.trial.variant, [])
-        if r.refs is not None:
-            by_variant[r.trial.variant].append((r, trial_metrics(r)))
-    first = {r.trial.variant: r.trial for r in results}
+        points.setdefault((r.trial.variant, r.trial.tag), []).append(r)
+    cols = [c.format(k=k) for c in METRICS] + ([metric] if metric else [])
+    rows = {key: _variant_row(group, cols, k) for key, group in points.items()}
     out = {}
-    for name, done in by_variant.items():
-        t = first[name]
-        row: dict[str, Any] = {"label": t.label, "group": t.group, "x": t.x, "chain": list(t.config.chain),
-                               "seeds": [r.trial.seed for r, _ in done]}
-        if done:
-            row["prompts_seen"] = done[0][1]["prompts_seen"]
-            for col in (c.format(k=k) for c in METRICS):
-                values = [m["final"][col] for _, m in done if col in m["final"]]
-                if values:
-                    row[col] = _mean_std(values)
-            row["checkpoints"] = _mean_checkpoints([m["checkpoints"] for _, m in done], k)
-            row["history"] = _mean_history([m["history"] for _, m in done])
-        out[name] = row
+    for variant in dict.fromkeys(v for v, _ in points):
+        keys = [key for key in points if key[0] == variant]
+        out[variant] = rows[keys[0]] if keys == [(variant, "")] else _pick(keys, rows, points, metric)
     return out
+
+
+def _variant_row(results: Sequence[TrialResult], cols: Sequence[str], k: int) -> dict[str, Any]:
+    """One variant (at one grid point) over its seeds."""
+    done = [(r, trial_metrics(r)) for r in results if r.refs is not None]
+    t = results[0].trial
+    row: dict[str, Any] = {"label": t.label, "group": t.group, "x": t.x, "chain": list(t.config.chain),
+                           "seeds": [r.trial.seed for r, _ in done]}
+    if done:
+        row["prompts_seen"] = done[0][1]["prompts_seen"]
+        row["steps"] = done[0][1]["steps"]
+        for col in cols:
+            values = [m["final"][col] for _, m in done if col in m["final"]]
+            if values:
+                row[col] = _mean_std(values)
+        row["checkpoints"] = _mean_checkpoints([m["checkpoints"] for _, m in done], k)
+        row["history"] = _mean_history([m["history"] for _, m in done])
+    return row
+
+
+def _pick(keys: Sequence[tuple[str, str]], rows: Mapping[tuple[str, str], dict[str, Any]],
+          points: Mapping[tuple[str, str], Sequence[TrialResult]], metric: str | None) -> dict[str, Any]:
+    """The grid point with the highest mean `metric` (the first such point on a tie), with the whole grid."""
+    if metric is None:
+        raise ValueError("summarise: a variant ran at several [tune] points, so a validation metric must pick one")
+    scored = [key for key in keys if metric in rows[key]]
+    best = max(scored, key=lambda key: rows[key][metric][0]) if scored else keys[0]
+    grid = [{"value": points[key][0].trial.point, "tag": key[1], metric: rows[key].get(metric),
+             "seeds": rows[key]["seeds"]} for key in keys]
+    return {**rows[best], "tuned": {"metric": metric, "picked": points[best][0].trial.point, "tag": best[1],
+                                    "grid": grid}}
 
 
 def _mean_checkpoints(runs: Sequence[Sequence[tuple]], k: int) -> list[dict[str, Any]]:
@@ -137,7 +161,7 @@ class Report:
 def write_report(exp: ExperimentConfig, results: Sequence[TrialResult], out: Path) -> Report:
     """results.md (a table per group: mean ± std over seeds), results.json, and the plots, under `out`."""
     k = results[0].trial.config.eval.k
-    rows = summarise(results, k)
+    rows = summarise(results, k, exp.tune.metric.format(k=k) if exp.tune else None)
     plot_paths = write_plots(exp, rows, k, out)
     md = _markdown(exp, results, rows, k, plot_paths)
     report = write_text_atomic(out / "results.md", md)
@@ -146,11 +170,13 @@ def write_report(exp: ExperimentConfig, results: Sequence[TrialResult], out: Pat
          "trials": [_trial_json(r) for r in results]}, indent=1, default=_json_default))
     flat = {f"{name}/{col}_{stat}": v for name, row in rows.items() for col, pair in row.items()
             if isinstance(pair, tuple) for stat, v in zip(("mean", "std"), pair) if not math.isnan(v)}
+    flat.update({f"{name}/tuned_value": float(row["tuned"]["picked"]) for name, row in rows.items() if "tuned" in row})
     return Report(report, table, plot_paths, flat)
 
 
 def _trial_json(r: TrialResult) -> dict[str, Any]:
-    return {"id": r.trial.id, "variant": r.trial.variant, "seed": r.trial.seed, "overrides": r.trial.overrides,
+    return {"id": r.trial.id, "variant": r.trial.variant, "seed": r.trial.seed, "point": r.trial.point,
+            "overrides": r.trial.overrides,
             "wall_s": round(r.wall_s, 1), "error": r.error,
             "refs": {k: v.model_dump(mode="json") for k, v in (r.refs or {}).items()}}
 
@@ -168,14 +194,36 @@ def _cell(pair: tuple[float, float] | None) -> str:
 
 def _table(rows: Mapping[str, Mapping[str, Any]], k: int) -> list[str]:
     cols = [c.format(k=k) for c in METRICS]
-    lines = ["| variant | chain | prompts seen | seeds | " + " | ".join(cols) + " |",
-             "|---" * (len(cols) + 4) + "|"]
+    tuned = any("tuned" in row for row in rows.values())
+    head = ["variant", "chain", "prompts seen", "steps", *(["picked"] if tuned else []), "seeds", *cols]
+    lines = ["| " + " | ".join(head) + " |", "|---" * len(head) + "|"]
     for name, row in rows.items():
         chain = " → ".join(row["chain"]) or "(base)"
         seen = f"{row['prompts_seen']:.0f}" if "prompts_seen" in row else "-"
-        cells = " | ".join(_cell(row.get(c)) for c in cols)
-        lines.append(f"| {row['label']} | {chain} | {seen} | {len(row['seeds'])} | {cells} |")
+        steps = f"{row['steps']}" if "steps" in row else "-"
+        picked = [row["tuned"]["tag"] if "tuned" in row else "-"] if tuned else []
+        cells = [row["label"], chain, seen, steps, *picked, str(len(row["seeds"])), *(_cell(row.get(c)) for c in cols)]
+        lines.append("| " + " | ".join(cells) + " |")
     return lines
+
+
+def _grid_table(rows: Mapping[str, Mapping[str, Any]]) -> list[str]:
+    """Each tuned variant's validation metric at every grid point (mean ± std over seeds), the pick in bold."""
+    tuned = {n: r["tuned"] for n, r in rows.items() if "tuned" in r}
+    if not tuned:
+        return []
+    metric = next(iter(tuned.values()))["metric"]
+    values = list(dict.fromkeys(p["value"] for t in tuned.values() for p in t["grid"]))
+    lines = [f"## Tuning grid: validation {metric}", "",
+             "Each tuned row of the tables above is the point in bold: the highest mean over seeds on the "
+             "validation prompts. The test prompts pick nothing.", "",
+             "| variant | " + " | ".join(f"{v:g}" for v in values) + " |", "|---" * (len(values) + 1) + "|"]
+    for name, t in tuned.items():
+        at = {p["value"]: p for p in t["grid"]}
+        cells = [_cell(at[v][metric]) if v in at else "-" for v in values]
+        cells = [f"**{c}**" if v == t["picked"] else c for v, c in zip(values, cells)]
+        lines.append(f"| {rows[name]['label']} | " + " | ".join(cells) + " |")
+    return [*lines, ""]
 
 
 def _markdown(exp: ExperimentConfig, results: Sequence[TrialResult], rows: Mapping[str, Mapping[str, Any]],
@@ -188,6 +236,7 @@ def _markdown(exp: ExperimentConfig, results: Sequence[TrialResult], rows: Mappi
     for group in dict.fromkeys(r["group"] for r in rows.values()):
         title = "Variants" if group == "variants" else f"Sweep `{group}`"
         lines += [f"## {title}", "", *_table({n: r for n, r in rows.items() if r["group"] == group}, k), ""]
+    lines += _grid_table(rows)
     failed = [r for r in results if r.error]
     if failed:
         lines += ["## Failed trials", ""] + [f"- `{r.trial.id}`: {r.error}" for r in failed] + [""]

@@ -22,6 +22,12 @@ and `--dry-run` prints exactly what each trial changes.
     values = [0, 0.5, 1.5]
     [sweeps.composition.points]            # or named points, each a set of overrides
     "8:0" = { "gft.teacher" = 7, "gft.policy" = 0 }
+    [tune]                                 # every variant with a chain runs at each value of this grid;
+    values = [1e-4, 1e-3]                  # its row is the point best on the validation prompts (mean over seeds)
+
+With `[tune]`, the trials' configs must grade validation prompts (`data.validation_fraction` > 0 and
+`eval.validation = true`): a variant's reported row is its grid point with the best validation metric averaged
+over seeds, so the test prompts never pick anything. Sweeps are not tuned.
 
 `extends = "other.toml"` inherits another experiment: top-level values are replaced, `overrides` merge field by
 field, and variants and sweeps merge by name.
@@ -55,7 +61,7 @@ from pipeline.progress import bar
 from pipeline.experiment.report import own_overrides, short, write_report
 
 __all__ = ["VariantConfig", "SweepConfig", "ExperimentConfig", "Trial", "TrialResult", "ExperimentResult",
-           "load_experiment", "expand", "experiment_root", "run_experiment", "local_trial", "stored_refs", "main"]
+           "TuneConfig", "load_experiment", "expand", "tune_field", "experiment_root", "run_experiment", "local_trial", "stored_refs", "main"]
 
 log = logging.getLogger(__name__)
 
@@ -76,6 +82,19 @@ class VariantConfig(Settings):
     """Dotted RunConfig fields and their values, e.g. {"sft.loss" = "dft"}."""
     seeds: tuple[int, ...] | None = Field(None, min_length=1)
     """Seeds of this variant (default: the experiment's); e.g. [0] for a variant that no seed changes."""
+    tune: bool = True
+    """Run at every point of the experiment's `[tune]` grid (when it has one and the chain is not empty)."""
+
+
+class TuneConfig(Settings):
+    """One grid (e.g. of learning rates) every tuned variant runs at; its row is the point best on validation."""
+
+    values: tuple[float, ...] = Field(min_length=2)
+    """The grid, the same values (and so the same number of points) for every tuned variant."""
+    field: str = "{stage}.train.lr"
+    """The dotted field a point sets; {stage} is the variant's last training stage (sft, gft or grpo)."""
+    metric: str = "val/mean@{k}"
+    """The validation metric that picks a variant's point, higher is better ({k}: eval.k), mean over seeds."""
 
 
 class SweepConfig(Settings):
@@ -122,6 +141,8 @@ class ExperimentConfig(Settings):
     """The table's rows by name."""
     sweeps: dict[str, SweepConfig] = {}
     """One-knob sweeps by name, each reported as its own table and plot."""
+    tune: TuneConfig | None = None
+    """A grid every variant with a chain runs at, reported at its best point on validation (None: no tuning)."""
 
     @model_validator(mode="after")
     def _names(self) -> ExperimentConfig:
@@ -174,10 +195,12 @@ class Trial:
     overrides: dict[str, Any]
     config: RunConfig
     x: Any = None  # the sweep's value or point name
+    point: float | None = None  # the `[tune]` grid value this trial runs at (None: not tuned)
+    tag: str = ""  # the grid point in names, e.g. "lr0.001"
 
     @property
     def id(self) -> str:
-        return f"{self.variant}.s{self.seed}"
+        return ".".join(p for p in (self.variant, self.tag, f"s{self.seed}") if p)
 
 
 @dataclass(frozen=True)
@@ -189,10 +212,12 @@ class _Variant:
     overrides: dict[str, Any]
     seeds: tuple[int, ...]
     x: Any = None
+    tuned: bool = False
 
 
 def _variants(exp: ExperimentConfig) -> list[_Variant]:
-    out = [_Variant(n, "variants", v.label or n, v.chain, dict(v.overrides), v.seeds or exp.seeds)
+    out = [_Variant(n, "variants", v.label or n, v.chain, dict(v.overrides), v.seeds or exp.seeds,
+                    tuned=exp.tune is not None and v.tune and bool(v.chain))
            for n, v in exp.variants.items()]
     for name, s in exp.sweeps.items():
         points = [(_fmt(v), {s.field: v}, v) for v in s.values] if s.field else [
@@ -224,15 +249,28 @@ def expand(exp: ExperimentConfig, *, only: Iterable[str] | None = None) -> list[
             raise ValueError(f"--only {sorted(wanted - known)}: not in the experiment; known: {sorted(known)}")
         variants = [v for v in variants if v.name in wanted or v.group in wanted]
     seeds = list(dict.fromkeys(s for v in variants for s in v.seeds))
-    return [_trial(exp, base, v, seed) for seed in seeds for v in variants if seed in v.seeds]
+    return [_trial(exp, base, v, seed, point) for seed in seeds for v in variants if seed in v.seeds
+            for point in (exp.tune.values if v.tuned else (None,))]
 
 
-def _trial(exp: ExperimentConfig, base: RunConfig, v: _Variant, seed: int) -> Trial:
-    sets = {**exp.overrides, **v.overrides, "chain": list(v.chain), **{f: seed for f in exp.seed_fields},
-            "name": f"{exp.name}.{v.name}.s{seed}", "tracking.experiment": exp.name,
-            "tracking.registered_model": f"{exp.name}.{v.name}"}
-    cfg = apply_overrides(base, sets, where=f"experiment {exp.name!r}, variant {v.name!r}, seed {seed}")
-    return Trial(v.name, v.group, v.label, seed, sets, cfg, v.x)
+def tune_field(exp: ExperimentConfig, chain: Chain) -> str:
+    """The field the `[tune]` grid sets for a variant with this chain, e.g. "gft.train.lr"."""
+    return exp.tune.field.format(stage=chain[-1])
+
+
+def _trial(exp: ExperimentConfig, base: RunConfig, v: _Variant, seed: int, point: float | None) -> Trial:
+    tuned = {} if point is None else {tune_field(exp, v.chain): point}
+    tag = "" if point is None else f"{tune_field(exp, v.chain).rsplit('.', 1)[-1]}{_fmt(float(point))}"
+    name = ".".join(p for p in (exp.name, v.name, tag, f"s{seed}") if p)
+    sets = {**exp.overrides, **v.overrides, **tuned, "chain": list(v.chain), **{f: seed for f in exp.seed_fields},
+            "name": name, "tracking.experiment": exp.name, "tracking.registered_model": f"{exp.name}.{v.name}"}
+    where = f"experiment {exp.name!r}, variant {v.name!r}, seed {seed}" + (f", {tag}" if tag else "")
+    cfg = apply_overrides(base, sets, where=where)
+    if point is not None and not cfg.eval.validation:
+        raise ValueError(f"{where}: [tune] picks each variant's point on validation prompts, but the trial's "
+                         "eval.validation is false: set data.validation_fraction > 0 and eval.validation = true "
+                         "in the experiment's [overrides]")
+    return Trial(v.name, v.group, v.label, seed, sets, cfg, v.x, point, tag)
 
 
 def experiment_root(exp: ExperimentConfig) -> Path:
@@ -310,7 +348,8 @@ def run_experiment(exp: ExperimentConfig, root: Path, run_trial: RunTrial | None
 
 def _trial_tags(trial: Trial, parent: str | None) -> dict[str, str]:
     tags = {"experiment.variant": trial.variant, "experiment.seed": str(trial.seed),
-            "experiment.group": trial.group, "experiment.overrides": json.dumps(trial.overrides)[:5000]}
+            "experiment.group": trial.group, "experiment.overrides": json.dumps(trial.overrides)[:5000],
+            **({"experiment.point": trial.tag} if trial.tag else {})}
     return {**tags, "mlflow.parentRunId": parent} if parent else tags
 
 
