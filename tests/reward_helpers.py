@@ -1,5 +1,5 @@
 """Rewards for tests/test_rewards.py, loaded by import path (`tests.reward_helpers:NAME`) in the verifier's
-spawned worker. Each takes `(response, row)` like a registered reward; all but `sleepy` and `dies` act the
+spawned worker (tests/test_stages.py grades evaluations with `even_length`). Each takes `(response, row)` like a registered reward; all but `sleepy` and `dies` act the
 same on every response, those two misbehave only on the response that asks for it."""
 
 from __future__ import annotations
@@ -52,6 +52,11 @@ def none_for_odd_id(response, row):
 def none_unless_long(response, row):
     """Applies only to responses of more than 3 characters: their length / 10."""
     return len(response) / 10 if len(response) > 3 else None
+
+
+def even_length(response, row):
+    """1.0 for a response of even length, else 0.0: a reward a tiny untrained model earns about half the time."""
+    return 1.0 if len(response) % 2 == 0 else 0.0
 
 
 if os.environ.get("GFT_TEST_REWARD_IMPORT_FAILS"):  # set by a test after this module is imported in the parent

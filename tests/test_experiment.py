@@ -348,3 +348,66 @@ def test_rerun_serves_every_finished_stage(mini):
         mp.setattr(runtime.Resources, "count", counting)
         again = run_experiment(exp, root, local_trial(root), only=["sft", "tau"], progress=False)
     assert not again.failed and calls == {}
+
+
+# ---------------------------------------------------------------------------------------------------------
+# [tune]: one grid for every method, each row picked on validation (experiments/fair_table.toml)
+# ---------------------------------------------------------------------------------------------------------
+
+FAIR = REPO / "experiments" / "fair_table.toml"
+
+
+def test_tune_runs_every_tuned_variant_at_every_grid_point():
+    exp = load_experiment(FAIR)
+    trials = expand(exp)
+    grid = exp.tune.values
+    tuned = [n for n, v in exp.variants.items() if v.chain]
+    assert len(trials) == 1 + len(tuned) * len(grid) * len(exp.seeds)  # the base row runs once, untuned
+    for t in trials:
+        if not t.config.chain:
+            assert t.point is None and t.id == "base.s0"
+            continue
+        stage = t.config.chain[-1]
+        assert getattr(t.config, stage).train.lr == t.point and t.point in grid
+        assert t.id == f"{t.variant}.lr{t.point:g}.s{t.seed}" and t.config.name == f"fair_table.{t.id}"
+        assert t.config.eval.validation and t.config.data.validation_fraction > 0
+    steps = {t.variant: t.config for t in trials if t.seed == 0 and t.point == grid[0]}
+    assert steps["sft"].sft.train.num_steps == steps["gft"].gft.rounds * steps["gft"].gft.minibatches_per_round
+
+
+def test_tune_without_validation_prompts_is_refused(tmp_path):
+    path = _write(tmp_path / "x.toml", f'name = "x"\nbase = "{TINY}"\n[variants.sft]\nchain = ["sft"]\n'
+                                       '[tune]\nvalues = [1e-4, 1e-3]\n')
+    with pytest.raises(ValueError, match=r"variant 'sft', seed 0, lr0.0001.*eval.validation is false"):
+        expand(load_experiment(path))
+
+
+@pytest.mark.slow
+def test_fair_table_ci_picks_each_row_on_validation(tmp_path):
+    """experiments/fair_table_ci.toml in process, graded by a reward that a tiny model earns about half the time
+    (accuracy would tie at 0 and hide a wrong pick): every tuned variant ran at both points, its row is the point
+    whose validation mean@2 (recomputed here from the trials' metrics.json) is highest, its test cells are that
+    point's, and the grid table shows every point."""
+    path = _write(tmp_path / "fair.toml", f'extends = "{REPO / "experiments" / "fair_table_ci.toml"}"\n'
+                  '[overrides]\n"eval.reward" = "tests.reward_helpers:even_length"\n'
+                  '"reward_modules" = ["tests.reward_helpers"]\n')
+    exp = load_experiment(path)
+    result = run_experiment(exp, tmp_path, local_trial(tmp_path), progress=False)
+    assert not result.failed
+    rows = json.loads((result.report.parent / "results.json").read_text())["variants"]
+    metrics = {r.trial.id: json.loads((r.refs[f"eval/{r.trial.config.chain[-1]}"].path / "metrics.json").read_text())
+               for r in result.trials if r.trial.config.chain}
+    for name, row in rows.items():
+        if name == "base":
+            assert "tuned" not in row
+            continue
+        val = {p: metrics[f"{name}.lr{p:g}.s0"]["val/mean@2"] for p in exp.tune.values}
+        best = max(exp.tune.values, key=lambda p: val[p])  # first on a tie, as the report
+        assert row["tuned"]["picked"] == best, (name, val)
+        assert [g["val/mean@2"][0] for g in row["tuned"]["grid"]] == [val[p] for p in exp.tune.values]
+        picked = metrics[f"{name}.lr{best:g}.s0"]
+        assert row["mean@2"][0] == picked["mean@2"] and row["val/mean@2"][0] == val[best]
+        assert row["steps"] == (2 if row["chain"] == ["sft"] else 1 * 2)  # num_steps; rounds x minibatches
+    assert len(set(v for m in metrics.values() for k, v in m.items() if k == "val/mean@2")) > 2  # not all ties
+    md = result.report.read_text()
+    assert "## Tuning grid: validation val/mean@2" in md and md.count("**") >= 2 * (len(rows) - 1)

@@ -152,3 +152,39 @@ def test_evaluating_the_base_samples_it_once_and_sft_logs_its_throughput(pipelin
     assert json.loads((Path(ref.uri) / "metrics.json").read_text())["kl_base_policy"] == 0.0
     sft = json.loads((Path(first["sft"].uri) / "manifest.json").read_text())["metrics"]
     assert sft["perf/throughput"] > 0 and sft["perf/train_tokens"] > 0 and sft["perf/step_s"] > 0
+
+
+def test_validation_metrics_grade_the_validation_rows(pipeline_run, tmp_path):
+    """With eval.validation, a checkpoint is also graded on validation.parquet: its val/* metrics equal the test
+    metrics of an evaluation whose held-out rows are those validation rows (a .jsonl of them, all held out), the
+    test metrics are those of an evaluation without it, and the three splits are disjoint."""
+    root, first, *_ = pipeline_run
+    res = runtime.Resources(StageStore(tmp_path / "store"), progress=False)
+    graded = EVAL.model_copy(update={"reward": "tests.reward_helpers:even_length"})  # nonzero on tiny models
+    try:
+        data = DATA.model_copy(update={"validation_fraction": 0.25})
+        prompts = stages.prepare_data(data, *stages.prepare_data_inputs(data, SYNTH), res=res)
+        parts = {n: pd.read_parquet(Path(prompts.uri) / f"{n}.parquet") for n in ("train", "eval", "validation")}
+        assert all(len(p) for p in parts.values())
+        assert not set(parts["validation"]["id"]) & (set(parts["train"]["id"]) | set(parts["eval"]["id"]))
+        both = _metrics(stages.evaluate(graded.model_copy(update={"validation": True}), prompts, first["sft"],
+                                        first["base"], res=res))
+        plain = _metrics(stages.evaluate(graded, prompts, first["sft"], first["base"], res=res))
+        rows = tmp_path / "validation.jsonl"
+        parts["validation"].to_json(rows, orient="records", lines=True)
+        held = DataConfig(source=str(rows), eval_fraction=0.99, validation_fraction=0.0)  # u < 0.5 for these ids
+        alone = stages.prepare_data(held, *stages.prepare_data_inputs(held, SYNTH), res=res)
+        assert pd.read_parquet(Path(alone.uri) / "eval.parquet")["id"].tolist() == parts["validation"]["id"].tolist()
+        direct = _metrics(stages.evaluate(graded, alone, first["sft"], first["base"], res=res))
+    finally:
+        res.close()
+    assert {k: v for k, v in both.items() if not k.startswith("val/")} == plain
+    assert {f"val/{k}" for k in ("mean@2", "pass@2", "greedy_accuracy")} <= set(both)
+    for name, value in both.items():
+        if name.startswith("val/"):
+            assert value == direct[name.removeprefix("val/")], name
+    assert 0 < both["val/mean@2"] < 1 and both["val/mean@2"] != both["mean@2"]  # graded, and other rows
+
+
+def _metrics(ref) -> dict:
+    return json.loads((Path(ref.uri) / "metrics.json").read_text())
