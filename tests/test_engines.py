@@ -305,6 +305,26 @@ def test_compacting_samples_from_the_tempered_nucleus(tiny_model, temperature, t
     assert 0.5 * (logits.softmax(-1)[0] - expected).abs().sum() > 0.1
 
 
+def test_inverse_cdf_draw_has_the_rows_distribution(monkeypatch):
+    """`draw_from` (the compacting loop's draw): 200,000 draws per row match each row's probabilities within
+    0.005 total variation, unnormalized rows included; zero-probability entries are never drawn, not even when
+    the uniform lands on the row's total (forced here), where the last positive entry is taken."""
+    from pipeline.rollout import decoding
+
+    probs = torch.tensor([[0.1, 0.0, 0.6, 0.3, 0.0],
+                          [0.0, 2.0, 0.0, 1.0, 1.0],  # sums to 4
+                          [0.0, 0.0, 0.0, 1e-3, 0.0]])
+    torch.manual_seed(0)
+    n = 200_000
+    draws = decoding.draw_from(probs.repeat_interleave(n, 0)).view(3, n)  # [3, n]
+    for row, d in zip(probs, draws, strict=True):
+        empirical = torch.bincount(d, minlength=5).double() / n
+        assert 0.5 * (empirical - row.double() / row.sum()).abs().sum() < 0.005
+        assert empirical[row == 0].sum() == 0
+    monkeypatch.setattr(decoding.torch, "rand", lambda *shape, **kw: torch.ones(*shape, **kw))
+    assert decoding.draw_from(probs).tolist() == [3, 4, 3]  # u * total == total: the last positive entry
+
+
 def test_compacting_prefill_asks_for_the_last_position_only(tiny_model):
     """Like `generate`, the prefill computes logits of the last position only (not [B, L, V])."""
     from pipeline.rollout.decoding import sample_compacting
