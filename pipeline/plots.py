@@ -145,3 +145,24 @@ def sweep(points: Sequence[tuple[object, Mapping[str, tuple[float, float] | None
         ax.grid(alpha=0.3)
     fig.suptitle(f"Sweep over {axis} (mean ± std over seeds)", y=1.03)
     return _save(fig, path)
+
+
+def tuning(curves: Mapping[str, Sequence[tuple[float, tuple[float, float] | None]]],
+           picked: Mapping[str, float], path: Path, axis: str, metric: str) -> Path:
+    """A tuning grid: the validation metric (mean ± std over seeds) against the grid value on a log axis, one
+    line per variant, each variant's picked point ringed."""
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(7.5, 4.2))
+    for label, points in curves.items():
+        xs = [x for x, _ in points]
+        _errorbar(ax, xs, [pair for _, pair in points], marker="o", label=label)
+        best = dict(points).get(picked[label])
+        if best is not None:
+            ax.scatter([picked[label]], [best[0]], s=180, facecolors="none", edgecolors="black", zorder=5)
+    ax.set_xscale("log")
+    ax.set_xlabel(axis)
+    ax.set_ylabel(metric)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7, loc="center left", bbox_to_anchor=(1.01, 0.5))
+    ax.set_title(f"Validation {metric} over the grid (ringed: each variant's pick)")
+    return _save(fig, path)

@@ -411,3 +411,4 @@ def test_fair_table_ci_picks_each_row_on_validation(tmp_path):
     assert len(set(v for m in metrics.values() for k, v in m.items() if k == "val/mean@2")) > 2  # not all ties
     md = result.report.read_text()
     assert "## Tuning grid: validation val/mean@2" in md and md.count("**") >= 2 * (len(rows) - 1)
+    assert (result.report.parent / "tuning.png").stat().st_size > 10_000 and "![tuning](tuning.png)" in md

@@ -260,8 +260,8 @@ def short(overrides: Mapping[str, Any]) -> str:
 
 
 def write_plots(exp: ExperimentConfig, rows: Mapping[str, Mapping[str, Any]], k: int, out: Path) -> list[Path]:
-    """accuracy_vs_prompts.png and steps.png for the variants; one plot per sweep (rectified fraction and
-    accuracy against the swept value, e.g. against tau)."""
+    """accuracy_vs_prompts.png and steps.png for the variants; tuning.png (the validation metric over the
+    `[tune]` grid); one plot per sweep (rectified fraction and accuracy against the swept value, e.g. tau)."""
     done = {n: r for n, r in rows.items() if "checkpoints" in r}
     main = {n: r for n, r in done.items() if r["group"] == "variants"}
     paths = []
@@ -273,6 +273,12 @@ def write_plots(exp: ExperimentConfig, rows: Mapping[str, Mapping[str, Any]], k:
         if steps:
             paths.append(plots.training_curves(steps, out / "steps.png", keys=("entropy", "grad_norm"),
                                                title="Entropy and grad norm per optimizer step (mean over seeds)"))
+    tuned = {r["label"]: r["tuned"] for r in done.values() if "tuned" in r}
+    if tuned:
+        metric = next(iter(tuned.values()))["metric"]
+        curves = {label: [(p["value"], p[metric]) for p in t["grid"]] for label, t in tuned.items()}
+        paths.append(plots.tuning(curves, {label: t["picked"] for label, t in tuned.items()}, out / "tuning.png",
+                                  exp.tune.field.format(stage="<stage>"), metric))
     for group in dict.fromkeys(r["group"] for r in done.values() if r["group"] != "variants"):
         points = [r for r in done.values() if r["group"] == group]
         axis = exp.sweeps[group].label or exp.sweeps[group].field or group
