@@ -127,6 +127,26 @@ def test_left_padding_does_not_change_results(ckpt_a, decode):
     assert max(abs(a - b) for a, b in zip(in_batch.logprobs, alone.logprobs)) < 1e-5
 
 
+@pytest.mark.parametrize("temperature,top_p", [(0.5, 0.9), (1.3, 0.6)])
+def test_both_loops_sample_from_the_tempered_nucleus(engine, temperature, top_p):
+    """4,000 first tokens of one prompt through the engine (each loop; on CPU both draw by inverse CDF) against
+    transformers' own warpers on the same logits: within 0.04 total variation of softmax(top_p(logits / T)),
+    nothing drawn outside the nucleus; the untempered distribution is far from it (the check can tell them apart)."""
+    from transformers import TemperatureLogitsWarper, TopPLogitsWarper
+
+    prompt, n = PROMPTS[2], 4000
+    out = engine.generate([prompt], n, SamplingConfig(temperature=temperature, top_p=top_p, max_new_tokens=1, seed=0))
+    with torch.inference_mode():
+        logits = engine.model(input_ids=torch.tensor([prompt], device=engine.model.device)).logits[:, -1].float()
+    warped = TopPLogitsWarper(top_p)(None, TemperatureLogitsWarper(temperature)(None, logits.clone()))
+    expected = warped.softmax(-1)[0].cpu()  # [V]
+    firsts = torch.tensor([c.token_ids[0] for c in out[0]])
+    counts = torch.bincount(firsts, minlength=expected.numel()).double()
+    assert counts[expected == 0].sum() == 0
+    assert 0.5 * (counts / n - expected).abs().sum() < 0.04
+    assert 0.5 * (logits.softmax(-1)[0].cpu() - expected).abs().sum() > 0.1
+
+
 def test_same_seed_same_completions_other_seed_others(engine):
     first = engine.generate(PROMPTS, 4, SAMPLE)
     again = engine.generate(PROMPTS, 4, SAMPLE)

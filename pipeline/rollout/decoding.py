@@ -9,10 +9,11 @@ its KV cache repeated for its n completions (`generate` prefills every copy).
 
 The distribution is `generate`'s: the raw logits of the last position, divided by the temperature
 (transformers' `TemperatureLogitsWarper`), cut to the nucleus (`TopPLogitsWarper`, at least one token kept),
-softmax and one draw per row; temperature 0 is greedy (argmax). The draw is by inverse CDF (`draw_from`): a
-uniform per row against the float64 cumulative sum. It has `torch.multinomial`'s distribution for one sample,
-but multinomial draws an exponential per vocabulary entry: over SmolLM2's 49,152 tokens and 32 rows that is
-about 50 ms of one CPU core per decoding step, against about 5 ms here (a tenth of a 135M model's step). The log-prob recorded for each
+softmax and one draw per row; temperature 0 is greedy (argmax). On CPU the draw is by inverse CDF
+(`draw_from`): a uniform per row against the float64 cumulative sum. It has `torch.multinomial`'s distribution
+for one sample, but multinomial draws an exponential per vocabulary entry: over SmolLM2's 49,152 tokens and 32
+rows that is about 50 ms of one CPU core per decoding step, against about 5 ms here (a tenth of a 135M model's
+step). On a GPU it is `torch.multinomial`. The log-prob recorded for each
 sampled token is that of the raw logits (temperature 1, no top-p), as every engine reports. The random
 stream differs from `generate`'s once rows are dropped (fewer rows draw per step), so a seed gives
 reproducible samples of this loop, not `generate`'s samples.
@@ -27,7 +28,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-__all__ = ["Decoded", "sample_compacting", "draw_from"]
+__all__ = ["Decoded", "sample_compacting", "draw_from", "draw_token", "logit_warpers"]
 
 
 @dataclass(frozen=True)
@@ -40,7 +41,8 @@ class Decoded:
     compactions: int
 
 
-def _warpers(temperature: float, top_p: float) -> list:
+def logit_warpers(temperature: float, top_p: float) -> list:
+    """transformers' temperature and top-p warpers for these settings (none at temperature 0 or for no-ops)."""
     from transformers import TemperatureLogitsWarper, TopPLogitsWarper
 
     if temperature == 0:  # greedy: no distribution to shape
@@ -49,7 +51,7 @@ def _warpers(temperature: float, top_p: float) -> list:
     return warpers + ([TopPLogitsWarper(top_p)] if top_p < 1.0 else [])
 
 
-def _draw(logits: Tensor, temperature: float, warpers: list) -> Tensor:
+def draw_token(logits: Tensor, temperature: float, warpers: list) -> Tensor:
     """One token per row [r] from raw float32 logits [r, V]: argmax at temperature 0, else a draw from the warped
     distribution."""
     if temperature == 0:
@@ -60,14 +62,24 @@ def _draw(logits: Tensor, temperature: float, warpers: list) -> Tensor:
     return draw_from(scores.softmax(-1))
 
 
+ROWS_PER_DRAW = 64
+"""Rows whose float64 cumulative sums are held at once (64 x 152k vocabulary: 78 MB)."""
+
+
 def draw_from(probs: Tensor) -> Tensor:
-    """One index per row [r] of probabilities [r, V] (rows need not sum to exactly 1): the first index whose
-    cumulative probability exceeds a uniform times the row's total, in float64 so that no token's share of
-    the unit interval is rounded away. A zero-probability index is never drawn (a right-side search skips
-    the flat stretches of the cumulative sum; a uniform that rounds onto the total is moved to the row's last
-    positive index). Uses the global torch generator, like `torch.multinomial`."""
+    """One index per row [r] of probabilities [r, V] (rows need not sum to exactly 1). On CPU by inverse CDF: the
+    first index whose cumulative probability exceeds a uniform times the row's total, in float64 so that no
+    token's share of the unit interval is rounded away; a zero-probability index is never drawn (a right-side
+    search skips the flat stretches of the cumulative sum; a uniform that rounds onto the total is moved to the
+    row's last positive index). On a GPU, `torch.multinomial`, which is fast there. The global generator."""
+    if probs.device.type != "cpu":
+        return torch.multinomial(probs, 1)[:, 0]
+    return torch.cat([_inverse_cdf(chunk) for chunk in probs.split(ROWS_PER_DRAW)])
+
+
+def _inverse_cdf(probs: Tensor) -> Tensor:
     cdf = probs.cumsum(-1, dtype=torch.float64)  # [r, V]
-    u = torch.rand(probs.shape[0], 1, dtype=torch.float64, device=probs.device) * cdf[:, -1:]  # [r, 1]
+    u = torch.rand(probs.shape[0], 1, dtype=torch.float64) * cdf[:, -1:]  # [r, 1]
     idx = torch.searchsorted(cdf, u, right=True).clamp_(max=probs.shape[-1] - 1)  # [r, 1]
     stray = probs.gather(-1, idx)[:, 0] == 0
     if stray.any():
@@ -103,12 +115,12 @@ def sample_compacting(model, input_ids: Tensor, attention_mask: Tensor, *, max_n
     next_pos = mask.long().sum(-1)  # [r] position of each row's next token: its count of real tokens
     live = torch.arange(rows, device=input_ids.device)  # [r] input row of each live row
     eos = torch.tensor(sorted(eos_ids), device=input_ids.device)
-    warpers, compactions = _warpers(temperature, top_p), 0
+    warpers, compactions = logit_warpers(temperature, top_p), 0
     steps: list[tuple[Tensor, ...]] = []  # (live rows, tokens, raw log-probs, still running) per step, on device
     done = torch.zeros(rows, dtype=torch.bool, device=input_ids.device)  # [r] finished, by live row
     for step in range(max_new_tokens):
         logits = out.logits[:, -1, :].float()  # [r, V]
-        token = _draw(logits, temperature, warpers)  # [r]
+        token = draw_token(logits, temperature, warpers)  # [r]
         logprob = logits.gather(-1, token[:, None])[:, 0] - torch.logsumexp(logits, -1)  # [r]
         steps.append((live, token, logprob, ~done))
         done = done | torch.isin(token, eos)

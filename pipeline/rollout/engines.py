@@ -25,7 +25,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 import torch
 
 from pipeline.config import EngineConfig, SamplingConfig
-from pipeline.rollout.decoding import sample_compacting
+from pipeline.rollout.decoding import draw_token, logit_warpers, sample_compacting
 from pipeline.progress import bar as progress_bar_of
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -194,6 +194,21 @@ class _RawLogprobRecorder:
         return torch.stack(self.steps, dim=1)
 
 
+class _OwnDraw:
+    """A logits processor that draws each row's next token itself (temperature, top-p, then `draw_from`'s inverse
+    CDF) and returns scores whose argmax is that token, for `generate` run greedily on CPU: the distribution of
+    generate's own sampling without torch.multinomial's exponential per vocabulary entry (a tenth of a 135M
+    model's decoding step over a 49k vocabulary). It runs after the raw log-prob recorder and returns a new tensor,
+    so the recorder keeps the raw scores."""
+
+    def __init__(self, temperature: float, top_p: float):
+        self.temperature, self.warpers = temperature, logit_warpers(temperature, top_p)
+
+    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
+        chosen = draw_token(scores.float(), self.temperature, self.warpers)  # [B*n]
+        return torch.full_like(scores, float("-inf")).scatter_(-1, chosen[:, None], 0.0)
+
+
 class HFEngine:
     """transformers `generate`, `cfg.batch_size` prompts per call, raw log-probs of the chosen tokens recorded
     step by step (bounded memory: one step's log-softmax, whatever the vocabulary and length)."""
@@ -226,11 +241,13 @@ class HFEngine:
         pad = self.tokenizer.pad_token_id
         self.pad_id = pad if pad is not None else min(self.eos_ids)
 
-    def _generation_config(self, sampling: SamplingConfig, num_return_sequences: int) -> GenerationConfig:
-        """Neutral settings (no top-k, no penalties) so only `sampling` shapes the distribution."""
+    def _generation_config(self, sampling: SamplingConfig, num_return_sequences: int,
+                           own_draw: bool = False) -> GenerationConfig:
+        """Neutral settings (no top-k, no penalties) so only `sampling` shapes the distribution; with `own_draw`,
+        greedy decoding over `_OwnDraw`'s one-hot scores."""
         from transformers import GenerationConfig
 
-        sample, static = sampling.temperature > 0, self.cfg.hf_cache == "static"
+        sample, static = sampling.temperature > 0 and not own_draw, self.cfg.hf_cache == "static"
         # min_p=0.0 would add a min-p warper that removes nothing but costs a softmax over [B*n, V] at every
         # decoding step; None adds none, and is only wrong when the model's own generation config sets a min_p
         # (None values are filled from it).
@@ -275,9 +292,14 @@ class HFEngine:
         from transformers import LogitsProcessorList
 
         recorder = _RawLogprobRecorder()
+        own_draw = not greedy and self.device.type == "cpu"  # on CPU the draw is ours (_OwnDraw), one row per copy
+        if own_draw:
+            input_ids, mask = input_ids.repeat_interleave(copies, 0), mask.repeat_interleave(copies, 0)
+        processors = [recorder, _OwnDraw(sampling.temperature, sampling.top_p)] if own_draw else [recorder]
         out = self.model.generate(input_ids=input_ids, attention_mask=mask,
-                                  generation_config=self._generation_config(sampling, copies),
-                                  logits_processor=LogitsProcessorList([recorder]))
+                                  generation_config=self._generation_config(sampling, 1 if own_draw else copies,
+                                                                            own_draw),
+                                  logits_processor=LogitsProcessorList(processors))
         new_ids = out.sequences[:, input_ids.shape[1]:]  # [B*n, T]
         logprobs = recorder.finish(new_ids)  # [B*n, T]
         rows = [self._completion(ids, lps) for ids, lps in zip(new_ids.tolist(), logprobs.tolist(), strict=True)]
