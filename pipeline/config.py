@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 import tomllib
 from collections.abc import Mapping
 from pathlib import Path
@@ -34,9 +35,18 @@ class LaunchConfig(Settings):
     """Where a stage's training phase runs: in the stage's own process, or as a torchrun job of several processes."""
 
     processes: int = Field(1, ge=1)
-    """Training processes on this machine. 1: in the stage's process (the default); N > 1: the stage launches a
-    torchrun job of N data-parallel processes (DDP through accelerate; gloo on CPU, NCCL on GPUs), which reads its
-    inputs from files, trains and writes the checkpoint into the stage's output folder (docs/scale.md)."""
+    """Training processes on each node. 1 on 1 node: in the stage's process (the default); more: the stage
+    launches a torchrun job of nodes x processes data-parallel processes (DDP through accelerate; gloo on CPU,
+    NCCL on GPUs), which reads its inputs from files, trains and writes the checkpoint into the stage's output
+    folder (docs/scale.md)."""
+    nodes: int = Field(1, ge=1)
+    """Machines the job spans. More than 1: the stage's machine runs the first torchrun agent and hosts the c10d
+    rendezvous at `rdzv_endpoint`; every other node runs `python -m pipeline.rounds.launch --follow RUN_ROOT`,
+    and the run root must be on a file system all nodes share (the job folder travels by path)."""
+    rdzv_endpoint: str | None = None
+    """host:port of the c10d rendezvous, an address of the stage's machine the other nodes reach (nodes > 1)."""
+    rdzv_id: str = "gft"
+    """Prefix of the rendezvous id; each launched job appends its own launch id, so consecutive jobs never meet."""
     job: bool = False
     """Launch the job even for one process (its overhead against in-process training, bench/launch.py; or to keep
     the trainer's memory out of the stage's process). More than one process always launches."""
@@ -49,7 +59,21 @@ class LaunchConfig(Settings):
     @property
     def launched(self) -> bool:
         """Whether the training runs as a launched job (else in the stage's process)."""
-        return self.job or self.processes > 1
+        return self.job or self.processes > 1 or self.nodes > 1
+
+    @property
+    def world_size(self) -> int:
+        """Training processes over all nodes."""
+        return self.nodes * self.processes
+
+    @model_validator(mode="after")
+    def _nodes_meet_somewhere(self) -> LaunchConfig:
+        if self.nodes > 1 and not self.rdzv_endpoint:
+            raise ValueError(f"launch.nodes = {self.nodes} needs launch.rdzv_endpoint = \"host:port\" (an address of "
+                             "the stage's machine that the other nodes reach)")
+        if self.rdzv_endpoint and not re.fullmatch(r"[^\s:]+:\d+", self.rdzv_endpoint):
+            raise ValueError(f"launch.rdzv_endpoint = {self.rdzv_endpoint!r}: expected host:port")
+        return self
 
 
 class TrainConfig(Settings):

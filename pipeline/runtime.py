@@ -9,7 +9,8 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -60,6 +61,22 @@ class Resources:
             loaded.engine.load_weights(model_dir)
             self.weights[id(loaded.engine)] = model_dir
         return loaded.engine
+
+    @contextmanager
+    def engines_asleep(self) -> Iterator[list[Engine]]:
+        """Around a launched training job on the engines' GPUs: every engine that can sleep (vLLM with
+        `enable_sleep_mode`) gives its GPU memory back for the block and takes it again after, even if the block
+        fails, holding the weights it held; the next `engine()` call then loads the new checkpoint from its folder.
+        Other engines keep their memory through the block (docs/scale.md). Yields the engines put to sleep."""
+        sleepers = {id(e.engine): e.engine for e in self.engines.values()
+                    if e.cfg.backend == "vllm" and e.cfg.enable_sleep_mode}
+        with ExitStack() as stack:
+            for engine in sleepers.values():
+                engine.sleep()
+                stack.callback(engine.wake_up)
+            if sleepers:
+                log.info("%d engine(s) asleep while the training job runs", len(sleepers))
+            yield list(sleepers.values())
 
     def _release(self, role: str) -> None:
         """Forget a role's engine; close it unless another role still uses the same object."""

@@ -281,8 +281,9 @@ def _launched_sft(job: Job, cfg: SFTConfig, examples: list[Example], init: Artif
     spec = launch.TrainJob(stage="sft", config=cfg.model_dump(mode="json"), model=model_dir(init), folder=str(folder),
                            out=str(job.out), save_dtype=str(dtype).removeprefix("torch."), checkpoint_dir=str(work),
                            trust_remote_code=trust_remote_code)
-    result = launch.run_job(spec, cfg.train.launch, steps=total_steps(cfg.train, len(examples)),
-                            progress=job.res.progress)
+    with job.res.engines_asleep():  # a teacher engine may hold the GPUs the job trains on
+        result = launch.run_job(spec, cfg.train.launch, steps=total_steps(cfg.train, len(examples)),
+                                progress=job.res.progress)
     return result.history, result.full_history
 
 
@@ -374,7 +375,8 @@ def _gft_train_phase(job: Job, cfg: GFTConfig, round_idx: int, prev: ArtifactRef
         folder.mkdir(parents=True, exist_ok=True)
         table.to_parquet(folder / "groups.parquet")
         write_text_atomic(folder / "prompt_ids.json", json.dumps(prompt_ids))
-        result = launch.run_job(spec, cfg.train.launch, steps=cfg.minibatches_per_round, progress=job.res.progress)
+        with job.res.engines_asleep():  # the policy engine wakes with its old weights; the next round loads ours
+            result = launch.run_job(spec, cfg.train.launch, steps=cfg.minibatches_per_round, progress=job.res.progress)
         return result.history
     return None, train
 

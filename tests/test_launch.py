@@ -17,12 +17,13 @@ TINY = Path(__file__).parent / "data" / "tiny_run.toml"
 F64 = {"master_dtype": "float64", "save_dtype": "float64"}
 
 
-def _config(processes: int, strategy: str = "ddp"):
+def _config(processes: int, strategy: str = "ddp", **launch):
     overrides = {"tracking.enabled": False}
     for section in ("sft", "gft"):
         overrides.update({f"{section}.train.{k}": v for k, v in F64.items()})
         overrides[f"{section}.train.launch.processes"] = processes
         overrides[f"{section}.train.launch.strategy"] = strategy
+        overrides.update({f"{section}.train.launch.{k}": v for k, v in launch.items()})
     return apply_overrides(load_run_config(TINY), overrides)
 
 
@@ -153,3 +154,140 @@ def test_the_progress_reader_takes_only_complete_new_lines(tmp_path):
     path.write_text('{"done": 1}\n{"done": 2}\n{"done": 3}\n')
     rows, offset = _new_rows(path, offset)
     assert [r["done"] for r in rows] == [3] and _new_rows(path, offset) == ([], offset)
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def test_several_nodes_need_a_rendezvous_endpoint():
+    from pipeline.config import LaunchConfig
+    from pipeline.rounds.launch import _command
+
+    with pytest.raises(ValueError, match="needs launch.rdzv_endpoint"):
+        LaunchConfig(nodes=2)
+    with pytest.raises(ValueError, match="expected host:port"):
+        LaunchConfig(nodes=2, rdzv_endpoint="10.0.0.1")
+    launch = LaunchConfig(nodes=2, processes=4, rdzv_endpoint="10.0.0.1:29400", rdzv_id="run7")
+    assert launch.launched and launch.world_size == 8
+    host, guest = _command(launch, Path("job.json"), "ab12"), _command(launch, Path("job.json"), "ab12", host=False)
+    assert host[host.index("--rdzv-id") + 1] == "run7-ab12" and "is_host=1" in host and "is_host=0" in guest
+    assert "--standalone" in _command(LaunchConfig(processes=2), Path("job.json"), "ab12")
+
+
+@pytest.mark.slow
+def test_two_nodes_train_the_sft_of_one_process(tmp_path):
+    """Two torchrun agents of 1 process each on 127.0.0.1, met by c10d rendezvous: the stage's, and a follower
+    started as another node would start it; the SFT weights equal the in-process run's in float64."""
+    import os
+    import signal
+    import subprocess
+    import sys
+
+    from pipeline.run import run
+
+    only_sft = {"chain": ["sft"]}
+    one = run(apply_overrides(_config(1), only_sft), root=tmp_path, progress=False)
+    two_nodes = _config(1, nodes=2, rdzv_endpoint=f"127.0.0.1:{_free_port()}", rdzv_id="test")
+    with open(tmp_path / "follower.log", "w") as log:
+        follower = subprocess.Popen([sys.executable, "-m", "pipeline.rounds.launch", "--follow", str(tmp_path)],
+                                    stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        two = run(apply_overrides(two_nodes, only_sft), root=tmp_path, progress=False)
+    finally:
+        os.killpg(follower.pid, signal.SIGTERM)
+        follower.wait(60)
+    assert "exit code 0" in (tmp_path / "follower.log").read_text()  # the follower's agent trained and ended
+    a, b = _weights(one.refs["sft"]), _weights(two.refs["sft"])
+    for key in a:
+        torch.testing.assert_close(b[key], a[key], rtol=1e-10, atol=1e-12, msg=key)
+    print(f"sft (2 nodes x 1 process): max |2 nodes - 1 process| = {max((b[k] - a[k]).abs().max().item() for k in a):.2e}")
+
+
+class _Sleepy:
+    """A stand-in engine that records sleep, wake-up and weight loads (vLLM's sleep mode needs CUDA)."""
+
+    def __init__(self, name: str, events: list, inner=None):
+        self.name, self.events, self.inner, self.asleep = name, events, inner, False
+
+    def generate(self, prompt_ids, n, sampling):
+        assert not self.asleep, f"{self.name} sampled while asleep"
+        return self.inner.generate(prompt_ids, n, sampling)
+
+    def load_weights(self, model_dir):
+        assert not self.asleep, f"{self.name} loaded weights while asleep"
+        self.events.append((self.name, "load", str(model_dir)))
+        self.inner.load_weights(model_dir)
+
+    def sleep(self):
+        self.asleep = True
+        self.events.append((self.name, "sleep"))
+
+    def wake_up(self):
+        self.asleep = False
+        self.events.append((self.name, "wake"))
+
+    def close(self):
+        if self.inner is not None:
+            self.inner.close()
+
+
+def test_engines_sleep_around_a_block_and_wake_even_when_it_fails(tmp_path):
+    from pipeline.config import EngineConfig
+    from pipeline.runtime import Resources, _Loaded
+    from pipeline.store.artifacts import StageStore
+
+    events: list = []
+    sleepy, awake, hf = (_Sleepy(n, events) for n in ("sleepy", "awake", "hf"))
+    res = Resources(StageStore(tmp_path))
+    res.engines = {"policy": _Loaded(sleepy, EngineConfig(backend="vllm", enable_sleep_mode=True)),
+                   "eval": _Loaded(sleepy, EngineConfig(backend="vllm", enable_sleep_mode=True)),  # one object
+                   "teacher": _Loaded(awake, EngineConfig(backend="vllm")),  # no sleep mode: keeps its memory
+                   "base": _Loaded(hf, EngineConfig(backend="hf", enable_sleep_mode=True))}
+    with res.engines_asleep() as asleep:
+        assert asleep == [sleepy] and events == [("sleepy", "sleep")]
+    assert events == [("sleepy", "sleep"), ("sleepy", "wake")]
+    with pytest.raises(RuntimeError, match="job failed"), res.engines_asleep():
+        raise RuntimeError("job failed")
+    assert events[2:] == [("sleepy", "sleep"), ("sleepy", "wake")] and not sleepy.asleep
+
+
+@pytest.mark.slow
+def test_a_round_s_engine_sleeps_through_its_launched_job_and_loads_the_new_weights(tmp_path, monkeypatch):
+    """The tiny run with launched GFT rounds and a vLLM engine in sleep mode (a recording stand-in around the HF
+    engine): every job runs while the policy engine sleeps, it wakes after, and the next round loads the
+    previous round's published model/ from its folder."""
+    from pipeline import runtime
+    from pipeline.rollout.engines import HFEngine
+    from pipeline.rounds import launch as launch_lib
+    from pipeline.run import run
+
+    events: list = []
+    engines: dict = {}
+
+    def build(model_dir, cfg):
+        inner = HFEngine(model_dir, cfg.model_copy(update={"backend": "hf"}), progress=False)
+        return engines.setdefault(str(model_dir), _Sleepy(f"engine{len(engines)}", events, inner))
+
+    real_run_job = launch_lib.run_job
+
+    def run_job(job, launch, **kw):
+        events.append(("job", job.stage, all(e.asleep for e in engines.values())))
+        return real_run_job(job, launch, **kw)
+
+    monkeypatch.setattr(runtime, "build_engine", build)
+    monkeypatch.setattr(launch_lib, "run_job", run_job)
+    cfg = apply_overrides(load_run_config(TINY), {"tracking.enabled": False, "engine.backend": "vllm",
+                                                  "engine.enable_sleep_mode": True, "gft.train.launch.job": True})
+    result = run(cfg, root=tmp_path, progress=False)
+    jobs = [e for e in events if e[0] == "job"]
+    assert jobs == [("job", "gft_round", True)] * 2  # both rounds' jobs ran with every engine asleep
+    policy = engines[str(Path(result.refs["sft"].uri) / "model")]  # built for round 0 from SFT's checkpoint
+    final = Path(result.refs["gft"].uri)
+    (round_0,) = [p for p in final.parent.iterdir() if p.is_dir() and not p.name.startswith(".") and p != final]
+    assert [e[1:] for e in events if e[0] == policy.name] == [
+        ("sleep",), ("wake",), ("load", str(round_0 / "model")), ("sleep",), ("wake",)]

@@ -428,6 +428,16 @@ class VLLMEngine:
         self.llm.reset_prefix_cache()
         self.weights_dir = model_dir
 
+    def sleep(self) -> None:
+        """Give the GPU memory back while a training job uses the GPUs: `LLM.sleep(level=1)` moves the weights to
+        CPU memory and drops the KV cache (needs `enable_sleep_mode`; vLLM supports it on CUDA and ROCm)."""
+        self.llm.sleep(level=1)
+
+    def wake_up(self) -> None:
+        """Take the GPU memory again after `sleep`: the weights it held come back from CPU memory, the KV cache
+        is allocated anew; `load_weights` then replaces the weights with a new checkpoint's."""
+        self.llm.wake_up()
+
     def close(self) -> None:
         """Shut the engine down (its workers too) and forget it; idempotent."""
         for key, engine in list(_VLLM_ENGINES.items()):

@@ -12,19 +12,28 @@ A failed process fails the stage with that process's error (each writes `error-<
 own process group, stopped as a whole when the stage ends early or passes `LaunchConfig.timeout_s`, and torchrun
 gets SIGTERM if the stage's process dies. SFT resumes from its work checkpoints as in process.
 
-    python -m pipeline.rounds.launch JOB_JSON      (run by torchrun, never by hand)
+    python -m pipeline.rounds.launch JOB_JSON              (run by torchrun, never by hand)
+    python -m pipeline.rounds.launch --join JOB_JSON       (another node's agent of one job of several nodes)
+    python -m pipeline.rounds.launch --follow RUN_ROOT     (another node: join every such job of a run)
+
+With `LaunchConfig.nodes > 1` the stage's torchrun agent hosts a c10d rendezvous at `rdzv_endpoint` and waits for
+the other nodes' agents; ranks may land on any node, so the job folder and the stage's output folder (the run root)
+must be on a file system every node shares.
 """
 
 from __future__ import annotations
 
 import ctypes
 import json
+import logging
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
 import traceback
+import uuid
 from pathlib import Path
 from typing import Literal
 
@@ -47,8 +56,10 @@ from pipeline.progress import bar as progress_bar
 from pipeline.store.artifacts import write_text_atomic
 
 STEPS = "steps.jsonl"
+log = logging.getLogger(__name__)
 
-__all__ = ["TrainJob", "TrainJobError", "JobResult", "run_job", "write_examples", "main"]
+__all__ = ["TrainJob", "TrainJobError", "JobResult", "run_job", "write_examples", "main", "join", "follow",
+           "join_command"]
 
 
 class TrainJobError(RuntimeError):
@@ -70,6 +81,7 @@ class TrainJob(BaseModel):
     checkpoint_dir: str | None = None  # SFT's resumable work checkpoints
     round_idx: int = 0
     trust_remote_code: bool = False
+    launch_id: str = ""  # set by run_job, new for every launch: the rendezvous id's suffix on several nodes
 
 
 class JobResult(BaseModel):
@@ -104,9 +116,27 @@ def _die_with_parent() -> None:
         ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
 
 
-def _command(launch: LaunchConfig, spec: Path) -> list[str]:
-    return [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nnodes", "1",
-            "--nproc_per_node", str(launch.processes), "-m", "pipeline.rounds.launch", str(spec)]
+def _command(launch: LaunchConfig, spec: Path, launch_id: str, *, host: bool = True) -> list[str]:
+    """torchrun for this node: standalone on one node; with several, a c10d rendezvous at `launch.rdzv_endpoint`
+    whose store the stage's node hosts (`host`) and the others join, under an id of this launch only."""
+    if launch.nodes == 1:
+        where = ["--standalone", "--nnodes", "1"]
+    else:
+        where = ["--nnodes", str(launch.nodes), "--rdzv-backend", "c10d", "--rdzv-endpoint", str(launch.rdzv_endpoint),
+                 "--rdzv-id", f"{launch.rdzv_id}-{launch_id}", "--rdzv-conf", f"is_host={int(host)}"]
+    return [sys.executable, "-m", "torch.distributed.run", *where, "--nproc_per_node", str(launch.processes),
+            "-m", "pipeline.rounds.launch", str(spec)]
+
+
+def join_command(spec: Path | str) -> str:
+    """What another node runs to join the job of `spec` (a job.json on the shared file system)."""
+    return f"{Path(sys.executable).name} -m pipeline.rounds.launch --join {spec}"
+
+
+def _start(cmd: list[str], log_file) -> subprocess.Popen:
+    """The torchrun agent in a process group of its own, SIGTERM'd if this process dies."""
+    return subprocess.Popen(cmd, stdout=log_file, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                            start_new_session=True, preexec_fn=_die_with_parent)
 
 
 def _stop(proc: subprocess.Popen) -> None:
@@ -129,11 +159,16 @@ def run_job(job: TrainJob, launch: LaunchConfig, *, steps: int | None = None, pr
     folder = Path(job.folder)
     for old in [folder / "result.json", folder / STEPS, *folder.glob("error-*.txt")]:
         old.unlink(missing_ok=True)
+    job = job.model_copy(update={"launch_id": uuid.uuid4().hex[:12]})
     spec = write_text_atomic(folder / "job.json", job.model_dump_json(indent=1))
+    if launch.nodes > 1:
+        log.info("%s training job on %d nodes: waiting at %s for %d more node(s); the job folder %s must be on a "
+                 "file system they share. On each: %s  (or, for every job of the run: python -m "
+                 "pipeline.rounds.launch --follow RUN_ROOT)", job.stage, launch.nodes, launch.rdzv_endpoint,
+                 launch.nodes - 1, folder, join_command(spec))
     log_path = folder / "job.log"
-    with open(log_path, "w") as log:
-        proc = subprocess.Popen(_command(launch, spec), stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                                start_new_session=True, preexec_fn=_die_with_parent)
+    with open(log_path, "w") as log_file:
+        proc = _start(_command(launch, spec, job.launch_id), log_file)
         try:
             code = _follow(proc, folder / STEPS, launch, steps, progress)
         except subprocess.TimeoutExpired:
@@ -153,7 +188,7 @@ def _follow(proc: subprocess.Popen, steps_file: Path, launch: LaunchConfig, step
     """Wait for the job, advancing one bar per step line rank 0 appends; its exit code."""
     deadline = time.monotonic() + launch.timeout_s
     offset = 0
-    with progress_bar(total=steps, desc=f"train x{launch.processes}", disable=not progress) as bar:
+    with progress_bar(total=steps, desc=f"train x{launch.world_size}", disable=not progress) as bar:
         while (code := proc.poll()) is None:
             if time.monotonic() > deadline:
                 raise subprocess.TimeoutExpired(proc.args, launch.timeout_s)
@@ -183,11 +218,25 @@ def _failure(job: TrainJob, launch: LaunchConfig, code: int, log_path: Path) -> 
     errors = sorted(Path(job.folder).glob("error-*.txt"))
     if errors:
         last = errors[0].read_text().strip().splitlines()[-1]
-        return (f"{job.stage} training job ({launch.processes} processes) failed in process "
+        return (f"{job.stage} training job ({_size(launch)}) failed in process "
                 f"{errors[0].stem.removeprefix('error-')}:"
                 f" {last}\n(full traceback: {errors[0]}; job log: {log_path})")
     tail = "\n".join(log_path.read_text(errors="replace").splitlines()[-20:])
-    return f"{job.stage} training job ({launch.processes} processes) exited with {code}; log {log_path}:\n{tail}"
+    return (f"{job.stage} training job ({_size(launch)}) exited with {code}; log {log_path}:\n{tail}"
+            + _nodes_hint(job, launch))
+
+
+def _size(launch: LaunchConfig) -> str:
+    return f"{launch.processes} processes" + (f" x {launch.nodes} nodes" if launch.nodes > 1 else "")
+
+
+def _nodes_hint(job: TrainJob, launch: LaunchConfig) -> str:
+    """What a job of several nodes needs, for its failure message."""
+    if launch.nodes == 1:
+        return ""
+    return (f"\nA job of {launch.nodes} nodes needs the other nodes to join at {launch.rdzv_endpoint} "
+            f"(`{join_command(Path(job.folder) / 'job.json')}`, or `python -m pipeline.rounds.launch --follow "
+            f"RUN_ROOT` for every job of a run), and its folder {job.folder} on a file system all nodes share.")
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -249,8 +298,87 @@ def main(spec_path: str) -> None:
     if rank == 0:
         write_text_atomic(Path(job.folder) / "result.json", result.model_dump_json())
     if torch.distributed.is_initialized():
+        torch.distributed.barrier()  # rank 0 may be on another node: the stage's agent ends after result.json
         torch.distributed.destroy_process_group()
 
 
+# ---------------------------------------------------------------------------------------------------------
+# The other nodes' side: join a job of several nodes, or every such job of a run
+# ---------------------------------------------------------------------------------------------------------
+
+
+def _job_launch(job: TrainJob) -> LaunchConfig:
+    return LaunchConfig.model_validate(job.config["train"]["launch"])
+
+
+def join(spec_path: str | Path) -> int:
+    """Run this node's torchrun agent for the job of `spec_path` (a job.json the stage wrote on the shared file
+    system) until the job ends; its exit code. Every node but the stage's runs this once per job."""
+    spec = Path(spec_path)
+    job = TrainJob.model_validate_json(spec.read_text())
+    launch = _job_launch(job)
+    if launch.nodes == 1:
+        raise ValueError(f"{spec}: a job of one node, nothing to join")
+    joiner = f"join-{socket.gethostname()}-{os.getpid()}.log"
+    with open(Path(job.folder) / joiner, "w") as log_file:
+        proc = _start(_command(launch, spec, job.launch_id, host=False), log_file)
+        try:
+            return proc.wait()
+        except BaseException:
+            _stop(proc)
+            raise
+
+
+JOIN_TIMEOUT_S = 600.0  # torchrun's default rendezvous join timeout: how long the stage's agent waits for the others
+
+
+def _job_files(root: Path) -> dict[str, Path]:
+    """The launch ids of the multi-node jobs under a run root that may still wait for this node (no result yet,
+    job.json written within the rendezvous join timeout), and their job.json."""
+    found = {}
+    for spec in sorted(root.glob("*/.ckpt-*/job/job.json")):
+        try:
+            fresh = spec.stat().st_mtime > time.time() - JOIN_TIMEOUT_S
+            job = TrainJob.model_validate_json(spec.read_text()) if fresh else None
+        except (OSError, ValueError):
+            continue  # gone, or being replaced: the next look sees it
+        if job and job.launch_id and _job_launch(job).nodes > 1 and not (spec.parent / "result.json").exists():
+            found[job.launch_id] = spec
+    return found
+
+
+def follow(root: str | Path, *, poll_s: float = 1.0, jobs: int | None = None) -> None:
+    """Join every job of several nodes that a stage launches under the run root `root`, one at a time, until
+    killed (or after `jobs` jobs): the other nodes' side of a run with `launch.nodes > 1`. A job is joined once,
+    if it has no result yet and was launched within the join timeout (an older one cannot be waiting for us)."""
+    root, joined, done = Path(root), set(), 0
+    print(f"following {root}: joining its jobs of several nodes", flush=True)
+    while jobs is None or done < jobs:
+        for launch_id, spec in _job_files(root).items():
+            if launch_id not in joined:
+                joined.add(launch_id)
+                print(f"joining {spec}", flush=True)
+                print(f"{spec}: exit code {join(spec)}", flush=True)
+                done += 1
+        time.sleep(poll_s)
+
+
+def _cli(argv: list[str]) -> None:
+    import argparse
+
+    parser = argparse.ArgumentParser(prog="python -m pipeline.rounds.launch", description=__doc__.split("\n\n")[0])
+    what = parser.add_mutually_exclusive_group(required=True)
+    what.add_argument("spec", nargs="?", help="job.json: one process of the job (run by torchrun, never by hand)")
+    what.add_argument("--join", metavar="JOB_JSON", help="run this node's agent of one job of several nodes")
+    what.add_argument("--follow", metavar="RUN_ROOT", help="join every job of several nodes launched under RUN_ROOT")
+    args = parser.parse_args(argv)
+    if args.join:
+        sys.exit(join(args.join))
+    elif args.follow:
+        follow(args.follow)
+    else:
+        main(args.spec)
+
+
 if __name__ == "__main__":
-    main(sys.argv[1])
+    _cli(sys.argv[1:])
