@@ -153,7 +153,7 @@ def _stop(proc: subprocess.Popen) -> None:
 
 
 def run_job(job: TrainJob, launch: LaunchConfig, *, steps: int | None = None, progress: bool = True) -> JobResult:
-    """Launch `job` on `launch.processes` processes and wait, with a progress bar of its `steps` fed from the
+    """Launch `job` on `launch.world_size` processes (nodes x processes) and wait, with a progress bar of its `steps` fed from the
     steps rank 0 reports (`steps.jsonl`); its result, or TrainJobError with the first failing process's error.
     The job's processes are all gone when this returns or raises."""
     folder = Path(job.folder)
@@ -161,11 +161,7 @@ def run_job(job: TrainJob, launch: LaunchConfig, *, steps: int | None = None, pr
         old.unlink(missing_ok=True)
     job = job.model_copy(update={"launch_id": uuid.uuid4().hex[:12]})
     spec = write_text_atomic(folder / "job.json", job.model_dump_json(indent=1))
-    if launch.nodes > 1:
-        log.info("%s training job on %d nodes: waiting at %s for %d more node(s); the job folder %s must be on a "
-                 "file system they share. On each: %s  (or, for every job of the run: python -m "
-                 "pipeline.rounds.launch --follow RUN_ROOT)", job.stage, launch.nodes, launch.rdzv_endpoint,
-                 launch.nodes - 1, folder, join_command(spec))
+    _announce(job, launch, spec)
     log_path = folder / "job.log"
     with open(log_path, "w") as log_file:
         proc = _start(_command(launch, spec, job.launch_id), log_file)
@@ -181,6 +177,15 @@ def run_job(job: TrainJob, launch: LaunchConfig, *, steps: int | None = None, pr
     if code != 0 or not (folder / "result.json").is_file():
         raise TrainJobError(_failure(job, launch, code, log_path))
     return JobResult.model_validate_json((folder / "result.json").read_text())
+
+
+def _announce(job: TrainJob, launch: LaunchConfig, spec: Path) -> None:
+    """Log what the other nodes of a job of several nodes must run, and that they must share the job folder."""
+    if launch.nodes > 1:
+        log.info("%s training job on %d nodes: waiting at %s for %d more node(s); the job folder %s must be on a "
+                 "file system they share. On each: %s  (or, for every job of the run: python -m "
+                 "pipeline.rounds.launch --follow RUN_ROOT)", job.stage, launch.nodes, launch.rdzv_endpoint,
+                 launch.nodes - 1, spec.parent, join_command(spec))
 
 
 def _follow(proc: subprocess.Popen, steps_file: Path, launch: LaunchConfig, steps: int | None,
