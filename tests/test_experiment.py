@@ -409,6 +409,7 @@ def test_fair_table_ci_picks_each_row_on_validation(tmp_path):
         assert row["mean@2"][0] == picked["mean@2"] and row["val/mean@2"][0] == val[best]
         assert row["steps"] == (2 if row["chain"] == ["sft"] else 1 * 2)  # num_steps; rounds x minibatches
     assert len(set(v for m in metrics.values() for k, v in m.items() if k == "val/mean@2")) > 2  # not all ties
+    assert rows["sft_108"]["prompts_seen"] == 3  # 16 sequences over 3 prompts: more passes, not more prompts
     md = result.report.read_text()
     assert "## Tuning grid: validation val/mean@2" in md and md.count("**") >= 2 * (len(rows) - 1)
     assert (result.report.parent / "tuning.png").stat().st_size > 10_000 and "![tuning](tuning.png)" in md

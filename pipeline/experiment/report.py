@@ -54,9 +54,10 @@ def _eval(refs: Mapping[str, ArtifactRef], checkpoint: str) -> dict[str, float]:
 
 def _prompts_seen(cfg: RunConfig, stage: str, history: Sequence[Mapping[str, float]],
                   rounds: Sequence[Mapping[str, float]], refs: Mapping[str, ArtifactRef]) -> float:
-    """Distinct training prompts a stage visited: rounds x prompts per round (GFT, GRPO); for SFT all its prompts
-    once its sequences made a full pass over its examples, else that share of them (more passes over the same
-    prompts add optimizer steps, not prompts)."""
+    """Training prompts a stage saw: rounds x prompts per round (GFT, GRPO); for SFT the sequences it trained on
+    over the traces per prompt (its examples per prompt), at most its prompt count: one pass over one trace per
+    prompt is every prompt, and more passes over the same prompts add optimizer steps, not prompts. (A part-pass
+    of SFT(mix), several traces per prompt, counts prompt-equivalents: its sequences come from more prompts.)"""
     if stage == "gft":
         return float(cfg.gft.rounds * cfg.gft.prompts_per_round)
     if stage == "grpo":
@@ -231,7 +232,9 @@ def _markdown(exp: ExperimentConfig, results: Sequence[TrialResult], rows: Mappi
     lines = [f"# Experiment `{exp.name}`", "",
              f"Base config `{exp.base}`; seeds {list(exp.seeds)}. Cells: mean ± sample std over seeds of the "
              f"final checkpoint's held-out metrics (mean@{k}, pass@{k} and greedy accuracy, token entropy, "
-             f"KL(base || policy)); rectified_frac is the mean over GFT steps of the share of tokens with p <= tau.",
+             f"KL(base || policy)); rectified_frac is the mean over GFT steps of the share of tokens with p <= tau. "
+             "Prompts seen: rounds x prompts per round for GFT and GRPO; for SFT, sequences trained over traces per "
+             "prompt, at most its prompt count. Steps: optimizer steps over the chain.",
              ""]
     for group in dict.fromkeys(r["group"] for r in rows.values()):
         title = "Variants" if group == "variants" else f"Sweep `{group}`"
