@@ -118,7 +118,7 @@ class TrainConfig(Settings):
     master_dtype: Literal["float32", "float64"] = "float32"
     """dtype of the trained weights and optimizer state (float64: exactness checks of small models on CPU)."""
     launch: LaunchConfig = LaunchConfig()
-    """In the stage's process, or a job of several processes (SFT and GFT rounds)."""
+    """In the stage's process, or a job of several processes (SFT, GFT and GRPO rounds)."""
     gradient_checkpointing: bool = False
     """Recompute decoder activations in backward to save memory."""
     compile: bool = False
@@ -446,14 +446,6 @@ class GRPOConfig(Settings):
     """Optimizer settings (TRL's lr 1e-6); the step count and batch follow from rounds, minibatches_per_round
     and num_iterations, so num_steps, epochs, sequences_per_step, save_every, keep_checkpoints and log_every
     stay at their defaults."""
-
-    @model_validator(mode="after")
-    def _trains_in_process(self) -> GRPOConfig:
-        if self.train.launch.launched:
-            raise ValueError(f"grpo.train.launch = {self.train.launch}: GRPO rounds train in the "
-                             "stage's process (their old and reference log-probs come from the live trainer); "
-                             "launched jobs serve sft and gft rounds")
-        return self
 
     @model_validator(mode="after")
     def _round_owns_batching(self) -> GRPOConfig:

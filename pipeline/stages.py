@@ -363,22 +363,32 @@ def _gft_train_phase(job: Job, cfg: GFTConfig, round_idx: int, prev: ArtifactRef
                                  trust_remote_code=trust_remote_code)
         return trainer, functools.partial(gft_lib.train_phase, trainer, cfg=cfg, round_idx=round_idx,
                                           pad_id=chat.pad_id(tok))
-    folder = job.res.store.work_dir("gft_round", job.key) / "job"
+    run_job = _round_job(job, "gft_round", cfg, round_idx, prev, steps=cfg.minibatches_per_round, resume=True,
+                         trust_remote_code=trust_remote_code)
+    return None, lambda prompt_ids, table: run_job(prompt_ids, table).history
+
+
+def _round_job(job: Job, stage_name: str, cfg: GFTConfig | GRPOConfig, round_idx: int, prev: ArtifactRef, *,
+               steps: int, resume: bool, trust_remote_code: bool, reference: ArtifactRef | None = None):
+    """A round's training as a launched job: (prompt ids, group table) -> the job's result. The job starts from
+    `prev`'s model/ (and its state/ when `resume`), writes model/ and state/ into the output folder, and runs
+    while the engines in sleep mode sleep (they wake with their old weights; the next round loads ours)."""
+    folder = job.res.store.work_dir(stage_name, job.key) / "job"
     dtype = save_dtype(cfg.train.save_dtype, model_dir(prev), trust_remote_code=trust_remote_code)
     state = Path(prev.uri) / "state"
-    spec = launch.TrainJob(stage="gft_round", config=cfg.model_dump(mode="json"), model=model_dir(prev),
-                           state=str(state) if state.is_dir() else None, folder=str(folder), out=str(job.out),
+    spec = launch.TrainJob(stage=stage_name, config=cfg.model_dump(mode="json"), model=model_dir(prev),
+                           state=str(state) if resume and state.is_dir() else None, folder=str(folder),
+                           reference=None if reference is None else model_dir(reference), out=str(job.out),
                            save_dtype=str(dtype).removeprefix("torch."), round_idx=round_idx,
                            trust_remote_code=trust_remote_code)
 
-    def train(prompt_ids: list[list[int]], table: pd.DataFrame) -> list[dict[str, float]]:
+    def run_job(prompt_ids: list[list[int]], table: pd.DataFrame) -> launch.JobResult:
         folder.mkdir(parents=True, exist_ok=True)
         table.to_parquet(folder / "groups.parquet")
         write_text_atomic(folder / "prompt_ids.json", json.dumps(prompt_ids))
-        with job.res.engines_asleep():  # the policy engine wakes with its old weights; the next round loads ours
-            result = launch.run_job(spec, cfg.train.launch, steps=cfg.minibatches_per_round, progress=job.res.progress)
-        return result.history
-    return None, train
+        with job.res.engines_asleep():
+            return launch.run_job(spec, cfg.train.launch, steps=steps, progress=job.res.progress)
+    return run_job
 
 
 def gft(cfg: GFTConfig, prompts: ArtifactRef, teacher: ArtifactRef | None, init: ArtifactRef, *, res: Resources,
@@ -403,13 +413,30 @@ def grpo_round(job: Job, cfg: GRPOConfig, round_idx: int, prompts: ArtifactRef, 
     rows = round_prompts(pool, cfg.prompts_per_round, round_idx, seed)
     remote = engine.trust_remote_code
     tok = chat.load_tokenizer(model_dir(prev), trust_remote_code=remote)
-    steps = cfg.rounds * cfg.minibatches_per_round * cfg.num_iterations
-    trainer = _round_trainer(job, prev, cfg.train, steps, resume=round_idx > 0, trust_remote_code=remote)
-    ref_model = None if cfg.beta == 0 else load_model(model_dir(reference), trust_remote_code=remote)
-    result = grpo_lib.run_round(trainer, job.res.engine("policy", model_dir(prev), engine),
-                                [job.res.verifier(r) for r in cfg.rewards], rows, tok, cfg, round_idx=round_idx,
-                                reference=ref_model)
+    trainer, train = _grpo_train_phase(job, cfg, round_idx, prev, reference if cfg.beta > 0 else None, tok, remote)
+    result = grpo_lib.run_round(train, job.res.engine("policy", model_dir(prev), engine),
+                                [job.res.verifier(r) for r in cfg.rewards], rows, tok, cfg, round_idx=round_idx)
     return _save_round(job, trainer, tok, result, prev, cfg.train, trust_remote_code=remote)
+
+
+def _grpo_train_phase(job: Job, cfg: GRPOConfig, round_idx: int, prev: ArtifactRef, reference: ArtifactRef | None,
+                      tok, trust_remote_code: bool):
+    """(trainer, train phase) of a GRPO round: a live trainer (and reference model) in this process, or (None, a
+    launched job whose processes score the old policy (`prev`) and the reference themselves, then train)."""
+    steps = cfg.rounds * cfg.minibatches_per_round * cfg.num_iterations
+    if not cfg.train.launch.launched:
+        trainer = _round_trainer(job, prev, cfg.train, steps, resume=round_idx > 0,
+                                 trust_remote_code=trust_remote_code)
+        ref_model = None if reference is None else load_model(model_dir(reference), trust_remote_code=trust_remote_code)
+        return trainer, functools.partial(grpo_lib.train_phase, trainer, cfg=cfg, round_idx=round_idx,
+                                          pad_id=chat.pad_id(tok), reference=ref_model)
+    run_job = _round_job(job, "grpo_round", cfg, round_idx, prev, steps=cfg.minibatches_per_round * cfg.num_iterations,
+                         resume=round_idx > 0, trust_remote_code=trust_remote_code, reference=reference)
+
+    def train(prompt_ids: list[list[int]], table: pd.DataFrame) -> grpo_lib.Trained:
+        result = run_job(prompt_ids, table)
+        return grpo_lib.Trained(behaviour=result.behaviour, history=result.history)
+    return None, train
 
 
 def grpo(cfg: GRPOConfig, prompts: ArtifactRef, init: ArtifactRef, *, res: Resources,

@@ -1,6 +1,6 @@
-"""Launched training (`train.launch.processes`): a run whose SFT and GFT rounds train as torchrun jobs of 2 processes
-(gloo, on CPU) ends with the parameters of the same run trained in process, in float64 to 1e-10; a failing job
-process fails the stage with that process's error; GRPO refuses to launch."""
+"""Launched training (`train.launch.processes`): a run whose SFT and GFT rounds, or GRPO rounds, train as torchrun
+jobs of 2 processes (gloo, on CPU) ends with the parameters of the same run trained in process, in float64 to 1e-10;
+a failing job process fails the stage with that process's error."""
 
 from __future__ import annotations
 
@@ -11,15 +11,28 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from pipeline.config import GRPOConfig, apply_overrides, load_run_config
+from pipeline.config import apply_overrides, load_run_config
 
 TINY = Path(__file__).parent / "data" / "tiny_run.toml"
 F64 = {"master_dtype": "float64", "save_dtype": "float64"}
 
 
-def _config(processes: int, strategy: str = "ddp", **launch):
+# Two GRPO rounds from the base (so the second continues the first's optimizer state), beta > 0 (the reference's
+# log-probs) and 2 passes (the second's old log-probs differ from the current ones). The reward is the response's
+# length (the base earns no math reward), and each pass is one step over all completions: a step whose
+# completions all have advantage 0 would have for gradient only the float rounding of the KL of a policy that is
+# still its reference, which AdamW scales up to a full-size step: 1 and 2 processes then part at 1e-8.
+GRPO_CHAIN = {"chain": ["grpo"], "reward_modules": ["tests.reward_helpers"],
+              "grpo.rewards": ["tests.reward_helpers:none_unless_long"],
+              "grpo.rounds": 2, "grpo.prompts_per_round": 3, "grpo.num_generations": 3,
+              "grpo.max_response_tokens": 16, "grpo.sampling.max_new_tokens": 16, "grpo.sampling.seed": 3,
+              "grpo.minibatches_per_round": 1, "grpo.num_iterations": 2, "grpo.beta": 0.04,
+              "grpo.train.lr": 1e-3, "grpo.train.micro_batch_size": 4}
+
+
+def _config(processes: int, strategy: str = "ddp", sections=("sft", "gft"), **launch):
     overrides = {"tracking.enabled": False}
-    for section in ("sft", "gft"):
+    for section in sections:
         overrides.update({f"{section}.train.{k}": v for k, v in F64.items()})
         overrides[f"{section}.train.launch.processes"] = processes
         overrides[f"{section}.train.launch.strategy"] = strategy
@@ -29,12 +42,6 @@ def _config(processes: int, strategy: str = "ddp", **launch):
 
 def _weights(ref) -> dict[str, torch.Tensor]:
     return load_file(str(Path(ref.uri) / "model" / "model.safetensors"))
-
-
-@pytest.mark.parametrize("launch", [{"processes": 2}, {"job": True}])
-def test_grpo_rounds_refuse_a_launched_job(launch):
-    with pytest.raises(ValueError, match="GRPO rounds train in the stage's process"):
-        GRPOConfig.model_validate({"train": {"launch": launch}})
 
 
 def test_one_process_launches_only_when_asked():
@@ -67,12 +74,60 @@ def test_two_processes_train_the_run_of_one(tmp_path, strategy):
 
 
 @pytest.mark.slow
-def test_a_failing_process_fails_the_stage_with_its_error(tmp_path):
-    from pipeline.config import LaunchConfig, SFTConfig
+@pytest.mark.parametrize("strategy", ["ddp", "fsdp"])
+def test_two_processes_train_the_grpo_rounds_of_one(tmp_path, strategy):
+    """Each launched GRPO round scores its old policy (`prev`) and the reference in every process, then trains:
+    the same weights and behaviour metrics as in process."""
+    from pipeline.run import run
+    from pipeline.store.outputs import read_output
+
+    one = run(apply_overrides(_config(1, sections=("grpo",)), GRPO_CHAIN), root=tmp_path, progress=False)
+    two = run(apply_overrides(_config(2, strategy, sections=("grpo",)), GRPO_CHAIN), root=tmp_path, progress=False)
+    a, b = _weights(one.refs["grpo"]), _weights(two.refs["grpo"])
+    assert a.keys() == b.keys() and all(t.dtype == torch.float64 for t in a.values())
+    for key in a:
+        torch.testing.assert_close(b[key], a[key], rtol=1e-10, atol=1e-12, msg=key)
+    print(f"grpo ({strategy}): max |2 processes - 1 process| = {max((b[k] - a[k]).abs().max().item() for k in a):.2e}")
+    progress = json.loads((Path(two.refs["grpo"].uri) / "state" / "progress.json").read_text())
+    assert progress["processes"] == 2 and progress["step"] == 4  # 2 rounds x 2 passes
+    m1, m2 = read_output(one.refs["grpo"]).metrics, read_output(two.refs["grpo"]).metrics
+    shared = [k for k in m1 if k.startswith(("sampling/", "kl", "ratio_mean", "clip_ratio/", "reward"))]
+    assert "kl" in shared and "sampling/sampling_logp_difference/mean" in shared
+    for key in shared:
+        assert m2[key] == pytest.approx(m1[key], rel=1e-9, abs=1e-12), key
+    history = [json.loads(line) for line in (Path(two.refs["grpo"].uri) / "history.jsonl").read_text().splitlines()]
+    assert any(abs(h["ratio_mean"] - 1.0) > 1e-9 for h in history)  # later steps' old log-probs were not current
+    assert not list(tmp_path.glob("*/.ckpt-*"))
+
+
+def test_fsdp_processes_run_as_many_micro_batches():
+    """FSDP2 gathers shards in every forward, so every process must run as many: a step of 9 sequences over 2
+    processes at micro-batches of 4 is 2 micro-batches on each (5 = 2 + 3 and 4 = 2 + 2), not 2 and 1."""
+    from pipeline.config import TrainConfig
+    from pipeline.model.batches import Example, plan_step
+
+    examples = [Example([1, 2], [3] * (i + 1)) for i in range(9)]
+    counts = {}
+    for strategy in ("ddp", "fsdp"):
+        cfg = TrainConfig(micro_batch_size=4, launch={"processes": 2, "strategy": strategy})
+        shares = [plan_step(examples, list(range(9)), cfg, rank=r, world=2, pad_id=0)[0] for r in (0, 1)]
+        counts[strategy] = [[b.input_ids.shape[0] for b in share] for share in shares]
+    assert counts == {"ddp": [[4, 1], [4]], "fsdp": [[2, 3], [2, 2]]}
+    with pytest.raises(ValueError, match="fewer sequences"):
+        plan_step(examples, list(range(9)), TrainConfig(micro_batch_size=1, launch={"processes": 2, "strategy": "fsdp"}),
+                  rank=1, world=2, pad_id=0)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("stage", ["sft", "grpo_round"])
+def test_a_failing_process_fails_the_stage_with_its_error(tmp_path, stage):
+    from pipeline.config import GRPOConfig, LaunchConfig, SFTConfig
     from pipeline.rounds.launch import TrainJob, TrainJobError, run_job
 
-    job = TrainJob(stage="sft", config=SFTConfig().model_dump(mode="json"), model=str(tmp_path / "no-such-model"),
-                   folder=str(tmp_path), out=str(tmp_path / "out"), save_dtype="float32")
+    config = (SFTConfig() if stage == "sft" else GRPOConfig(beta=0.04)).model_dump(mode="json")
+    job = TrainJob(stage=stage, config=config, model=str(tmp_path / "no-such-model"), folder=str(tmp_path),
+                   reference=None if stage == "sft" else str(tmp_path / "no-such-model"), out=str(tmp_path / "out"),
+                   save_dtype="float32")
     with pytest.raises(TrainJobError, match=r"failed in process [01]: .*no-such-model") as err:
         run_job(job, LaunchConfig(processes=2, timeout_s=300))
     assert "full traceback" in str(err.value) and not (tmp_path / "result.json").exists()
@@ -291,3 +346,4 @@ def test_a_round_s_engine_sleeps_through_its_launched_job_and_loads_the_new_weig
     (round_0,) = [p for p in final.parent.iterdir() if p.is_dir() and not p.name.startswith(".") and p != final]
     assert [e[1:] for e in events if e[0] == policy.name] == [
         ("sleep",), ("wake",), ("load", str(round_0 / "model")), ("sleep",), ("wake",)]
+

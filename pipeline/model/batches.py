@@ -183,6 +183,31 @@ def plan_step(examples: Sequence[Example], indices: Sequence[int], cfg: TrainCon
     totals = StepTotals(tokens=sum(len(examples[i].response_ids) for i in indices), sequences=len(indices))
     local = list(indices)[rank::world]
     if cfg.packing:
-        return collate_packed(examples, local, pad_id, cfg.micro_batch_tokens), totals
+        micro = collate_packed(examples, local, pad_id, cfg.micro_batch_tokens)
+        if _sharded(cfg, world) and len({len(collate_packed(examples, list(indices)[r::world], pad_id,
+                                                            cfg.micro_batch_tokens)) for r in range(world)}) > 1:
+            raise ValueError("strategy fsdp with packing: the processes' shares of this step pack into different "
+                             "row counts, and FSDP2's gathers need every process to run as many forwards; "
+                             "train padded (packing = false) or with DDP")
+        return micro, totals
+    if _sharded(cfg, world):
+        return _even_micro_batches(examples, indices, local, cfg.micro_batch_size, world, pad_id), totals
     size = cfg.micro_batch_size
     return [collate_padded(examples, local[s:s + size], pad_id) for s in range(0, len(local), size)], totals
+
+
+def _sharded(cfg: TrainConfig, world: int) -> bool:
+    return cfg.launch.strategy == "fsdp" and world > 1
+
+
+def _even_micro_batches(examples: Sequence[Example], indices: Sequence[int], local: list[int], size: int, world: int,
+                        pad_id: int) -> list[TokenBatch]:
+    """Under FSDP2 every process runs as many forwards (each gathers the shards): the largest share's micro-batch
+    count on every process, each share split into that many near-equal micro-batches of at most `size`."""
+    count = math.ceil(math.ceil(len(indices) / world) / size)
+    if len(local) < count:
+        raise ValueError(f"strategy fsdp: a step of {len(indices)} sequences over {world} processes leaves a "
+                         f"process fewer sequences ({len(local)}) than micro-batches ({count}); raise "
+                         "micro_batch_size or make the step divisible by the processes")
+    cuts = [j * len(local) // count for j in range(count + 1)]
+    return [collate_padded(examples, local[a:b], pad_id) for a, b in zip(cuts, cuts[1:])]

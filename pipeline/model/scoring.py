@@ -217,11 +217,14 @@ class ResponseScores:
 @torch.no_grad()
 def score_responses(model: nn.Module, prompts: Sequence[Sequence[int]], responses: Sequence[Sequence[int]], *,
                     pad_id: int, batch_size: int = 16, chunk_size: int = 2048) -> ResponseScores:
-    """log p and entropy of every response token given its prompt, in padded batches on the model's device."""
+    """log p and entropy of every response token given its prompt, in padded batches on the model's device.
+    `model` is a causal LM or a TokenScorer (a trainer's FSDP2 scorer: its forward gathers the sharded
+    parameters, so every process must score the same batches)."""
     if len(prompts) != len(responses):
         raise ValueError(f"{len(prompts)} prompts but {len(responses)} responses")
     examples = [Example(p, r) for p, r in zip(prompts, responses)]
-    scorer, device = TokenScorer(model, chunk_size=chunk_size), next(model.parameters()).device
+    scorer = model if isinstance(model, TokenScorer) else TokenScorer(model, chunk_size=chunk_size)
+    device = next(model.parameters()).device
     logps, ents = [], []
     for start in range(0, len(examples), batch_size):
         batch = collate_padded(examples, range(start, min(start + batch_size, len(examples))), pad_id)

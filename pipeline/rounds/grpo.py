@@ -1,6 +1,7 @@
 """One GRPO round on live objects (docs/design.md section 1.7; anchors: TRL's GRPOTrainer and verl):
 policy-only groups, rewards, advantages, the sampler/trainer mismatch, and the round's optimizer steps.
-`run_round` is what the `grpo_round` stage runs between loading and saving.
+`run_round` is what the `grpo_round` stage runs between loading and saving; its training (steps 3 and 4,
+`train_phase`) runs on the stage's live trainer or in every process of a launched job (`pipeline.rounds.launch`).
 
 One round, for P prompts and G completions each:
 
@@ -33,7 +34,7 @@ Deviations from TRL, on purpose:
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
 
 import pandas as pd
@@ -56,7 +57,8 @@ from pipeline.rounds.groups import (
 )
 
 __all__ = ["Rollouts", "sample_rollouts", "RewardedRollouts", "reward_rollouts", "Behaviour", "behaviour",
-           "RoundExamples", "round_examples", "train_round", "loss_options", "run_round", "round_metrics", "reward_name"]
+           "RoundExamples", "round_examples", "train_round", "loss_options", "Trained", "TrainPhase", "train_phase",
+           "run_round", "round_metrics", "reward_name"]
 
 
 @dataclass(frozen=True)
@@ -171,8 +173,8 @@ def round_examples(table: pd.DataFrame, prompt_ids: list[list[int]], behave: Beh
     return RoundExamples(fresh=fresh, stale=stale)
 
 
-def train_round(trainer: Trainer, examples: RoundExamples, cfg: GRPOConfig, round_idx: int, *,
-                pad_id: int) -> list[dict[str, float]]:
+def train_round(trainer: Trainer, examples: RoundExamples, cfg: GRPOConfig, round_idx: int, *, pad_id: int,
+                after_step: Callable[[dict[str, float]], None] | None = None) -> list[dict[str, float]]:
     """num_iterations x minibatches_per_round optimizer steps; one history row per step. The round's first step
     takes the fresh examples (ratio exactly 1), every later one the stale (lp_old) ones."""
     objective = grpo_objective(loss_options(cfg), max_response_tokens=cfg.max_response_tokens)
@@ -183,7 +185,7 @@ def train_round(trainer: Trainer, examples: RoundExamples, cfg: GRPOConfig, roun
         tags = {"round": float(round_idx), "iteration": float(it)}
         plans += minibatch_plans(examples.stale, order, cfg.minibatches_per_round, tags)
     plans[0] = replace(plans[0], examples=examples.fresh)
-    return run_steps(trainer, plans, objective, cfg.train, pad_id=pad_id)
+    return run_steps(trainer, plans, objective, cfg.train, pad_id=pad_id, after_step=after_step)
 
 
 def loss_options(cfg: GRPOConfig) -> GRPOLossOptions:
@@ -193,27 +195,49 @@ def loss_options(cfg: GRPOConfig) -> GRPOLossOptions:
                            kl_clamp=cfg.kl_clamp, entropy_coeff=cfg.entropy_coeff, aggregation=cfg.aggregation)
 
 
-def run_round(trainer: Trainer, engine: Engine, verifiers: Sequence[Verifier], rows: pd.DataFrame, tok,
-              cfg: GRPOConfig, *, round_idx: int, reference: nn.Module | None = None) -> RoundResult:
-    """One GRPO round on `rows` (the round's prompts), continuing `trainer` (its model is the policy the engine
-    samples); `reference` scores the KL term when beta > 0. RNGs are seeded from (train seed, round) first."""
+@dataclass(frozen=True)
+class Trained:
+    """What a round's train phase reports: the behaviour pass's metrics (sampler mismatch, importance weights)
+    and one history row per optimizer step."""
+
+    behaviour: dict[str, float]
+    history: list[dict[str, float]]
+
+
+TrainPhase = Callable[[list[list[int]], pd.DataFrame], Trained]
+"""The round's training on (prompt ids, rewarded group table): `train_phase` on a live trainer, or a launched job
+of several processes that runs `train_phase` in each (`pipeline.rounds.launch`)."""
+
+
+def train_phase(trainer: Trainer, prompt_ids: list[list[int]], table: pd.DataFrame, cfg: GRPOConfig, round_idx: int,
+                pad_id: int, reference: nn.Module | None = None,
+                after_step: Callable[[dict[str, float]], None] | None = None) -> Trained:
+    """lp_old from the trainer's starting policy, the reference's log-probs when given (beta > 0), then the
+    round's optimizer steps. Under FSDP2 every process scores every rollout through the sharded scorer."""
+    behave = behaviour(trainer.scorer if trainer.sharded else trainer.model, table, prompt_ids, cfg, pad_id=pad_id)
+    ref = None if reference is None else score_responses(
+        reference, [prompt_ids[g] for g in table["group_index"]], list(table["token_ids"]), pad_id=pad_id).logprobs
+    history = train_round(trainer, round_examples(table, prompt_ids, behave, ref), cfg, round_idx, pad_id=pad_id,
+                          after_step=after_step)
+    return Trained(behaviour=behave.metrics, history=history)
+
+
+def run_round(train: TrainPhase, engine: Engine, verifiers: Sequence[Verifier], rows: pd.DataFrame, tok,
+              cfg: GRPOConfig, *, round_idx: int) -> RoundResult:
+    """One GRPO round on `rows` (the round's prompts): sample with the engine (its model is the policy `train`
+    continues), reward, then `train`. RNGs are seeded from (train seed, round) first."""
     set_seed(derive_seed(cfg.train.seed, "round", round_idx))
-    phases, pad_id = Phases(), chat.pad_id(tok)
+    phases = Phases()
     with phases("sample"):
         rollouts = sample_rollouts(engine, cfg, rows, tok, round_idx)
     with phases("reward"):
         rewarded = reward_rollouts(verifiers, cfg, rows, rollouts)
     with phases("train"):
-        behave = behaviour(trainer.model, rewarded.table, rollouts.prompt_ids, cfg, pad_id=pad_id)
-        ref = None if reference is None else score_responses(
-            reference, [rollouts.prompt_ids[g] for g in rewarded.table["group_index"]],
-            list(rewarded.table["token_ids"]), pad_id=pad_id).logprobs
-        history = train_round(trainer, round_examples(rewarded.table, rollouts.prompt_ids, behave, ref), cfg,
-                              round_idx, pad_id=pad_id)
+        trained = train(rollouts.prompt_ids, rewarded.table)
     prompt_tokens = sum(len(p) for p in rollouts.prompt_ids) * cfg.num_generations
     names = [reward_name(r) for r in cfg.rewards]
-    metrics = round_metrics(rewarded, behave, history, names, phases.metrics(), prompt_tokens)
-    return RoundResult(table=rewarded.table, history=history, metrics=metrics)
+    metrics = round_metrics(rewarded, trained, names, phases.metrics(), prompt_tokens)
+    return RoundResult(table=rewarded.table, history=trained.history, metrics=metrics)
 
 
 def _reward_stats(table: pd.DataFrame, per_func: Tensor, names: Sequence[str]) -> dict[str, float]:
@@ -242,11 +266,11 @@ _STEP_MEANS = ("loss", "grad_norm", "entropy", "kl", "ratio_mean", "clip_ratio/l
                "clip_ratio/region_mean", "pg_clipfrac_lower")
 
 
-def round_metrics(scored: RewardedRollouts, behave: Behaviour, history: list[dict[str, float]], names: Sequence[str],
-                  times: dict[str, float], prompt_tokens: int) -> dict[str, float]:
+def round_metrics(scored: RewardedRollouts, trained: Trained, names: Sequence[str], times: dict[str, float],
+                  prompt_tokens: int) -> dict[str, float]:
     """The round's metrics under TRL/verl names; policy metrics are means over the round's optimizer steps."""
-    table = scored.table
-    out = {**_reward_stats(table, scored.per_func, names), **_completion_stats(table), **behave.metrics, **times}
+    table, history = scored.table, trained.history
+    out = {**_reward_stats(table, scored.per_func, names), **_completion_stats(table), **trained.behaviour, **times}
     out.update(frac_reward_zero_std=scored.stats["frac_reward_zero_std"],
                frac_reward_missing=scored.stats["frac_reward_missing"],
                advantage_mean=float(table["advantage"].mean()), advantage_std=float(table["advantage"].std()))

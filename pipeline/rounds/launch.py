@@ -3,10 +3,11 @@
 existing split (every process takes its strided share of each step's global batch, the loss scaled so DDP's mean
 is the one-process sum, `pipeline.model.trainer`) makes the result the one-process result up to float rounding.
 
-The stage writes what training needs into a job folder (`job.json`: the settings and paths; `examples.parquet`),
-launches the job and waits; the job reads its inputs by path, trains, and writes the checkpoint (`model/`, and a
-round's `state/`) into the stage's output folder, then `result.json` (the history), before the stage publishes
-anything. Weights travel through folders, so several nodes need only a shared file system for the run root.
+The stage writes what training needs into a job folder (`job.json`: the settings and paths; `examples.parquet`, or
+a round's `groups.parquet` and `prompt_ids.json`), launches the job and waits; the job reads its inputs by path, trains, and writes the checkpoint (`model/`, and a
+round's `state/`) into the stage's output folder, then `result.json` (the history; a GRPO round's behaviour
+metrics too), before the stage publishes anything. A GRPO round's job scores its old-policy log-probs with the
+`prev` checkpoint it continues from and its reference log-probs with the reference checkpoint, as in process. Weights travel through folders, so several nodes need only a shared file system for the run root.
 
 A failed process fails the stage with that process's error (each writes `error-<rank>.txt`); the job runs in its
 own process group, stopped as a whole when the stage ends early or passes `LaunchConfig.timeout_s`, and torchrun
@@ -42,7 +43,7 @@ import torch
 from accelerate.utils import set_seed
 from pydantic import BaseModel, ConfigDict
 
-from pipeline.config import GFTConfig, LaunchConfig, SFTConfig
+from pipeline.config import GFTConfig, GRPOConfig, LaunchConfig, SFTConfig
 from pipeline.data import chat
 from pipeline.model.batches import Example
 from pipeline.model.checkpoint import load_state, save_state
@@ -50,7 +51,7 @@ from pipeline.model.loading import load_model
 from pipeline.model.loop import fit
 from pipeline.model.scoring import dft_objective, sft_objective
 from pipeline.model.trainer import make_trainer, save_model
-from pipeline.rounds.gft import train_phase
+from pipeline.rounds import gft, grpo
 from pipeline.rounds.groups import derive_seed
 from pipeline.progress import bar as progress_bar
 from pipeline.store.artifacts import write_text_atomic
@@ -71,10 +72,11 @@ class TrainJob(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    stage: Literal["sft", "gft_round"]
-    config: dict  # SFTConfig or GFTConfig, as JSON
+    stage: Literal["sft", "gft_round", "grpo_round"]
+    config: dict  # SFTConfig, GFTConfig or GRPOConfig, as JSON
     model: str  # the folder the weights start from (and the tokenizer)
     state: str | None = None  # a round's state/ to continue from
+    reference: str | None = None  # a GRPO round's KL reference model folder (beta > 0)
     folder: str  # the job folder: examples.parquet, result.json, error-<rank>.txt, job.log
     out: str  # the stage's output folder: model/ (and state/) are written here
     save_dtype: str
@@ -89,6 +91,7 @@ class JobResult(BaseModel):
 
     history: list[dict[str, float]]
     full_history: list[dict[str, float]]
+    behaviour: dict[str, float] = {}  # a GRPO round's behaviour-pass metrics (grpo.Trained.behaviour)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -273,17 +276,50 @@ def _sft(job: TrainJob, cfg: SFTConfig, model, tok) -> JobResult:
     return JobResult(history=result.history, full_history=result.full_history)
 
 
-def _gft_round(job: TrainJob, cfg: GFTConfig, model, tok) -> JobResult:
-    trainer = make_trainer(model, cfg.train, total_steps=cfg.rounds * cfg.minibatches_per_round)
+def _round_trainer(job: TrainJob, cfg: GFTConfig | GRPOConfig, model, steps: int):
+    """A round's trainer, continuing `job.state` when given, and the RNGs seeded as the round seeds them."""
+    trainer = make_trainer(model, cfg.train, total_steps=steps)
     if job.state:
         load_state(trainer, Path(job.state))
     set_seed(derive_seed(cfg.train.seed, "round", job.round_idx))
-    groups = pd.read_parquet(Path(job.folder) / "groups.parquet")
+    return trainer
+
+
+def _round_inputs(job: TrainJob) -> tuple[list[list[int]], pd.DataFrame]:
+    """The round's prompt ids and rewarded group table, as the stage wrote them."""
     prompts = json.loads((Path(job.folder) / "prompt_ids.json").read_text())
-    history = train_phase(trainer, prompts, groups, cfg, job.round_idx, chat.pad_id(tok), after_step=_reporter(job))
+    return prompts, pd.read_parquet(Path(job.folder) / "groups.parquet")
+
+
+def _save_round(job: TrainJob, trainer, tok) -> None:
     save_state(trainer, Path(job.out) / "state")
     save_model(trainer, Path(job.out) / "model", tok, dtype=getattr(torch, job.save_dtype))
+
+
+def _gft_round(job: TrainJob, cfg: GFTConfig, model, tok) -> JobResult:
+    trainer = _round_trainer(job, cfg, model, cfg.rounds * cfg.minibatches_per_round)
+    prompts, groups = _round_inputs(job)
+    history = gft.train_phase(trainer, prompts, groups, cfg, job.round_idx, chat.pad_id(tok),
+                              after_step=_reporter(job))
+    _save_round(job, trainer, tok)
     return JobResult(history=history, full_history=history)
+
+
+def _grpo_round(job: TrainJob, cfg: GRPOConfig, model, tok) -> JobResult:
+    """The round's behaviour pass (the `prev` weights this job starts from: the old policy), the reference's
+    log-probs (its whole model in every process, on the process's device) and the optimizer steps."""
+    trainer = _round_trainer(job, cfg, model, cfg.rounds * cfg.minibatches_per_round * cfg.num_iterations)
+    reference = None if job.reference is None else load_model(
+        job.reference, trust_remote_code=job.trust_remote_code).to(trainer.accelerator.device)
+    prompts, groups = _round_inputs(job)
+    trained = grpo.train_phase(trainer, prompts, groups, cfg, job.round_idx, chat.pad_id(tok), reference=reference,
+                               after_step=_reporter(job))
+    _save_round(job, trainer, tok)
+    return JobResult(history=trained.history, full_history=trained.history, behaviour=trained.behaviour)
+
+
+_CONFIGS = {"sft": SFTConfig, "gft_round": GFTConfig, "grpo_round": GRPOConfig}
+_TRAIN = {"sft": _sft, "gft_round": _gft_round, "grpo_round": _grpo_round}
 
 
 def main(spec_path: str) -> None:
@@ -292,11 +328,11 @@ def main(spec_path: str) -> None:
     rank = int(os.environ.get("RANK", "0"))
     try:
         torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))
-        cfg = (SFTConfig if job.stage == "sft" else GFTConfig).model_validate(job.config)
+        cfg = _CONFIGS[job.stage].model_validate(job.config)
         tok = chat.load_tokenizer(job.model, trust_remote_code=job.trust_remote_code)
         model = load_model(job.model, trust_remote_code=job.trust_remote_code, train=True,
                            master_dtype=cfg.train.master_dtype)
-        result = (_sft if job.stage == "sft" else _gft_round)(job, cfg, model, tok)
+        result = _TRAIN[job.stage](job, cfg, model, tok)
     except BaseException:
         write_text_atomic(Path(job.folder) / f"error-{rank}.txt", traceback.format_exc())
         raise
