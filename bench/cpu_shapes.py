@@ -27,7 +27,8 @@ Goals (issue 18), printed as a table with ok/MISS:
 Each missed goal gets a short torch.profiler profile (unless --no-profile, or once the run has taken
 --budget-s): one call of the engine and one of plain generate, or one step of gft and one of sft_plain, each in
 a fresh process, with the top ops by self CPU time. HFEngine's generate loop on uneven lengths gets none: it is
-transformers `generate` with the log-prob recorder, so it cannot gain there by construction.
+transformers `generate` (with the log-prob recorder and, on CPU, the engine's own inverse-CDF draw), which keeps
+every row until the longest completion ends, so it cannot gain 2x there by construction.
 
 OMP_WAIT_POLICY=PASSIVE unless set: on this shared 2-core machine, with one core busy elsewhere, one 2-thread
 `generate` call took 62 s with spinning OpenMP threads and 10.5 s with sleeping ones (10.4 s on 1 thread).
@@ -267,8 +268,8 @@ def profile_misses(args: argparse.Namespace, report: dict, t0: float) -> None:
         if row["ok"] or (done and "skipped" not in done):
             continue  # met, or profiled already
         if not row["profile"]:
-            print(f"\nNo profile for {row['goal']}: the generate loop is transformers generate with the "
-                  "raw log-prob recorder, so it cannot gain on uneven lengths")
+            print(f"\nNo profile for {row['goal']}: the generate loop is transformers generate, which keeps every "
+                  "row until the longest completion ends, so it cannot gain 2x on uneven lengths")
             continue
         if row["kind"] == "train" and any(p.get("variant") == row["variant"] and p["kind"] == "train"
                                           and "skipped" not in p for p in profiles.values()):

@@ -53,6 +53,10 @@ class LaunchConfig(Settings):
     strategy: Literal["ddp", "fsdp"] = "ddp"
     """ddp: every process holds the whole model and optimizer state; fsdp: FSDP2 (`fully_shard` of every decoder
     layer and of the root), so weights, gradients and optimizer state are sharded over the processes."""
+    cpu_offload: bool = False
+    """fsdp: keep the sharded parameters, gradients and AdamW state in CPU memory, each layer's shards moved to the
+    GPU for its forward and backward, and the optimizer step on CPU (FSDP2 `CPUOffloadPolicy`): GPU memory for
+    speed. On a CPU-only machine it moves nothing, but runs the same offload code path."""
     timeout_s: float = Field(24 * 3600.0, gt=0)
     """The job is stopped (all its processes) and the stage fails after this many seconds."""
 
@@ -73,6 +77,9 @@ class LaunchConfig(Settings):
                              "the stage's machine that the other nodes reach)")
         if self.rdzv_endpoint and not re.fullmatch(r"[^\s:]+:\d+", self.rdzv_endpoint):
             raise ValueError(f"launch.rdzv_endpoint = {self.rdzv_endpoint!r}: expected host:port")
+        if self.cpu_offload and self.strategy != "fsdp":
+            raise ValueError(f"launch.cpu_offload offloads FSDP2 shards: it needs strategy = \"fsdp\", "
+                             f"got {self.strategy!r}")
         return self
 
 

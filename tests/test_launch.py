@@ -50,13 +50,33 @@ def test_one_process_launches_only_when_asked():
     assert [LaunchConfig(**kw).launched for kw in ({}, {"job": True}, {"processes": 2})] == [False, True, True]
 
 
+def test_cpu_offload_is_an_fsdp_setting_and_needs_a_gpu(tmp_path):
+    """The setting is refused with any other strategy, and without a GPU before a process starts (FSDP2 offloads
+    from the accelerator; CPU-only it fails inside the job with "Cannot access accelerator device")."""
+    from pipeline.config import LaunchConfig
+    from pipeline.rounds.launch import TrainJob, run_job
+
+    with pytest.raises(ValueError, match='cpu_offload offloads FSDP2 shards: it needs strategy = "fsdp"'):
+        LaunchConfig(processes=2, cpu_offload=True)
+    launch = LaunchConfig(processes=2, strategy="fsdp", cpu_offload=True)
+    if not torch.cuda.is_available():
+        job = TrainJob.model_construct(stage="sft", folder=str(tmp_path / "job"))
+        with pytest.raises(ValueError, match="sft: train.launch.cpu_offload .* this machine has no GPU"):
+            run_job(job, launch)
+        assert not (tmp_path / "job").exists()  # refused before the job folder is written
+
+
 @pytest.mark.slow
-@pytest.mark.parametrize("strategy", ["ddp", "fsdp"])
-def test_two_processes_train_the_run_of_one(tmp_path, strategy):
+@pytest.mark.parametrize("strategy,launch", [
+    ("ddp", {}), ("fsdp", {}),
+    pytest.param("fsdp", {"cpu_offload": True}, marks=pytest.mark.skipif(
+        not torch.cuda.is_available(), reason="FSDP2's CPUOffloadPolicy needs a GPU to offload from"))],
+    ids=["ddp", "fsdp", "fsdp-cpu-offload"])
+def test_two_processes_train_the_run_of_one(tmp_path, strategy, launch):
     from pipeline.run import run
 
     one = run(_config(1), root=tmp_path, progress=False)
-    two = run(_config(2, strategy), root=tmp_path, progress=False)  # same root: data, models, teacher served
+    two = run(_config(2, strategy, **launch), root=tmp_path, progress=False)  # same root: data, models, teacher
     assert two.calls.get("prepare_data", 0) == 0 and one.refs["sft"].sha256 != two.refs["sft"].sha256
     for name in ("sft", "gft"):
         a, b = _weights(one.refs[name]), _weights(two.refs[name])

@@ -94,11 +94,13 @@ def make_trainer(model: nn.Module, cfg: TrainConfig, total_steps: int) -> Traine
     scorer = TokenScorer(model, chunk_size=cfg.logprob_chunk_size, compiled=cfg.compile, varlen=varlen,
                          keep_logits=cfg.keep_logits, compile_scope=cfg.compile_scope)
     sharded = cfg.launch.strategy == "fsdp" and accelerator.num_processes > 1
+    offload = sharded and cfg.launch.cpu_offload
     if sharded:  # before the optimizer: it must hold the sharded parameters
-        _shard(scorer, bf16=accelerator.mixed_precision == "bf16")
+        _shard(scorer, bf16=accelerator.mixed_precision == "bf16", offload=offload)
     params = [p for p in scorer.parameters() if p.requires_grad]
+    fused = (accelerator.device.type == "cuda" and not offload) or None  # offloaded shards step on CPU
     optimizer = torch.optim.AdamW(params, lr=cfg.lr, betas=cfg.betas, eps=cfg.adam_eps,
-                                  weight_decay=cfg.weight_decay, fused=accelerator.device.type == "cuda" or None)
+                                  weight_decay=cfg.weight_decay, fused=fused)
     make = get_cosine_schedule_with_warmup if cfg.schedule == "cosine" else get_constant_schedule_with_warmup
     kwargs = {"num_training_steps": total_steps} if cfg.schedule == "cosine" else {}
     scheduler = make(optimizer, num_warmup_steps=cfg.warmup_steps, **kwargs)
@@ -110,22 +112,24 @@ def make_trainer(model: nn.Module, cfg: TrainConfig, total_steps: int) -> Traine
     return trainer
 
 
-def _shard(scorer: nn.Module, *, bf16: bool) -> None:
+def _shard(scorer: nn.Module, *, bf16: bool, offload: bool = False) -> None:
     """FSDP2 in place: `fully_shard` of every decoder layer (the model's `_no_split_modules` classes), then of the
     scorer, whose forward computes the log-probs from the root's parameters (embeddings, final norm, output
-    projection), all-gathered for its duration. Under bf16, compute in bf16 with float32 gradient reduction."""
-    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+    projection), all-gathered for its duration. Under bf16, compute in bf16 with float32 gradient reduction;
+    with `offload`, the shards live in CPU memory between uses (`CPUOffloadPolicy`)."""
+    from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, OffloadPolicy, fully_shard
 
     policy = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) if bf16 else \
         MixedPrecisionPolicy()
+    kept = CPUOffloadPolicy() if offload else OffloadPolicy()
     kinds = set(getattr(scorer.lm, "_no_split_modules", None) or [])
     layers = [m for m in scorer.lm.modules() if type(m).__name__ in kinds]
     if not layers:
         raise ValueError(f"strategy fsdp: {type(scorer.lm).__name__} names no decoder layer class "
                          "(_no_split_modules) to shard")
     for layer in layers:
-        fully_shard(layer, mp_policy=policy)
-    fully_shard(scorer, mp_policy=policy)
+        fully_shard(layer, mp_policy=policy, offload_policy=kept)
+    fully_shard(scorer, mp_policy=policy, offload_policy=kept)
 
 
 def full_tensor(x: Tensor) -> Tensor:

@@ -159,6 +159,9 @@ def run_job(job: TrainJob, launch: LaunchConfig, *, steps: int | None = None, pr
     """Launch `job` on `launch.world_size` processes (nodes x processes) and wait, with a progress bar of its `steps` fed from the
     steps rank 0 reports (`steps.jsonl`); its result, or TrainJobError with the first failing process's error.
     The job's processes are all gone when this returns or raises."""
+    if launch.cpu_offload and not torch.cuda.is_available():  # FSDP2's offload needs an accelerator to offload from
+        raise ValueError(f"{job.stage}: train.launch.cpu_offload keeps FSDP2 shards in CPU memory between their uses "
+                         "on a GPU, but this machine has no GPU (torch.cuda.is_available() is False): set it false")
     folder = Path(job.folder)
     for old in [folder / "result.json", folder / STEPS, *folder.glob("error-*.txt")]:
         old.unlink(missing_ok=True)
