@@ -30,10 +30,10 @@ GRPO_CHAIN = {"chain": ["grpo"], "reward_modules": ["tests.reward_helpers"],
               "grpo.train.lr": 1e-3, "grpo.train.micro_batch_size": 4}
 
 
-def _config(processes: int, strategy: str = "ddp", sections=("sft", "gft"), **launch):
+def _config(processes: int, strategy: str = "ddp", sections=("sft", "gft"), train=None, **launch):
     overrides = {"tracking.enabled": False}
     for section in sections:
-        overrides.update({f"{section}.train.{k}": v for k, v in F64.items()})
+        overrides.update({f"{section}.train.{k}": v for k, v in {**F64, **(train or {})}.items()})
         overrides[f"{section}.train.launch.processes"] = processes
         overrides[f"{section}.train.launch.strategy"] = strategy
         overrides.update({f"{section}.train.launch.{k}": v for k, v in launch.items()})
@@ -69,9 +69,10 @@ def test_cpu_offload_is_an_fsdp_setting_and_needs_a_gpu(tmp_path):
 @pytest.mark.slow
 @pytest.mark.parametrize("strategy,launch", [
     ("ddp", {}), ("fsdp", {}),
+    ("fsdp", {"train": {"gradient_checkpointing": True}}),  # activation checkpointing recomputes the same values
     pytest.param("fsdp", {"cpu_offload": True}, marks=pytest.mark.skipif(
         not torch.cuda.is_available(), reason="FSDP2's CPUOffloadPolicy needs a GPU to offload from"))],
-    ids=["ddp", "fsdp", "fsdp-cpu-offload"])
+    ids=["ddp", "fsdp", "fsdp-activation-checkpointing", "fsdp-cpu-offload"])
 def test_two_processes_train_the_run_of_one(tmp_path, strategy, launch):
     from pipeline.run import run
 
