@@ -461,11 +461,11 @@ def evaluate(job: Job, cfg: EvalConfig, prompts: ArtifactRef, model: ArtifactRef
     With `cfg.validation`, also `val/mean@k`, `val/pass@k` and `val/greedy_accuracy` on the validation prompts."""
     tok = chat.load_tokenizer(model_dir(model), trust_remote_code=engine.trust_remote_code)
     sampler = job.res.engine("eval", model_dir(model), engine)
-    test = _grade(job.res, cfg, sampler, tok, _read_parquet(prompts, "eval.parquet"))
+    test = _grade(job.res, cfg, sampler, tok, prompts, "eval.parquet")
     metrics = accuracy_metrics(test.per_prompt, k=cfg.k)
     metrics.update(_entropy_and_kl(job.res, cfg, model, base, engine, test.prompt_ids, test.sampled, tok))
     if cfg.validation:
-        val = _grade(job.res, cfg, sampler, tok, _read_parquet(prompts, "validation.parquet"))
+        val = _grade(job.res, cfg, sampler, tok, prompts, "validation.parquet")
         metrics.update({f"val/{name}": v for name, v in accuracy_metrics(val.per_prompt, k=cfg.k).items()})
     _samples_table(test.rows, test.sampled, test.greedy, test.per_prompt).to_parquet(job.out / "samples.parquet")
     _write_json(job.out / EVAL_METRICS, metrics)
@@ -481,10 +481,12 @@ class _Graded:
     per_prompt: list
 
 
-def _grade(res: Resources, cfg: EvalConfig, sampler, tok, rows: pd.DataFrame) -> _Graded:
-    """Sample k responses and a greedy one for (at most `cfg.max_prompts` of) `rows`, and grade them."""
+def _grade(res: Resources, cfg: EvalConfig, sampler, tok, prompts: ArtifactRef, name: str) -> _Graded:
+    """Sample k responses and a greedy one for (at most `cfg.max_prompts` of) the rows of the prompt set's `name`
+    file, and grade them."""
+    rows = _read_parquet(prompts, name)
     if rows.empty:
-        raise ValueError("evaluate: no prompts to grade (the prompt set's eval or validation split is empty)")
+        raise ValueError(f"evaluate: no prompts to grade: {Path(prompts.uri) / name} has no rows")
     rows = rows.iloc[: cfg.max_prompts] if cfg.max_prompts else rows
     prompt_ids = [chat.render_prompt(tok, p) for p in rows["prompt"]]
     sampled = sampler.generate(prompt_ids, cfg.k, cfg.sampling)
