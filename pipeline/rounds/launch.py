@@ -54,7 +54,7 @@ from pipeline.model.trainer import make_trainer, save_model
 from pipeline.rounds import gft, grpo
 from pipeline.rounds.groups import derive_seed
 from pipeline.progress import bar as progress_bar
-from pipeline.store.artifacts import write_text_atomic
+from pipeline.atomic import write_text_atomic
 
 STEPS = "steps.jsonl"
 log = logging.getLogger(__name__)

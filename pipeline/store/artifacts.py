@@ -50,6 +50,7 @@ from typing import Any
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 import pipeline
+from pipeline.atomic import fsync_dir, write_text_atomic
 
 __all__ = [
     "ArtifactRef", "Manifest", "PendingOutput", "StageStore", "ArtifactError", "named_inputs",
@@ -427,7 +428,7 @@ class StageStore:
         for _ in range(3):
             try:
                 tmp.rename(final)
-                _fsync_dir(final.parent)
+                fsync_dir(final.parent)
                 return self._ref(final, m)
             except OSError:
                 if not final.exists():
@@ -563,27 +564,6 @@ def _raise_if_disk_full(root: Path, exc: BaseException) -> None:
         raise OSError(errno.ENOSPC, f"no space left on the device of {root}: {free / 2**20:.0f} MiB free; the stage "
                       f"wrote nothing (its temp folder is removed). Free space, or move `root` (the write failed "
                       f"with: {type(exc).__name__}: {exc})") from exc
-
-
-def write_text_atomic(path: Path, text: str) -> Path:
-    """Write `text` to `path` through a uniquely named temp file, fsync and rename: readers see the old file or the
-    new one, never a part (the parent folder is created if missing)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{secrets.token_hex(4)}")
-    with tmp.open("w", encoding="utf-8") as fh:
-        fh.write(text)
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.replace(tmp, path)
-    return path
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def _try_lock(lock_path: Path) -> _TempLock | None:
