@@ -1,17 +1,20 @@
 """The cache rule: a stage call's key is derived from its arguments, never assembled by hand.
 
 A stage takes settings (pydantic `Settings`), input references (`ArtifactRef`) and scalars (round index, seed,
-flags). `derive_spec` sorts the bound arguments of one call by type: every settings object goes into the config
-digest, every reference into the input digests (by role: the argument's name), every scalar into the key as
-`name=value`; `None` means "absent" and adds nothing. So a setting that changes what a stage writes is an ordinary
-argument of the stage and therefore part of its key, and a new argument cannot be forgotten in the key.
-`key = stage_key(stage, VERSIONS[stage], config digest + scalars, input digests)`: the store's folder name and
-Prefect's cache key.
+flags). `derive_spec` sorts the bound arguments of one call by type; every argument enters the key under its role
+(the argument's name): settings by the fields that can change what the stage writes (`Settings.key_fields`; the
+run-only ones of `pipeline.config.keys`, such as a job's timeout or an engine's sleep mode, are left out), scalars
+by value, references as `role=digest`; `None` means "absent" and adds nothing. So a setting that changes what a
+stage writes is an ordinary argument of the stage and therefore part of its key, a new argument cannot be
+forgotten in the key, and two inputs swapped between roles give another key.
+`key = stage_key(stage, VERSIONS[stage], digest of settings and scalars by role, role=digest of each input)`: the
+store's folder name and Prefect's cache key.
 """
 
 from __future__ import annotations
 
 import hashlib
+import json
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from functools import cached_property
@@ -43,10 +46,20 @@ class StageSpec:
 
     @cached_property
     def key(self) -> str:
-        """`stage_key(stage, VERSIONS[stage], config digest + scalars, input digests)`, computed once per spec."""
-        digest = hashlib.sha256("|".join(c.digest() for c in self.configs.values()).encode()).hexdigest()
-        extra = ",".join(f"{name}={value}" for name, value in self.scalars.items())
-        return stage_key(self.stage, VERSIONS[self.stage], digest + extra, [r.sha256 for r in self.inputs.values()])
+        """`stage_key(stage, VERSIONS[stage], arguments digest, input digests by role)`, computed once per spec."""
+        return stage_key(self.stage, VERSIONS[self.stage], self.arguments_digest, self.input_digests)
+
+    @property
+    def arguments_digest(self) -> str:
+        """sha256 of the settings (their output fields only) and scalars, each under its role."""
+        blob = json.dumps({"settings": {role: c.key_fields() for role, c in self.configs.items()},
+                           "scalars": self.scalars}, sort_keys=True, separators=(",", ":"))
+        return hashlib.sha256(blob.encode()).hexdigest()
+
+    @property
+    def input_digests(self) -> list[str]:
+        """`role=sha256` of every input, sorted by role: a digest counts only in the role it was passed in."""
+        return [f"{role}={ref.sha256}" for role, ref in sorted(self.inputs.items())]
 
     @property
     def pending(self) -> bool:
