@@ -20,8 +20,9 @@ from pydantic import ValidationError
 
 import pipeline
 from pipeline.store import artifacts
+from pipeline.store import locks
 from pipeline.store.artifacts import (ArtifactError, ArtifactRef, Manifest, StageStore, file_sha256, files_sha256,
-                                hash_tree, stage_key, tree_sha256)
+                                      hash_tree, manifest_digest, stage_key, tree_sha256)
 
 REPO = Path(__file__).resolve().parents[1]
 D = "0" * 64  # a well-formed digest
@@ -168,11 +169,34 @@ def test_an_old_manifest_with_a_list_of_inputs_still_loads(store):
     path = Path(ref.uri) / "manifest.json"
     data = json.loads(path.read_text())
     data["inputs"] = list(data["inputs"].values())
-    del data["datasets"], data["digest"]  # neither existed then
+    del data["datasets"], data["digest"]  # datasets did not exist then
+    data["digest"] = manifest_digest(Manifest.model_validate(data))
     path.write_text(json.dumps(data))
     assert store.lookup("evaluate", "k") == ref
     m = store.manifest(ref)
     assert m.inputs == {"input0": inp, "input1": inp} and m.datasets == {}
+
+
+@pytest.mark.parametrize("edit", ["metrics", "inputs", "nothing"])
+def test_a_manifest_without_its_digest_is_not_served(store, edit):
+    """Issue 26 item 6: deleting the digest field must not make an edited manifest verify (it did: a missing digest
+    skipped the check, so edited metrics reached MLflow)."""
+    inp = ArtifactRef(kind="prompts", uri="/p", sha256=D, schema_version=1)
+    with store.write("evaluate", "k", kind="eval", version=1, config={}, inputs={"prompts": inp}) as out:
+        (out.path / "metrics.json").write_bytes(b"{}")
+        out.metrics["acc"] = 0.1
+    ref = out.ref
+    path = Path(ref.uri) / "manifest.json"
+    data = json.loads(path.read_text())
+    del data["digest"]
+    if edit == "metrics":
+        data["metrics"]["acc"] = 0.99
+    elif edit == "inputs":
+        data["inputs"]["prompts"]["sha256"] = "1" * 64
+    path.write_text(json.dumps(data))
+    assert store.lookup("evaluate", "k") is None
+    with pytest.raises(ArtifactError, match="no digest"):
+        store.manifest(ref)
 
 
 def test_settings_model_is_stored_resolved(store):
@@ -338,7 +362,7 @@ def test_stale_folders_without_locks_are_removed(store):
 
 
 def test_writer_retries_when_a_cleaner_unlinks_its_fresh_lock(store, monkeypatch):
-    real, tried = artifacts._try_lock, []
+    real, tried = locks.try_lock, []
 
     def racy(path):
         lock = real(path)
@@ -347,7 +371,7 @@ def test_writer_retries_when_a_cleaner_unlinks_its_fresh_lock(store, monkeypatch
         tried.append(path)
         return lock
 
-    monkeypatch.setattr(artifacts, "_try_lock", racy)
+    monkeypatch.setattr(locks, "try_lock", racy)
     ref = write_output(store, "gft", "k1", {"a.bin": b"x"})
     assert len(tried) == 2 and tried[0] != tried[1]
     assert store.lookup("gft", "k1") == ref and leftovers(store, "gft") == []

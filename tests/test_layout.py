@@ -1,9 +1,12 @@
-"""The library's shape: layers import downwards only, no folder grows past eight modules, no Prefect inside.
+"""The library's shape: layers import downwards only, only the stage layer and above touch the store and tracking,
+no folder grows past eight modules, no Prefect inside.
 
-The layers, lowest first (README, "The library"): settings -> pure math -> the store -> data -> the model ->
-tracking and plots -> rollout -> rounds -> runtime -> stages -> run -> experiment. A module may import its own
-package and any lower layer; importing a higher layer (or a sibling of the same rank) fails here, naming the
-file, the line and the import.
+The layers, lowest first (docs/design.md, "Layers"): settings, references and atomic writes -> pure math -> the store
+-> data -> the model -> tracking and plots -> rollout -> rounds -> runtime -> stages -> run -> experiment. A module
+may import its own package and any lower layer; importing a higher layer (or a sibling of the same rank) fails here,
+naming the file, the line and the import. Besides, `pipeline.store` and `pipeline.tracking` are imported only by
+`STORE_USERS` (and by each other, and by `flows/`, which sits above the library): rounds, model, algo, data and
+rollout are handed folders and live objects, never the store.
 """
 
 from __future__ import annotations
@@ -16,12 +19,15 @@ import pytest
 PACKAGE = Path(__file__).resolve().parents[1] / "pipeline"
 
 LAYERS = {
-    "pipeline": 0, "pipeline.config": 0, "pipeline.progress": 0,
+    "pipeline": 0, "pipeline.config": 0, "pipeline.progress": 0, "pipeline.atomic": 0, "pipeline.artifacts": 0,
     "pipeline.algo": 1, "pipeline.store": 2, "pipeline.data": 3, "pipeline.model": 4,
     "pipeline.tracking": 5, "pipeline.plots": 5, "pipeline.rollout": 6, "pipeline.rounds": 7,
     "pipeline.runtime": 8, "pipeline.stages": 9, "pipeline.run": 10, "pipeline.experiment": 11,
-    "pipeline.artifacts": 12,  # the compatibility name Prefect's stored results use; nothing inside imports it
 }
+STORE_USERS = {"pipeline.store", "pipeline.tracking", "pipeline.runtime", "pipeline.stages", "pipeline.run",
+               "pipeline.experiment"}
+"""The units that may import `pipeline.store` and `pipeline.tracking` (docs/design.md, "Layers")."""
+GUARDED = ("pipeline.store", "pipeline.tracking")
 MAX_MODULES = 8
 
 
@@ -67,8 +73,42 @@ def layer_violations(package: Path = PACKAGE) -> list[str]:
     return out
 
 
+def store_violations(package: Path = PACKAGE) -> list[str]:
+    """Imports of the store or tracking from a unit outside `STORE_USERS`, as "file:line: ..." lines."""
+    out = []
+    for path in sorted(package.rglob("*.py")):
+        here = _unit(_module_name(path, package))
+        for line, target in _imports(path):
+            if here not in STORE_USERS and target.startswith(GUARDED) and _unit(target) in GUARDED:
+                out.append(f"{path.relative_to(package.parent)}:{line}: {here} imports {target}; only "
+                           f"{', '.join(sorted(STORE_USERS - set(GUARDED)))} touch the store and tracking")
+    return out
+
+
 def test_layers_import_downwards_only():
     assert layer_violations() == []
+
+
+def test_only_the_stage_layer_and_above_touch_the_store_and_tracking():
+    assert store_violations() == []
+
+
+def test_the_store_check_catches_a_lower_layer_reaching_into_the_store(tmp_path):
+    """The rule can fail: a round that writes through the store and a data module that hashes with it are reported;
+    the stages, a store module and the bottom-layer references are not."""
+    fake = tmp_path / "pipeline"
+    for sub in ("rounds", "data", "store"):
+        (fake / sub).mkdir(parents=True)
+        (fake / sub / "__init__.py").write_text("")
+    (fake / "__init__.py").write_text("")
+    (fake / "rounds" / "launch.py").write_text("import os\nfrom pipeline.store.artifacts import write_text_atomic\n")
+    (fake / "data" / "prompts.py").write_text("from pipeline.artifacts import tree_sha256\n"
+                                              "def f():\n    from pipeline.tracking import base\n")
+    (fake / "store" / "outputs.py").write_text("from pipeline.store.artifacts import StageStore\n")
+    (fake / "stages.py").write_text("from pipeline.store import cache\nimport pipeline.tracking\n")
+    found = store_violations(fake)
+    assert [v.split(": ")[0] for v in found] == ["pipeline/data/prompts.py:3", "pipeline/rounds/launch.py:2"], found
+    assert "pipeline.rounds imports pipeline.store.artifacts" in found[1]
 
 
 def test_the_check_catches_an_upward_import(tmp_path):
@@ -109,7 +149,8 @@ def test_prefect_results_of_run_roots_made_before_the_move_still_load():
     ref = ArtifactRef(kind="model", uri="/r/sft/k", sha256="a" * 64, schema_version=1)
     blob = JSONSerializer().dumps(ref)
     record = json.loads(blob)
-    assert record["__class__"] == "pipeline.store.artifacts.ArtifactRef"
-    record["__class__"] = "pipeline.artifacts.ArtifactRef"  # as an old root stored it
-    old = JSONSerializer().loads(json.dumps(record).encode())
-    assert isinstance(old, ArtifactRef) and old == ref
+    assert record["__class__"] == "pipeline.artifacts.ArtifactRef"  # the class lives below every layer again
+    for name in ("pipeline.store.artifacts.ArtifactRef", "pipeline.artifacts.ArtifactRef"):  # as roots stored it
+        record["__class__"] = name
+        old = JSONSerializer().loads(json.dumps(record).encode())
+        assert isinstance(old, ArtifactRef) and old == ref

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from pipeline.store.artifacts import ArtifactError, ArtifactRef, StageStore, tree_sha256
+from pipeline.store.artifacts import ArtifactError, ArtifactRef, Manifest, StageStore, manifest_digest, tree_sha256
 from pipeline.store.outputs import find_output, read_chain, read_output
 
 
@@ -32,7 +32,8 @@ def _unroled(ref: ArtifactRef) -> None:
     data = json.loads(path.read_text())
     root = ref.path.parent.parent
     data["inputs"] = [{**r, "uri": str(root / r["uri"])} for r in data["inputs"].values()]  # absolute uris then
-    del data["datasets"], data["digest"]  # neither existed then
+    del data["datasets"], data["digest"]  # datasets did not exist then
+    data["digest"] = manifest_digest(Manifest.model_validate(data))
     path.write_text(json.dumps(data))
 
 

@@ -133,7 +133,8 @@ def test_a_pruned_output_still_fails_on_any_other_damage(store):
 def test_a_kill_while_pruning_leaves_an_output_that_verifies(store):
     refs = _chain(store)
     folder = refs[0].path
-    (folder / PRUNED).write_text(json.dumps(["state/digests.json", "state/optimizer.pt"]))  # recorded first
+    record = {"output_sha256": refs[0].sha256, "files": ["state/digests.json", "state/optimizer.pt"]}
+    (folder / PRUNED).write_text(json.dumps(record))  # recorded first
     (folder / "state" / "digests.json").unlink()  # ... then killed before the second file went
     assert store.lookup("gft_round", "k0") == refs[0]
     (folder / "state" / "optimizer.pt").write_bytes(b"flipped")  # what is left is still verified
@@ -161,3 +162,60 @@ def test_only_a_verified_output_is_pruned(store):
     with pytest.raises(ArtifactError):
         store.prune(refs[1], ["state/"])
     assert (refs[1].path / "state" / "optimizer.pt").is_file()
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Tampering with the prune record (issue 26 item 6)
+# ---------------------------------------------------------------------------------------------------------
+
+
+def _sft(store: StageStore) -> ArtifactRef:
+    """An SFT output (retention never prunes one) with a model/."""
+    with store.write("sft", "s", kind="model", version=1, config={}, inputs={}) as out:
+        for rel in ("history.jsonl", "model/w.bin", "model/config.json"):
+            (out.path / rel).parent.mkdir(parents=True, exist_ok=True)
+            (out.path / rel).write_bytes(rel.encode())
+    return out.ref
+
+
+@pytest.mark.parametrize("record", ["list", "named"])
+def test_a_planted_prune_record_does_not_excuse_a_deleted_model_of_sft(store, record):
+    """The issue's attack: an SFT output's model/ deleted and a pruned.json naming it planted, in the old list form
+    or the current one with the right digest. It was served, and the next stage failed in transformers."""
+    ref = _sft(store)
+    shutil.rmtree(ref.path / "model")
+    files = ["model/config.json", "model/w.bin"]
+    body = files if record == "list" else {"output_sha256": ref.sha256, "files": files}
+    (ref.path / PRUNED).write_text(json.dumps(body))
+    assert store.lookup("sft", "s") is None
+    assert store.pruned(ref) == set(files)
+    with pytest.raises(ArtifactError, match="retention prunes only"):
+        store.prune(_sft(StageStore(store.root.parent / "o")), ["model/"])
+
+
+@pytest.mark.parametrize("how", ["list", "other_digest", "outside_prunable"])
+def test_a_round_missing_files_its_record_does_not_legitimately_name_is_recomputed(store, how):
+    refs = _chain(store)
+    folder = refs[0].path
+    if how == "outside_prunable":
+        (folder / "history.jsonl").unlink()
+        body = {"output_sha256": refs[0].sha256, "files": ["history.jsonl"]}
+    else:
+        shutil.rmtree(folder / "model")
+        body = {"output_sha256": refs[1].sha256, "files": ["model/w.bin"]} if how == "other_digest" else ["model/w.bin"]
+    (folder / PRUNED).write_text(json.dumps(body))
+    assert store.lookup("gft_round", "k0") is None
+
+
+def test_a_stage_never_computes_from_an_input_that_lost_files(store):
+    """A pruned round is served as the chain's history, but a stage that would read it as a model refuses it before
+    it runs, naming the role, so the run recomputes it first instead of failing inside the loader."""
+    refs = _chain(store)
+    store.prune(refs[0], ["model/"])
+    assert store.lookup("gft_round", "k0") == refs[0]
+    with pytest.raises(ArtifactError, match="input 'prev'.*model/w.bin"):
+        with store.write("evaluate", "e", kind="eval", version=1, config={}, inputs={"model": refs[1], "prev": refs[0]}):
+            pytest.fail("the body ran")
+    with store.write("evaluate", "e", kind="eval", version=1, config={}, inputs={"model": refs[1]}) as out:
+        (out.path / "metrics.json").write_text("{}")
+    assert store.lookup("evaluate", "e") == out.ref

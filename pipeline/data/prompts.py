@@ -31,9 +31,9 @@ from typing import Any
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from pipeline.store.artifacts import ArtifactRef, file_sha256, tree_sha256
 from pipeline.config import DataConfig
 from pipeline.data.chat import encode_prompt
+from pipeline.data.sources import READERS, DataError, Table, resolve_format, source_ref
 
 __all__ = [
     "DataError", "BadRow", "LoadReport", "PromptSet", "PromptSplit", "FIELDS", "column_path",
@@ -50,14 +50,6 @@ MAX_LISTED = 100
 """Bad rows spelled out in a DataError message; all of them are in `DataError.bad_rows`."""
 
 GoldCheck = Callable[[str], bool]
-
-
-class DataError(ValueError):
-    """A prompt set that cannot be used; the message names the file, the rows and the fields."""
-
-    def __init__(self, message: str, bad_rows: Sequence[BadRow] = ()):
-        super().__init__(message)
-        self.bad_rows = list(bad_rows)
 
 
 @dataclass(frozen=True)
@@ -112,121 +104,12 @@ class PromptSplit:
     validation: list[dict[str, Any]] = field(default_factory=list)
 
 
-@dataclass(frozen=True)
-class _Table:
-    records: list[dict[str, Any]]
-    columns: list[str]
-    origin: str
-
-
 class _Bad(ValueError):
     """One field's problem, caught by the row check and turned into a BadRow."""
 
     def __init__(self, reason: str, detail: str = ""):
         super().__init__(reason)
         self.reason, self.detail = reason, detail
-
-
-# ---------------------------------------------------------------------------------------------------------
-# Reading sources
-# ---------------------------------------------------------------------------------------------------------
-
-
-def resolve_format(cfg: DataConfig) -> str:
-    """The reader for `cfg.source`: cfg.format, or with "auto": a `save_to_disk` folder -> disk, another
-    folder -> hf (datasets' folder loader), .parquet / .jsonl -> that, anything not on disk -> a hub id."""
-    if cfg.format != "auto":
-        return cfg.format
-    path = Path(cfg.source).expanduser()
-    if path.is_dir():
-        saved = (path / "dataset_dict.json").exists() or (path / "state.json").exists()
-        return "disk" if saved else "hf"
-    if path.suffix in (".parquet", ".jsonl") and path.is_file():
-        return path.suffix[1:]
-    if path.exists():
-        raise DataError(f"{path}: cannot tell the format from the name; set data.format to parquet or jsonl")
-    if path.is_absolute() or cfg.source.startswith((".", "~")) or path.suffix in (".parquet", ".jsonl", ".json"):
-        raise DataError(f"{path}: no such file or folder")
-    return "hf"
-
-
-def _read_hub(cfg: DataConfig) -> _Table:
-    import datasets
-
-    try:
-        ds = datasets.load_dataset(cfg.source, split=cfg.split)
-    except (OSError, ValueError) as exc:  # not found / offline / unknown split: name what was asked for
-        raise DataError(f"dataset {cfg.source!r} split {cfg.split!r}: {exc}") from exc
-    return _Table(ds.to_list(), list(ds.column_names), f"dataset {cfg.source!r} split {cfg.split!r}")
-
-
-def _local(cfg: DataConfig) -> Path:
-    path = Path(cfg.source).expanduser()
-    if not path.exists():
-        raise DataError(f"{path}: no such file or folder")
-    return path
-
-
-def _read_disk(cfg: DataConfig) -> _Table:
-    import datasets
-
-    _local(cfg)
-    try:
-        ds = datasets.load_from_disk(cfg.source)
-    except (OSError, ValueError) as exc:
-        raise DataError(f"{cfg.source}: not a datasets `save_to_disk` folder: {exc}") from exc
-    origin = str(cfg.source)
-    if isinstance(ds, datasets.DatasetDict):
-        if cfg.split not in ds:
-            raise DataError(f"{cfg.source}: no split {cfg.split!r}; available splits: {', '.join(ds)}")
-        ds, origin = ds[cfg.split], f"{cfg.source} split {cfg.split!r}"
-    return _Table(ds.to_list(), list(ds.column_names), origin)
-
-
-def _read_parquet(cfg: DataConfig) -> _Table:
-    path = _local(cfg)
-    try:
-        table = pq.read_table(path)
-    except (OSError, pa.ArrowException) as exc:
-        raise DataError(f"{path}: cannot read as parquet: {exc}") from exc
-    return _Table(table.to_pylist(), list(table.column_names), str(path))
-
-
-def _read_jsonl(cfg: DataConfig) -> _Table:
-    path = _local(cfg)
-    records, columns = [], {}
-    try:
-        with path.open(encoding="utf-8") as fh:
-            for line_no, line in enumerate(fh, 1):
-                if not line.strip():
-                    continue
-                try:
-                    rec = json.loads(line)
-                except json.JSONDecodeError as exc:
-                    raise DataError(f"{path} line {line_no}: invalid JSON: {exc}") from exc
-                if not isinstance(rec, dict):
-                    raise DataError(f"{path} line {line_no}: expected a JSON object, got {type(rec).__name__}")
-                records.append(rec)
-                columns.update(dict.fromkeys(rec))
-    except (OSError, UnicodeDecodeError) as exc:
-        raise DataError(f"{path}: cannot read: {exc}") from exc
-    return _Table(records, list(columns), str(path))
-
-
-def source_ref(cfg: DataConfig) -> ArtifactRef | None:
-    """A reference to a local source with its content digest (file sha256, or tree sha256 of a folder), for the
-    cache key of the stage that reads it: editing the file then invalidates the cache. None for "synthetic"
-    (its config is the content) and for hub ids (their content is not known before loading)."""
-    if cfg.source == "synthetic":
-        return None
-    if resolve_format(cfg) == "hf" and not Path(cfg.source).expanduser().is_dir():
-        return None  # a hub id
-    path = _local(cfg).resolve()
-    sha = tree_sha256(path) if path.is_dir() else file_sha256(path)
-    return ArtifactRef(kind="prompt_source", uri=str(path), sha256=sha, schema_version=1)
-
-
-_READERS = {"hf": _read_hub, "disk": _read_disk, "parquet": _read_parquet, "jsonl": _read_jsonl}
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -240,7 +123,7 @@ def load_prompts(cfg: DataConfig, *, gold_check: GoldCheck | None = None) -> Pro
     if cfg.source == "synthetic":
         raise ValueError("source 'synthetic' is generated by pipeline.data.synthetic; pass its rows to "
                          "rows_from_records()")
-    table = _READERS[resolve_format(cfg)](cfg)
+    table = READERS[resolve_format(cfg)](cfg)
     log.info("read %d rows from %s", len(table.records), table.origin)
     return _validate(table, cfg, gold_check)
 
@@ -250,10 +133,10 @@ def rows_from_records(records: Iterable[Mapping[str, Any]], cfg: DataConfig, *, 
     """Validate in-memory rows (e.g. the synthetic task's) exactly as a loaded file's rows."""
     records = [dict(r) for r in records]
     columns = list(dict.fromkeys(k for r in records for k in r))
-    return _validate(_Table(records, columns, origin), cfg, gold_check)
+    return _validate(Table(records, columns, origin), cfg, gold_check)
 
 
-def _validate(table: _Table, cfg: DataConfig, gold_check: GoldCheck | None) -> PromptSet:
+def _validate(table: Table, cfg: DataConfig, gold_check: GoldCheck | None) -> PromptSet:
     if not table.records:
         raise DataError(f"{table.origin}: no rows")
     _check_columns(table, cfg)
@@ -287,7 +170,7 @@ def _column_map(cfg: DataConfig, columns: Sequence[str]) -> dict[str, list[str |
             for name, setting in _SETTING.items()}
 
 
-def _check_columns(table: _Table, cfg: DataConfig) -> None:
+def _check_columns(table: Table, cfg: DataConfig) -> None:
     missing = [f"{path[0]!r} (data.{_SETTING[name]}{'' if len(path) == 1 else ' = ' + repr(getattr(cfg, _SETTING[name]))})"
                for name, path in _column_map(cfg, table.columns).items()
                if path is not None and path[0] not in table.columns]
