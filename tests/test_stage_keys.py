@@ -176,3 +176,76 @@ def test_sft_takes_the_teacher_responses_only_when_it_trains_on_them(tmp_path):
     (expert,) = [c for c in _calls(tmp_path, chain=["sft"]) if c.stage == "sft"]
     (mix,) = [c for c in _calls(tmp_path, chain=["sft"], **{"sft.source": "mix"}) if c.stage == "sft"]
     assert "teacher" not in expert.spec.inputs and "teacher" in mix.spec.inputs
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Run-only settings stay out of the key; roles enter it (issue 26 item 3)
+# ---------------------------------------------------------------------------------------------------------
+
+
+def _gft_args(**over) -> dict:
+    args = dict(cfg=GFTConfig(), round_idx=0, prompts=_ref("p"), teacher=None, prev=_ref("m"), engine=EngineConfig())
+    return {**args, **over}
+
+
+def _with(settings: Settings, path: str, value) -> Settings:
+    """A copy of `settings` with the dotted field `path` set to `value`, validated again."""
+    from pipeline.config import apply_overrides
+
+    return apply_overrides(settings, {path: value})
+
+
+@pytest.mark.parametrize("path,value", [("train.launch.timeout_s", 60.0), ("train.launch.rdzv_id", "elsewhere"),
+                                        ("train.launch.rdzv_endpoint", "10.0.0.2:29500")])
+def test_how_long_and_where_a_round_job_runs_keeps_the_gft_round_key(path, value):
+    plain = stages.bind("gft_round", **_gft_args()).key
+    assert stages.bind("gft_round", **_gft_args(cfg=_with(GFTConfig(), path, value))).key == plain
+
+
+@pytest.mark.parametrize("field,value", [("enable_sleep_mode", True), ("gpu_memory_utilization", 0.9),
+                                         ("kv_cache_gib", 4.0)])
+def test_an_engines_memory_settings_keep_the_round_and_evaluate_keys(field, value):
+    from pipeline.config import EvalConfig
+
+    engine = EngineConfig(**{field: value})
+    assert stages.bind("gft_round", **_gft_args(engine=engine)).key == stages.bind("gft_round", **_gft_args()).key
+    args = dict(cfg=EvalConfig(), prompts=_ref("p"), model=_ref("m"), base=_ref("b"))
+    assert stages.bind("evaluate", **args, engine=engine).key == stages.bind("evaluate", **args).key
+
+
+@pytest.mark.parametrize("path,value", [("train.lr", 2e-4), ("train.launch.processes", 2),
+                                        ("train.launch.strategy", "fsdp"), ("train.master_dtype", "float64"),
+                                        ("train.micro_batch_size", 8)])
+def test_what_changes_the_weights_changes_the_gft_round_key(path, value):
+    plain = stages.bind("gft_round", **_gft_args()).key
+    assert stages.bind("gft_round", **_gft_args(cfg=_with(GFTConfig(), path, value))).key != plain
+
+
+def test_input_roles_are_in_the_key():
+    args = dict(cfg=GFTConfig(), round_idx=0, prompts=_ref("p"), teacher=_ref("t"), prev=_ref("m"))
+    swapped = {**args, "teacher": args["prev"], "prev": args["teacher"]}
+    assert stages.bind("gft_round", **swapped).key != stages.bind("gft_round", **args).key
+    from pipeline.config import EvalConfig
+
+    model, base = _ref("policy"), _ref("base")
+    evaluate = dict(cfg=EvalConfig(), prompts=_ref("p"))
+    assert stages.bind("evaluate", **evaluate, model=model, base=base).key != \
+        stages.bind("evaluate", **evaluate, model=base, base=model).key
+
+
+def test_a_digest_moved_to_another_role_gives_another_key():
+    from pipeline.config import SFTConfig
+    from pipeline.store.cache import derive_spec
+
+    cfg, prompts, digest = SFTConfig(), _ref("p"), _ref("x")
+    as_teacher = derive_spec("sft", "model", {"cfg": cfg, "prompts": prompts, "teacher": digest})
+    as_init = derive_spec("sft", "model", {"cfg": cfg, "prompts": prompts, "init": digest})
+    assert as_teacher.key != as_init.key
+
+
+def test_settings_enter_the_key_under_their_role():
+    from pipeline.store.cache import derive_spec
+
+    a, b = EngineConfig(), EngineConfig(dtype="bfloat16")
+    assert derive_spec("evaluate", "eval", {"engine": a, "base_engine": b}).key != \
+        derive_spec("evaluate", "eval", {"engine": b, "base_engine": a}).key
