@@ -1,27 +1,34 @@
-"""What a process keeps between stages (`Resources`) and how one stage call runs under the cache (`cached`).
+"""What a process keeps between stages (`Resources`), the stage table, and how one stage call runs under the
+cache (`cached`).
 
-`cached` serves the verified output of a `StageSpec`'s key, or builds it into a fresh folder and publishes it
-atomically, as one child run of the tracker. `Resources` holds the store, the engines by role, the verifier
-processes and the tracker, built once per process and shared by the stages in `pipeline.stages`.
+`Resources` holds the store, the engines by role, the verifier processes and the tracker, built once per process
+and shared by the stages in `pipeline.stages`. The stage table: `@stage` registers a stage function, `bind` binds a
+call's arguments and derives its key from them (`pipeline.store.cache.derive_spec`), `execute` runs a bound call
+under the cache. `cached` serves the verified output of a `StageSpec`'s key, or builds it into a fresh folder and
+publishes it atomically, as one child run of the tracker.
 """
 
 from __future__ import annotations
 
+import functools
+import inspect
 import logging
 import time
 from collections.abc import Callable, Iterator
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from pipeline.config import EngineConfig
 from pipeline.rollout.engines import Engine, build_engine
 from pipeline.rollout.verifiers import Verifier
 from pipeline.store.artifacts import ArtifactRef, StageStore, stage_key, tree_sha256
-from pipeline.store.cache import VERSIONS, StageSpec
+from pipeline.store.cache import VERSIONS, StageSpec, derive_spec
 from pipeline.tracking import NullTracker, Tracker
 
-__all__ = ["Resources", "cached", "model_dir", "external_model"]
+__all__ = ["Resources", "Job", "StageCall", "STAGES", "stage", "bind", "execute", "cached", "model_dir",
+           "external_model"]
 
 log = logging.getLogger(__name__)
 
@@ -55,7 +62,7 @@ class Resources:
             self._release(role)
             loaded = None
         if loaded is None:
-            loaded = self.engines[role] = _Loaded(build_engine(model_dir, cfg), cfg)
+            loaded = self.engines[role] = _Loaded(build_engine(model_dir, cfg, progress=self.progress), cfg)
             self.weights[id(loaded.engine)] = model_dir  # a fresh (or shared, reset) engine holds its folder's
         if self.weights.get(id(loaded.engine)) != model_dir:
             loaded.engine.load_weights(model_dir)
@@ -100,6 +107,71 @@ class Resources:
         for verifier in self.verifiers.values():
             verifier.close()
         self.verifiers.clear()
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The stage table: bind a call, derive its key, execute it under the cache
+# ---------------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Job:
+    """What a running stage gets besides its arguments: its fresh output folder, its key, the resources."""
+
+    out: Path
+    key: str
+    res: Resources
+
+
+@dataclass(frozen=True)
+class _Stage:
+    fn: Callable[..., dict[str, float]]
+    kind: str
+    datasets: dict[str, str]
+
+
+STAGES: dict[str, _Stage] = {}
+
+
+@dataclass(frozen=True)
+class StageCall:
+    """One stage call: the stage, its bound arguments (signature order, defaults applied) and its spec, built once."""
+
+    stage: str
+    arguments: dict[str, Any]
+    spec: StageSpec
+
+    @property
+    def key(self) -> str:
+        return self.spec.key
+
+
+def stage(kind: str, *, datasets: dict[str, str] | None = None):
+    """Register `fn(job, ...) -> metrics` as a stage; the name becomes `fn(..., res=res) -> ArtifactRef`."""
+    def register(fn: Callable[..., dict[str, float]]) -> Callable[..., ArtifactRef]:
+        STAGES[fn.__name__] = _Stage(fn, kind, dict(datasets or {}))
+
+        @functools.wraps(fn)
+        def call(*args, res: Resources, **kw) -> ArtifactRef:
+            return execute(bind(fn.__name__, *args, **kw), res)
+        return call
+    return register
+
+
+def bind(name: str, *args, **kw) -> StageCall:
+    """Bind arguments to stage `name` and derive the call's key from them (a wrong argument fails here)."""
+    entry = STAGES[name]
+    params = list(inspect.signature(entry.fn).parameters.values())[1:]  # without `job`
+    bound = inspect.Signature(params).bind(*args, **kw)
+    bound.apply_defaults()
+    arguments = dict(bound.arguments)
+    return StageCall(name, arguments, derive_spec(name, entry.kind, arguments, entry.datasets))
+
+
+def execute(call: StageCall, res: Resources) -> ArtifactRef:
+    """Serve the call's verified output or compute it (`pipeline.runtime.cached`)."""
+    fn = STAGES[call.stage].fn
+    return cached(res, call.spec, lambda out, key: fn(Job(out, key, res), **call.arguments))
 
 
 def cached(res: Resources, spec: StageSpec, build: Callable[[Path, str], dict[str, float]]) -> ArtifactRef:

@@ -54,13 +54,14 @@ def test_cpu_offload_is_an_fsdp_setting_and_needs_a_gpu(tmp_path):
     """The setting is refused with any other strategy, and without a GPU before a process starts (FSDP2 offloads
     from the accelerator; CPU-only it fails inside the job with "Cannot access accelerator device")."""
     from pipeline.config import LaunchConfig
-    from pipeline.rounds.launch import TrainJob, run_job
+    from pipeline.rounds.job import TrainJob
+    from pipeline.rounds.launch import run_job
 
     with pytest.raises(ValueError, match='cpu_offload offloads FSDP2 shards: it needs strategy = "fsdp"'):
         LaunchConfig(processes=2, cpu_offload=True)
     launch = LaunchConfig(processes=2, strategy="fsdp", cpu_offload=True)
     if not torch.cuda.is_available():
-        job = TrainJob.model_construct(stage="sft", folder=str(tmp_path / "job"))
+        job = TrainJob.model_construct(phase="sft", folder=str(tmp_path / "job"))
         with pytest.raises(ValueError, match="sft: train.launch.cpu_offload .* this machine has no GPU"):
             run_job(job, launch)
         assert not (tmp_path / "job").exists()  # refused before the job folder is written
@@ -143,12 +144,12 @@ def test_fsdp_processes_run_as_many_micro_batches():
 @pytest.mark.parametrize("stage", ["sft", "grpo_round"])
 def test_a_failing_process_fails_the_stage_with_its_error(tmp_path, stage):
     from pipeline.config import GRPOConfig, LaunchConfig, SFTConfig
-    from pipeline.rounds.launch import TrainJob, TrainJobError, run_job
+    from pipeline.rounds.job import TrainJob
+    from pipeline.rounds.launch import TrainJobError, run_job
 
     config = (SFTConfig() if stage == "sft" else GRPOConfig(beta=0.04)).model_dump(mode="json")
-    job = TrainJob(stage=stage, config=config, model=str(tmp_path / "no-such-model"), folder=str(tmp_path),
-                   reference=None if stage == "sft" else str(tmp_path / "no-such-model"), out=str(tmp_path / "out"),
-                   save_dtype="float32")
+    job = TrainJob(phase=stage, config=config, model=str(tmp_path / "no-such-model"), folder=str(tmp_path),
+                   reference=None if stage == "sft" else str(tmp_path / "no-such-model"), out=str(tmp_path / "out"))
     with pytest.raises(TrainJobError, match=r"failed in process [01]: .*no-such-model") as err:
         run_job(job, LaunchConfig(processes=2, timeout_s=300))
     assert "full traceback" in str(err.value) and not (tmp_path / "result.json").exists()
@@ -270,8 +271,10 @@ def test_two_nodes_train_the_sft_of_one_process(tmp_path):
     one = run(apply_overrides(_config(1), only_sft), root=tmp_path, progress=False)
     two_nodes = _config(1, nodes=2, rdzv_endpoint=f"127.0.0.1:{_free_port()}", rdzv_id="test")
     with open(tmp_path / "follower.log", "w") as log:
-        follower = subprocess.Popen([sys.executable, "-m", "pipeline.rounds.launch", "--follow", str(tmp_path)],
-                                    stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+        follow = ("from pipeline.rounds.launch import follow; from pipeline.store.jobs import job_files; "
+                  f"follow(lambda: job_files({str(tmp_path)!r}))")  # what `gft follow RUN_ROOT` runs
+        follower = subprocess.Popen([sys.executable, "-c", follow], stdout=log, stderr=subprocess.STDOUT,
+                                    start_new_session=True)
     try:
         two = run(apply_overrides(two_nodes, only_sft), root=tmp_path, progress=False)
     finally:
@@ -352,7 +355,7 @@ def test_a_round_s_engine_sleeps_through_its_launched_job_and_loads_the_new_weig
     real_run_job = launch_lib.run_job
 
     def run_job(job, launch, **kw):
-        events.append(("job", job.stage, all(e.asleep for e in engines.values())))
+        events.append(("job", job.phase, all(e.asleep for e in engines.values())))
         return real_run_job(job, launch, **kw)
 
     monkeypatch.setattr(runtime, "build_engine", build)

@@ -139,6 +139,70 @@ def test_same_key_same_bytes_whatever_ran_before_in_the_process(pipeline_run, tm
     assert digests[0] == digests[1]
 
 
+def _file_digests(ref) -> dict[str, str]:
+    import hashlib
+
+    folder = Path(ref.uri)
+    return {p.relative_to(folder).as_posix(): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(folder.rglob("*")) if p.is_file() and p.name != "manifest.json"}  # manifest: timings
+
+
+def test_a_round_s_bytes_do_not_depend_on_other_threads_drawing_from_global_rngs(pipeline_run, tmp_path):
+    """Under Prefect other threads draw from the process-global `random` while a stage runs (issue 26 item 2: a
+    round's state/rng-0.pt then differed between two runs of one config, and every later key moved). Computed
+    into two roots, once alone and once while a thread draws from python's and numpy's global generators
+    throughout, a round's output is the same bytes, file by file."""
+    import random
+    import threading
+    import time
+
+    import numpy as np
+
+    _, first, *_ = pipeline_run
+    offline = GFT.model_copy(update={"policy": 0})
+    outputs = []
+    for busy in (False, True):
+        stop = threading.Event()
+
+        def draw() -> None:
+            while not stop.is_set():
+                random.random(), np.random.random()
+                time.sleep(0.0005)
+
+        thread = threading.Thread(target=draw, daemon=True)
+        res = runtime.Resources(StageStore(tmp_path / f"store-{busy}"), progress=False)
+        try:
+            if busy:
+                thread.start()
+            ref = stages.gft_round(offline, 1, first["prompts"], first["teacher"], first["gft0"], res=res)
+        finally:
+            stop.set()
+            thread.join() if busy else None
+            res.close()
+        outputs.append((ref.sha256, _file_digests(ref)))
+    assert any(name.startswith("state/") for name in outputs[0][1])  # the round's continuation state is compared
+    assert outputs[0] == outputs[1]
+
+
+def test_no_progress_reaches_the_engines_bars(pipeline_run, tmp_path, capfd):
+    """`--no-progress` (Resources.progress False) silences the engines' `generate:` bars too; with progress on,
+    the bar is drawn (so the check can fail)."""
+    from pipeline.config import EngineConfig
+
+    _, first, *_ = pipeline_run
+    drawn = {}
+    for progress in (True, False):
+        res = runtime.Resources(StageStore(tmp_path / "store"), progress=progress)
+        try:
+            engine = res.engine("eval", runtime.model_dir(first["base"]), EngineConfig())
+            capfd.readouterr()
+            engine.generate([[5, 6, 7]], 1, SAMPLE.model_copy(update={"max_new_tokens": 2}))
+            drawn[progress] = "generate" in capfd.readouterr().err
+        finally:
+            res.close()
+    assert drawn == {True: True, False: False}
+
+
 def test_evaluating_the_base_samples_it_once_and_sft_logs_its_throughput(pipeline_run, tmp_path):
     """KL(base || base) is 0 by definition: the base's evaluation samples k + greedy, not a third KL pass.
     SFT's metrics carry perf/* like the rounds'."""

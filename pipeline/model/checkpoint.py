@@ -1,12 +1,17 @@
 """Training state on disk without pickles: written atomically, verified before it is read, refused when damaged.
 
-A state folder holds the trainer's float32 weights (`model.safetensors`), the optimizer and scheduler state
-dicts and every process's RNG state (`*.pt`, read with `torch.load(weights_only=True)`: tensors and plain
-containers only, so a planted pickle cannot run code), the step and the history so far (`progress.json`), and
-`digests.json`, the sha256 of every other file, written last. `load_state` re-hashes every file against it
-before reading anything. A round's `state/` is this format inside a verified stage output; SFT's resumable
-checkpoints are `step-N` folders of it under the stage's work folder, where a damaged one is discarded (the
-next older one, or a fresh start, takes its place).
+A state folder holds the trainer's float32 weights (`model.safetensors`), the optimizer and scheduler state dicts
+(`*.pt`, read with `torch.load(weights_only=True)`: tensors and plain containers only, so a planted pickle cannot
+run code), the step and the history so far (`progress.json`), and `digests.json`, the sha256 of every other file,
+written last; `load_state` re-hashes every file against it before reading anything. A round's `state/` is this
+format inside a verified stage output; SFT's resumable checkpoints are `step-N` folders of it under the stage's
+work folder, where a damaged one is discarded (the next older one, or a fresh start, takes its place).
+
+RNG: a work checkpoint (`save_checkpoint`) also holds every process's torch generator states (`rng-<rank>.pt`:
+dropout draws from them, so a resumed fit continues them exactly). A round's state/ holds none: a round reseeds
+every generator from (train seed, round) before its steps, and a published output must not carry process-global
+state that other threads of the process (Prefect's) draw from. Python's and numpy's generators are never saved:
+training draws from neither after its seeding.
 """
 
 from __future__ import annotations
@@ -15,11 +20,9 @@ import hashlib
 import json
 import logging
 import pickle
-import random
 import shutil
 from pathlib import Path
 
-import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 
@@ -45,33 +48,28 @@ def _sha(path: Path) -> str:
 
 
 def _rng_state() -> dict:
-    """This process's RNG states as tensors and plain values (no numpy objects: weights_only reads them)."""
-    version, internal, gauss = random.getstate()
-    kind, keys, pos, has_gauss, cached = np.random.get_state()
-    return {"python": [version, list(internal), gauss], "torch": torch.get_rng_state(),
-            "numpy": [kind, torch.from_numpy(keys.astype(np.int64)), int(pos), int(has_gauss), float(cached)],
+    """This process's torch generator states (CPU, and every CUDA device's), as tensors."""
+    return {"torch": torch.get_rng_state(),
             "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}
 
 
 def _set_rng_state(state: dict) -> None:
-    version, internal, gauss = state["python"]
-    random.setstate((version, tuple(internal), gauss))
-    kind, keys, pos, has_gauss, cached = state["numpy"]
-    np.random.set_state((kind, keys.numpy().astype(np.uint32), pos, has_gauss, cached))
     torch.set_rng_state(state["torch"])
     if state["cuda"] and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
-def save_state(trainer: Trainer, folder: Path, history: list[dict[str, float]] | None = None) -> Path:
-    """Write the trainer's state into `folder` (which must not exist yet): each process its RNG, the main process
-    the weights, optimizer, scheduler, progress and, last, the digests."""
+def save_state(trainer: Trainer, folder: Path, history: list[dict[str, float]] | None = None, *,
+               rng: bool = False) -> Path:
+    """Write the trainer's state into `folder` (which must not exist yet): with `rng`, each process its torch
+    generator states; the main process the weights, optimizer, scheduler, progress and, last, the digests."""
     acc = trainer.accelerator
     if acc.is_main_process:
         folder.mkdir(parents=True)
     acc.wait_for_everyone()
-    torch.save(_rng_state(), folder / f"rng-{acc.process_index}.pt")
-    acc.wait_for_everyone()
+    if rng:
+        torch.save(_rng_state(), folder / f"rng-{acc.process_index}.pt")
+        acc.wait_for_everyone()
     weights, optimizer = _full_state(trainer) if trainer.sharded or acc.is_main_process else (None, None)
     if acc.is_main_process:
         weights = {k: v.detach().to("cpu").contiguous() for k, v in weights.items()}
@@ -139,19 +137,21 @@ def verify_state(folder: Path) -> None:
 
 
 def load_state(trainer: Trainer, folder: Path) -> list[dict[str, float]]:
-    """Verify, then restore weights, optimizer, scheduler, progress and this process's RNG; returns the history
-    the state was saved with."""
+    """Verify, then restore weights, optimizer, scheduler, progress and this process's torch generators (when the
+    folder holds them); returns the history the state was saved with."""
     verify_state(folder)
     acc = trainer.accelerator
     progress = json.loads((folder / "progress.json").read_text())
     if progress["processes"] != acc.num_processes:
         raise StateError(f"{folder}: saved by {progress['processes']} processes, resumed by {acc.num_processes}")
     weights = load_file(str(folder / "model.safetensors"))  # everything is read before anything is applied
-    optimizer, scheduler, rng = (torch.load(folder / name, weights_only=True)
-                                 for name in ("optimizer.pt", "scheduler.pt", f"rng-{acc.process_index}.pt"))
+    optimizer, scheduler = (torch.load(folder / name, weights_only=True) for name in ("optimizer.pt", "scheduler.pt"))
+    rng_file = folder / f"rng-{acc.process_index}.pt"
+    rng = torch.load(rng_file, weights_only=True) if rng_file.is_file() else None
     _load_full_state(trainer, weights, optimizer)
     trainer.scheduler.load_state_dict(scheduler)
-    _set_rng_state(rng)
+    if rng is not None:
+        _set_rng_state(rng)
     trainer.progress.step = int(progress["step"])
     return list(progress["history"])
 
@@ -170,7 +170,7 @@ def save_checkpoint(trainer: Trainer, root: Path, history: list[dict[str, float]
     if acc.is_main_process:
         shutil.rmtree(tmp, ignore_errors=True)
     acc.wait_for_everyone()
-    save_state(trainer, tmp, history)
+    save_state(trainer, tmp, history, rng=True)
     if acc.is_main_process:
         shutil.rmtree(final, ignore_errors=True)
         tmp.rename(final)

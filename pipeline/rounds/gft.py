@@ -13,7 +13,6 @@ from collections.abc import Callable, Sequence
 
 import pandas as pd
 import torch
-from accelerate.utils import set_seed
 
 from pipeline.algo.advantages import group_advantages
 from pipeline.config import GFTConfig
@@ -25,7 +24,7 @@ from pipeline.model.trainer import Trainer
 from pipeline.rollout.engines import Engine
 from pipeline.rollout.verifiers import Verifier
 from pipeline.rounds.groups import (
-    Member, Phases, RoundResult, derive_seed, group_table, minibatch_plans, off_policy, round_order, sample_members,
+    Member, Phases, RoundResult, group_table, minibatch_plans, off_policy, round_order, sample_members, seed_round,
 )
 
 __all__ = ["TrainPhase", "build_groups", "reward_groups", "train_phase", "run_round", "round_metrics"]
@@ -81,7 +80,7 @@ def run_round(train: TrainPhase, engine: Engine, verifier: Verifier, rows: pd.Da
     """One GFT round on `rows` (the round's prompts): sample and reward groups with the engine (its model is the
     policy `train` continues), then `train`. RNGs are seeded from (train seed, round) first, so the round's bytes
     depend on its inputs only."""
-    set_seed(derive_seed(cfg.train.seed, "round", round_idx))
+    seed_round(cfg.train.seed, round_idx)
     phases = Phases()
     with phases("sample"):
         prompt_ids, groups = build_groups(engine, cfg, rows, teachers, tok, round_idx)

@@ -18,6 +18,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 
 import pandas as pd
+from accelerate.utils import set_seed
 from torch import Tensor
 
 from pipeline.config import SamplingConfig
@@ -26,7 +27,7 @@ from pipeline.model.batches import Example
 from pipeline.model.loop import StepPlan
 from pipeline.rollout.engines import Engine
 
-__all__ = ["Member", "GROUP_COLUMNS", "derive_seed", "round_prompts", "sample_members", "off_policy",
+__all__ = ["Member", "GROUP_COLUMNS", "derive_seed", "seed_round", "round_prompts", "sample_members", "off_policy",
            "group_table", "round_order", "minibatch_plans", "Phases", "RoundResult"]
 
 GROUP_COLUMNS = ("prompt_id", "group_index", "source", "response", "token_ids", "sampler_logprobs", "reward",
@@ -52,6 +53,12 @@ def derive_seed(seed: int, what: str, *path: int) -> int:
     """The seed of one choice of a round: sha256 of (seed, what, path) cut to 31 bits (fits every sampler)."""
     blob = ":".join([str(seed), what, *map(str, path)]).encode()
     return int.from_bytes(hashlib.sha256(blob).digest()[:8], "big") % 2**31
+
+
+def seed_round(seed: int, round_idx: int) -> None:
+    """Seed every RNG of the process (python, numpy, torch) as round `round_idx` of a run seeded `seed` seeds
+    them: before a round samples and again before its optimizer steps, so neither depends on what ran before."""
+    set_seed(derive_seed(seed, "round", round_idx))
 
 
 def round_prompts(rows: pd.DataFrame, per_round: int, round_idx: int, seed: int) -> pd.DataFrame:

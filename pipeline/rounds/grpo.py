@@ -39,7 +39,6 @@ from dataclasses import dataclass, replace
 
 import pandas as pd
 import torch
-from accelerate.utils import set_seed
 from torch import Tensor, nn
 
 from pipeline.algo.advantages import combine_rewards, masked_group_advantages, normalize_then_sum
@@ -53,7 +52,7 @@ from pipeline.model.trainer import Trainer
 from pipeline.rollout.engines import Engine
 from pipeline.rollout.verifiers import Verifier
 from pipeline.rounds.groups import (
-    Member, Phases, RoundResult, derive_seed, group_table, minibatch_plans, round_order, sample_members,
+    Member, Phases, RoundResult, group_table, minibatch_plans, round_order, sample_members, seed_round,
 )
 
 __all__ = ["Rollouts", "sample_rollouts", "RewardedRollouts", "reward_rollouts", "Behaviour", "behaviour",
@@ -226,7 +225,7 @@ def run_round(train: TrainPhase, engine: Engine, verifiers: Sequence[Verifier], 
               cfg: GRPOConfig, *, round_idx: int) -> RoundResult:
     """One GRPO round on `rows` (the round's prompts): sample with the engine (its model is the policy `train`
     continues), reward, then `train`. RNGs are seeded from (train seed, round) first."""
-    set_seed(derive_seed(cfg.train.seed, "round", round_idx))
+    seed_round(cfg.train.seed, round_idx)
     phases = Phases()
     with phases("sample"):
         rollouts = sample_rollouts(engine, cfg, rows, tok, round_idx)
