@@ -30,6 +30,24 @@ Deviations from TRL, on purpose:
 - `kl` is logged only when beta > 0 (no reference model is loaded otherwise), as in TRL.
 - Expert and teacher tokens of GFT groups have no sampler log-probs; GFT has no ratio and applies no
   importance weight, so they are excluded from the correction by construction. GRPO groups have none.
+
+Why GRPOConfig's defaults and options are what they are (the settings only say what each one is):
+- eps_high 0.28 is DAPO's clip-higher, against TRL's symmetric epsilon 0.2: low-probability tokens can gain mass,
+  which slows entropy collapse. It only matters when the ratio can leave 1 (num_iterations > 1 or
+  minibatches_per_round > 1; steps after a round's first are off-policy).
+- sampler_correction token_truncate (verl's token-level rollout IS) keeps every sequence's gradient; TRL's
+  sequence_mask drops a whole sequence whose rho leaves [min, max]. The correction is not GSPO's sequence ratio
+  (importance_sampling_level), which is the ratio the surrogate clips.
+- Keep sampling.temperature at 1: the trainer scores at temperature 1 like the engines' log-probs, so any other
+  temperature optimises the untempered policy on tempered samples.
+- max_response_tokens defaults to 128 (TRL's max_completion_length: 512) to fit the tiny task; the cut
+  completions are `truncated` and counted in completions/clipped_ratio.
+- prompt_pool lets rounds revisit the same prompts, like TRL's epochs over a small dataset, so the reward curve
+  measures learning rather than which prompts each round drew.
+- dual_clip is verl's clip_ratio_c (3 in verl) and TRL's delta, the same loss when c > 1 + eps_high; off by
+  default as in TRL. beta 0 and no kl_clamp are TRL's defaults (verl's low_var_kl clamps at 10).
+- Old option names (importance_sampling, the aggregation values token_mean, sequence_mean, constant) fail with
+  their new names (`pipeline.config.renames`).
 """
 
 from __future__ import annotations
