@@ -6,10 +6,13 @@ plots work the same for fresh and cached stages. matplotlib with the Agg backend
 
 from __future__ import annotations
 
+import io
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
-__all__ = ["training_curves", "rewards_by_source", "accuracy_by_stage", "accuracy_vs_prompts", "sweep"]
+from pipeline.atomic import write_bytes_atomic
+
+__all__ = ["training_curves", "chain_steps", "rewards_by_source", "accuracy_by_stage", "accuracy_vs_prompts", "sweep"]
 
 
 def _pyplot():
@@ -28,32 +31,53 @@ def _plain_ticks():
 
 
 def _save(fig, path: Path) -> Path:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.stem + ".tmp.png")
-    fig.savefig(tmp, dpi=110, bbox_inches="tight")
-    tmp.replace(path)
+    """The figure as a PNG at `path`, written through a temp name unique to this writer (two runs on one root
+    write the same report at once; the last rename wins, whole)."""
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=110, bbox_inches="tight")
     _pyplot().close(fig)
-    return path
+    return write_bytes_atomic(Path(path), buf.getvalue())
+
+
+def chain_steps(histories: Mapping[str, Sequence[Mapping[str, float]]]) -> dict[str, int]:
+    """The optimizer steps taken before each stage of a chain (SFT -> GFT -> GRPO, each from the last one's model):
+    the x offset of its curve, so each stage continues where the one before ended."""
+    offsets, done = {}, 0
+    for stage, rows in histories.items():
+        offsets[stage] = done
+        done += max((int(r["step"]) for r in rows), default=0)
+    return offsets
 
 
 def training_curves(histories: Mapping[str, Sequence[Mapping[str, float]]], path: Path,
                     keys: Sequence[str] = ("loss", "grad_norm", "entropy", "rectified_frac"),
-                    title: str = "Training curves") -> Path:
-    """One panel per metric, one line per training stage, x = the stage's optimizer step."""
+                    title: str = "Training curves", along_chain: bool = False) -> Path:
+    """One panel per metric, one line per training stage (or variant), x = its optimizer step. `along_chain`: the
+    stages follow each other, so x counts the chain's steps (each stage offset by the steps before it, `chain_steps`)
+    and a dashed line marks where each stage after the first begins."""
     plt = _pyplot()
     fig, axes = plt.subplots(1, len(keys), figsize=(4.2 * len(keys), 3.2), squeeze=False)
     colors = {stage: f"C{i}" for i, stage in enumerate(histories)}  # one colour per stage in every panel
+    offsets = chain_steps(histories) if along_chain else dict.fromkeys(histories, 0)
     for ax, key in zip(axes[0], keys):
         for stage, rows in histories.items():
-            pts = [(r["step"], r[key]) for r in rows if key in r]
+            pts = [(offsets[stage] + r["step"], r[key]) for r in rows if key in r]
             if pts:
                 ax.plot(*zip(*pts), marker=".", label=stage, color=colors[stage])
+        if along_chain:
+            _stage_boundaries(ax, offsets, colors)
         ax.set_title(key)
-        ax.set_xlabel("optimizer step")
+        ax.set_xlabel("optimizer step of the chain" if along_chain else "optimizer step")
         ax.grid(alpha=0.3)
     _legend_of_all_panels(axes[0])
     fig.suptitle(title, y=1.03)
     return _save(fig, path)
+
+
+def _stage_boundaries(ax, offsets: Mapping[str, int], colors: Mapping[str, str]) -> None:
+    """A dashed vertical line, in the stage's colour, half a step before each later stage's first step."""
+    for stage, start in list(offsets.items())[1:]:
+        ax.axvline(start + 0.5, color=colors[stage], linestyle="--", linewidth=0.8, label=f"_start of {stage}")
 
 
 def _legend_of_all_panels(axes) -> None:

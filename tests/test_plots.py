@@ -1,19 +1,36 @@
 """What the run's plots draw (their lines and labels), read back from the figure before it is saved."""
 
 import math
+import multiprocessing
+from concurrent.futures import ProcessPoolExecutor
+from pathlib import Path
+
+import numpy as np
+import pytest
 
 from pipeline import plots
 
 
-def _drawn(monkeypatch, make):
-    """Call a plot function; return {panel title: {label: y values}} of the figure it saved."""
+def _pixels_of(path: Path, color: str) -> int:
+    """How many pixels of the PNG at `path` have exactly the matplotlib colour `color` (e.g. "C0")."""
+    import matplotlib.colors
+    import matplotlib.image
+
+    rgb = np.asarray(matplotlib.image.imread(path))[..., :3]
+    want = np.asarray(matplotlib.colors.to_rgb(color))
+    return int((np.abs(rgb - want).max(axis=-1) < 2 / 255).sum())
+
+
+def _drawn(monkeypatch, make, colors=("C0", "C1")):
+    """Call a plot function; return {panel title: {label: y values}} of the figure it saved, after checking that
+    the PNG it wrote draws every colour of `colors` (its content, not its size)."""
     figs = []
     save = plots._save
     monkeypatch.setattr(plots, "_save", lambda fig, path: figs.append(
         {ax.get_title(): {ln.get_label(): list(ln.get_ydata()) for ln in ax.get_lines()} for ax in fig.axes})
         or save(fig, path))
     path = make()
-    assert path.stat().st_size > 1000
+    assert all(_pixels_of(path, c) > 20 for c in colors), {c: _pixels_of(path, c) for c in colors}
     return figs[0]
 
 
@@ -50,3 +67,56 @@ def test_training_legend_names_a_stage_missing_from_the_last_panel(monkeypatch, 
     labels, colors = _legend(monkeypatch, lambda: plots.training_curves(histories, tmp_path / "training.png"))
     assert labels == ["sft", "gft", "grpo"]
     assert all(len(c) == 1 for c in colors.values()) and len(set.union(*colors.values())) == 3, colors
+
+
+def _xs(monkeypatch, make) -> dict[str, dict[str, list[float]]]:
+    """{panel title: {label: x values}} of the figure a plot function saved."""
+    seen = []
+    save = plots._save
+    monkeypatch.setattr(plots, "_save", lambda fig, path: seen.append(
+        {ax.get_title(): {ln.get_label(): [float(x) for x in ln.get_xdata()] for ln in ax.get_lines()}
+         for ax in fig.axes}) or save(fig, path))
+    make()
+    return seen[0]
+
+
+def test_training_curves_follow_the_chain_with_its_stage_boundaries_marked(monkeypatch, tmp_path):
+    """Issue 26 item 7: every stage's steps restarted at 1, so SFT, GFT and GRPO lay on top of each other. Along the
+    chain, GFT continues after SFT's last step and GRPO after GFT's, each start marked."""
+    row = {"loss": 1.0, "grad_norm": 0.5, "entropy": 0.3}
+    histories = {"sft": [{"step": s, **row} for s in (1, 2, 3)], "gft": [{"step": s, **row} for s in (1, 2)],
+                 "grpo": [{"step": s, **row} for s in (1, 2)]}
+    path = tmp_path / "training.png"
+    xs = _xs(monkeypatch, lambda: plots.training_curves(histories, path, along_chain=True))["loss"]
+    assert xs == {"sft": [1, 2, 3], "gft": [4, 5], "grpo": [6, 7],
+                  "_start of gft": [3.5, 3.5], "_start of grpo": [5.5, 5.5]}
+    assert all(_pixels_of(path, c) > 20 for c in ("C0", "C1", "C2"))
+    parallel = _xs(monkeypatch, lambda: plots.training_curves(histories, tmp_path / "variants.png"))["loss"]
+    assert parallel == {"sft": [1, 2, 3], "gft": [1, 2], "grpo": [1, 2]}  # variants side by side: no offset
+
+
+def _write_accuracy(path: str, times: int) -> int:
+    for _ in range(times):
+        plots.accuracy_by_stage({"base": {"acc": 0.2}, "gft": {"acc": 0.6}}, Path(path), ["acc"])
+    return times
+
+
+def test_two_writers_of_one_plot_at_once_both_finish(tmp_path):
+    """Issue 26 item 4: two runs on one root wrote the same `accuracy.tmp.png` and one failed renaming it. Two
+    processes now write the same plot at once, repeatedly: both finish, the PNG is whole, no temp file is left."""
+    path = tmp_path / "reports" / "accuracy.png"
+    with ProcessPoolExecutor(2, mp_context=multiprocessing.get_context("fork")) as pool:
+        done = [f.result(timeout=300) for f in [pool.submit(_write_accuracy, str(path), 12) for _ in range(2)]]
+    assert done == [12, 12]
+    assert _pixels_of(path, "C0") > 100
+    assert sorted(p.name for p in path.parent.iterdir()) == ["accuracy.png"]
+
+
+@pytest.mark.parametrize("make", ["rewards", "sweep"])
+def test_other_plots_write_whole_pngs(tmp_path, make):
+    path = tmp_path / f"{make}.png"
+    if make == "rewards":
+        plots.rewards_by_source({"gft": [{"reward/expert": 1.0}, {"reward/expert": 0.5}]}, path)
+    else:
+        plots.sweep([(0.1, {"acc": (0.5, 0.1)}), (0.5, {"acc": (0.7, 0.0)})], path, "tau")
+    assert _pixels_of(path, "C0") > 20
