@@ -115,3 +115,17 @@ def test_the_key_digest_of_the_default_run_leaves_the_run_only_tables_out():
     moved = config.apply_overrides(run, {"name": "elsewhere", "sft.train.launch.timeout_s": 5.0,
                                          "engine.enable_sleep_mode": True, "tracking.enabled": False})
     assert moved.key_digest() == run.key_digest() and moved.digest() != run.digest()
+
+
+def test_old_names_are_not_current_names():
+    """A renamed field or value that is also a current one would refuse valid settings."""
+    from pipeline.config.renames import RENAMED
+
+    for schema_name, renamed in RENAMED.items():
+        schema = getattr(config, schema_name)
+        assert not set(renamed.fields) & set(schema.model_fields), schema_name
+        for name, values in renamed.values.items():
+            allowed = typing.get_args(schema.model_fields[name].annotation)
+            assert allowed and not set(values) & set(allowed) and set(values.values()) <= set(allowed), name
+            with pytest.raises(ValueError, match=f"is now {next(iter(values.values()))!r}"):
+                schema.model_validate({name: next(iter(values))})
