@@ -73,9 +73,11 @@ class _Pipeline:
         self.tracker = MlflowTracker(sqlite_uri(root / "mlflow.db"), "t", artifact_location=(root / "mla").as_uri())
         self.tracker.start_pipeline("p", {"seed": 0}, {})
 
-    def stage(self, stage: str, kind: str, files: dict, inputs, datasets=None, metrics=None) -> ArtifactRef:
-        with self.tracker.stage_run(stage, f"{stage}-key", {"x": 1}, inputs) as run:
-            with self.store.write(stage, f"{stage}-key", kind=kind, version=1, config={}, inputs=inputs,
+    def stage(self, stage: str, kind: str, files: dict, inputs, datasets=None, metrics=None,
+              key: str | None = None) -> ArtifactRef:
+        key = key or f"{stage}-key"
+        with self.tracker.stage_run(stage, key, {"x": 1}, inputs) as run:
+            with self.store.write(stage, key, kind=kind, version=1, config={}, inputs=inputs,
                                   datasets=datasets) as out:
                 for name, value in files.items():
                     path = out.path / name
@@ -141,6 +143,58 @@ def test_old_list_inputs_and_undeclared_datasets_log_as_before(tmp_path):
     assert pipe.tracker.register(r0, "policy", "candidate") == "1"
     version = pipe.tracker.client.get_model_version_by_alias("policy", "candidate")
     assert version.tags["pipeline.sha256"] == r0.sha256 and version.run_id == pipe.tracker.parent_run_id
+
+
+def test_the_models_of_pruned_rounds_are_marked_and_unmarked_once_recomputed(tmp_path):
+    """Issue 26 item 7: a pruned round's LoggedModel pointed at deleted weights with nothing saying so. The run's end
+    tags the model and the run of every round it saw that retention pruned; a recomputed round loses the tag."""
+    pipe = _Pipeline(tmp_path)
+    files = {"history.jsonl": '{"step": 1, "loss": 0.5}\n', "model/w": "m", "state/opt": "o"}
+    r0 = pipe.stage("gft_round", "model", files, {}, key="k0")
+    r1 = pipe.stage("gft_round", "model", {**files, "model/w": "m1"}, {"prev": r0}, key="k1")
+    pipe.store.prune(r0, ["state/", "model/"])
+    pipe.tracker.end_pipeline("FINISHED")
+    lineage = pipe.tracker.lineage
+    assert lineage.pruned_tag(r0) == "model/ state/" and lineage.pruned_tag(r1) is None
+    run = pipe.tracker.client.get_run(pipe.tracker.producer_run(r0))
+    assert run.data.tags["pipeline.pruned"] == "model/ state/"
+    again = _Pipeline(tmp_path)  # the next run recomputes round 0 (same key, same bytes) and sees it complete
+    assert again.stage("gft_round", "model", files, {}, key="k0") == r0 and not again.store.pruned(r0)
+    again.tracker.end_pipeline("FINISHED")
+    assert again.tracker.lineage.pruned_tag(r0) is None
+    assert "pipeline.pruned" not in again.tracker.client.get_run(again.tracker.producer_run(r0)).data.tags
+
+
+def test_a_moved_or_copied_root_writes_its_artifacts_only_inside_itself(tmp_path):
+    """Issue 26 item 5: the root's mlflow.db named file://<old root>/mlartifacts, so a run on the moved root wrote
+    its config, report and plots under the old place, recreating it. On open it is re-pointed at its own folder."""
+    import shutil
+
+    old, new = tmp_path / "old", tmp_path / "moved" / "root"
+
+    def run_on(root: Path) -> MlflowTracker:
+        tracker = MlflowTracker(sqlite_uri(root / "mlflow.db"), "exp", artifact_location=(root / "mlartifacts").as_uri())
+        tracker.start_pipeline("p", {"seed": 0}, {})
+        (root / "summary.md").write_text(f"# {root}")
+        tracker.log_artifact(root / "summary.md", "report")
+        tracker.end_pipeline("FINISHED")
+        return tracker
+
+    first = run_on(old).parent_run_id
+    shutil.copytree(old, tmp_path / "copy")
+    new.parent.mkdir()
+    old.rename(new)
+    tracker = run_on(new)
+    assert not old.exists(), sorted(str(p) for p in old.rglob("*"))
+    client = tracker.client
+    for run_id in (first, tracker.parent_run_id):
+        uri = client.get_run(run_id).info.artifact_uri
+        assert uri.startswith((new / "mlartifacts").as_uri()), uri
+        assert {f.path for f in client.list_artifacts(run_id, "report")} == {"report/summary.md"}
+    assert client.get_experiment(tracker.experiment_id).artifact_location == (new / "mlartifacts").as_uri()
+    copy = run_on(tmp_path / "copy")  # the copy, beside the moved root: it too writes only inside itself
+    assert copy.client.get_run(copy.parent_run_id).info.artifact_uri.startswith((tmp_path / "copy").as_uri())
+    assert len(list((new / "mlartifacts").rglob("summary.md"))) == 2 and not old.exists()
 
 
 # ---------------------------------------------------------------------------------------------------------

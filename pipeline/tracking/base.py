@@ -3,7 +3,7 @@ addresses of a tracking store (its SQLite URI, pages of the MLflow UI). No MLflo
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Collection, Iterator, Mapping, Sequence
 from contextlib import AbstractContextManager, contextmanager
 from pathlib import Path
 from typing import Any, Protocol
@@ -48,6 +48,10 @@ class Tracker(Protocol):
     def register(self, ref: ArtifactRef, name: str, alias: str) -> str | None:
         """Register the model of `ref` as a new version of `name` with `alias`; returns the version, if any."""
 
+    def mark_pruned(self, ref: ArtifactRef, files: Collection[str]) -> None:
+        """Say on the logged model (and run) of a round which of its files retention removed (`files` empty: none,
+        e.g. once the round is recomputed), so a model whose weights are gone is marked so."""
+
     def run_url(self, ref: ArtifactRef) -> str | None:
         """The UI address of the run that produced `ref`, if any."""
 
@@ -87,6 +91,9 @@ class NullTracker:
     def register(self, ref: ArtifactRef, name: str, alias: str) -> str | None:
         """No registry: None."""
         return None
+
+    def mark_pruned(self, ref: ArtifactRef, files: Collection[str]) -> None:
+        """No model to mark."""
 
     def run_url(self, ref: ArtifactRef) -> str | None:
         """No UI: None."""

@@ -15,7 +15,7 @@ experiment of the tracking server (a run reuses what a run of another experiment
 from __future__ import annotations
 
 import warnings
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Collection, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -23,9 +23,11 @@ from pipeline.store.artifacts import ArtifactRef, tree_sha256
 from pipeline.store.outputs import StageOutput, find_output
 from pipeline.tracking.runs import metric_name
 
-__all__ = ["Lineage", "MODEL_KINDS", "purpose"]
+__all__ = ["Lineage", "MODEL_KINDS", "PRUNED_TAG", "purpose"]
 
 MODEL_KINDS = ("model", "external_model")
+PRUNED_TAG = "pipeline.pruned"
+"""On a round's LoggedModel and run: the folders retention removed from its output (its weights are gone)."""
 
 
 def purpose(stage: str) -> str:
@@ -124,6 +126,31 @@ class Lineage:
             tags={"pipeline.sha256": ref.sha256, "pipeline.uri": ref.uri, "pipeline.kind": ref.kind})
         self.client.finalize_logged_model(model.model_id, "READY")
         return model.model_id
+
+    def models_of(self, ref: ArtifactRef) -> list[Any]:
+        """Every LoggedModel of this experiment (then of the others) that names the weights of `ref`."""
+        return list(self.here_then_elsewhere(lambda ids: self.client.search_logged_models(
+            ids, filter_string=f"tags.`pipeline.sha256` = '{ref.sha256}'", max_results=100)))
+
+    def pruned_tag(self, ref: ArtifactRef) -> str | None:
+        """The `pipeline.pruned` tag of a LoggedModel of `ref`, None when none of them has it."""
+        return next((m.tags[PRUNED_TAG] for m in self.models_of(ref) if PRUNED_TAG in m.tags), None)
+
+    def mark_pruned(self, ref: ArtifactRef, files: Collection[str]) -> None:
+        """Tag (or, with no files, untag) the LoggedModels and the producing run of `ref` as pruned: the value names
+        the removed folders, e.g. "model/ state/"."""
+        folders = " ".join(sorted({f.split("/", 1)[0] + "/" if "/" in f else f for f in files}))
+        runs = [info.run_id] if (info := self.producer(ref)) is not None else []
+        for model in self.models_of(ref):
+            if folders:
+                self.client.set_logged_model_tags(model.model_id, {PRUNED_TAG: folders})
+            elif PRUNED_TAG in model.tags:
+                self.client.delete_logged_model_tag(model.model_id, PRUNED_TAG)
+        for run_id in runs:
+            if folders:
+                self.client.set_tag(run_id, PRUNED_TAG, folders)
+            elif PRUNED_TAG in self.client.get_run(run_id).data.tags:
+                self.client.delete_tag(run_id, PRUNED_TAG)
 
     def here_then_elsewhere(self, search: Callable[[list[str]], Sequence[Any]]) -> Sequence[Any]:
         """`search(experiment_ids)` in this experiment, then, if that found nothing, in every other experiment of

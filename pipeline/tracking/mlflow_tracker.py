@@ -8,18 +8,18 @@ it (found by the tag `pipeline.output_sha256`).
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Collection, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from pipeline.store.artifacts import ArtifactRef, Manifest, named_inputs
+from pipeline.store.artifacts import ArtifactRef, Manifest, StageStore, named_inputs
 from pipeline.store.outputs import StageOutput, find_output
 from pipeline.tracking.base import Inputs, ui_address
 from pipeline.tracking.lineage import Lineage
 from pipeline.tracking.registry import register_model
-from pipeline.tracking.runs import Runs, check_server, create_sqlite_store, open_experiment
+from pipeline.tracking.runs import Runs, check_server, create_sqlite_store, open_experiment, relocate_sqlite_store
 
 __all__ = ["MlflowTracker"]
 
@@ -32,14 +32,16 @@ class MlflowTracker:
         from mlflow import MlflowClient
 
         self.uri, self.experiment, self.artifact_location, self.ui_url = uri, experiment, artifact_location, ui_url
-        if uri.startswith("sqlite:///"):
-            create_sqlite_store(Path(uri.removeprefix("sqlite:///")), artifact_location)
+        if uri.startswith("sqlite:///"):  # created, or re-pointed at this root's artifact folder after a move
+            db = create_sqlite_store(Path(uri.removeprefix("sqlite:///")), artifact_location)
+            relocate_sqlite_store(db, artifact_location)
         elif uri.startswith(("http://", "https://")):
             check_server(uri)
         self.client = MlflowClient(tracking_uri=uri, registry_uri=uri)
         self.experiment_id = open_experiment(self.client, experiment, artifact_location)
         self.runs = Runs(self.client, self.experiment_id, context_tags, parent_run_id)
         self.lineage = Lineage(self.client, self.experiment_id)
+        self._observed: list[ArtifactRef] = []
 
     @property
     def parent_run_id(self) -> str | None:
@@ -53,8 +55,19 @@ class MlflowTracker:
         return self.runs.start_parent(run_name, config, tags)
 
     def end_pipeline(self, status: str) -> None:
-        """Close the parent run with `status`."""
-        self.runs.end_parent(status)
+        """Mark the models of the rounds this run saw that retention pruned, then close the parent run."""
+        try:
+            for ref in dict.fromkeys(self._observed):
+                gone = StageStore(ref.path.parent.parent).pruned(ref)
+                if gone or self.lineage.pruned_tag(ref) is not None:
+                    self.mark_pruned(ref, gone)
+        finally:
+            self.runs.end_parent(status)
+
+    def mark_pruned(self, ref: ArtifactRef, files: Collection[str]) -> None:
+        """Tag `pipeline.pruned` (the folders retention removed, e.g. "model/ state/") on the LoggedModels and the
+        producing run of `ref`, or remove the tag when nothing is gone (the round was recomputed)."""
+        self.lineage.mark_pruned(ref, files)
 
     def log_artifact(self, path: str | Path, folder: str | None = None) -> None:
         """A file (plot, table, summary) attached to the parent run."""
@@ -83,6 +96,8 @@ class MlflowTracker:
         """Round and stage metrics on the parent (per round: step = round); reused outputs tagged."""
         if self.parent_run_id is None:
             return
+        if ref.kind == "model":
+            self._observed.append(ref)  # its pruning is marked at the end of the run (`end_pipeline`)
         out = find_output(ref)
         if ref.sha256 not in self.lineage.produced:
             self.runs.tag_parent(f"reused.{name}", self.producer_run(ref) or "untracked")

@@ -22,7 +22,12 @@ from pipeline.store.artifacts import Manifest
 from pipeline.tracking.base import sqlite_uri, ui_address
 
 __all__ = ["Runs", "metric_name", "open_experiment", "experiment_addresses", "create_sqlite_store",
-           "check_server"]
+           "relocate_sqlite_store", "check_server", "LOCATION_COLUMNS"]
+
+LOCATION_COLUMNS = (("experiments", "artifact_location"), ("runs", "artifact_uri"),
+                    ("logged_models", "artifact_location"), ("model_versions", "source"),
+                    ("model_versions", "storage_location"))
+"""Where MLflow's SQL store keeps artifact locations (MLflow 3.x schema); `relocate_sqlite_store` rewrites them."""
 
 
 def metric_name(key: str) -> str:
@@ -81,6 +86,34 @@ def create_sqlite_store(db: Path, artifact_location: str | None = None) -> Path:
         store.engine.dispose()
         os.replace(aside, db)
     return db
+
+
+def relocate_sqlite_store(db: Path, artifact_location: str | None = None) -> str | None:
+    """Re-point a copied or moved root's MLflow database at the root's own artifact folder: every stored artifact
+    location under the artifact root the database was created with (the parent of the Default experiment's
+    location, `<root>/mlartifacts` as a URI) is rewritten under `artifact_location` (default: `mlartifacts` beside
+    `db`), so the root writes, and reads its runs' artifacts, only inside itself. MLflow has no API for it (its
+    `db move-resources` rewrites SQL the same way). Only a database that sits beside its artifact folder (a run
+    root's) is re-pointed, never one shared by several roots. Returns the old artifact root, None when none moved."""
+    import fcntl
+    import sqlite3
+    from urllib.parse import unquote, urlparse
+
+    new = (artifact_location or Path(db).parent.joinpath("mlartifacts").as_uri()).rstrip("/")
+    if not new.startswith("file:") or Path(unquote(urlparse(new).path)).parent != Path(db).resolve().parent:
+        return None
+    with open(Path(db).with_name(f".{Path(db).name}.lock"), "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # one relocator at a time; the second finds nothing left to move
+        with sqlite3.connect(db, timeout=60) as con:
+            row = con.execute("SELECT artifact_location FROM experiments WHERE experiment_id = 0").fetchone()
+            old = row[0].rstrip("/").rsplit("/", 1)[0] if row and row[0] else None
+            if old is None or old == new or not old.startswith("file:"):
+                return None
+            for table, column in LOCATION_COLUMNS:
+                con.execute(f"UPDATE {table} SET {column} = ? || substr({column}, ?) "  # noqa: S608 (fixed names)
+                            f"WHERE {column} = ? OR substr({column}, 1, ?) = ?",
+                            (new, len(old) + 1, old, len(old) + 1, old + "/"))
+    return old
 
 
 def check_server(uri: str, timeout_s: float = 5.0) -> None:
