@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from pipeline.store.artifacts import PRUNED, ArtifactError, ArtifactRef, StageStore
+from pipeline.store.artifacts import PRUNED, ArtifactError, ArtifactRef, StageStore, _record_mac
 from pipeline.store.outputs import read_chain, read_output
 from tests.test_artifacts import write_output
 
@@ -133,7 +133,9 @@ def test_a_pruned_output_still_fails_on_any_other_damage(store):
 def test_a_kill_while_pruning_leaves_an_output_that_verifies(store):
     refs = _chain(store)
     folder = refs[0].path
+    store.prune(refs[1], ["state/"])  # (the record is sealed with the root's key, made by the first prune)
     record = {"output_sha256": refs[0].sha256, "files": ["state/digests.json", "state/optimizer.pt"]}
+    record["mac"] = _record_mac(store.root, refs[0].sha256, record["files"], create=False)
     (folder / PRUNED).write_text(json.dumps(record))  # recorded first
     (folder / "state" / "digests.json").unlink()  # ... then killed before the second file went
     assert store.lookup("gft_round", "k0") == refs[0]
@@ -193,11 +195,20 @@ def test_a_planted_prune_record_does_not_excuse_a_deleted_model_of_sft(store, re
         store.prune(_sft(StageStore(store.root.parent / "o")), ["model/"])
 
 
-@pytest.mark.parametrize("how", ["list", "other_digest", "outside_prunable"])
+@pytest.mark.parametrize("how", ["list", "other_digest", "outside_prunable", "unsealed", "copied_record"])
 def test_a_round_missing_files_its_record_does_not_legitimately_name_is_recomputed(store, how):
+    """The last round of a chain (never pruned) with its model/ deleted and a record planted: in the list form, naming
+    other content, outside the prunable folders, in the right form but not sealed with the root's key, or copied
+    from a round that was pruned."""
     refs = _chain(store)
+    store.prune(refs[1], ["model/"])  # the root has a retention key
     folder = refs[0].path
-    if how == "outside_prunable":
+    if how in ("unsealed", "copied_record"):
+        shutil.rmtree(folder / "model")
+        body = {"output_sha256": refs[0].sha256, "files": ["model/w.bin"]}
+        if how == "copied_record":
+            body["mac"] = json.loads((refs[1].path / PRUNED).read_text())["mac"]
+    elif how == "outside_prunable":
         (folder / "history.jsonl").unlink()
         body = {"output_sha256": refs[0].sha256, "files": ["history.jsonl"]}
     else:
@@ -205,6 +216,7 @@ def test_a_round_missing_files_its_record_does_not_legitimately_name_is_recomput
         body = {"output_sha256": refs[1].sha256, "files": ["model/w.bin"]} if how == "other_digest" else ["model/w.bin"]
     (folder / PRUNED).write_text(json.dumps(body))
     assert store.lookup("gft_round", "k0") is None
+    assert store.lookup("gft_round", "k1") == refs[1]  # the round the store itself pruned is still served
 
 
 def test_a_stage_never_computes_from_an_input_that_lost_files(store):

@@ -8,7 +8,8 @@ live in `pipeline.artifacts`, manifests and keys in `manifests`, the locks in `l
 
 A finished round may be pruned by the run's retention policy (`prune`): only the stages of `PRUNABLE`, and only
 their folders listed there (a round's `state/` and `model/`). The removed files are recorded in `pruned.json`
-beside the manifest, naming the output's digest. Its reference and digest stay those of the complete output, so
+beside the manifest, naming the output's digest and sealed with the root's retention key (`RETENTION_KEY`, made by
+the first prune and copied with the root), so only the store's own prune writes a record that verifies. Its reference and digest stay those of the complete output, so
 the keys downstream do not change, and `lookup` still serves it as the round's history and key. Any other missing
 file (a pruned.json in an SFT output, a file outside the prunable folders, a record naming other content) is a
 damaged output: recomputed, never served. A stage never computes from an input of the store that lost files
@@ -22,8 +23,12 @@ stage at once one computes and the others are served.
 from __future__ import annotations
 
 import errno
+import hashlib
+import hmac
 import json
 import logging
+import os
+import secrets
 import shutil
 import time
 from collections.abc import Iterator, Mapping, Sequence
@@ -171,7 +176,9 @@ class StageStore:
         if not gone:
             return 0
         listed = sorted(set(gone) | _pruned_record(folder, m))
-        write_text_atomic(folder / PRUNED, json.dumps({"output_sha256": m.output.sha256, "files": listed}, indent=1))
+        record = {"output_sha256": m.output.sha256, "files": listed,
+                  "mac": _record_mac(self.root, m.output.sha256, listed, create=True)}
+        write_text_atomic(folder / PRUNED, json.dumps(record, indent=1))
         freed = 0
         for rel in gone:
             path = folder / rel
@@ -288,8 +295,9 @@ class StageStore:
 
 def _pruned_record(folder: Path, m: Manifest) -> set[str]:
     """The files a legitimate retention record lists: `pruned.json` of a `PRUNABLE` stage, naming this output's
-    digest, listing only files of the manifest under the stage's prunable folders. Anything else (no record, an
-    unreadable or planted one, one copied from other content) lists nothing, so the missing files fail verification."""
+    digest, listing only files of the manifest under the stage's prunable folders, sealed with the root's retention
+    key. Anything else (no record, an unreadable, planted or unsealed one, one copied from other content) lists
+    nothing, so the missing files fail verification."""
     try:
         record = json.loads((folder / PRUNED).read_text())
     except (OSError, ValueError):
@@ -300,7 +308,37 @@ def _pruned_record(folder: Path, m: Manifest) -> set[str]:
     files = record.get("files")
     if not isinstance(files, list) or not all(isinstance(f, str) and f.startswith(allowed) for f in files):
         return set()
+    mac = _record_mac(folder.parent.parent, m.output.sha256, files, create=False)
+    if mac is None or not hmac.compare_digest(str(record.get("mac", "")), mac):
+        return set()
     return set(files) & set(m.files)
+
+
+RETENTION_KEY = ".retention-key"
+"""A random key at the store's root (made by the first `prune`, copied with the root) that seals each `pruned.json`:
+only the store's own prune writes a record that verifies, so planting one does not excuse a deleted file."""
+
+
+def _record_mac(root: Path, output_sha256: str, files: Sequence[str], *, create: bool) -> str | None:
+    """HMAC-SHA256 of a prune record under the root's retention key (None when the root has none and `create` is
+    off)."""
+    path = root / RETENTION_KEY
+    if create and not path.is_file():
+        tmp = write_text_atomic(root / f".{RETENTION_KEY}.{secrets.token_hex(4)}", secrets.token_hex(32))
+        try:
+            os.link(tmp, path)  # appears whole or not at all; of two first prunes at once, one key wins
+        except FileExistsError:
+            pass
+        finally:
+            tmp.unlink()
+    try:
+        key = path.read_text().strip()
+    except OSError:
+        return None
+    if not key:
+        return None
+    body = json.dumps({"output_sha256": output_sha256, "files": sorted(files)}, sort_keys=True)
+    return hmac.new(key.encode(), body.encode(), hashlib.sha256).hexdigest()
 
 
 def _remove_empty_dirs(folder: Path) -> None:
