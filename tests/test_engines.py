@@ -367,11 +367,11 @@ def test_compacting_prefill_asks_for_the_last_position_only(tiny_model):
     (EngineConfig(hf_decode="compact"), True),
 ])
 def test_hf_decode_picks_the_loop(ckpt_a, monkeypatch, cfg, compacting):
-    import pipeline.rollout.engines as engines
+    import pipeline.rollout.hf_engine as hf_engine
 
     calls = []
-    real = engines.sample_compacting
-    monkeypatch.setattr(engines, "sample_compacting", lambda *a, **kw: calls.append(1) or real(*a, **kw))
+    real = hf_engine.sample_compacting
+    monkeypatch.setattr(hf_engine, "sample_compacting", lambda *a, **kw: calls.append(1) or real(*a, **kw))
     eng = HFEngine(ckpt_a, cfg.model_copy(update={"hf_compile": False, **F32}), progress=False)
     assert len(eng.generate(PROMPTS[:2], 2, SAMPLE)) == 2
     assert bool(calls) == compacting
