@@ -92,7 +92,11 @@ def _config(folder, body: str):
 
 
 def test_relative_paths_resolve_against_the_config_folder_not_the_cwd(tmp_path, monkeypatch):
+    from huggingface_hub import constants
+
     from pipeline.config import load_run_config
+
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)  # online: a hub id need not be cached
 
     folder = tmp_path / "project"
     (folder / "data").mkdir(parents=True)
@@ -116,6 +120,64 @@ def test_a_mistyped_path_fails_at_load_naming_the_field(tmp_path, field, line):
 
     with pytest.raises(ValueError, match=f"{field} = .*no such file or folder"):
         load_run_config(_config(tmp_path, line))
+
+
+@pytest.fixture()
+def offline_hub(tmp_path, monkeypatch):
+    """HF_HUB_OFFLINE as the loaders read it, over an empty HF cache of this test's own (returned)."""
+    from huggingface_hub import constants
+
+    cache = tmp_path / "hf_cache"
+    cache.mkdir()
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(cache))
+    return cache
+
+
+@pytest.mark.parametrize("field,line", [
+    ("models.base", '[models]\nbase = "smollm2-135m-instruct"\n'),  # a folder name without ./ (issue 24)
+    ("models.teacher", '[models]\nteacher = "HuggingFaceTB/SmolLM2-135M-Instruct"\n'),  # a hub id not cached
+    ("models.base", '[models]\nbase = "two words"\n'),  # not even a valid hub id
+])
+def test_a_model_neither_a_folder_nor_cached_fails_at_load_when_offline(tmp_path, offline_hub, field, line):
+    from pipeline.config import load_run_config
+
+    value = line.split('"')[1]
+    with pytest.raises(ValueError, match=rf"{field} = '{value}': no such folder .*as a hub id .*"
+                                         rf"A folder is written \./{value}"):
+        load_run_config(_config(tmp_path / "project", line))
+
+
+def test_the_dry_run_names_the_model_field_that_cannot_load(tmp_path, offline_hub, capsys):
+    from flows.cli import main
+
+    path = _config(tmp_path / "project", '[models]\nbase = "smollm2-135m-instruct"\n')
+    assert main(["run", str(path), "--root", str(tmp_path / "root"), "--dry-run"]) == 2
+    err = capsys.readouterr().err
+    assert "models.base = 'smollm2-135m-instruct'" in err and "HF_HUB_OFFLINE" in err
+    assert not (tmp_path / "root").exists()
+
+
+def _cache_model(cache, repo_id: str) -> None:
+    """A model in the HF cache's layout: refs/main names a snapshot holding config.json."""
+    repo, commit = cache / f"models--{repo_id.replace('/', '--')}", "0" * 40
+    (repo / "snapshots" / commit).mkdir(parents=True)
+    (repo / "snapshots" / commit / "config.json").write_text("{}")
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text(commit)
+
+
+def test_a_cached_hub_id_loads_offline_and_any_hub_id_loads_online(tmp_path, offline_hub, monkeypatch):
+    from huggingface_hub import constants
+
+    from pipeline.config import load_run_config
+
+    _cache_model(offline_hub, "org/cached")
+    cfg = load_run_config(_config(tmp_path / "a", '[models]\nbase = "org/cached"\nteacher = "org/cached"\n'))
+    assert (cfg.models.base, cfg.models.teacher) == ("org/cached", "org/cached")
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
+    cfg = load_run_config(_config(tmp_path / "b", '[models]\nbase = "smollm2-135m-instruct"\n'))
+    assert cfg.models.base == "smollm2-135m-instruct"  # online a bare name is a hub id, as before
 
 
 def test_no_held_out_prompts_is_refused_at_load():

@@ -151,6 +151,8 @@ def load_toml(model: type[S], path: str | Path, *, section: str | None = None) -
 
 _NOT_PATHS = {"synthetic", "bootstrap"}
 _PATH_FIELDS = (("data", "source"), ("models", "base"), ("models", "teacher"))
+_MODEL_FIELDS = {("models", "base"), ("models", "teacher")}
+"""Path fields that name a model: a folder, or a hub id that must be loadable from here."""
 
 
 def _looks_like_path(value: str) -> bool:
@@ -160,10 +162,30 @@ def _looks_like_path(value: str) -> bool:
             or Path(value).suffix in (".jsonl", ".json", ".parquet"))
 
 
+def _hub_model_unavailable(repo_id: str) -> str | None:
+    """Why a model hub id cannot be loaded on this machine, or None if it can (or may: online, the hub decides
+    when the model loads). With HF_HUB_OFFLINE set, only the local HF cache serves it, so its config.json must be
+    there (what transformers reads first)."""
+    from huggingface_hub import constants, try_to_load_from_cache
+    from huggingface_hub.errors import HFValidationError
+
+    if not constants.is_offline_mode():
+        return None
+    try:
+        cached = try_to_load_from_cache(repo_id, "config.json")
+    except HFValidationError as exc:
+        return f"it is not valid ({exc})"
+    if isinstance(cached, str):
+        return None
+    return (f"it is not in the local HF cache ({constants.HF_HUB_CACHE}) while HF_HUB_OFFLINE is set: download it "
+            f"once online, or unset HF_HUB_OFFLINE")
+
+
 def resolve_paths(cfg: RunConfig, folder: str | Path) -> RunConfig:
     """Every path field of a run config resolved one way: relative to the config file's `folder` (like `root`).
     A value naming an existing file or folder there becomes its absolute path; a path-like value that names
-    nothing fails here, naming the field, before any stage runs; anything else is a hub id and stays as it is."""
+    nothing fails here, naming the field, before any stage runs; anything else is a hub id and stays as it is,
+    except that a model's hub id offline (HF_HUB_OFFLINE) must be in the local HF cache, or it fails here too."""
     updates = {}
     for table, field in _PATH_FIELDS:
         value = getattr(getattr(cfg, table), field)
@@ -175,6 +197,9 @@ def resolve_paths(cfg: RunConfig, folder: str | Path) -> RunConfig:
         elif _looks_like_path(value):
             raise ValueError(f"{table}.{field} = {value!r}: no such file or folder {candidate} (relative paths are "
                              f"relative to the config file's folder; a hub id is written org/name)")
+        elif (table, field) in _MODEL_FIELDS and (why := _hub_model_unavailable(value)):
+            raise ValueError(f"{table}.{field} = {value!r}: no such folder {candidate}, and as a hub id {why}. A "
+                             f"folder is written ./{value} (relative to the config file's folder) and must exist")
     return apply_overrides(cfg, updates, where=f"paths relative to {folder}") if updates else cfg
 
 
