@@ -25,9 +25,8 @@ from prefect.states import Failed
 
 from flows.post_train import post_train
 from pipeline.store.artifacts import ArtifactRef
-from pipeline.experiment.trials import (
-    RunTrial, SubmitTrial, Trial, experiment_root, load_experiment, run_experiment, stored_refs,
-)
+from pipeline.experiment.schema import Trial, experiment_root, load_experiment
+from pipeline.experiment.trials import RunTrial, SubmitTrial, run_experiment, stored_refs
 
 POLL_S = 2.0
 """How often a fanned-out experiment asks the server whether its trials' runs are done."""
@@ -75,7 +74,7 @@ def experiment(config: str, root: str | None = None, only: list[str] | None = No
     """Run the experiment TOML at `config`: its trials as post-train subflows (or, with `deployment`, as runs of
     that deployment on its work pool's workers, all at once), then the table and plots."""
     exp = load_experiment(config)
-    run_root = Path(root).resolve() if root else experiment_root(exp)
+    run_root = experiment_root(exp, root)
     if deployment:
         result = run_experiment(exp, run_root, submit=_deployment_runs(deployment, exp.base, run_root), only=only,
                                 progress=progress)

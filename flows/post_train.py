@@ -3,7 +3,7 @@
     prepare_data -> bootstrap_models -> teacher_sample -> evaluate(base)
                  -> sft -> evaluate -> gft_round x R -> evaluate -> grpo_round x R -> evaluate
 
-The DAG itself is `pipeline.run.execute` (shared with `python -m pipeline.run`); this module only hands it
+The DAG itself is `pipeline.run.execute` (shared with `gft run --in-process`); this module only hands it
 tasks instead of functions. A task takes one bound stage call (`pipeline.stages.StageCall`: the stage, its
 arguments and its spec, derived once) and is a one-line wrapper over `pipeline.stages.execute`; the tasks are made
 per flow run, closing over that run's `Resources` (engines, verifiers, store, tracker), so no module state is kept.
@@ -30,10 +30,10 @@ from prefect.serializers import JSONSerializer
 
 from pipeline import runtime, stages
 from pipeline.config import RunConfig, apply_overrides, load_run_config
-from pipeline.run import Ops, RunResult, run
+from pipeline.run import Ops, RunResult, resolve_root, run
 from pipeline.store.artifacts import ArtifactRef
 
-__all__ = ["post_train", "resolve_root"]
+__all__ = ["post_train"]
 
 RETRIES = {"teacher_sample": 2, "evaluate": 2, "gft_round": 1, "grpo_round": 1}  # sampling stages retry; a failed step resumes
 
@@ -92,11 +92,6 @@ def prefect_tags() -> dict[str, str]:
             "prefect.root_flow_run_id": flow_run.root_flow_run_id, "prefect.run_count": flow_run.run_count,
             "prefect.flow_run_url": flow_run.ui_url, "prefect.task_run_id": task_run.id}
     return {k: str(v) for k, v in tags.items() if v}
-
-
-def resolve_root(config: str | Path, cfg: RunConfig, root: str | None = None) -> Path:
-    """The run root: `root` if given, else the config's `root` relative to the config file's folder."""
-    return Path(root).resolve() if root else (Path(config).resolve().parent / cfg.root).resolve()
 
 
 @flow(name="post-train", log_prints=True)

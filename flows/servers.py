@@ -5,6 +5,10 @@ run without PREFECT_API_URL is the same uvicorn app Prefect's ephemeral mode sta
 stops its ephemeral server at interpreter exit (`atexit`), so a `kill -9` of the run left it running. Ours is
 started with the kernel's parent-death signal (Linux `prctl(PR_SET_PDEATHSIG)`): however the run ends, the server
 gets SIGTERM. Elsewhere (macOS) the run falls back to Prefect's own ephemeral mode.
+
+Before the API stops, Prefect's background services that talk to it (the log worker, the events worker, the task
+and flow run waiters) send what they still hold and stop (`drain_prefect`): stopped after the server, they retried
+against it for over a minute before giving up with "Error logging to API", and the run only then exited.
 """
 
 from __future__ import annotations
@@ -22,7 +26,7 @@ import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 
-__all__ = ["start", "wait_http", "stop", "run_api", "UI_PORT"]
+__all__ = ["start", "wait_http", "stop", "run_api", "drain_prefect", "UI_PORT"]
 
 UI_PORT = 4200
 """Where `gft ui --prefect` serves Prefect's UI: the flow-run links a run records point there."""
@@ -99,6 +103,28 @@ def run_api(log_dir: Path, timeout_s: float = 180) -> Iterator[str | None]:
     try:
         wait_http(f"{url}/health", proc, timeout_s)
         with temporary_settings(updates={PREFECT_API_URL: url, PREFECT_UI_URL: f"http://127.0.0.1:{UI_PORT}"}):
-            yield url
+            try:
+                yield url
+            finally:
+                drain_prefect()
     finally:
         stop([proc])
+
+
+DRAIN_TIMEOUT_S = 30.0
+"""How long the services may take to send what they hold while the API still answers (a second, typically)."""
+
+
+def drain_prefect(timeout_s: float = DRAIN_TIMEOUT_S) -> None:
+    """Send what Prefect's queue services (the API log worker, the events worker) hold and stop them, and stop the
+    task and flow run waiters' event subscriptions: everything that would talk to the API after it stops. A
+    service used later starts afresh."""
+    from prefect._internal.concurrency.services import QueueService
+    from prefect._internal.waiters import FlowRunWaiter
+    from prefect.task_runs import TaskRunWaiter
+
+    QueueService.drain_all(timeout=timeout_s, at_exit=False)  # one registry: every subclass's instances
+    for waiter in (TaskRunWaiter, FlowRunWaiter):
+        instance = waiter._instance
+        if instance is not None and instance._loop is not None:  # its task lives on Prefect's loop thread
+            instance._loop.call_soon_threadsafe(instance.stop)

@@ -1,19 +1,18 @@
-"""Run the pipeline in-process, without Prefect: data -> models -> teacher -> {SFT, GFT} -> evaluation.
+"""The pipeline's DAG and its in-process runner: data -> models -> teacher -> {SFT, GFT, GRPO} -> evaluation.
 
-    python -m pipeline.run configs/default.toml
+    gft run configs/default.toml                 the DAG as a Prefect flow (`flows.post_train`)
+    gft run configs/default.toml --in-process    the same DAG in this process, without Prefect (`run`)
 
 Every stage is cached in the run's artifact store, so running the same config again serves every finished
-stage and computes only what is missing or changed.
+stage and computes only what is missing or changed. The run root is resolved here (`resolve_root`), for both.
 """
 
 from __future__ import annotations
 
-import argparse
 import errno
 import functools
 import logging
 import os
-import sys
 import tempfile
 import time
 from collections.abc import Callable
@@ -23,14 +22,15 @@ from pathlib import Path
 import torch
 
 from pipeline import runtime, plots, stages
+from pipeline.data import chat
 from pipeline.store.artifacts import ArtifactRef, StageStore, write_text_atomic
 from pipeline.store.outputs import Chain, read_chain, read_output
-from pipeline.config import RetentionConfig, RunConfig, load_run_config
+from pipeline.config import RetentionConfig, RunConfig
 from pipeline.algo.metrics import comparison_table
 from pipeline.tracking import MlflowTracker, NullTracker, sqlite_uri
 
-__all__ = ["RunResult", "RootError", "Ops", "local_ops", "execute", "plan", "run", "check_root", "chain_outputs",
-           "stage_history", "round_metrics", "main"]
+__all__ = ["RunResult", "RootError", "Ops", "local_ops", "execute", "plan", "run", "check_root", "resolve_root",
+           "check_prompts", "chain_outputs", "stage_history", "round_metrics"]
 
 log = logging.getLogger(__name__)
 
@@ -107,6 +107,7 @@ def execute(cfg: RunConfig, ops: Ops, res: runtime.Resources, *, refresh: str | 
     synth, source = stages.prepare_data_inputs(cfg.data, cfg.synthetic)
     refs = {"prompts": call("prepare_data", "prepare_data", cfg.data, synth, source)}
     refs["base"], teacher_model = resolve_models(cfg, call)
+    check_prompts(cfg, refs["prompts"], refs["base"], teacher_model)
     if teacher_model is not None and cfg.teacher_sample.k > 0:
         refs["teacher"] = call("teacher_sample", "teacher_sample", cfg.teacher_sample, refs["prompts"], teacher_model,
                                cfg.engine)
@@ -140,6 +141,54 @@ def resolve_models(cfg: RunConfig, call: Callable[..., ArtifactRef]) -> tuple[Ar
         return stages.bootstrap_member(pair, role) if spec == "bootstrap" else runtime.external_model(spec)
 
     return model(cfg.models.base, "base"), None if cfg.models.teacher is None else model(cfg.models.teacher, "teacher")
+
+
+@dataclass(frozen=True)
+class _PromptUse:
+    """Prompts an engine samples: the split file, the model whose tokenizer renders them, the response budget and
+    the setting that sets it, and how many rows of the file are used (None: all)."""
+
+    split: str
+    model: ArtifactRef
+    max_new_tokens: int
+    setting: str
+    rows: int | None = None
+
+
+def _prompt_uses(cfg: RunConfig, base: ArtifactRef, teacher: ArtifactRef | None) -> list[_PromptUse]:
+    uses = []
+    if teacher is not None and cfg.teacher_sample.k > 0:
+        uses.append(_PromptUse("train.parquet", teacher, cfg.teacher_sample.sampling.max_new_tokens,
+                               "teacher_sample.sampling.max_new_tokens"))
+    for name in ("gft", "grpo"):
+        if name in cfg.chain:
+            budget = getattr(cfg, name).sampling.max_new_tokens
+            uses.append(_PromptUse("train.parquet", base, budget, f"{name}.sampling.max_new_tokens"))
+    splits = ["eval.parquet"] + (["validation.parquet"] if cfg.eval.validation else [])
+    uses += [_PromptUse(split, base, cfg.eval.sampling.max_new_tokens, "eval.sampling.max_new_tokens",
+                        cfg.eval.max_prompts) for split in splits]
+    return uses
+
+
+def check_prompts(cfg: RunConfig, prompts: ArtifactRef, base: ArtifactRef, teacher: ArtifactRef | None) -> None:
+    """Refuse, before the first stage that loads a model, a prompt some engine of the run would refuse: its
+    tokens plus that stage's max_new_tokens over engine.max_model_len (`chat.check_prompt_lengths`, which names the
+    row, the file and the settings). A dry run's pending references are not checked."""
+    if "pending" in (prompts.kind, base.kind, teacher.kind if teacher else None):
+        return
+    import pyarrow.parquet as pq
+
+    folder, tokenizers = read_output(prompts), {}
+    for use in _prompt_uses(cfg, base, teacher):
+        path = folder.file(use.split)
+        table = pq.read_table(path, columns=["id", "prompt"]).to_pydict()
+        rows = list(zip(map(str, table["id"]), table["prompt"]))[: use.rows]
+        if use.model.sha256 not in tokenizers:
+            tokenizers[use.model.sha256] = chat.load_tokenizer(
+                runtime.model_dir(use.model), trust_remote_code=cfg.engine.trust_remote_code)
+        chat.check_prompt_lengths(tokenizers[use.model.sha256], rows, max_new_tokens=use.max_new_tokens,
+                                  max_model_len=cfg.engine.max_model_len, where=str(path),
+                                  budget_setting=use.setting)
 
 
 def _train(name: str, cfg: RunConfig, refs: dict[str, ArtifactRef], init: ArtifactRef, call: _Walk) -> ArtifactRef:
@@ -239,6 +288,12 @@ def run(cfg: RunConfig, *, root: Path, progress: bool = True, ops: Callable[[run
     return result
 
 
+def resolve_root(config: str | Path, cfg: RunConfig, root: str | Path | None = None) -> Path:
+    """The run root, the one place it is resolved: `root` if given (relative to the working folder), else the
+    config's `root` relative to the config file's folder. An experiment's store is its base config's root."""
+    return Path(root).resolve() if root else (Path(config).resolve().parent / cfg.root).resolve()
+
+
 def check_root(root: Path) -> None:
     """Refuse, before any server or stage starts, a run root the run cannot write: it writes stage outputs, its
     MLflow database (`mlflow.db`, opened for writing even when every stage is cached), logs and the summary there.
@@ -334,32 +389,3 @@ def _write_summary(path: Path, cfg: RunConfig, refs: dict[str, ArtifactRef], met
     if url:
         lines += ["", f"MLflow: {url} (start the UI with `gft ui`)"]
     return write_text_atomic(path, "\n".join(lines) + "\n")
-
-
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m pipeline.run", description=__doc__.splitlines()[0])
-    parser.add_argument("config", type=Path, help="a RunConfig TOML file, e.g. configs/default.toml")
-    parser.add_argument("--root", type=Path, help="artifact store (default: the config's `root`)")
-    parser.add_argument("--no-progress", action="store_true", help="hide progress bars")
-    args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(name)s %(message)s")
-    logging.getLogger("pipeline").setLevel(logging.INFO)
-    from transformers.utils import logging as hf_logging
-
-    hf_logging.disable_progress_bar()  # per-file "Loading weights" bars; ours stay
-    cfg = load_run_config(args.config)
-    root = (args.root or (args.config.resolve().parent / cfg.root)).resolve()
-    start = time.perf_counter()
-    try:
-        result = run(cfg, root=root, progress=not args.no_progress)
-    except RootError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    print(result.summary_path.read_text())
-    print(f"Finished in {time.perf_counter() - start:.0f} s. Summary: {result.summary_path}")
-    print(f"Work done this time (cached stages do none): {result.calls}")
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

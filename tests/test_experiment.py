@@ -1,4 +1,4 @@
-"""Experiments (`pipeline.experiment.trials`): configs derived from the base by the grid and nothing else, `extends`,
+"""Experiments (`pipeline.experiment`: schema, runner, report): configs derived from the base by the grid and nothing else, `extends`,
 bad grids named, the mean and std over seeds against the trials' own metrics files, a failed trial reported
 without stopping the others, and the report's files. The CI-size paper table runs through Prefect in
 tests/test_flows.py."""
@@ -11,9 +11,8 @@ from pathlib import Path
 import pytest
 
 from pipeline.config import RunConfig, apply_overrides, load_toml
-from pipeline.experiment.trials import (
-    expand, experiment_root, load_experiment, local_trial, run_experiment,
-)
+from pipeline.experiment.schema import expand, experiment_root, load_experiment
+from pipeline.experiment.trials import local_trial, run_experiment
 
 REPO = Path(__file__).resolve().parent.parent
 TINY = REPO / "tests" / "data" / "tiny_run.toml"

@@ -6,18 +6,21 @@ The policy's chat template on the prompt (`render_prompt`), response + EOS cut a
 A prompt row is plain user text, or, when the data settings give a system prompt, the whole conversation in one
 string (`encode_prompt`: JSON {"chat": [system turn, user turn]}). Every stage renders prompts through
 `render_prompt`, so sampling, SFT, teacher sampling and evaluation all see the same system turn.
+
+`check_prompt_lengths` refuses, before any engine loads, a prompt that an engine would refuse at generate time:
+its rendered tokens plus the response budget do not fit `engine.max_model_len`.
 """
 
 from __future__ import annotations
 
 import json
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-__all__ = ["RenderedResponse", "load_tokenizer", "encode_prompt", "prompt_messages", "render_prompt", "render_response",
-           "pad_id"]
+__all__ = ["RenderedResponse", "PromptTooLong", "load_tokenizer", "encode_prompt", "prompt_messages", "render_prompt",
+           "render_response", "pad_id", "check_prompt_lengths"]
 
 
 @dataclass(frozen=True)
@@ -98,3 +101,33 @@ def render_response(tokenizer: Any, text: str, *, max_tokens: int) -> RenderedRe
 def pad_id(tokenizer: Any) -> int:
     """The id that pads a batch: the tokenizer's pad token, else its EOS."""
     return tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+
+
+class PromptTooLong(ValueError):
+    """A prompt row whose tokens plus the response budget exceed the engine's context (`engine.max_model_len`)."""
+
+
+_BOUNDARY_SLACK = 16
+"""Tokens allowed for merges across the template's edges when bounding a row's length by its bytes (below)."""
+
+
+def check_prompt_lengths(tokenizer: Any, rows: Iterable[tuple[str, str]], *, max_new_tokens: int, max_model_len: int,
+                         where: str, budget_setting: str) -> int:
+    """Refuse the first (id, prompt) row whose rendered tokens + `max_new_tokens` exceed `max_model_len`, the rule
+    the engines apply at generate time, naming the row (`where`: its file), both settings and the numbers. A row is
+    tokenized only when it might not fit: a token covers at least one byte, so the template's own tokens plus the
+    row's UTF-8 bytes (plus a small slack for merges at the edges) bound its length. Returns the rows checked."""
+    limit = max_model_len - max_new_tokens
+    overhead = len(render_prompt(tokenizer, "")) + _BOUNDARY_SLACK
+    checked = 0
+    for row_id, prompt in rows:
+        checked += 1
+        if overhead + len(prompt.encode("utf-8")) <= limit:
+            continue
+        n = len(render_prompt(tokenizer, prompt))
+        if n > limit:
+            raise PromptTooLong(
+                f"{where}: prompt {row_id!r} has {n} tokens; with {budget_setting} = {max_new_tokens} it needs "
+                f"{n + max_new_tokens} > engine.max_model_len = {max_model_len}. Raise engine.max_model_len, lower "
+                f"{budget_setting}, or drop the row (data.max_prompt_chars refuses or skips long rows)")
+    return checked

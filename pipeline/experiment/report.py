@@ -1,7 +1,7 @@
-"""The report of an experiment (`pipeline.experiment.trials`): each finished trial's numbers read from its stage
-outputs, the mean and sample std over seeds per variant, and the files: results.md (a table per group),
-results.json, and the plots (accuracy against training prompts seen, entropy and grad norm per step, one plot
-per sweep, e.g. the rectified fraction and accuracy against tau)."""
+"""The report of an experiment (the trials of `pipeline.experiment.schema`, run by `pipeline.experiment.trials`):
+each finished trial's numbers read from its stage outputs, the mean and sample std over seeds per variant, and the
+files: results.md (a table per group), results.json, and the plots (accuracy against training prompts seen, entropy
+and grad norm per step, one plot per sweep, e.g. the rectified fraction and accuracy against tau)."""
 
 from __future__ import annotations
 
@@ -10,15 +10,13 @@ import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from pipeline import plots
 from pipeline.store.artifacts import ArtifactRef, write_text_atomic
 from pipeline.store.outputs import read_output
 from pipeline.config import RunConfig
-
-if TYPE_CHECKING:  # the experiment module imports this one
-    from pipeline.experiment.trials import ExperimentConfig, Trial, TrialResult
+from pipeline.experiment.schema import ExperimentConfig, Trial, TrialResult
 
 __all__ = ["Report", "trial_metrics", "summarise", "write_report", "write_plots", "own_overrides", "short"]
 
