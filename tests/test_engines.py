@@ -380,3 +380,33 @@ def test_hf_decode_picks_the_loop(ckpt_a, monkeypatch, cfg, compacting):
 def test_compact_with_the_static_cache_is_refused():
     with pytest.raises(ValueError, match='hf_decode="compact" drops rows from a dynamic cache'):
         EngineConfig(hf_decode="compact", hf_cache="static")
+
+
+def test_vllm_engine_keeps_the_model_folders_tokenizer(ckpt_a, monkeypatch):
+    """VLLMEngine decodes with the folder's tokenizer as the pipeline loads it (`load_tokenizer`, as HFEngine does),
+    not with the one vLLM builds for itself, which it used to overwrite it with (issue 24). vLLM is faked here: only
+    the engine's construction runs (tests/test_vllm_engine.py checks the same on real vLLM)."""
+    import sys
+    import types
+
+    from pipeline.data.chat import load_tokenizer
+    from pipeline.rollout.vllm_engine import VLLMEngine
+
+    class FakeLLM:
+        def __init__(self, **kwargs):
+            self.kwargs = kwargs
+
+        def get_tokenizer(self):
+            return "vLLM's own tokenizer"
+
+    vllm, platforms = types.ModuleType("vllm"), types.ModuleType("vllm.platforms")
+    vllm.LLM, platforms.current_platform = FakeLLM, types.SimpleNamespace(is_cpu=lambda: True)
+    monkeypatch.setitem(sys.modules, "vllm", vllm)
+    monkeypatch.setitem(sys.modules, "vllm.platforms", platforms)
+    monkeypatch.setenv("VLLM_ENABLE_V1_MULTIPROCESSING", "0")  # what the engine would set on CPU, undone after
+    engine = VLLMEngine(ckpt_a, EngineConfig(backend="vllm", **F32))
+    assert engine.llm.kwargs["model"] == str(Path(ckpt_a).resolve())
+    ours, text = load_tokenizer(ckpt_a), "ab c = 1 + 2"
+    assert type(engine.tokenizer) is type(ours)
+    ids = ours.encode(text, add_special_tokens=False)
+    assert engine.tokenizer.encode(text, add_special_tokens=False) == ids and engine.tokenizer.decode(ids) == text

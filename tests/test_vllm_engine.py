@@ -70,6 +70,19 @@ def test_build_engine_returns_the_shared_engine(vllm_engine, ckpts):
     assert build_engine(ckpts[0], CFG) is vllm_engine
 
 
+def test_the_engine_keeps_the_model_folders_tokenizer(vllm_engine, ckpts):
+    """The engine's tokenizer is the folder's as the pipeline loads it (`load_tokenizer`, HFEngine's too), not vLLM's
+    own: vLLM's AutoTokenizer turns this generic tokenizer under a qwen2 config into Qwen2Tokenizer with Qwen2's
+    pre-tokenizer, which encodes "ab c" without its space (issue 24: the engine overwrote its tokenizer)."""
+    from pipeline.data.chat import load_tokenizer
+
+    ours, text = load_tokenizer(ckpts[0]), "ab c = 1 + 2"
+    ids = ours.encode(text, add_special_tokens=False)
+    assert vllm_engine.tokenizer.encode(text, add_special_tokens=False) == ids
+    assert vllm_engine.tokenizer.decode(ids) == text
+    assert type(vllm_engine.tokenizer) is type(ours)
+
+
 @pytest.mark.parametrize("temperature,top_p", [(1.0, 1.0), (0.7, 0.9)])
 def test_samples_carry_raw_logprobs_close_to_hf_teacher_forcing(vllm_engine, hf_a, ckpts, temperature, top_p):
     engine = build_engine(ckpts[0], CFG)  # the shared engine, on checkpoint a whatever ran before

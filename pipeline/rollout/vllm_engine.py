@@ -63,8 +63,11 @@ class VLLMEngine:
         self.model_dir = Path(model_dir).resolve()
         self.on_cpu = current_platform.is_cpu()
         self.llm = LLM(**_llm_kwargs(self.model_dir, cfg, self.on_cpu))
+        # The folder's tokenizer as the pipeline loads it (HFEngine's and the trainer's), never
+        # `self.llm.get_tokenizer()`: vLLM loads it with AutoTokenizer, which maps a generic tokenizer saved under
+        # e.g. a qwen2 config onto Qwen2Tokenizer and rebuilds its pre-tokenizer (`load_tokenizer`), so that one
+        # can encode and decode differently. vLLM's copy stays inside vLLM (its detokenizer, whose text is unused).
         self.tokenizer = load_tokenizer(self.model_dir, trust_remote_code=cfg.trust_remote_code)
-        self.tokenizer = self.llm.get_tokenizer()
         self.weights_dir = self.model_dir
 
     @classmethod
