@@ -186,7 +186,7 @@ def test_a_killed_worker_fails_the_stage_and_the_rerun_resumes_exactly(tmp_path)
     config = tmp_path / "sft2.toml"
     config.write_text(text)
     root = tmp_path / "root"
-    cmd = [sys.executable, "-m", "pipeline.run", str(config), "--root", str(root), "--no-progress"]
+    cmd = [sys.executable, "-m", "flows.cli", "run", str(config), "--root", str(root), "--no-progress", "--in-process"]
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     try:
         deadline = time.monotonic() + 300
@@ -348,8 +348,8 @@ def test_a_round_s_engine_sleeps_through_its_launched_job_and_loads_the_new_weig
     events: list = []
     engines: dict = {}
 
-    def build(model_dir, cfg):
-        inner = HFEngine(model_dir, cfg.model_copy(update={"backend": "hf"}), progress=False)
+    def build(model_dir, cfg, *, progress=True):
+        inner = HFEngine(model_dir, cfg.model_copy(update={"backend": "hf"}), progress=progress)
         return engines.setdefault(str(model_dir), _Sleepy(f"engine{len(engines)}", events, inner))
 
     real_run_job = launch_lib.run_job

@@ -59,8 +59,9 @@ def reward_groups(verifier: Verifier, cfg: GFTConfig, rows: pd.DataFrame,
 
 
 TrainPhase = Callable[[list[list[int]], pd.DataFrame], list[dict[str, float]]]
-"""The round's optimizer steps on (prompt ids, group table) -> history: `train_phase` on a live trainer, or a
-launched job of several processes (`pipeline.rounds.launch`)."""
+"""The round's optimizer steps on (prompt ids, group table) -> history: the stage's training job
+(`rounds.launch.round_phase`, which runs `train_phase` in this process or in every process of a launched job), or
+`train_phase` on a live trainer (bench/gpu_bench.py)."""
 
 
 def train_phase(trainer: Trainer, prompt_ids: list[list[int]], table: pd.DataFrame, cfg: GFTConfig, round_idx: int,

@@ -1,7 +1,8 @@
 """One GRPO round on live objects (docs/design.md section 1.7; anchors: TRL's GRPOTrainer and verl):
 policy-only groups, rewards, advantages, the sampler/trainer mismatch, and the round's optimizer steps.
 `run_round` is what the `grpo_round` stage runs between loading and saving; its training (steps 3 and 4,
-`train_phase`) runs on the stage's live trainer or in every process of a launched job (`pipeline.rounds.launch`).
+`train_phase`) is the round's training job (`pipeline.rounds.job`), in the stage's process or in every process of
+a launched one.
 
 One round, for P prompts and G completions each:
 
@@ -222,8 +223,9 @@ class Trained:
 
 
 TrainPhase = Callable[[list[list[int]], pd.DataFrame], Trained]
-"""The round's training on (prompt ids, rewarded group table): `train_phase` on a live trainer, or a launched job
-of several processes that runs `train_phase` in each (`pipeline.rounds.launch`)."""
+"""The round's training on (prompt ids, rewarded group table): the stage's training job (`rounds.launch.round_phase`,
+which runs `train_phase` in this process or in every process of a launched job), or `train_phase` on a live
+trainer."""
 
 
 def train_phase(trainer: Trainer, prompt_ids: list[list[int]], table: pd.DataFrame, cfg: GRPOConfig, round_idx: int,
