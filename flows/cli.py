@@ -102,7 +102,6 @@ def cmd_run(args: argparse.Namespace) -> int:
         raise ConfigError(str(exc)) from None
     if args.dry_run:
         return _dry_run(cfg, root, args.refresh)
-    _quiet_libraries()
     from pipeline import progress
 
     progress.use_rich(not args.no_progress)
@@ -113,10 +112,10 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 def _run_flow(args: argparse.Namespace, cfg: RunConfig, root: Path) -> int:
     """The run as a Prefect flow run, on the API of `PREFECT_API_URL` or on one of its own."""
-    from flows.post_train import post_train
-
     start = time.perf_counter()
-    with servers.run_api(root / "logs"):
+    with servers.run_api(root / "logs", meanwhile=_import_flows):  # the imports overlap the API's start
+        from flows.post_train import post_train
+
         state = post_train(config=str(args.config.resolve()), refresh=args.refresh, root=str(root),
                            progress=not args.no_progress, return_state=True)
     if not state.is_completed():
@@ -130,6 +129,7 @@ def _run_in_process(args: argparse.Namespace, cfg: RunConfig, root: Path) -> int
     """The same DAG in this process (`pipeline.run.run`): no Prefect, no server."""
     from pipeline.run import run
 
+    _quiet_libraries()
     start = time.perf_counter()
     try:
         result = run(cfg, root=root, progress=not args.no_progress, refresh=args.refresh)
@@ -185,7 +185,6 @@ def cmd_experiment(args: argparse.Namespace) -> int:
         print("--deployment runs trials on a work pool's workers: export PREFECT_API_URL=http://<host>:4200/api "
               "(the server the deployment is on; infra/README.md) and run this again.", file=sys.stderr)
         return 2
-    _quiet_libraries()
     from pipeline import progress
 
     progress.use_rich(not args.no_progress)
@@ -195,10 +194,10 @@ def cmd_experiment(args: argparse.Namespace) -> int:
 
 
 def _experiment_flow(args: argparse.Namespace, opened) -> int:
-    from flows.experiment import experiment
-
     start = time.perf_counter()
-    with servers.run_api(opened.root / "logs"):
+    with servers.run_api(opened.root / "logs", meanwhile=_import_flows):
+        from flows.experiment import experiment
+
         state = experiment(config=str(args.config.resolve()), root=str(opened.root), only=opened.only,
                            progress=not args.no_progress, deployment=args.deployment, return_state=True)
     report = opened.root / "reports" / opened.exp.name / "results.md"
@@ -223,6 +222,7 @@ def _experiment_in_process(args: argparse.Namespace, opened) -> int:
     """Every trial in this process (`pipeline.run.run`), one after the other: no Prefect, no server."""
     from pipeline.experiment.trials import local_trial, run_experiment, where_to_look
 
+    _quiet_libraries()
     start = time.perf_counter()
     result = run_experiment(opened.exp, opened.root, local_trial(opened.root, progress=not args.no_progress),
                             only=opened.only, progress=not args.no_progress)
@@ -308,6 +308,12 @@ def cmd_ui(args: argparse.Namespace) -> int:
         return 0
     finally:
         servers.stop(procs)
+
+
+def _import_flows() -> None:
+    """The flows and what they import (torch, transformers, the stages): seconds, spent while the API starts."""
+    _quiet_libraries()
+    import flows.experiment  # noqa: F401  (imports flows.post_train)
 
 
 def _quiet_libraries() -> None:

@@ -23,7 +23,7 @@ import subprocess
 import sys
 import time
 import urllib.request
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 __all__ = ["start", "wait_http", "stop", "run_api", "drain_prefect", "UI_PORT"]
@@ -84,13 +84,16 @@ def _free_port() -> int:
 
 
 @contextlib.contextmanager
-def run_api(log_dir: Path, timeout_s: float = 180) -> Iterator[str | None]:
+def run_api(log_dir: Path, timeout_s: float = 180, meanwhile: Callable[[], None] = lambda: None,
+            ) -> Iterator[str | None]:
     """A Prefect API on 127.0.0.1 for the duration of the block, in Prefect's settings as PREFECT_API_URL (and the
     UI address `gft ui --prefect` serves); yields its URL, or None when PREFECT_API_URL is already set or the
-    platform has no parent-death signal (Prefect then uses its server, or its ephemeral one)."""
+    platform has no parent-death signal (Prefect then uses its server, or its ephemeral one). `meanwhile` runs
+    while the server starts (the caller's slow imports)."""
     from prefect.settings import PREFECT_API_URL, PREFECT_UI_URL, get_current_settings, temporary_settings
 
     if os.environ.get("PREFECT_API_URL") or get_current_settings().api.url or not sys.platform.startswith("linux"):
+        meanwhile()
         yield None
         return
     port = _free_port()
@@ -101,6 +104,7 @@ def run_api(log_dir: Path, timeout_s: float = 180) -> Iterator[str | None]:
     proc = start(cmd, env, log_dir / "prefect-api.log", die_with_parent=True)
     url = f"http://127.0.0.1:{port}/api"
     try:
+        meanwhile()
         wait_http(f"{url}/health", proc, timeout_s)
         with temporary_settings(updates={PREFECT_API_URL: url, PREFECT_UI_URL: f"http://127.0.0.1:{UI_PORT}"}):
             try:

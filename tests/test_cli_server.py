@@ -1,5 +1,7 @@
 """`gft run` owns its Prefect API: a kill -9 of the run takes the server with it, and the rerun resumes; the
-finished root made read-only is refused by name before anything starts."""
+finished root made read-only is refused by name before anything starts. Before the API stops, Prefect's log and
+event workers have sent what they hold: no run or experiment ends retrying a stopped API ("Error logging to API").
+Two `gft run` of one config into two fresh roots write the same bytes (every stage output's digest)."""
 
 from __future__ import annotations
 
@@ -12,8 +14,19 @@ from pathlib import Path
 
 import pytest
 
+from tests.kill_trials import ENV, command, digests
+
 TINY = Path(__file__).parent / "data" / "tiny_run.toml"
 pytestmark = pytest.mark.slow
+API_ERRORS = ("Error logging to API", "All connection attempts failed")
+PROBE = """import sys
+from flows.cli import main
+code = main(sys.argv[1:])
+from prefect._internal.concurrency.services import QueueService
+print("prefect services left:", sorted(type(s).__name__ for s in QueueService._instances.values()), flush=True)
+sys.exit(code)
+"""
+"""`gft` in a process that, once the command has returned, prints the Prefect services still holding records."""
 
 
 def _children(pid: int) -> list[int]:
@@ -88,3 +101,66 @@ def test_a_killed_run_takes_its_prefect_api_with_it_and_the_rerun_resumes(tmp_pa
         refused = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
     assert refused.returncode == 2 and f"run root {root} is read-only" in refused.stderr, refused.stderr[-3000:]
     assert tree_digest(root) == before
+
+
+@pytest.fixture(scope="module")
+def two_roots(tmp_path_factory):
+    """`gft run` of the tiny config into two fresh roots, one after the other, each with its own Prefect API."""
+    base = tmp_path_factory.mktemp("two-roots")
+    env = {**ENV, "PREFECT_HOME": str(base / "prefect")}
+    runs = {name: subprocess.run(command(base / name, prefect=True), env=env, capture_output=True, text=True,
+                                 timeout=900) for name in ("a", "b")}
+    return base, env, runs
+
+
+def _probe(args: list[str], env: dict) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-c", PROBE, *args], env=env, capture_output=True, text=True, timeout=900)
+
+
+def _no_api_errors(proc: subprocess.CompletedProcess) -> None:
+    out = proc.stdout + proc.stderr
+    assert not [e for e in API_ERRORS if e in out], out[-3000:]
+
+
+def test_gft_run_and_experiment_exit_without_retrying_a_stopped_api(two_roots, tmp_path):
+    """Fresh runs, the cached rerun and an experiment: each ends with its summary, no Prefect service left holding
+    records for the stopped API, and no "Error logging to API" (which came 70-80 s after the summary)."""
+    base, env, runs = two_roots
+    for proc in runs.values():
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        _no_api_errors(proc)
+    again = _probe(command(base / "a", prefect=True)[1:], env)
+    assert again.returncode == 0 and "Work done this time" in again.stdout, again.stderr[-3000:]
+    assert "prefect services left: []" in again.stdout, again.stdout[-2000:]
+    _no_api_errors(again)
+    exp = tmp_path / "exit.toml"
+    exp.write_text(f'name = "exit"\nbase = "{TINY}"\n[variants.base]\nchain = []\n')
+    ran = _probe(["experiment", str(exp), "--root", str(base / "a"), "--no-progress"], env)
+    assert ran.returncode == 0 and "report and plots" in ran.stdout, ran.stderr[-3000:]
+    assert "prefect services left: []" in ran.stdout, ran.stdout[-2000:]
+    _no_api_errors(ran)
+
+
+def test_a_failed_flow_run_says_what_to_fix_when_a_rerun_cannot(tmp_path):
+    """A data error inside the Prefect flow: the exception is read from the flow run's state, and the advice is to
+    fix the data (a rerun meets the same error), not to rerun."""
+    data = tmp_path / "prompts.jsonl"
+    data.write_text("".join(f'{{"question": "{i} + 1 = ?", "answer": "{i + 1}"}}\n' for i in range(8)))
+    config = tmp_path / "run.toml"
+    config.write_text(TINY.read_text().replace('source = "synthetic"', f'source = "{data}"'))
+    env = {**ENV, "PREFECT_HOME": str(tmp_path / "prefect")}
+    proc = subprocess.run(command(tmp_path / "root", prefect=True, config=config), env=env, capture_output=True,
+                          text=True, timeout=600)
+    assert proc.returncode == 1 and "The run failed" in proc.stderr, proc.stderr[-3000:]
+    assert "A rerun will not fix this (DataError" in proc.stderr and "Rerun the same command" not in proc.stderr
+    _no_api_errors(proc)
+
+
+def test_two_gft_runs_on_fresh_roots_write_the_same_bytes(two_roots):
+    """Same config, same keys, same bytes under Prefect too (issue 26 item 2): every stage output of root a has the
+    digest of root b's."""
+    base, _, runs = two_roots
+    assert all(p.returncode == 0 for p in runs.values())
+    a, b = digests(base / "a"), digests(base / "b")
+    assert len(a) == 9 and set(a) == set(b), sorted(set(a) ^ set(b))  # data, models, teacher, sft, 2 rounds, 3 evals
+    assert {k: a[k] for k in a if a[k] != b[k]} == {}

@@ -412,3 +412,30 @@ def test_fair_table_ci_picks_each_row_on_validation(tmp_path):
     md = result.report.read_text()
     assert "## Tuning grid: validation val/mean@2" in md and md.count("**") >= 2 * (len(rows) - 1)
     assert (result.report.parent / "tuning.png").stat().st_size > 10_000 and "![tuning](tuning.png)" in md
+
+
+def test_the_experiment_package_imports_one_way():
+    """schema <- report <- trials: no module imports one after it (TYPE_CHECKING imports included), and none of the
+    three is over 450 lines."""
+    import ast
+
+    order = ["schema", "report", "trials"]
+    folder = REPO / "pipeline" / "experiment"
+    for i, name in enumerate(order):
+        text = (folder / f"{name}.py").read_text()
+        assert len(text.splitlines()) <= 450, name
+        imported = {node.module for node in ast.walk(ast.parse(text)) if isinstance(node, ast.ImportFrom)}
+        later = {f"pipeline.experiment.{m}" for m in order[i + 1:]}
+        assert not imported & later, f"pipeline.experiment.{name} imports {sorted(imported & later)}"
+
+
+def test_experiment_root_is_the_runs_root_rule(tmp_path):
+    """One rule for a store: --root (relative to the working folder), else the experiment's `root`, else the base
+    config's root beside the base config, as `pipeline.run.resolve_root` resolves a run's."""
+    from pipeline.config import load_run_config
+    from pipeline.run import resolve_root
+
+    path = _write(tmp_path / "e.toml", f'name = "e"\nbase = "{TINY}"\n[variants.v]\nchain = []\n')
+    exp = load_experiment(path)
+    assert experiment_root(exp) == resolve_root(TINY, load_run_config(TINY)) == TINY.parent / "runs"
+    assert experiment_root(exp, "rel") == Path("rel").resolve()

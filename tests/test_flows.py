@@ -332,7 +332,7 @@ def test_paper_table_ci_experiment(harness, tmp_path):
     sizes, one seed): each variant has its metrics, the plots exist, and every trial is a post-train subflow
     whose MLflow run is a child of the experiment's parent run. No claim about which variant wins."""
     from flows.cli import main
-    from pipeline.experiment.trials import expand, load_experiment
+    from pipeline.experiment.schema import expand, load_experiment
 
     config = REPO / "experiments" / "paper_table_ci.toml"
     assert main(["experiment", str(config), "--root", str(tmp_path), "--no-progress"]) == 0
