@@ -158,6 +158,17 @@ def test_the_dry_run_names_the_model_field_that_cannot_load(tmp_path, offline_hu
     assert not (tmp_path / "root").exists()
 
 
+def test_overrides_given_at_load_are_resolved_and_checked_like_the_file(tmp_path, offline_hub):
+    from pipeline.config import load_run_config
+
+    folder = tmp_path / "project"
+    tiny_lm().save_pretrained(folder / "models" / "base")
+    path = _config(folder, "")
+    assert load_run_config(path, {"models.base": "models/base"}).models.base == str(folder / "models" / "base")
+    with pytest.raises(ValueError, match=r"models.teacher = 'smollm2-135m-instruct': no such folder"):
+        load_run_config(path, {"models.teacher": "smollm2-135m-instruct"})
+
+
 def _cache_model(cache, repo_id: str) -> None:
     """A model in the HF cache's layout: refs/main names a snapshot holding config.json."""
     repo, commit = cache / f"models--{repo_id.replace('/', '--')}", "0" * 40

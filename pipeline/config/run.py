@@ -203,9 +203,13 @@ def resolve_paths(cfg: RunConfig, folder: str | Path) -> RunConfig:
     return apply_overrides(cfg, updates, where=f"paths relative to {folder}") if updates else cfg
 
 
-def load_run_config(path: str | Path) -> RunConfig:
-    """A run config from its TOML file, with every path field resolved against the file's folder."""
+def load_run_config(path: str | Path, overrides: Mapping[str, Any] | None = None) -> RunConfig:
+    """A run config from its TOML file with dotted `overrides` applied (an experiment's trial, `apply_overrides`),
+    then every path field resolved against the file's folder: an overridden model or data path is resolved and
+    checked like one written in the file."""
     cfg = load_toml(RunConfig, path)
+    if overrides:
+        cfg = apply_overrides(cfg, overrides, where=f"{path} overrides")
     try:
         return resolve_paths(cfg, Path(path).resolve().parent)
     except ValueError as exc:
