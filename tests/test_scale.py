@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from pipeline.config import load_run_config
+from pipeline.config import RunConfig, load_toml
 
 ROOT = Path(__file__).resolve().parents[1]
 RECIPE = ROOT / "configs" / "paper_gpu_7b.toml"
@@ -55,6 +55,11 @@ QWEN7B = Shape()
 TOKENS = 2048 + 512  # the paper's responses and a prompt of up to 512 tokens
 
 
+def _recipe() -> RunConfig:
+    """The recipe's settings as written (its hub model ids are not resolved: no machine here has them cached)."""
+    return load_toml(RunConfig, RECIPE)
+
+
 def _gb(n: float) -> str:
     return f"{n / GB:.2f} GB"
 
@@ -95,7 +100,7 @@ def test_the_docs_state_the_computed_memory(docs):
 
 @pytest.mark.parametrize("processes", [4, 8])
 def test_a_training_gpu_fits_as_the_docs_say(docs, processes):
-    cfg = load_run_config(RECIPE)
+    cfg = _recipe()
     parts = _training_per_gpu(QWEN7B, processes, cfg.gft.train.micro_batch_size, cfg.gft.train.logprob_chunk_size)
     total = sum(parts.values())
     assert f"**{_gb(total)}**" in docs and _gb(parts["state"]) in docs and _gb(parts["recompute"]) in docs
@@ -104,7 +109,7 @@ def test_a_training_gpu_fits_as_the_docs_say(docs, processes):
 
 
 def test_the_recipe_shards_training_and_sleeps_a_tensor_parallel_engine():
-    cfg = load_run_config(RECIPE)
+    cfg = _recipe()
     assert cfg.models.base == "Qwen/Qwen2.5-Math-7B" and list(cfg.chain) == ["sft", "gft"]
     for train in (cfg.sft.train, cfg.gft.train):
         assert (train.launch.processes, train.launch.nodes, train.launch.strategy) == (4, 1, "fsdp")
@@ -120,7 +125,7 @@ def test_the_recipe_shards_training_and_sleeps_a_tensor_parallel_engine():
 
 def test_the_engine_holds_a_round_s_samples_at_once(docs):
     """Two engines awake at gpu_memory_utilization each: weights, ~3 GB of activations and graphs, the rest KV."""
-    cfg = load_run_config(RECIPE)
+    cfg = _recipe()
     engine, tp = cfg.engine, cfg.engine.tensor_parallel_size
     weights = 2 * QWEN7B.params / tp
     kv = engine.gpu_memory_utilization * GPU_GB * GB - weights - 3 * GB
