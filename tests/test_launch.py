@@ -256,6 +256,37 @@ def test_several_nodes_need_a_rendezvous_endpoint():
     assert "--standalone" in _command(LaunchConfig(processes=2), Path("job.json"), "ab12")
 
 
+def test_a_follower_joins_only_the_fresh_unfinished_jobs_of_several_nodes(tmp_path):
+    """The store lists every job.json under a run root (`store.jobs.job_files`); `follow` joins only a job of
+    several nodes with a launch id, no result yet and written within the rendezvous join timeout."""
+    import os
+    import time
+
+    from pipeline.config import SFTConfig
+    from pipeline.rounds.job import TrainJob
+    from pipeline.rounds.launch import JOIN_TIMEOUT_S, _waiting_jobs
+    from pipeline.store.jobs import job_files
+
+    def job(name: str, nodes: int, launch_id: str = "ab12") -> Path:
+        folder = tmp_path / "sft" / f".ckpt-{name}" / "job"
+        folder.mkdir(parents=True)
+        launch = {"nodes": nodes, "rdzv_endpoint": "127.0.0.1:29400"} if nodes > 1 else {}
+        cfg = SFTConfig(train={"launch": launch}).model_dump(mode="json")
+        spec = folder / "job.json"
+        spec.write_text(TrainJob(phase="sft", config=cfg, model="m", folder=str(folder), out="o",
+                                 launch_id=launch_id).model_dump_json())
+        return spec
+
+    waiting = job("waiting", 2, "w1")
+    job("one-node", 1, "n1")
+    (job("finished", 2, "f1").parent / "result.json").write_text("{}")
+    stale = job("stale", 2, "s1")
+    os.utime(stale, (time.time() - JOIN_TIMEOUT_S - 5,) * 2)
+    (tmp_path / "sft" / "not-a-job.json").write_text("{}")
+    assert len(job_files(tmp_path)) == 4
+    assert _waiting_jobs(job_files(tmp_path)) == {"w1": waiting}
+
+
 @pytest.mark.slow
 def test_two_nodes_train_the_sft_of_one_process(tmp_path):
     """Two torchrun agents of 1 process each on 127.0.0.1, met by c10d rendezvous: the stage's, and a follower
