@@ -276,11 +276,12 @@ def evaluate(job: Job, cfg: EvalConfig, prompts: ArtifactRef, model: ArtifactRef
     tok = chat.load_tokenizer(model_dir(model), trust_remote_code=engine.trust_remote_code)
     models = eval_lib.Models(model_dir(model), model_dir(base), same=model.sha256 == base.sha256,
                              trust_remote_code=engine.trust_remote_code)
-    splits = {name: eval_lib.Split(_read_parquet(prompts, name), str(Path(prompts.uri) / name))
-              for name in ("eval.parquet", "validation.parquet") if name == "eval.parquet" or cfg.validation}
+    test = eval_lib.Split(_read_parquet(prompts, "eval.parquet"), str(Path(prompts.uri) / "eval.parquet"))
+    validation = eval_lib.Split(_read_parquet(prompts, "validation.parquet"),
+                                str(Path(prompts.uri) / "validation.parquet")) if cfg.validation else None
     result = eval_lib.evaluate(cfg, models, job.res.engine("eval", model_dir(model), engine),
                                lambda: job.res.engine("base", model_dir(base), engine), job.res.verifier(cfg.reward),
-                               tok, splits["eval.parquet"], splits.get("validation.parquet"))
+                               tok, test, validation)
     job.res.count("engine.generate", result.generate_calls)
     result.samples.to_parquet(job.out / "samples.parquet")
     _write_json(job.out / EVAL_METRICS, result.metrics)
