@@ -165,12 +165,18 @@ def test_the_models_of_pruned_rounds_are_marked_and_unmarked_once_recomputed(tmp
     assert "pipeline.pruned" not in again.tracker.client.get_run(again.tracker.producer_run(r0)).data.tags
 
 
-def test_a_moved_or_copied_root_writes_its_artifacts_only_inside_itself(tmp_path):
+@pytest.mark.parametrize("made_by", ["run", "ui"])
+def test_a_moved_or_copied_root_writes_its_artifacts_only_inside_itself(tmp_path, made_by):
     """Issue 26 item 5: the root's mlflow.db named file://<old root>/mlartifacts, so a run on the moved root wrote
-    its config, report and plots under the old place, recreating it. On open it is re-pointed at its own folder."""
+    its config, report and plots under the old place, recreating it. On open it is re-pointed at its own folder,
+    also when the database was made by `gft ui`'s server (whose default artifact root is a proxy URI)."""
     import shutil
 
+    from pipeline.tracking.runs import create_sqlite_store
+
     old, new = tmp_path / "old", tmp_path / "moved" / "root"
+    if made_by == "ui":
+        create_sqlite_store(old / "mlflow.db", "mlflow-artifacts:/")
 
     def run_on(root: Path) -> MlflowTracker:
         tracker = MlflowTracker(sqlite_uri(root / "mlflow.db"), "exp", artifact_location=(root / "mlartifacts").as_uri())

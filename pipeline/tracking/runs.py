@@ -88,32 +88,40 @@ def create_sqlite_store(db: Path, artifact_location: str | None = None) -> Path:
     return db
 
 
-def relocate_sqlite_store(db: Path, artifact_location: str | None = None) -> str | None:
+def relocate_sqlite_store(db: Path, artifact_location: str | None = None) -> list[str]:
     """Re-point a copied or moved root's MLflow database at the root's own artifact folder: every stored artifact
-    location under the artifact root the database was created with (the parent of the Default experiment's
-    location, `<root>/mlartifacts` as a URI) is rewritten under `artifact_location` (default: `mlartifacts` beside
-    `db`), so the root writes, and reads its runs' artifacts, only inside itself. MLflow has no API for it (its
-    `db move-resources` rewrites SQL the same way). Only a database that sits beside its artifact folder (a run
-    root's) is re-pointed, never one shared by several roots. Returns the old artifact root, None when none moved."""
+    location under an artifact root of the root's old place is rewritten under `artifact_location` (default:
+    `mlartifacts` beside `db`), so the root writes, and reads its runs' artifacts, only inside itself. MLflow has no
+    API for it (its `db move-resources` rewrites SQL the same way). Only a database that sits beside its artifact
+    folder (a run root's) is re-pointed, never one shared by several roots. Returns the old artifact roots."""
     import fcntl
     import sqlite3
     from urllib.parse import unquote, urlparse
 
     new = (artifact_location or Path(db).parent.joinpath("mlartifacts").as_uri()).rstrip("/")
     if not new.startswith("file:") or Path(unquote(urlparse(new).path)).parent != Path(db).resolve().parent:
-        return None
+        return []
     with open(Path(db).with_name(f".{Path(db).name}.lock"), "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)  # one relocator at a time; the second finds nothing left to move
         with sqlite3.connect(db, timeout=60) as con:
-            row = con.execute("SELECT artifact_location FROM experiments WHERE experiment_id = 0").fetchone()
-            old = row[0].rstrip("/").rsplit("/", 1)[0] if row and row[0] else None
-            if old is None or old == new or not old.startswith("file:"):
-                return None
-            for table, column in LOCATION_COLUMNS:
-                con.execute(f"UPDATE {table} SET {column} = ? || substr({column}, ?) "  # noqa: S608 (fixed names)
-                            f"WHERE {column} = ? OR substr({column}, 1, ?) = ?",
-                            (new, len(old) + 1, old, len(old) + 1, old + "/"))
+            old = _old_artifact_roots(con, new)
+            for prefix in old:
+                for table, column in LOCATION_COLUMNS:
+                    con.execute(f"UPDATE {table} SET {column} = ? || substr({column}, ?) "  # noqa: S608 (fixed names)
+                                f"WHERE {column} = ? OR substr({column}, 1, ?) = ?",
+                                (new, len(prefix) + 1, prefix, len(prefix) + 1, prefix + "/"))
     return old
+
+
+def _old_artifact_roots(con: Any, new: str) -> list[str]:
+    """The file: artifact roots of the database other than `new`: the one it was created with (the parent of the
+    Default experiment's location) and every experiment location named like `new`'s folder (`.../mlartifacts`,
+    where a run puts its experiment's artifacts)."""
+    rows = [r[0].rstrip("/") for r in con.execute("SELECT artifact_location FROM experiments") if r[0]]
+    default = con.execute("SELECT artifact_location FROM experiments WHERE experiment_id = 0").fetchone()
+    found = {default[0].rstrip("/").rsplit("/", 1)[0]} if default and default[0] else set()
+    found |= {loc for loc in rows if loc.rsplit("/", 1)[-1] == new.rsplit("/", 1)[-1]}
+    return sorted(loc for loc in found if loc.startswith("file:") and loc != new and not loc.startswith(new + "/"))
 
 
 def check_server(uri: str, timeout_s: float = 5.0) -> None:
