@@ -142,14 +142,15 @@ class Lineage:
         folders = " ".join(sorted({f.split("/", 1)[0] + "/" if "/" in f else f for f in files}))
         runs = [info.run_id] if (info := self.producer(ref)) is not None else []
         for model in self.models_of(ref):
-            if folders:
+            if folders and model.tags.get(PRUNED_TAG) != folders:
                 self.client.set_logged_model_tags(model.model_id, {PRUNED_TAG: folders})
-            elif PRUNED_TAG in model.tags:
+            elif not folders and PRUNED_TAG in model.tags:
                 self.client.delete_logged_model_tag(model.model_id, PRUNED_TAG)
         for run_id in runs:
-            if folders:
+            tagged = self.client.get_run(run_id).data.tags.get(PRUNED_TAG)
+            if folders and tagged != folders:
                 self.client.set_tag(run_id, PRUNED_TAG, folders)
-            elif PRUNED_TAG in self.client.get_run(run_id).data.tags:
+            elif not folders and tagged is not None:
                 self.client.delete_tag(run_id, PRUNED_TAG)
 
     def here_then_elsewhere(self, search: Callable[[list[str]], Sequence[Any]]) -> Sequence[Any]:

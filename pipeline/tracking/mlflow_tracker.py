@@ -59,7 +59,7 @@ class MlflowTracker:
         try:
             for ref in dict.fromkeys(self._observed):
                 gone = StageStore(ref.path.parent.parent).pruned(ref)
-                if gone or self.lineage.pruned_tag(ref) is not None:
+                if gone or ref.sha256 in self.lineage.produced:  # pruned, or recomputed complete by this run
                     self.mark_pruned(ref, gone)
         finally:
             self.runs.end_parent(status)
