@@ -22,6 +22,8 @@ config or data error: a rerun would fail the same way).
 from __future__ import annotations
 
 import argparse
+import atexit
+import importlib
 import json
 import logging
 import os
@@ -29,6 +31,7 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 from flows import servers
@@ -113,7 +116,7 @@ def cmd_run(args: argparse.Namespace) -> int:
 def _run_flow(args: argparse.Namespace, cfg: RunConfig, root: Path) -> int:
     """The run as a Prefect flow run, on the API of `PREFECT_API_URL` or on one of its own."""
     start = time.perf_counter()
-    with servers.run_api(root / "logs", meanwhile=_import_flows):  # the imports overlap the API's start
+    with servers.run_api(root / "logs", meanwhile=_importer("flows.post_train")):  # imports overlap its start
         from flows.post_train import post_train
 
         state = post_train(config=str(args.config.resolve()), refresh=args.refresh, root=str(root),
@@ -195,7 +198,7 @@ def cmd_experiment(args: argparse.Namespace) -> int:
 
 def _experiment_flow(args: argparse.Namespace, opened) -> int:
     start = time.perf_counter()
-    with servers.run_api(opened.root / "logs", meanwhile=_import_flows):
+    with servers.run_api(opened.root / "logs", meanwhile=_importer("flows.experiment")):
         from flows.experiment import experiment
 
         state = experiment(config=str(args.config.resolve()), root=str(opened.root), only=opened.only,
@@ -310,10 +313,13 @@ def cmd_ui(args: argparse.Namespace) -> int:
         servers.stop(procs)
 
 
-def _import_flows() -> None:
-    """The flows and what they import (torch, transformers, the stages): seconds, spent while the API starts."""
-    _quiet_libraries()
-    import flows.experiment  # noqa: F401  (imports flows.post_train)
+def _importer(module: str) -> Callable[[], None]:
+    """Import a flow's module and what it imports (torch, transformers, the stages): seconds, spent while the
+    API starts."""
+    def load() -> None:
+        _quiet_libraries()
+        importlib.import_module(module)
+    return load
 
 
 def _quiet_libraries() -> None:
@@ -368,6 +374,7 @@ def parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """The command line (`argv` None: the process's own, from the `gft` script) or a call with its arguments."""
     for k, v in PREFECT_DEFAULTS.items():
         os.environ.setdefault(k, v)
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(name)s %(message)s")
@@ -376,10 +383,23 @@ def main(argv: list[str] | None = None) -> int:
     if getattr(args, "in_process", False) and getattr(args, "deployment", None):
         p.error("--in-process and --deployment exclude each other")
     try:
-        return args.fn(args)
+        code = args.fn(args)
     except ConfigError as exc:
         print(f"error: {exc}", file=sys.stderr)
-        return 2
+        code = 2
+    if argv is None and args.command in ("run", "experiment"):
+        _exit_now(code)
+    return code
+
+
+def _exit_now(code: int) -> None:
+    """End the `gft` process once its command is done: the exit handlers run (logging's, Prefect's, MLflow's), the
+    output is flushed, and the interpreter's teardown of torch and transformers (2-3 s of freeing modules, after
+    everything is written) is skipped."""
+    atexit._run_exitfuncs()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
 
 
 if __name__ == "__main__":

@@ -5,6 +5,9 @@
 
 Every stage is cached in the run's artifact store, so running the same config again serves every finished
 stage and computes only what is missing or changed. The run root is resolved here (`resolve_root`), for both.
+
+The stages, the runtime and torch are imported where a run uses them, not at import: the CLI resolves the root and
+checks its options with this module while its Prefect API starts, and those imports take seconds.
 """
 
 from __future__ import annotations
@@ -19,15 +22,17 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-import torch
+from typing import TYPE_CHECKING
 
-from pipeline import runtime, plots, stages
+from pipeline import plots
 from pipeline.data import chat
 from pipeline.store.artifacts import ArtifactRef, StageStore, write_text_atomic
 from pipeline.store.outputs import Chain, read_chain, read_output
 from pipeline.config import RetentionConfig, RunConfig
-from pipeline.algo.metrics import comparison_table
 from pipeline.tracking import MlflowTracker, NullTracker, sqlite_uri
+
+if TYPE_CHECKING:
+    from pipeline import runtime, stages
 
 __all__ = ["RunResult", "RootError", "Ops", "local_ops", "execute", "plan", "run", "check_root", "resolve_root",
            "check_prompts", "chain_outputs", "stage_history", "round_metrics"]
@@ -52,13 +57,15 @@ class RootError(RuntimeError):
     """The run root cannot hold a run: it is read-only or not a folder."""
 
 
-Ops = Callable[[stages.StageCall], ArtifactRef]
+Ops = Callable[["stages.StageCall"], ArtifactRef]
 """How a run executes a bound stage call: `stages.execute` in this process (`local_ops`), a Prefect task wrapping
 the same function (`flows.post_train`), or a dry run that only reads the key (`plan`)."""
 
 
 def local_ops(res: runtime.Resources) -> Ops:
     """The stage functions themselves, in this process."""
+    from pipeline import stages
+
     return functools.partial(stages.execute, res=res)
 
 
@@ -72,6 +79,8 @@ class _Walk:
     retention: RetentionConfig | None  # None: prune nothing (a dry run)
 
     def __call__(self, name: str, stage: str, *args, step: int | None = None, label: str | None = None, **kw):
+        from pipeline import stages
+
         if name == self.refresh:
             self.res.force = True  # this stage and everything after it recompute
         ref = self.ops(stages.bind(stage, *args, **kw))
@@ -80,11 +89,15 @@ class _Walk:
 
     def cached(self, stage: str, *args) -> bool:
         """Whether the call would be served from the store (no refresh in force, a verified output there)."""
+        from pipeline import stages
+
         call = stages.bind(stage, *args)
         return not self.res.force and not call.spec.pending and self.res.store.lookup(stage, call.key) is not None
 
     def retain(self, ref: ArtifactRef, round_idx: int) -> None:
         """Prune a round whose successor is published, per the run's retention (a pending reference: nothing yet)."""
+        from pipeline import stages
+
         if self.retention is not None and ref.kind != "pending":
             stages.retain(self.res.store, ref, round_idx, self.retention)
 
@@ -102,6 +115,8 @@ def execute(cfg: RunConfig, ops: Ops, res: runtime.Resources, *, refresh: str | 
     """The run's DAG: prompts -> models -> teacher responses -> eval(base) -> chain stages, each from the previous
     checkpoint and each evaluated. `refresh` names the first stage to recompute even if cached; `prune` applies the
     retention policy to finished rounds (off for a dry run)."""
+    from pipeline import stages
+
     check_refresh(cfg, refresh)
     call = _Walk(res, ops, refresh, cfg.retention if prune else None)
     synth, source = stages.prepare_data_inputs(cfg.data, cfg.synthetic)
@@ -134,6 +149,8 @@ def check_refresh(cfg: RunConfig, refresh: str | None) -> None:
 
 def resolve_models(cfg: RunConfig, call: Callable[..., ArtifactRef]) -> tuple[ArtifactRef, ArtifactRef | None]:
     """Base and teacher references: the bootstrap pair for "bootstrap", else external models."""
+    from pipeline import runtime, stages
+
     needs_bootstrap = "bootstrap" in (cfg.models.base, cfg.models.teacher)
     pair = call("bootstrap_models", "bootstrap_models", cfg.synthetic) if needs_bootstrap else None
 
@@ -178,6 +195,8 @@ def check_prompts(cfg: RunConfig, prompts: ArtifactRef, base: ArtifactRef, teach
         return
     import pyarrow.parquet as pq
 
+    from pipeline import runtime
+
     folder, tokenizers = read_output(prompts), {}
     for use in _prompt_uses(cfg, base, teacher):
         path = folder.file(use.split)
@@ -205,6 +224,8 @@ def _rounds(name: str, cfg: RunConfig, prompts: ArtifactRef, teacher: ArtifactRe
     """GFT or GRPO as one call per round (each round its own cached task). Once a round is published, the one
     before it is pruned per `cfg.retention`; a round that must compute from a pruned one first recomputes that
     one (recursively, from the newest complete round: same keys, same bytes)."""
+    from pipeline import stages
+
     stage = _chain_stage(name)
 
     def args(r: int, prev: ArtifactRef) -> tuple:
@@ -226,6 +247,8 @@ def _restore(name: str, stage: str, chain: list[ArtifactRef], r: int, args: Call
              call: _Walk) -> None:
     """Recompute pruned round `r` into `chain[r + 1]` (same key, so the same reference), its own input first; the
     round before it is pruned again once it is no longer needed."""
+    from pipeline import stages
+
     if r < 0:
         raise RuntimeError(f"{name}: the chain's initial checkpoint {chain[0].uri} is pruned; it cannot be rebuilt")
     if not stages.resumable(call.res.store, chain[r]):
@@ -249,6 +272,8 @@ class PlannedCall:
 def plan(cfg: RunConfig, root: Path) -> list[PlannedCall]:
     """Every stage call of the run with its key, computing nothing: a call whose inputs exist gets its key and
     cache status; one downstream of a call still to run has no key yet (it depends on that output)."""
+    from pipeline import runtime
+
     res = runtime.Resources(StageStore(root), progress=False)
     calls: list[PlannedCall] = []
 
@@ -265,11 +290,15 @@ def plan(cfg: RunConfig, root: Path) -> list[PlannedCall]:
     return calls
 
 
-def run(cfg: RunConfig, *, root: Path, progress: bool = True, ops: Callable[[runtime.Resources], Ops] = local_ops,
+def run(cfg: RunConfig, *, root: Path, progress: bool = True, ops: Callable[["runtime.Resources"], Ops] = local_ops,
         context_tags: Callable[[], dict[str, str]] = dict, refresh: str | None = None,
         tags: dict[str, str] | None = None) -> RunResult:
     """Run the configured DAG with tracking; writes the summary, the plots, and registers the final model.
     `tags` go on the run's MLflow parent run (an experiment nests its runs with `mlflow.parentRunId`)."""
+    import torch
+
+    from pipeline import runtime
+
     check_root(root)
     torch.set_num_threads(cfg.threads)
     tracker = make_tracker(cfg, root, context_tags)
@@ -358,6 +387,8 @@ def write_plots(cfg: RunConfig, refs: dict[str, ArtifactRef], metrics: dict[str,
 
 def _chain_stage(name: str) -> str:
     """The store's stage of a chain name: "sft" -> "sft", "gft" -> "gft_round", "grpo" -> "grpo_round"."""
+    from pipeline import stages
+
     return f"{name}_round" if f"{name}_round" in stages.STAGES else name
 
 
@@ -378,6 +409,8 @@ def round_metrics(refs: dict[str, ArtifactRef], name: str) -> list[dict[str, flo
 
 def _write_summary(path: Path, cfg: RunConfig, refs: dict[str, ArtifactRef], metrics: dict[str, dict[str, float]],
                    plot_paths: list[Path], tracker, registered: str | None) -> Path:
+    from pipeline.algo.metrics import comparison_table
+
     columns = [c.format(k=cfg.eval.k) for c in TABLE_COLUMNS]
     lines = [f"# Run `{cfg.name}`", "", "Held-out evaluation:", "", comparison_table(metrics, columns=columns),
              "Artifacts:", ""]
