@@ -81,14 +81,12 @@ def test_a_writable_root_passes_and_is_created(tmp_path):
     assert (tmp_path / "a" / "root").is_dir() and not list((tmp_path / "a" / "root").iterdir())  # no probe left
 
 
-def test_both_commands_exit_2_before_starting_anything(finished_like, capsys):
+@pytest.mark.parametrize("mode", [[], ["--in-process"]], ids=["prefect", "in-process"])
+def test_both_ways_of_running_exit_2_before_starting_anything(finished_like, capsys, mode):
     from flows import cli
-    from pipeline import run
 
     before = tree_digest(finished_like)
     with read_only(finished_like):
-        assert run.main([str(TINY), "--root", str(finished_like), "--no-progress"]) == 2
-        assert "is read-only" in capsys.readouterr().err
-        assert cli.main(["run", str(TINY), "--root", str(finished_like), "--no-progress"]) == 2
+        assert cli.main(["run", str(TINY), "--root", str(finished_like), "--no-progress", *mode]) == 2
         assert "is read-only" in capsys.readouterr().err
     assert tree_digest(finished_like) == before  # no logs/, no Prefect server, no MLflow run
