@@ -252,6 +252,14 @@ def test_altered_output_is_not_served_and_others_are(store, damage, caplog):
     assert store.lookup("sft", "k2") == other
 
 
+def test_a_key_never_computed_is_no_news_in_the_log(store, caplog):
+    """Issue 26 item 7: every stage computation logged "cache miss" three times (the flow and the runtime each look a
+    key up); an output that was never written is logged at debug level only, a damaged one still warns."""
+    with caplog.at_level(logging.INFO, logger="pipeline.store.artifacts"):
+        assert [store.lookup("gft", "k1") for _ in range(3)] == [None] * 3
+    assert caplog.records == []
+
+
 @pytest.mark.parametrize("link", ["file", "folder"])
 def test_a_symlink_to_a_matching_copy_outside_the_store_is_not_served(store, tmp_path, link, caplog):
     """Same bytes, wrong place: a file, or the whole stage folder, replaced by a link to an identical copy outside

@@ -94,10 +94,12 @@ class StageStore:
             yield
 
     def lookup(self, stage: str, key: str) -> ArtifactRef | None:
-        """The verified output of (stage, key), or None (logged with the reason) so that the caller recomputes."""
+        """The verified output of (stage, key), or None so that the caller recomputes: an output that is there but
+        not served is logged with the reason (a warning); one never written is no news (debug; a caller looks up
+        a key more than once, and the runtime says when the stage runs)."""
         folder = self.folder(stage, key)
         if not folder.exists():
-            log.info("cache miss %s/%s: no output folder", stage, key)
+            log.debug("cache miss %s/%s: no output folder", stage, key)
             return None
         try:
             return self._ref(folder, self._verified_manifest(folder, stage, key))
