@@ -53,7 +53,7 @@ def test_the_multinode_example_follows_the_run_root_on_another_gpu_node():
     assert service["spec"]["ports"][0]["port"] == 29400
     pod = _pod(job)
     (container,) = pod["containers"]
-    assert container["command"][-3:] == ["pipeline.rounds.launch", "--follow", "/opt/gft/runs"]
+    assert container["command"] == ["gft", "follow", "/opt/gft/runs"]
     assert container["resources"]["limits"]["nvidia.com/gpu"] >= 1 and pod["nodeSelector"]
     anti = pod["affinity"]["podAntiAffinity"]["requiredDuringSchedulingIgnoredDuringExecution"][0]
     assert anti["labelSelector"]["matchLabels"] == service["spec"]["selector"]

@@ -23,7 +23,7 @@ class LaunchConfig(Settings):
     folder (docs/scale.md)."""
     nodes: int = Field(1, ge=1)
     """Machines the job spans. More than 1: the stage's machine runs the first torchrun agent and hosts the c10d
-    rendezvous at `rdzv_endpoint`; every other node runs `python -m pipeline.rounds.launch --follow RUN_ROOT`,
+    rendezvous at `rdzv_endpoint`; every other node runs `gft follow RUN_ROOT`,
     and the run root must be on a file system all nodes share (the job folder travels by path)."""
     rdzv_endpoint: str | None = None
     """host:port of the c10d rendezvous, an address of the stage's machine the other nodes reach (nodes > 1)."""
