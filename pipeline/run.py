@@ -5,15 +5,17 @@
 
 Every stage is cached in the run's artifact store, so running the same config again serves every finished
 stage and computes only what is missing or changed. The run root is resolved here (`resolve_root`), for both.
-
-The stages, the runtime and torch are imported where a run uses them, not at import: the CLI resolves the root and
-checks its options with this module while its Prefect API starts, and those imports take seconds.
+The stages, the runtime and torch are imported where a run uses them: the CLI resolves the root with this module
+while its Prefect API starts, and those imports take seconds.
 """
 
 from __future__ import annotations
 
 import errno
 import functools
+import hashlib
+import inspect
+import json
 import logging
 import os
 import tempfile
@@ -162,8 +164,7 @@ def resolve_models(cfg: RunConfig, call: Callable[..., ArtifactRef]) -> tuple[Ar
 
 @dataclass(frozen=True)
 class _PromptUse:
-    """Prompts an engine samples: the split file, the model whose tokenizer renders them, the response budget and
-    the setting that sets it, and how many rows of the file are used (None: all)."""
+    """Prompts an engine samples: file, tokenizer's model, response budget and its setting, rows used (None: all)."""
 
     split: str
     model: ArtifactRef
@@ -179,8 +180,8 @@ def _prompt_uses(cfg: RunConfig, base: ArtifactRef, teacher: ArtifactRef | None)
                                "teacher_sample.sampling.max_new_tokens"))
     for name in ("gft", "grpo"):
         if name in cfg.chain:
-            budget = getattr(cfg, name).sampling.max_new_tokens
-            uses.append(_PromptUse("train.parquet", base, budget, f"{name}.sampling.max_new_tokens"))
+            uses.append(_PromptUse("train.parquet", base, getattr(cfg, name).sampling.max_new_tokens,
+                                   f"{name}.sampling.max_new_tokens"))
     splits = ["eval.parquet"] + (["validation.parquet"] if cfg.eval.validation else [])
     uses += [_PromptUse(split, base, cfg.eval.sampling.max_new_tokens, "eval.sampling.max_new_tokens",
                         cfg.eval.max_prompts) for split in splits]
@@ -373,7 +374,24 @@ def finish(cfg: RunConfig, refs: dict[str, ArtifactRef], res: runtime.Resources,
 
 def write_plots(cfg: RunConfig, refs: dict[str, ArtifactRef], metrics: dict[str, dict[str, float]],
                 out: Path) -> list[Path]:
-    """accuracy.png, training.png (loss, grad norm, entropy, rectified fraction per step), rewards.png."""
+    """accuracy.png, training.png (loss, grad norm, entropy, rectified fraction per step), rewards.png. Plots drawn
+    from the same outputs by the same plotting code are kept (`.plots.json` records their key): a cached rerun
+    draws nothing, which was 2 s of matplotlib."""
+    stamp, key = out / ".plots.json", _plots_key(cfg, refs)
+    try:
+        saved = json.loads(stamp.read_text())
+    except (OSError, ValueError):
+        saved = {}
+    kept = [out / name for name in saved.get("plots", [])]
+    if saved.get("key") == key and kept and all(p.is_file() for p in kept):
+        return kept
+    paths = _draw_plots(cfg, refs, metrics, out)
+    write_text_atomic(stamp, json.dumps({"key": key, "plots": [p.name for p in paths]}))
+    return paths
+
+
+def _draw_plots(cfg: RunConfig, refs: dict[str, ArtifactRef], metrics: dict[str, dict[str, float]],
+                out: Path) -> list[Path]:
     histories = {name: stage_history(refs, name) for name in cfg.chain}
     rounds = {name: round_metrics(refs, name) for name in cfg.chain if name != "sft"}
     keys = ["greedy_accuracy", f"mean@{cfg.eval.k}", f"pass@{cfg.eval.k}"]
@@ -383,6 +401,14 @@ def write_plots(cfg: RunConfig, refs: dict[str, ArtifactRef], metrics: dict[str,
     if any(rounds.values()):
         paths.append(plots.rewards_by_source(rounds, out / "rewards.png"))
     return paths
+
+
+def _plots_key(cfg: RunConfig, refs: dict[str, ArtifactRef]) -> str:
+    """What the plots are drawn from: the outputs' digests (metrics, histories), chain, eval.k, plotting code."""
+    code = inspect.getsource(plots) + inspect.getsource(_draw_plots)
+    text = json.dumps({"refs": {name: ref.sha256 for name, ref in refs.items()}, "chain": list(cfg.chain),
+                       "k": cfg.eval.k, "code": hashlib.sha256(code.encode()).hexdigest()}, sort_keys=True)
+    return hashlib.sha256(text.encode()).hexdigest()
 
 
 def _chain_stage(name: str) -> str:

@@ -137,3 +137,29 @@ def test_the_join_and_follow_commands_call_the_launcher(monkeypatch, tmp_path):
     assert main(["join", str(tmp_path / "job.json")]) == 3
     assert main(["follow", str(tmp_path)]) == 0
     assert seen == [("join", tmp_path / "job.json"), ("follow", tmp_path)]
+
+
+def test_a_cached_rerun_keeps_the_plots_of_the_same_outputs(tmp_path):
+    """The plots are redrawn only when what they show changed (an output's digest) or a file is gone."""
+    import os
+
+    from pipeline.config import apply_overrides, load_run_config
+    from pipeline.run import write_plots
+    from pipeline.store.artifacts import ArtifactRef
+
+    cfg = apply_overrides(load_run_config(TINY), {"chain": []})
+    metrics = {"base": {"greedy_accuracy": 0.5, "mean@2": 0.25, "pass@2": 0.75}}
+
+    def draw(sha: str) -> float:
+        """The plot's mtime after write_plots; then set an hour back, so a redraw shows as a newer file."""
+        ref = ArtifactRef(kind="eval", uri=str(tmp_path / "eval"), sha256=sha * 64, schema_version=1)
+        [png] = write_plots(cfg, {"eval/base": ref}, metrics, tmp_path / "out")
+        mtime = png.stat().st_mtime
+        os.utime(png, (mtime - 3600, mtime - 3600))
+        return mtime
+
+    first = draw("a")
+    assert draw("a") == first - 3600  # the same outputs: kept, not written again
+    assert draw("b") >= first  # another output's digest: redrawn
+    (tmp_path / "out" / "accuracy.png").unlink()
+    assert draw("b") >= first  # a plot gone: redrawn
