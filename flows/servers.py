@@ -87,24 +87,30 @@ def _free_port() -> int:
 def run_api(log_dir: Path, timeout_s: float = 180, meanwhile: Callable[[], None] = lambda: None,
             ) -> Iterator[str | None]:
     """A Prefect API on 127.0.0.1 for the duration of the block, in Prefect's settings as PREFECT_API_URL (and the
-    UI address `gft ui --prefect` serves); yields its URL, or None when PREFECT_API_URL is already set or the
-    platform has no parent-death signal (Prefect then uses its server, or its ephemeral one). `meanwhile` runs
-    while the server starts (the caller's slow imports)."""
-    from prefect.settings import PREFECT_API_URL, PREFECT_UI_URL, get_current_settings, temporary_settings
-
-    if os.environ.get("PREFECT_API_URL") or get_current_settings().api.url or not sys.platform.startswith("linux"):
+    UI address `gft ui --prefect` serves); yields its URL, or None when an API is already set (PREFECT_API_URL, the
+    Prefect profile's, a test harness's) or the platform has no parent-death signal (Prefect then uses its server,
+    or its ephemeral one). The server starts before Prefect is imported (a second of its start, on 2 cores) and
+    reads the same environment and profile; `meanwhile` runs while it starts (the caller's slow imports)."""
+    if os.environ.get("PREFECT_API_URL") or not sys.platform.startswith("linux"):
         meanwhile()
         yield None
         return
     port = _free_port()
     cmd = [sys.executable, "-m", "uvicorn", "--factory", "prefect.server.api.server:create_app", "--host",
            "127.0.0.1", "--port", str(port), "--log-level", "error", "--lifespan", "on"]
-    env = {**get_current_settings().to_environment_variables(exclude_unset=True), "PREFECT_UI_ENABLED": "0",
-           "PREFECT__SERVER_EPHEMERAL": "1", "PREFECT__SERVER_FINAL": "1"}
+    env = {"PREFECT_UI_ENABLED": "0", "PREFECT__SERVER_EPHEMERAL": "1", "PREFECT__SERVER_FINAL": "1"}
     proc = start(cmd, env, log_dir / "prefect-api.log", die_with_parent=True)
     url = f"http://127.0.0.1:{port}/api"
     try:
+        from prefect.settings import PREFECT_API_URL, PREFECT_UI_URL, get_current_settings, temporary_settings
+
+        configured = get_current_settings().api.url is not None
+        if configured:  # an API of the profile or a harness: ours is not needed
+            stop([proc])
         meanwhile()
+        if configured:
+            yield None
+            return
         wait_http(f"{url}/health", proc, timeout_s)
         with temporary_settings(updates={PREFECT_API_URL: url, PREFECT_UI_URL: f"http://127.0.0.1:{UI_PORT}"}):
             try:
