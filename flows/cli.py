@@ -259,10 +259,11 @@ def cmd_join(args: argparse.Namespace) -> int:
 def cmd_follow(args: argparse.Namespace) -> int:
     """Join every job of several nodes launched under the run root, one at a time, until Ctrl-C."""
     from pipeline.rounds.launch import follow
+    from pipeline.store.jobs import job_files
 
     signal.signal(signal.SIGTERM, _interrupt)
     try:
-        follow(args.run_root)
+        follow(lambda: job_files(args.run_root))
     except KeyboardInterrupt:
         return 0
     return 0

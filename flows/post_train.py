@@ -29,7 +29,7 @@ from prefect.runtime import flow_run, task_run
 from prefect.serializers import JSONSerializer
 
 from pipeline import runtime, stages
-from pipeline.config import RunConfig, apply_overrides, load_run_config
+from pipeline.config import RunConfig, load_run_config
 from pipeline.run import Ops, RunResult, resolve_root, run
 from pipeline.store.artifacts import ArtifactRef
 
@@ -99,7 +99,7 @@ def post_train(config: str, refresh: str | None = None, root: str | None = None,
                overrides: dict[str, Any] | None = None, tags: dict[str, str] | None = None) -> dict:
     """Post-train a model per the RunConfig TOML at `config` with dotted-field `overrides` (an experiment's
     trial); `refresh` names the first stage to recompute; `tags` go on the MLflow parent run."""
-    cfg = apply_overrides(load_run_config(config), overrides or {}, where=f"{config} overrides")
+    cfg = load_run_config(config, overrides)  # an overridden path is resolved and checked like one in the file
     run_root = resolve_root(config, cfg, root)
 
     result = run(cfg, root=run_root, progress=progress, ops=lambda res: _ops(res, run_root),

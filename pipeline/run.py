@@ -13,9 +13,6 @@ from __future__ import annotations
 
 import errno
 import functools
-import hashlib
-import inspect
-import json
 import logging
 import os
 import tempfile
@@ -26,11 +23,12 @@ from pathlib import Path
 
 from typing import TYPE_CHECKING
 
-from pipeline import plots
-from pipeline.data import chat
-from pipeline.store.artifacts import ArtifactRef, StageStore, write_text_atomic
-from pipeline.store.outputs import Chain, read_chain, read_output
+from pipeline import report
 from pipeline.config import RetentionConfig, RunConfig
+from pipeline.data import chat
+from pipeline.store.artifacts import ArtifactRef, StageStore
+from pipeline.store.outputs import read_output
+from pipeline.store.retention import resumable, retain
 from pipeline.tracking import MlflowTracker, NullTracker, sqlite_uri
 
 if TYPE_CHECKING:
@@ -40,9 +38,6 @@ __all__ = ["RunResult", "RootError", "Ops", "local_ops", "execute", "plan", "run
            "check_prompts", "chain_outputs", "stage_history", "round_metrics"]
 
 log = logging.getLogger(__name__)
-
-TABLE_COLUMNS = ["greedy_accuracy", "mean@{k}", "pass@{k}", "entropy", "kl_base_policy", "distinct_answers"]
-
 
 @dataclass(frozen=True)
 class RunResult:
@@ -98,10 +93,9 @@ class _Walk:
 
     def retain(self, ref: ArtifactRef, round_idx: int) -> None:
         """Prune a round whose successor is published, per the run's retention (a pending reference: nothing yet)."""
-        from pipeline import stages
-
-        if self.retention is not None and ref.kind != "pending":
-            stages.retain(self.res.store, ref, round_idx, self.retention)
+        if self.retention is not None and ref.kind != "pending" and retain(self.res.store, ref, round_idx,
+                                                                           self.retention):
+            self.res.tracker.mark_pruned(ref, self.res.store.pruned(ref))  # its MLflow model says its weights went
 
     def recompute(self, name: str, stage: str, *args, step: int | None = None) -> ArtifactRef:
         """The call computed even though its (pruned) output is in the store; it republishes the complete output."""
@@ -127,14 +121,14 @@ def execute(cfg: RunConfig, ops: Ops, res: runtime.Resources, *, refresh: str | 
     check_prompts(cfg, refs["prompts"], refs["base"], teacher_model)
     if teacher_model is not None and cfg.teacher_sample.k > 0:
         refs["teacher"] = call("teacher_sample", "teacher_sample", cfg.teacher_sample, refs["prompts"], teacher_model,
-                               cfg.engine)
+                               cfg.engine, cfg.threads)
     refs["eval/base"] = call("evaluate", "evaluate", cfg.eval, refs["prompts"], refs["base"], refs["base"],
-                             cfg.engine, label="eval/base")
+                             cfg.engine, cfg.threads, label="eval/base")
     init = refs["base"]
     for name in cfg.chain:
         refs[name] = init = _train(name, cfg, refs, init, call)
         refs[f"eval/{name}"] = call("evaluate", "evaluate", cfg.eval, refs["prompts"], init, refs["base"], cfg.engine,
-                                    label=f"eval/{name}")
+                                    cfg.threads, label=f"eval/{name}")
     return refs
 
 
@@ -154,7 +148,7 @@ def resolve_models(cfg: RunConfig, call: Callable[..., ArtifactRef]) -> tuple[Ar
     from pipeline import runtime, stages
 
     needs_bootstrap = "bootstrap" in (cfg.models.base, cfg.models.teacher)
-    pair = call("bootstrap_models", "bootstrap_models", cfg.synthetic) if needs_bootstrap else None
+    pair = call("bootstrap_models", "bootstrap_models", cfg.synthetic, cfg.threads) if needs_bootstrap else None
 
     def model(spec: str, role: str) -> ArtifactRef:
         return stages.bootstrap_member(pair, role) if spec == "bootstrap" else runtime.external_model(spec)
@@ -216,7 +210,7 @@ def _train(name: str, cfg: RunConfig, refs: dict[str, ArtifactRef], init: Artifa
     teacher, prompts = refs.get("teacher"), refs["prompts"]
     if name == "sft":
         return call("sft", "sft", cfg.sft, prompts, teacher if cfg.sft.source == "mix" else None, init,
-                    cfg.engine.trust_remote_code)
+                    cfg.engine.trust_remote_code, cfg.threads)
     return _rounds(name, cfg, prompts, teacher, init, call)
 
 
@@ -225,22 +219,23 @@ def _rounds(name: str, cfg: RunConfig, prompts: ArtifactRef, teacher: ArtifactRe
     """GFT or GRPO as one call per round (each round its own cached task). Once a round is published, the one
     before it is pruned per `cfg.retention`; a round that must compute from a pruned one first recomputes that
     one (recursively, from the newest complete round: same keys, same bytes)."""
-    from pipeline import stages
 
-    stage = _chain_stage(name)
+    stage = report.chain_stage(name)
 
     def args(r: int, prev: ArtifactRef) -> tuple:
         if name == "gft":
-            return cfg.gft, r, prompts, teacher, prev, cfg.engine, cfg.seed
-        return cfg.grpo, r, prompts, init if cfg.grpo.beta > 0 else None, prev, cfg.engine, cfg.seed
+            return cfg.gft, r, prompts, teacher, prev, cfg.engine, cfg.seed, cfg.threads
+        return cfg.grpo, r, prompts, init if cfg.grpo.beta > 0 else None, prev, cfg.engine, cfg.seed, cfg.threads
 
     chain = [init]  # chain[r + 1] is round r's output
     for r in range(cfg.gft.rounds if name == "gft" else cfg.grpo.rounds):
-        if not stages.resumable(call.res.store, chain[r]) and not call.cached(stage, *args(r, chain[r])):
+        if not resumable(call.res.store, chain[r]) and not call.cached(stage, *args(r, chain[r])):
             _restore(name, stage, chain, r - 1, args, call)
         chain.append(call(name, stage, *args(r, chain[r]), step=r))
         if r > 0:
             call.retain(chain[r], r - 1)
+    if not resumable(call.res.store, chain[-1]):  # the last round, pruned by an earlier, longer run: rebuild it
+        _restore(name, stage, chain, len(chain) - 2, args, call)
     return chain[-1]
 
 
@@ -248,11 +243,9 @@ def _restore(name: str, stage: str, chain: list[ArtifactRef], r: int, args: Call
              call: _Walk) -> None:
     """Recompute pruned round `r` into `chain[r + 1]` (same key, so the same reference), its own input first; the
     round before it is pruned again once it is no longer needed."""
-    from pipeline import stages
-
     if r < 0:
         raise RuntimeError(f"{name}: the chain's initial checkpoint {chain[0].uri} is pruned; it cannot be rebuilt")
-    if not stages.resumable(call.res.store, chain[r]):
+    if not resumable(call.res.store, chain[r]):
         _restore(name, stage, chain, r - 1, args, call)
     log.info("%s round %d was pruned; recomputing it to continue the chain", name, r)
     chain[r + 1] = call.recompute(name, stage, *args(r, chain[r]), step=r)
@@ -359,92 +352,14 @@ def finish(cfg: RunConfig, refs: dict[str, ArtifactRef], res: runtime.Resources,
     """Metrics by checkpoint, the summary and plots (logged to the parent run), the final model registered."""
     metrics = {k.removeprefix("eval/"): read_output(v).eval_metrics() for k, v in refs.items() if k.startswith("eval/")}
     out = root / "reports" / cfg.name
-    plots = write_plots(cfg, refs, metrics, out)
+    plot_paths = report.write_plots(cfg, refs, metrics, out)
     registered = None
     if cfg.chain:
         name = cfg.tracking.registered_model or f"{cfg.name}-policy"
         version = res.tracker.register(refs[cfg.chain[-1]], name, cfg.tracking.alias)
         registered = f"models:/{name}@{cfg.tracking.alias}" + (f" (version {version})" if version else "")
-    summary = _write_summary(out / "summary.md", cfg, refs, metrics, plots, res.tracker, registered)
-    for path in [summary, *plots]:
+    summary = report.write_summary(out / "summary.md", cfg, refs, metrics, plot_paths, res.tracker, registered)
+    for path in [summary, *plot_paths]:
         res.tracker.log_artifact(path, "report")
     url = res.tracker.parent_url()
     return RunResult(refs=refs, metrics=metrics, summary_path=summary, calls=dict(res.calls), mlflow_url=url)
-
-
-def write_plots(cfg: RunConfig, refs: dict[str, ArtifactRef], metrics: dict[str, dict[str, float]],
-                out: Path) -> list[Path]:
-    """accuracy.png, training.png (loss, grad norm, entropy, rectified fraction per step), rewards.png. Plots drawn
-    from the same outputs by the same plotting code are kept (`.plots.json` records their key): a cached rerun
-    draws nothing, which was 2 s of matplotlib."""
-    stamp, key = out / ".plots.json", _plots_key(cfg, refs)
-    try:
-        saved = json.loads(stamp.read_text())
-    except (OSError, ValueError):
-        saved = {}
-    kept = [out / name for name in saved.get("plots", [])]
-    if saved.get("key") == key and kept and all(p.is_file() for p in kept):
-        return kept
-    paths = _draw_plots(cfg, refs, metrics, out)
-    write_text_atomic(stamp, json.dumps({"key": key, "plots": [p.name for p in paths]}))
-    return paths
-
-
-def _draw_plots(cfg: RunConfig, refs: dict[str, ArtifactRef], metrics: dict[str, dict[str, float]],
-                out: Path) -> list[Path]:
-    histories = {name: stage_history(refs, name) for name in cfg.chain}
-    rounds = {name: round_metrics(refs, name) for name in cfg.chain if name != "sft"}
-    keys = ["greedy_accuracy", f"mean@{cfg.eval.k}", f"pass@{cfg.eval.k}"]
-    paths = [plots.accuracy_by_stage(metrics, out / "accuracy.png", keys)]
-    if any(histories.values()):
-        paths.append(plots.training_curves(histories, out / "training.png"))
-    if any(rounds.values()):
-        paths.append(plots.rewards_by_source(rounds, out / "rewards.png"))
-    return paths
-
-
-def _plots_key(cfg: RunConfig, refs: dict[str, ArtifactRef]) -> str:
-    """What the plots are drawn from: the outputs' digests (metrics, histories), chain, eval.k, plotting code."""
-    code = inspect.getsource(plots) + inspect.getsource(_draw_plots)
-    text = json.dumps({"refs": {name: ref.sha256 for name, ref in refs.items()}, "chain": list(cfg.chain),
-                       "k": cfg.eval.k, "code": hashlib.sha256(code.encode()).hexdigest()}, sort_keys=True)
-    return hashlib.sha256(text.encode()).hexdigest()
-
-
-def _chain_stage(name: str) -> str:
-    """The store's stage of a chain name: "sft" -> "sft", "gft" -> "gft_round", "grpo" -> "grpo_round"."""
-    from pipeline import stages
-
-    return f"{name}_round" if f"{name}_round" in stages.STAGES else name
-
-
-def chain_outputs(refs: dict[str, ArtifactRef], name: str) -> Chain:
-    """The outputs of chain stage `name` (SFT's one, or every round of GFT/GRPO), read from the store."""
-    return read_chain(refs[name], _chain_stage(name))
-
-
-def stage_history(refs: dict[str, ArtifactRef], name: str) -> list[dict[str, float]]:
-    """The per-step training history of chain stage `name` (every round's history, in order)."""
-    return chain_outputs(refs, name).history
-
-
-def round_metrics(refs: dict[str, ArtifactRef], name: str) -> list[dict[str, float]]:
-    """The manifest metrics of each output of chain stage `name` (one per round; SFT's one)."""
-    return chain_outputs(refs, name).round_metrics
-
-
-def _write_summary(path: Path, cfg: RunConfig, refs: dict[str, ArtifactRef], metrics: dict[str, dict[str, float]],
-                   plot_paths: list[Path], tracker, registered: str | None) -> Path:
-    from pipeline.algo.metrics import comparison_table
-
-    columns = [c.format(k=cfg.eval.k) for c in TABLE_COLUMNS]
-    lines = [f"# Run `{cfg.name}`", "", "Held-out evaluation:", "", comparison_table(metrics, columns=columns),
-             "Artifacts:", ""]
-    lines += [f"- {name}: `{ref.uri}` (sha256 {ref.sha256[:12]})" for name, ref in refs.items()]
-    lines += ["", "Plots:", ""] + [f"- `{p}`" for p in plot_paths]
-    if registered:
-        lines += ["", f"Final model registered as `{registered}`."]
-    url = tracker.parent_url()
-    if url:
-        lines += ["", f"MLflow: {url} (start the UI with `gft ui`)"]
-    return write_text_atomic(path, "\n".join(lines) + "\n")

@@ -169,9 +169,22 @@ def bind(name: str, *args, **kw) -> StageCall:
 
 
 def execute(call: StageCall, res: Resources) -> ArtifactRef:
-    """Serve the call's verified output or compute it (`pipeline.runtime.cached`)."""
+    """Serve the call's verified output or compute it (`cached`), at the call's thread count."""
     fn = STAGES[call.stage].fn
-    return cached(res, call.spec, lambda out, key: fn(Job(out, key, res), **call.arguments))
+    return cached(res, call.spec, lambda out, key: _threaded(call, fn, Job(out, key, res)))
+
+
+def _threaded(call: StageCall, fn: Callable[..., dict[str, float]], job: Job) -> dict[str, float]:
+    """Run the stage at its `threads` argument (torch's intra-op threads: a float sum's rounding depends on their
+    number, so the count is in the key), putting the process's count back after."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(call.arguments.get("threads") or before)
+    try:
+        return fn(job, **call.arguments)
+    finally:
+        torch.set_num_threads(before)
 
 
 def cached(res: Resources, spec: StageSpec, build: Callable[[Path, str], dict[str, float]]) -> ArtifactRef:

@@ -111,7 +111,7 @@ def _load_prompt_set(res: Resources, cfg: DataConfig, synth: SyntheticConfig | N
 
 
 @stage("models")
-def bootstrap_models(job: Job, synth: SyntheticConfig) -> dict[str, float]:
+def bootstrap_models(job: Job, synth: SyntheticConfig, threads: int = 1) -> dict[str, float]:
     """The embedded default's teacher and weaker base, trained locally (teacher/model, base/model)."""
     result = bootstrap_lib.bootstrap(job.out / "work", synth)
     for role, path in (("teacher", result.teacher_dir), ("base", result.base_dir)):
@@ -131,7 +131,7 @@ def bootstrap_member(models: ArtifactRef, role: str) -> ArtifactRef:
 
 @stage("teacher_responses", datasets={"teacher.parquet": "training"})
 def teacher_sample(job: Job, cfg: TeacherSampleConfig, prompts: ArtifactRef, teacher: ArtifactRef,
-                   engine: EngineConfig = EngineConfig()) -> dict[str, float]:
+                   engine: EngineConfig = EngineConfig(), threads: int = 1) -> dict[str, float]:
     """K teacher responses per training prompt, sampled once (teacher.parquet: id, responses)."""
     rows = _read_parquet(prompts, "train.parquet")
     tok = chat.load_tokenizer(model_dir(teacher), trust_remote_code=engine.trust_remote_code)
@@ -169,13 +169,13 @@ def _train_job(job: Job, stage_name: str, cfg: SFTConfig | GFTConfig | GRPOConfi
 
 @stage("model")
 def sft(job: Job, cfg: SFTConfig, prompts: ArtifactRef, teacher: ArtifactRef | None, init: ArtifactRef,
-        trust_remote_code: bool = False) -> dict[str, float]:
+        trust_remote_code: bool = False, threads: int = 1) -> dict[str, float]:
     """Supervised fine-tuning on expert solutions (or SFT(mix), with `teacher`'s responses); model/, history."""
     rows = _read_parquet(prompts, "train.parquet")
     tok = chat.load_tokenizer(model_dir(init), trust_remote_code=trust_remote_code)
     data = sft_lib.sft_examples(tok, rows, _teacher_map(teacher, rows) if cfg.source == "mix" else {},
                                 cfg.max_response_tokens)
-    spec = _train_job(job, "sft", cfg, init, trust_remote_code=trust_remote_code,
+    spec = _train_job(job, "sft", cfg, init, trust_remote_code=trust_remote_code, threads=threads,
                       work=str(job.res.store.work_dir("sft", job.key)))
     result = sft_lib.fit_examples(data, spec, cfg.train.launch, progress=job.res.progress,
                                   asleep=job.res.engines_asleep)  # a teacher engine may hold the job's GPUs
@@ -185,11 +185,12 @@ def sft(job: Job, cfg: SFTConfig, prompts: ArtifactRef, teacher: ArtifactRef | N
 
 
 def _round_phase(job: Job, stage_name: str, cfg: GFTConfig | GRPOConfig, round_idx: int, prev: ArtifactRef, *,
-                 resume: bool, trust_remote_code: bool, reference: ArtifactRef | None = None):
+                 resume: bool, trust_remote_code: bool, threads: int, reference: ArtifactRef | None = None):
     """A round's train phase (`rounds.launch.round_phase`): from `prev`'s model/ (and its state/ when `resume`
     and it has one), with the reference model when given; while a launched job runs, sleeping engines sleep."""
     state = Path(prev.uri) / "state"
-    spec = _train_job(job, stage_name, cfg, prev, trust_remote_code=trust_remote_code, round_idx=round_idx,
+    spec = _train_job(job, stage_name, cfg, prev, trust_remote_code=trust_remote_code, threads=threads,
+                      round_idx=round_idx,
                       state=str(state) if resume and state.is_dir() else None,
                       reference=None if reference is None else model_dir(reference))
     return launch.round_phase(spec, cfg.train.launch, progress=job.res.progress, asleep=job.res.engines_asleep)
@@ -208,12 +209,13 @@ def _save_round(job: Job, result: RoundResult, *, sampled: bool = True) -> dict[
 
 @stage("model", datasets={"groups.parquet": "training"})
 def gft_round(job: Job, cfg: GFTConfig, round_idx: int, prompts: ArtifactRef, teacher: ArtifactRef | None,
-              prev: ArtifactRef, engine: EngineConfig = EngineConfig(), seed: int = 0) -> dict[str, float]:
+              prev: ArtifactRef, engine: EngineConfig = EngineConfig(), seed: int = 0,
+              threads: int = 1) -> dict[str, float]:
     """One GFT round from `prev` (`rounds.gft.run_round`): groups.parquet, model/, state/ and metrics."""
     rows = round_prompts(_read_parquet(prompts, "train.parquet"), cfg.prompts_per_round, round_idx, seed)
     tok = chat.load_tokenizer(model_dir(prev), trust_remote_code=engine.trust_remote_code)
     phase = _round_phase(job, "gft_round", cfg, round_idx, prev, resume=True,
-                         trust_remote_code=engine.trust_remote_code)
+                         trust_remote_code=engine.trust_remote_code, threads=threads)
     result = gft_lib.run_round(lambda prompt_ids, table: phase(prompt_ids, table).history,
                                job.res.engine("policy", model_dir(prev), engine), job.res.verifier(cfg.reward),
                                rows, _teacher_map(teacher, rows), tok, cfg, round_idx=round_idx)
@@ -221,18 +223,19 @@ def gft_round(job: Job, cfg: GFTConfig, round_idx: int, prompts: ArtifactRef, te
 
 
 def gft(cfg: GFTConfig, prompts: ArtifactRef, teacher: ArtifactRef | None, init: ArtifactRef, *, res: Resources,
-        engine: EngineConfig = EngineConfig(), seed: int = 0) -> list[ArtifactRef]:
+        engine: EngineConfig = EngineConfig(), seed: int = 0, threads: int = 1) -> list[ArtifactRef]:
     """All rounds; each round is its own cached stage, so a rerun resumes after the last finished round."""
     refs, prev = [], init
     for r in range(cfg.rounds):
-        prev = gft_round(cfg, r, prompts, teacher, prev, engine, seed, res=res)
+        prev = gft_round(cfg, r, prompts, teacher, prev, engine, seed, threads, res=res)
         refs.append(prev)
     return refs
 
 
 @stage("model", datasets={"groups.parquet": "training"})
 def grpo_round(job: Job, cfg: GRPOConfig, round_idx: int, prompts: ArtifactRef, reference: ArtifactRef | None,
-               prev: ArtifactRef, engine: EngineConfig = EngineConfig(), seed: int = 0) -> dict[str, float]:
+               prev: ArtifactRef, engine: EngineConfig = EngineConfig(), seed: int = 0,
+               threads: int = 1) -> dict[str, float]:
     """One GRPO round from `prev` (`rounds.grpo.run_round`); `reference` (the checkpoint the GRPO stage started
     from) scores the KL term and is passed only when beta > 0. Optimizer state continues from the previous GRPO
     round only: round 0 starts a fresh optimizer even when `prev` (an SFT or GFT output) carries a state/."""
@@ -242,7 +245,8 @@ def grpo_round(job: Job, cfg: GRPOConfig, round_idx: int, prompts: ArtifactRef, 
     rows = round_prompts(pool, cfg.prompts_per_round, round_idx, seed)
     tok = chat.load_tokenizer(model_dir(prev), trust_remote_code=engine.trust_remote_code)
     phase = _round_phase(job, "grpo_round", cfg, round_idx, prev, resume=round_idx > 0,
-                         trust_remote_code=engine.trust_remote_code, reference=reference if cfg.beta > 0 else None)
+                         trust_remote_code=engine.trust_remote_code, threads=threads,
+                         reference=reference if cfg.beta > 0 else None)
 
     def train(prompt_ids: list[list[int]], table: pd.DataFrame) -> grpo_lib.Trained:
         done = phase(prompt_ids, table)
@@ -254,11 +258,11 @@ def grpo_round(job: Job, cfg: GRPOConfig, round_idx: int, prompts: ArtifactRef, 
 
 
 def grpo(cfg: GRPOConfig, prompts: ArtifactRef, init: ArtifactRef, *, res: Resources,
-         engine: EngineConfig = EngineConfig(), seed: int = 0) -> list[ArtifactRef]:
+         engine: EngineConfig = EngineConfig(), seed: int = 0, threads: int = 1) -> list[ArtifactRef]:
     """All rounds from `init` (also the KL reference when beta > 0); each round is its own cached stage."""
     refs, prev = [], init
     for r in range(cfg.rounds):
-        prev = grpo_round(cfg, r, prompts, init if cfg.beta > 0 else None, prev, engine, seed, res=res)
+        prev = grpo_round(cfg, r, prompts, init if cfg.beta > 0 else None, prev, engine, seed, threads, res=res)
         refs.append(prev)
     return refs
 
@@ -270,7 +274,7 @@ def grpo(cfg: GRPOConfig, prompts: ArtifactRef, init: ArtifactRef, *, res: Resou
 
 @stage("eval", datasets={"samples.parquet": "evaluation"})
 def evaluate(job: Job, cfg: EvalConfig, prompts: ArtifactRef, model: ArtifactRef, base: ArtifactRef,
-             engine: EngineConfig = EngineConfig()) -> dict[str, float]:
+             engine: EngineConfig = EngineConfig(), threads: int = 1) -> dict[str, float]:
     """Held-out mean@k, pass@k, greedy accuracy, entropy and KL(base || policy) (`rounds.evaluate.evaluate`):
     metrics.json, samples.parquet. With `cfg.validation`, also `val/*` metrics on the validation prompts."""
     tok = chat.load_tokenizer(model_dir(model), trust_remote_code=engine.trust_remote_code)

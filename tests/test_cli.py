@@ -133,10 +133,13 @@ def test_the_join_and_follow_commands_call_the_launcher(monkeypatch, tmp_path):
 
     seen = []
     monkeypatch.setattr(launch, "join", lambda spec: seen.append(("join", Path(spec))) or 3)
-    monkeypatch.setattr(launch, "follow", lambda root, **kw: seen.append(("follow", Path(root))))
+    monkeypatch.setattr(launch, "follow", lambda candidates, **kw: seen.append(("follow", list(candidates()))))
+    job = tmp_path / "sft" / ".ckpt-abc" / "job" / "job.json"  # where a stage's training job writes its spec
+    job.parent.mkdir(parents=True)
+    job.write_text("{}")
     assert main(["join", str(tmp_path / "job.json")]) == 3
     assert main(["follow", str(tmp_path)]) == 0
-    assert seen == [("join", tmp_path / "job.json"), ("follow", tmp_path)]
+    assert seen == [("join", tmp_path / "job.json"), ("follow", [job])]
 
 
 def test_a_cached_rerun_keeps_the_plots_of_the_same_outputs(tmp_path):
@@ -144,7 +147,7 @@ def test_a_cached_rerun_keeps_the_plots_of_the_same_outputs(tmp_path):
     import os
 
     from pipeline.config import apply_overrides, load_run_config
-    from pipeline.run import write_plots
+    from pipeline.report import write_plots
     from pipeline.store.artifacts import ArtifactRef
 
     cfg = apply_overrides(load_run_config(TINY), {"chain": []})

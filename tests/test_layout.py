@@ -22,10 +22,10 @@ LAYERS = {
     "pipeline": 0, "pipeline.config": 0, "pipeline.progress": 0, "pipeline.atomic": 0, "pipeline.artifacts": 0,
     "pipeline.algo": 1, "pipeline.store": 2, "pipeline.data": 3, "pipeline.model": 4,
     "pipeline.tracking": 5, "pipeline.plots": 5, "pipeline.rollout": 6, "pipeline.rounds": 7,
-    "pipeline.runtime": 8, "pipeline.stages": 9, "pipeline.run": 10, "pipeline.experiment": 11,
+    "pipeline.runtime": 8, "pipeline.stages": 9, "pipeline.report": 10, "pipeline.run": 11, "pipeline.experiment": 12,
 }
-STORE_USERS = {"pipeline.store", "pipeline.tracking", "pipeline.runtime", "pipeline.stages", "pipeline.run",
-               "pipeline.experiment"}
+STORE_USERS = {"pipeline.store", "pipeline.tracking", "pipeline.runtime", "pipeline.stages", "pipeline.report",
+               "pipeline.run", "pipeline.experiment"}
 """The units that may import `pipeline.store` and `pipeline.tracking` (docs/design.md, "Layers")."""
 GUARDED = ("pipeline.store", "pipeline.tracking")
 MAX_MODULES = 8

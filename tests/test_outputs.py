@@ -117,7 +117,7 @@ def test_a_legacy_sequence_of_inputs_is_written_as_input_i(tmp_path):
 
 def test_the_run_reads_a_chain_stage_from_its_rounds(run):
     """pipeline.run's chain names (sft, gft, grpo) map to the store's stages (sft, gft_round, grpo_round)."""
-    from pipeline.run import chain_outputs, round_metrics, stage_history
+    from pipeline.report import chain_outputs, round_metrics, stage_history
 
     refs = {"gft": run["rounds"][-1], "grpo": run["rounds"][-1], "sft": run["base"]}
     assert [o.ref for o in chain_outputs(refs, "gft").outputs] == run["rounds"]

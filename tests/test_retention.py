@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from pipeline import run, runtime
+from pipeline import report, run, runtime
 from pipeline.config import apply_overrides, load_run_config
 from pipeline.store.artifacts import PRUNED, StageStore
 
@@ -25,7 +25,7 @@ def _execute(root: Path, **overrides):
         refs = run.execute(cfg, run.local_ops(res), res)
     finally:
         res.close()
-    return refs, dict(res.calls), [o.ref for o in run.chain_outputs(refs, "gft").outputs]
+    return refs, dict(res.calls), [o.ref for o in report.chain_outputs(refs, "gft").outputs]
 
 
 @pytest.fixture(scope="module")

@@ -80,7 +80,7 @@ def test_an_engine_setting_changes_the_gft_round_key():
     assert stages.bind("gft_round", **args, engine=EngineConfig(dtype="bfloat16")).key != plain.key
     assert stages.bind("gft_round", **args, engine=EngineConfig(trust_remote_code=True)).key != plain.key
     assert plain.spec.inputs == {"prompts": args["prompts"], "prev": args["prev"]}  # roles, absent teacher left out
-    assert plain.spec.scalars == {"round_idx": 0, "seed": 0}
+    assert plain.spec.scalars == {"round_idx": 0, "seed": 0, "threads": 1}
 
 
 def test_a_stage_argument_that_is_not_settings_reference_or_scalar_is_refused():

@@ -1,7 +1,7 @@
 """`run.threads` (torch's intra-op thread count) is classified OUTPUT in pipeline/config/keys.py: a float reduction
 is split across threads, so its rounding depends on their number. The first test shows that on this torch; the
-second asks that every stage that computes with torch has the thread count in its key, which no stage has yet
-(the change it needs is in pipeline/run.py and pipeline/stages.py: see the xfail reason)."""
+second that every stage that computes with torch has the thread count in its key (a `threads` argument, which
+`runtime.execute` sets around the stage and a launched job sets in each process)."""
 
 from __future__ import annotations
 
@@ -28,8 +28,6 @@ def test_threads_can_change_a_float_sum():
     assert torch.allclose(sums[1], sums[2])  # the same sum, rounded another way
 
 
-@pytest.mark.xfail(strict=True, reason="run.threads reaches no stage: pipeline/run.py sets torch's threads once per "
-                   "process and passes no stage the count; each torch stage must take it as an argument and set it")
 def test_run_threads_is_in_the_key_of_every_stage_that_computes_with_torch(tmp_path):
     one, two = _calls(tmp_path / "one"), _calls(tmp_path / "two", threads=2)
     assert [c.stage for c in one] == [c.stage for c in two]

@@ -43,7 +43,7 @@ OUTPUT: dict[str, tuple[str, ...]] = {
     "EvalConfig": ("k", "sampling", "max_prompts", "kl_samples", "reward", "validation"),
     "TrackingConfig": (),
     "RetentionConfig": (),
-    # threads: a float sum differs at 1 and 2 threads (tests/test_threads.py); no stage takes it as an argument yet
+    # threads: a float sum differs at 1 and 2 threads (tests/test_threads.py): every torch stage takes it as an argument
     "RunConfig": ("seed", "threads", "chain", "data", "synthetic", "models", "engine", "teacher_sample", "sft", "gft",
                   "grpo", "eval"),
 }

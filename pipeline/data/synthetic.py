@@ -13,12 +13,14 @@ from __future__ import annotations
 import logging
 import random
 from collections.abc import Sequence
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
 import torch
-from transformers import PreTrainedTokenizerFast, Qwen2Config, Qwen2ForCausalLM
 
 from pipeline.config import SyntheticConfig
+
+if TYPE_CHECKING:  # transformers costs seconds to import: the functions that build models import it
+    from transformers import PreTrainedTokenizerFast, Qwen2ForCausalLM
 
 __all__ = ["ALPHABET", "SPECIAL_TOKENS", "CHAT_TEMPLATE", "make_problems", "build_tokenizer", "build_model",
            "split_problems"]
@@ -95,10 +97,11 @@ CHAT_TEMPLATE = (
 )
 
 
-def build_tokenizer() -> PreTrainedTokenizerFast:
+def build_tokenizer() -> "PreTrainedTokenizerFast":
     """One token per character of `ALPHABET` (anything else is <unk>), left padding, and a chat template that
     renders a prompt as "<bos>q: {prompt}\\na: " and an assistant turn as "a: {content}<eos>"."""
     from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, processors
+    from transformers import PreTrainedTokenizerFast
 
     vocab = {token: i for i, token in enumerate(SPECIAL_TOKENS + tuple(ALPHABET))}
     backend = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
@@ -118,9 +121,11 @@ def build_tokenizer() -> PreTrainedTokenizerFast:
 _SIZES = {"base": (128, 512, 2, 4, 2), "teacher": (128, 512, 2, 4, 2)}
 
 
-def build_model(tokenizer: PreTrainedTokenizerFast, *, size: Literal["base", "teacher"],
-                seed: int) -> Qwen2ForCausalLM:
+def build_model(tokenizer: "PreTrainedTokenizerFast", *, size: Literal["base", "teacher"],
+                seed: int) -> "Qwen2ForCausalLM":
     """A randomly initialised tiny Qwen2 (tied embeddings) over the tokenizer's vocabulary."""
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
     hidden, ffn, layers, heads, kv_heads = _SIZES[size]
     config = Qwen2Config(
         vocab_size=len(tokenizer), hidden_size=hidden, intermediate_size=ffn, num_hidden_layers=layers,

@@ -27,7 +27,7 @@ def trial_metrics(result: TrialResult) -> dict[str, Any]:
     """A finished trial's numbers: final held-out metrics, the chain's checkpoints with cumulative prompts seen,
     its per-step history (steps continued across the chain), its optimizer steps, and GFT's mean rectified
     fraction."""
-    from pipeline.run import chain_outputs
+    from pipeline.report import chain_outputs
 
     refs, cfg = result.refs, result.trial.config
     checkpoints = [("base", 0.0, _eval(refs, "base"))]

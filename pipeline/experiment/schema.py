@@ -42,7 +42,7 @@ from typing import Any, Literal
 
 from pydantic import Field, model_validator
 
-from pipeline.config import RunConfig, Settings, apply_overrides, load_run_config
+from pipeline.config import RunConfig, Settings, apply_overrides, load_run_config, resolve_paths
 from pipeline.store.artifacts import ArtifactRef
 
 __all__ = ["VariantConfig", "SweepConfig", "ExperimentConfig", "TuneConfig", "Trial", "TrialResult",
@@ -248,7 +248,7 @@ def _trial(exp: ExperimentConfig, base: RunConfig, v: _Variant, seed: int, point
     sets = {**exp.overrides, **v.overrides, **tuned, "chain": list(v.chain), **{f: seed for f in exp.seed_fields},
             "name": name, "tracking.experiment": exp.name, "tracking.registered_model": f"{exp.name}.{v.name}"}
     where = f"experiment {exp.name!r}, variant {v.name!r}, seed {seed}" + (f", {tag}" if tag else "")
-    cfg = apply_overrides(base, sets, where=where)
+    cfg = resolve_paths(apply_overrides(base, sets, where=where), Path(exp.base).parent)  # overridden paths too
     if point is not None and not cfg.eval.validation:
         raise ValueError(f"{where}: [tune] picks each variant's point on validation prompts, but the trial's "
                          "eval.validation is false: set data.validation_fraction > 0 and eval.validation = true "

@@ -63,6 +63,7 @@ class TrainJob(BaseModel):
     work: str | None = None  # SFT's resumable work checkpoints
     round_idx: int = 0
     trust_remote_code: bool = False
+    threads: int = 1  # torch's intra-op threads in each process (the stage's `threads`)
     launch_id: str = ""  # set by a launch, new for every launch: the rendezvous id's suffix on several nodes
 
     def settings(self) -> SFTConfig | GFTConfig | GRPOConfig:

@@ -243,7 +243,7 @@ def main(spec_path: str) -> None:
     job = TrainJob.model_validate_json(Path(spec_path).read_text())
     rank = int(os.environ.get("RANK", "0"))
     try:
-        torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))
+        torch.set_num_threads(job.threads)
         result = train(job, report=_reporter(job))
     except BaseException:
         write_text_atomic(Path(job.folder) / f"error-{rank}.txt", traceback.format_exc())
