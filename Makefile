@@ -42,14 +42,15 @@ postgres:
 test: $(STAMP) chromium postgres
 	$(PY) -m pytest -q
 
-# The inner loop: unit and integration tests (no multi-process runs, no flows, no vLLM), under 5 minutes on 2 cores.
-# Pass a file or -k expression with ARGS, e.g. `make test-fast ARGS=tests/test_losses.py`.
+# The inner loop: the unit and integration tiers (tests/unit, tests/integration) without the slow and vLLM tests,
+# about 2 minutes on 2 cores. tests/system (whole runs: the CLI, Prefect, torchrun jobs, servers) runs in `make test`.
+# Pass files or a -k expression with ARGS, e.g. `make test-fast ARGS=tests/unit/test_losses.py`.
 test-fast: $(STAMP)
-	$(PY) -m pytest -q -m "not slow and not vllm" $(ARGS)
+	$(PY) -m pytest -q -m "not slow and not vllm" $(if $(filter tests/%,$(ARGS)),,tests/unit tests/integration) $(ARGS)
 
-# Record each stage's code digest with its version (tests/test_stage_versions.py says when to bump and run this).
+# Record each stage's code digest with its version (tests/unit/test_stage_versions.py says when to bump and run this).
 stage-versions: $(STAMP)
-	$(PY) tests/test_stage_versions.py --update
+	$(PY) tests/unit/test_stage_versions.py --update
 
 run: $(STAMP)
 	$(VENV)/bin/gft run configs/default.toml

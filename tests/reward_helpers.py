@@ -1,5 +1,5 @@
-"""Rewards for tests/test_rewards.py, loaded by import path (`tests.reward_helpers:NAME`) in the verifier's
-spawned worker (tests/test_stages.py grades evaluations with `even_length`). Each takes `(response, row)` like a registered reward; all but `sleepy` and `dies` act the
+"""Rewards for tests/unit/test_rewards.py, loaded by import path (`tests.reward_helpers:NAME`) in the verifier's
+spawned worker (tests/integration/test_stages.py grades evaluations with `even_length`). Each takes `(response, row)` like a registered reward; all but `sleepy` and `dies` act the
 same on every response, those two misbehave only on the response that asks for it."""
 
 from __future__ import annotations

@@ -6,7 +6,7 @@ memory an engine reserves, what is logged or kept on disk afterwards), with the 
 output. A run-only field is left out of the stage key (`Settings.key_fields`), so raising a timeout or moving a
 finished chain to another host serves its outputs instead of recomputing them. Anything that can change float
 rounding is OUTPUT: processes, nodes, strategy, dtypes, batch and chunk sizes, compilation, attention kernels,
-torch threads. `tests/test_settings_fields.py` fails on a field of any schema that is classified nowhere or twice.
+torch threads. `tests/unit/test_settings_fields.py` fails on a field of any schema that is classified nowhere or twice.
 """
 
 from __future__ import annotations
@@ -43,7 +43,7 @@ OUTPUT: dict[str, tuple[str, ...]] = {
     "EvalConfig": ("k", "sampling", "max_prompts", "kl_samples", "reward", "validation"),
     "TrackingConfig": (),
     "RetentionConfig": (),
-    # threads: a float sum differs at 1 and 2 threads (tests/test_threads.py): every torch stage takes it as an argument
+    # threads: a float sum differs at 1 and 2 threads (tests/unit/test_threads.py): every torch stage takes it as an argument
     "RunConfig": ("seed", "threads", "chain", "data", "synthetic", "models", "engine", "teacher_sample", "sft", "gft",
                   "grpo", "eval"),
 }

@@ -1,4 +1,4 @@
-"""Fault injection for flow runs that a Prefect worker starts (tests/test_team_stack.py): a worker's flow run is a
+"""Fault injection for flow runs that a Prefect worker starts (tests/system/test_team_stack.py): a worker's flow run is a
 fresh interpreter, so the test cannot monkeypatch it; the test puts this folder on the run's PYTHONPATH instead.
 
 GFT_TEST_FAIL_GFT_ROUND="<round>:<sentinel file>" makes GFT round <round> raise while the sentinel file exists

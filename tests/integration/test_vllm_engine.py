@@ -18,7 +18,7 @@ import torch
 
 from pipeline.config import EngineConfig, SamplingConfig
 from pipeline.rollout.engines import HFEngine, VLLMEngine, build_engine
-from tests.test_engines import PROMPTS, save_tiny_checkpoint, teacher_forced_logprobs
+from tests.integration.test_engines import PROMPTS, save_tiny_checkpoint, teacher_forced_logprobs
 
 pytestmark = [
     pytest.mark.vllm,
@@ -152,7 +152,7 @@ def test_engine_bench_runs_both_engines_on_both_workloads(tmp_path):
     import sys
 
     result = tmp_path / "engines.json"
-    proc = subprocess.run([sys.executable, str(Path(__file__).parents[1] / "bench" / "engines.py"), "--tiny",
+    proc = subprocess.run([sys.executable, str(Path(__file__).parents[2] / "bench" / "engines.py"), "--tiny",
                            "--result", str(result)], capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-2000:]
     out = json.loads(result.read_text())["results"]

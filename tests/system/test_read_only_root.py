@@ -14,7 +14,7 @@ import pytest
 
 from pipeline.run import RootError, check_root
 
-TINY = Path(__file__).parent / "data" / "tiny_run.toml"
+TINY = Path(__file__).parents[1] / "data" / "tiny_run.toml"
 
 
 @contextmanager

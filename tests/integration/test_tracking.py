@@ -13,7 +13,7 @@ import pytest
 from pipeline.store.artifacts import ArtifactRef, StageStore, tree_sha256
 from pipeline.tracking import MlflowTracker, NullTracker, Tracker, sqlite_uri
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 
 
 def _protocol_methods() -> dict[str, inspect.Signature]:
@@ -227,7 +227,7 @@ def test_runs_of_a_killed_process_are_marked_killed_on_the_next_start(tmp_path):
     import subprocess
     import sys
 
-    script = (f"import sys; sys.path.insert(0, {str(REPO)!r}); from tests.test_tracking import _Pipeline; "
+    script = (f"import sys; sys.path.insert(0, {str(REPO)!r}); from tests.integration.test_tracking import _Pipeline; "
               f"from pathlib import Path; p = _Pipeline(Path({str(tmp_path)!r})); "
               "cm = p.tracker.stage_run('sft', 'k', {}, {}); cm.__enter__(); import os; os._exit(0)")
     subprocess.run([sys.executable, "-c", script], check=True, timeout=120)  # exits without ending its runs

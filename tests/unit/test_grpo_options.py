@@ -484,7 +484,7 @@ def test_a_grpo_round_with_an_entropy_bonus_steps_along_its_gradient(coeff):
     import copy
 
     from pipeline.config import TrainConfig
-    from tests.test_grpo import _on_policy_round, _run_round
+    from tests.integration.test_grpo import _on_policy_round, _run_round
 
     model = tiny_lm(seed=1)
     prompt_ids, table = _on_policy_round(model)

@@ -10,7 +10,7 @@ import pytest
 
 yaml = pytest.importorskip("yaml")
 
-K8S = Path(__file__).resolve().parents[1] / "infra" / "k8s"
+K8S = Path(__file__).resolve().parents[2] / "infra" / "k8s"
 
 
 def _pod(manifest: dict) -> dict:

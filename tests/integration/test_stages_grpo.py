@@ -11,7 +11,7 @@ import pytest
 from pipeline import runtime, stages
 from pipeline.store.artifacts import StageStore
 from pipeline.config import GRPOConfig, SamplingConfig, TrainConfig
-from tests.test_stages import DATA, SYNTH
+from tests.integration.test_stages import DATA, SYNTH
 
 GRPO = GRPOConfig(rounds=2, prompts_per_round=3, num_generations=2, max_response_tokens=16, beta=0.04,
                   sampling=SamplingConfig(temperature=1.0, max_new_tokens=16, seed=3), minibatches_per_round=2,

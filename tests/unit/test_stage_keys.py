@@ -17,7 +17,7 @@ from pipeline import stages
 from pipeline.config import EngineConfig, GFTConfig, Settings
 from pipeline.store.artifacts import ArtifactRef
 
-PACKAGE = Path(__file__).resolve().parents[1] / "pipeline"
+PACKAGE = Path(__file__).resolve().parents[2] / "pipeline"
 
 
 def _ref(tag: str) -> ArtifactRef:
@@ -153,7 +153,7 @@ def _calls(tmp_path, **overrides) -> list[stages.StageCall]:
     from pipeline.config import apply_overrides, load_run_config
     from pipeline.store.artifacts import StageStore
 
-    cfg = apply_overrides(load_run_config(Path(__file__).parent / "data" / "tiny_run.toml"), overrides)
+    cfg = apply_overrides(load_run_config(Path(__file__).parents[1] / "data" / "tiny_run.toml"), overrides)
     calls: list[stages.StageCall] = []
 
     def record(call: stages.StageCall) -> ArtifactRef:

@@ -1,6 +1,6 @@
 """The store's compute lock (`StageStore.computing`, used by `pipeline.runtime.cached`): two processes that need the
 same stage key at once: one computes, the other waits and is served its output; nothing is computed twice. The
-same across workers of a Prefect work pool: tests/test_team_stack.py."""
+same across workers of a Prefect work pool: tests/system/test_team_stack.py."""
 
 import multiprocessing
 import time

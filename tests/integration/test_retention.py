@@ -13,7 +13,7 @@ from pipeline import report, run, runtime
 from pipeline.config import apply_overrides, load_run_config
 from pipeline.store.artifacts import PRUNED, StageStore
 
-TINY = Path(__file__).parent / "data" / "tiny_run.toml"
+TINY = Path(__file__).parents[1] / "data" / "tiny_run.toml"
 pytestmark = pytest.mark.slow
 
 

@@ -20,7 +20,7 @@ import pytest
 
 from tests.figures import assert_draws
 
-REPO = Path(__file__).resolve().parent.parent
+REPO = Path(__file__).resolve().parents[2]
 TINY = REPO / "tests" / "data" / "tiny_run.toml"
 pytestmark = pytest.mark.slow
 

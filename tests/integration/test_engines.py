@@ -385,7 +385,7 @@ def test_compact_with_the_static_cache_is_refused():
 def test_vllm_engine_keeps_the_model_folders_tokenizer(ckpt_a, monkeypatch):
     """VLLMEngine decodes with the folder's tokenizer as the pipeline loads it (`load_tokenizer`, as HFEngine does),
     not with the one vLLM builds for itself, which it used to overwrite it with (issue 24). vLLM is faked here: only
-    the engine's construction runs (tests/test_vllm_engine.py checks the same on real vLLM)."""
+    the engine's construction runs (tests/integration/test_vllm_engine.py checks the same on real vLLM)."""
     import sys
     import types
 

@@ -8,7 +8,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from tests.test_stage_keys import _calls
+from tests.unit.test_stage_keys import _calls
 
 TORCH_STAGES = {"bootstrap_models", "teacher_sample", "sft", "gft_round", "grpo_round", "evaluate"}
 """The stages whose outputs come from torch arithmetic (prepare_data only reads and splits rows)."""

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-PACKAGE = Path(__file__).resolve().parents[1] / "pipeline"
+PACKAGE = Path(__file__).resolve().parents[2] / "pipeline"
 
 LAYERS = {
     "pipeline": 0, "pipeline.config": 0, "pipeline.progress": 0, "pipeline.atomic": 0, "pipeline.artifacts": 0,
@@ -154,3 +154,15 @@ def test_prefect_results_of_run_roots_made_before_the_move_still_load():
         record["__class__"] = name
         old = JSONSerializer().loads(json.dumps(record).encode())
         assert isinstance(old, ArtifactRef) and old == ref
+
+
+TIERS = ("unit", "integration", "system")
+
+
+def test_every_test_file_sits_in_a_tier():
+    """tests/unit: one module on its own inputs; tests/integration: parts together in one process (stages, training,
+    engines, the store, MLflow); tests/system: whole runs (the CLI, Prefect, torchrun jobs, servers)."""
+    tests = PACKAGE.parent / "tests"
+    stray = sorted(p.relative_to(tests).as_posix() for p in tests.rglob("test_*.py") if p.parent.name not in TIERS)
+    assert not stray, f"test files outside tests/{{{','.join(TIERS)}}}: {stray}"
+    assert all(any((tests / tier).glob("test_*.py")) for tier in TIERS)

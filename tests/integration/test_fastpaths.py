@@ -181,7 +181,7 @@ def test_compiled_checkpointed_body_with_varlen_packing_equals_plain_padded_step
 def test_static_cache_engine_and_engine_over_a_live_model_match_the_plain_engine(tmp_path):
     from pipeline.config import EngineConfig, SamplingConfig
     from pipeline.rollout.engines import HFEngine
-    from tests.test_engines import PROMPTS, max_teacher_forced_error, save_tiny_checkpoint
+    from tests.integration.test_engines import PROMPTS, max_teacher_forced_error, save_tiny_checkpoint
 
     ckpt = save_tiny_checkpoint(tmp_path, seed=0)
     greedy = SamplingConfig(temperature=0.0, max_new_tokens=10)
@@ -223,6 +223,6 @@ def test_bench_modules_import_without_the_packages_the_gpu_machine_lacks():
             "    sys.modules[m] = None\n"
             "import pipeline.rollout.engines, pipeline.model.trainer, pipeline.data.synthetic, pipeline.algo.advantages, pipeline.rollout.verifiers\n"
             "import bench.gpu_bench\n")
-    root = Path(__file__).resolve().parents[1]
+    root = Path(__file__).resolve().parents[2]
     proc = subprocess.run([sys.executable, "-c", code], cwd=root, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr[-2000:]

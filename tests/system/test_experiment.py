@@ -1,7 +1,7 @@
 """Experiments (`pipeline.experiment`: schema, runner, report): configs derived from the base by the grid and nothing else, `extends`,
 bad grids named, the mean and std over seeds against the trials' own metrics files, a failed trial reported
 without stopping the others, and the report's files. The CI-size paper table runs through Prefect in
-tests/test_flows.py."""
+tests/system/test_flows.py."""
 
 import json
 import math
@@ -15,7 +15,7 @@ from pipeline.experiment.schema import expand, experiment_root, load_experiment
 from pipeline.experiment.trials import local_trial, run_experiment
 from tests.figures import assert_draws
 
-REPO = Path(__file__).resolve().parent.parent
+REPO = Path(__file__).resolve().parents[2]
 TINY = REPO / "tests" / "data" / "tiny_run.toml"
 PAPER = REPO / "experiments" / "paper_table.toml"
 

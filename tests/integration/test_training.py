@@ -18,7 +18,7 @@ from pipeline.model.loop import fit
 from pipeline.model.trainer import NonFiniteError, accumulate_gradients, make_trainer, save_model, train_step
 from tests.conftest import PAD, random_examples, tiny_lm
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def _score(scorer, batch):

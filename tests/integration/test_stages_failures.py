@@ -15,7 +15,7 @@ from pipeline.store.artifacts import StageStore
 from pipeline.config import DataConfig, SFTConfig, SyntheticConfig, TrainConfig
 from pipeline.data.prompts import DataError
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 SYNTH = SyntheticConfig(n_train=32, n_eval=8, teacher_steps=2, base_steps=1, batch_size=8, warmup_steps=0)
 DATA = DataConfig(synthetic_rows=40, eval_fraction=0.25)
 LONG_SFT = SFTConfig(max_response_tokens=48, train=TrainConfig(lr=1e-3, num_steps=60, sequences_per_step=8,

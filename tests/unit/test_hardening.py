@@ -216,7 +216,7 @@ def test_an_overlong_prompt_is_a_bad_row_named_before_any_model_sees_it(tmp_path
 def test_an_engine_refuses_a_prompt_that_does_not_fit_its_context(tmp_path):
     from pipeline.config import EngineConfig
     from pipeline.rollout.engines import HFEngine
-    from tests.test_engines import save_tiny_checkpoint
+    from tests.integration.test_engines import save_tiny_checkpoint
 
     engine = HFEngine(save_tiny_checkpoint(tmp_path / "m", seed=0), EngineConfig(max_model_len=64), progress=False)
     long = [1] + [5] * 60

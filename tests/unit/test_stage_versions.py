@@ -8,7 +8,7 @@ not change outputs), each as its AST without docstrings (comments and docstrings
 digests are recorded with the versions in tests/data/stage_code.json; a digest that moved while its version did
 not fails here, naming the version to bump. After bumping, record the new digests:
 
-    make stage-versions        # .venv/bin/python tests/test_stage_versions.py --update
+    make stage-versions        # .venv/bin/python tests/unit/test_stage_versions.py --update
 """
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ import json
 import sys
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
@@ -195,4 +195,4 @@ if __name__ == "__main__" and sys.argv[1:] == ["--update"]:
     SNAPSHOT.write_text(json.dumps(current(), indent=2, sort_keys=True) + "\n")
     print(f"recorded {SNAPSHOT.relative_to(ROOT)}: " + ", ".join(f"{s} v{v['version']}" for s, v in current().items()))
 elif __name__ == "__main__":
-    sys.exit("usage: python tests/test_stage_versions.py --update")
+    sys.exit("usage: python tests/unit/test_stage_versions.py --update")

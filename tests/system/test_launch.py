@@ -13,7 +13,7 @@ from safetensors.torch import load_file
 
 from pipeline.config import apply_overrides, load_run_config
 
-TINY = Path(__file__).parent / "data" / "tiny_run.toml"
+TINY = Path(__file__).parents[1] / "data" / "tiny_run.toml"
 F64 = {"master_dtype": "float64", "save_dtype": "float64"}
 
 

@@ -16,7 +16,7 @@ import pytest
 
 from tests.kill_trials import ENV, command, digests
 
-TINY = Path(__file__).parent / "data" / "tiny_run.toml"
+TINY = Path(__file__).parents[1] / "data" / "tiny_run.toml"
 pytestmark = pytest.mark.slow
 API_ERRORS = ("Error logging to API", "All connection attempts failed")
 PROBE = """import sys
@@ -93,7 +93,7 @@ def test_a_killed_run_takes_its_prefect_api_with_it_and_the_rerun_resumes(tmp_pa
     assert "Work done this time" in again.stdout
 
     # the finished root, read-only: refused by name before anything starts, and left as it was
-    from tests.test_read_only_root import read_only, tree_digest
+    from tests.system.test_read_only_root import read_only, tree_digest
 
     root = tmp_path / "root"
     before = tree_digest(root)

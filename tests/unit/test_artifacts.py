@@ -24,7 +24,7 @@ from pipeline.store import locks
 from pipeline.store.artifacts import (ArtifactError, ArtifactRef, Manifest, StageStore, file_sha256, files_sha256,
                                       hash_tree, manifest_digest, stage_key, tree_sha256)
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 D = "0" * 64  # a well-formed digest
 
 

@@ -12,7 +12,7 @@ import pytest
 
 from flows.cli import failure_advice, main, parser
 
-REPO = Path(__file__).resolve().parent.parent
+REPO = Path(__file__).resolve().parents[2]
 TINY = REPO / "tests" / "data" / "tiny_run.toml"
 TEACHER_BUDGET = "sampling = { temperature = 1.0, max_new_tokens = 24, seed = 3 }"
 

@@ -12,7 +12,7 @@ import pytest
 
 from pipeline.config import RunConfig, load_toml
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 RECIPE = ROOT / "configs" / "paper_gpu_7b.toml"
 GB = 1e9
 GPU_GB = 80  # the recipe's cards (H100/A100 80 GB)

@@ -11,7 +11,7 @@ import pytest
 
 from pipeline.store.artifacts import PRUNED, ArtifactError, ArtifactRef, StageStore, _record_mac
 from pipeline.store.outputs import read_chain, read_output
-from tests.test_artifacts import write_output
+from tests.unit.test_artifacts import write_output
 
 D = "0" * 64
 

@@ -13,7 +13,7 @@ from pipeline.config import DataConfig
 from pipeline.data import chat
 from pipeline.data.prompts import DataError, column_path, load_prompts, rows_from_records
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 # AI-MO/NuminaMath-CoT: source, problem, solution (CoT ending in \boxed{}), messages [user, assistant].
 NUMINA = [

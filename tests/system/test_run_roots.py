@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-TINY = Path(__file__).parent / "data" / "tiny_run.toml"
+TINY = Path(__file__).parents[1] / "data" / "tiny_run.toml"
 
 pytestmark = pytest.mark.slow
 
