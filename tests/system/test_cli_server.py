@@ -69,7 +69,9 @@ def _wait(predicate, timeout_s: float) -> bool:
 
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="the parent-death signal is Linux's")
-def test_a_killed_run_takes_its_prefect_api_with_it_and_the_rerun_resumes(tmp_path):
+def test_a_killed_run_takes_its_prefect_api_with_it_and_the_rerun_resumes(tmp_path, two_roots):
+    """kill -9 of a `gft run` mid-stage: its API dies with it, and the rerun resumes to the bytes of an uninterrupted
+    `gft run` (two_roots' root a): the kill trial through Prefect, not only in process."""
     gft = str(Path(sys.executable).parent / "gft")
     cmd = [gft, "run", str(TINY), "--root", str(tmp_path / "root"), "--no-progress"]
     env = {**os.environ, "PREFECT_HOME": str(tmp_path / "prefect")}
@@ -91,6 +93,8 @@ def test_a_killed_run_takes_its_prefect_api_with_it_and_the_rerun_resumes(tmp_pa
     again = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=900)
     assert again.returncode == 0, again.stderr[-3000:]
     assert "Work done this time" in again.stdout
+    uninterrupted = digests(two_roots[0] / "a")
+    assert digests(tmp_path / "root") == uninterrupted and len(uninterrupted) == 9
 
     # the finished root, read-only: refused by name before anything starts, and left as it was
     from tests.system.test_read_only_root import read_only, tree_digest
