@@ -60,7 +60,8 @@ def test_two_runs_started_on_one_root_both_finish_with_identical_reports(shared)
     a, b = results[:2]
     assert len(results) == 2 * PAIRS and all(r == a for r in results)  # every run finished, with the same results
     reports = root / "reports" / "tiny"
-    assert sorted(p.name for p in reports.iterdir()) == ["accuracy.png", "rewards.png", "summary.md", "training.png"]
+    assert sorted(p.name for p in reports.iterdir()) == [".plots.json", "accuracy.png", "rewards.png", "summary.md",
+                                                         "training.png"]  # .plots.json: what the plots were drawn from
     assert {p.name: p.read_bytes() for p in reports.iterdir() if p.suffix != ".md"} == a["files"] == b["files"]
     assert _same_run((reports / "summary.md").read_text()) == a["summary"]
     assert not list(root.rglob("*.tmp*")) and not list(root.rglob(".tmp-*"))

@@ -113,12 +113,18 @@ def _logs(flow_run_id) -> str:
 
 
 def _wait_process_exit(stack: TeamStack, flow_run_name: str, timeout_s: float = 60) -> None:
-    """Until the worker has seen the run's process exit. The run is Failed a moment before: a retry set in that
-    moment would be overwritten by the worker's report of the exit (Crashed)."""
-    needle = f"Process for flow run '{flow_run_name}' exited"
+    """Until the worker has handled the run's process exit: the runner logs the exit, then the worker proposes
+    Crashed (refused while the run is Failed) and logs the exit's resolution. A retry set before that proposal
+    would be overwritten by it (seen in CI: retried 0.1 s after the exit line, then reported crashed)."""
+    needle, handled = f"Process for flow run '{flow_run_name}' exited", "prefect.flow_runs.worker - Check the flow run"
+
+    def seen() -> bool:
+        logs = (p.log.read_text(errors="replace") for p in stack.procs if p.name in WORKERS)
+        return any(needle in text and handled in text.split(needle, 1)[1] for text in logs)
+
     deadline = time.monotonic() + timeout_s
-    while not any(needle in p.log.read_text(errors="replace") for p in stack.procs if p.name in WORKERS):
-        assert time.monotonic() < deadline, f"no worker reported the exit of {flow_run_name}"
+    while not seen():
+        assert time.monotonic() < deadline, f"no worker handled the exit of {flow_run_name}"
         time.sleep(0.5)
 
 
