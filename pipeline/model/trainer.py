@@ -332,8 +332,23 @@ def save_model(trainer: Trainer, path: Path, tokenizer=None, *, dtype: torch.dty
         shutil.rmtree(tmp, ignore_errors=True)
         _save_pretrained(trainer.model, tmp, dtype, state)
         if tokenizer is not None:
-            tokenizer.save_pretrained(tmp)
+            _save_tokenizer(tokenizer, tmp)
         shutil.rmtree(path, ignore_errors=True)
         tmp.rename(path)
     acc.wait_for_everyone()
     return path
+
+
+_LOAD_ONLY = ("local_files_only", "cache_dir", "force_download", "token", "revision")
+"""How a tokenizer was loaded (HF_HUB_OFFLINE sets local_files_only): transformers saves these kwargs with it."""
+
+
+def _save_tokenizer(tokenizer, folder: Path) -> None:
+    """The tokenizer's files without how it was loaded, so the same training writes the same bytes online and
+    offline (they would differ in tokenizer_config.json's local_files_only)."""
+    kept = {k: tokenizer.init_kwargs.pop(k) for k in _LOAD_ONLY if k in tokenizer.init_kwargs}
+    try:
+        tokenizer.save_pretrained(folder)
+    finally:
+        tokenizer.init_kwargs.update(kept)
+

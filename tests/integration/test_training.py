@@ -136,6 +136,28 @@ def test_save_model_round_trips(tmp_path):
     assert not list(tmp_path.glob(".tmp-*"))
 
 
+def test_the_saved_tokenizer_does_not_record_how_it_was_loaded(tmp_path, monkeypatch):
+    """Same training, same bytes online and offline: HF_HUB_OFFLINE made transformers save local_files_only=true in
+    tokenizer_config.json, so an offline and an online run of one key wrote different model/ folders."""
+    import huggingface_hub.constants
+
+    from pipeline.data import chat
+    from pipeline.data.synthetic import build_tokenizer
+
+    build_tokenizer().save_pretrained(tmp_path / "source")
+    cfg = TrainConfig(lr=1e-2, num_steps=1, sequences_per_step=4, micro_batch_size=4)
+    result = fit(tiny_lm(), random_examples(4), sft_objective(), cfg, pad_id=PAD, progress_bar=False)
+    saved = {}
+    for offline in (True, False):
+        monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", offline)
+        tok = chat.load_tokenizer(tmp_path / "source")
+        assert tok.init_kwargs.get("local_files_only") is offline  # how it was loaded: not what it is
+        out = save_model(result.trainer, tmp_path / f"offline-{offline}", tok)
+        saved[offline] = {p.name: p.read_bytes() for p in sorted(out.iterdir())}
+        assert tok.init_kwargs.get("local_files_only") is offline  # the live tokenizer is left as it was
+    assert saved[True] == saved[False]
+
+
 def test_nan_logits_name_the_step_and_rows():
     model = tiny_lm("llama")  # untied: a NaN input embedding must not also poison the output projection
     bad_token = 40
