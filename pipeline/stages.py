@@ -11,7 +11,7 @@ DataFrames; engines and verifier processes are process-level resources kept in `
 SFT's is `rounds.sft.fit_examples` and evaluation's `rounds.evaluate.evaluate`. Every training phase is a
 `rounds.job.TrainJob` the stage fills in (what to load, the folders to write) and runs through `rounds.launch.run`:
 in this process, or launched on several. Retention and resume bookkeeping between rounds is the store's
-(`pipeline.store.retention`; `retain` and `resumable` are re-exported here for the run).
+(`pipeline.store.retention`, which the run calls between rounds).
 
     prepare_data -> bootstrap_models -> teacher_sample -> sft ----------------> evaluate
                                                        \\-> gft_round x R ----> evaluate
@@ -44,11 +44,9 @@ from pipeline.runtime import STAGES, Job, Resources, StageCall, bind, execute, m
 from pipeline.store.artifacts import ArtifactRef, tree_sha256
 from pipeline.store.jobs import JOB_FOLDER
 from pipeline.store.outputs import EVAL_METRICS, HISTORY
-from pipeline.store.retention import resumable, retain
 
 __all__ = ["Job", "StageCall", "STAGES", "bind", "execute", "prepare_data", "prepare_data_inputs", "bootstrap_models",
-           "bootstrap_member", "teacher_sample", "sft", "gft_round", "gft", "grpo_round", "grpo", "evaluate", "retain",
-           "resumable"]
+           "bootstrap_member", "teacher_sample", "sft", "gft_round", "gft", "grpo_round", "grpo", "evaluate"]
 
 def _write_json(path: Path, obj) -> None:
     path.write_text(json.dumps(obj, indent=2, sort_keys=True))
