@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from pipeline.config import EngineConfig
+from pipeline.memory.measure import measure
 from pipeline.rollout.engines import Engine, build_engine
 from pipeline.rollout.verifiers import Verifier
 from pipeline.store.artifacts import ArtifactRef, StageStore, stage_key, tree_sha256
@@ -213,7 +214,10 @@ def _compute(res: Resources, spec: StageSpec, build: Callable[[Path, str], dict[
     with res.tracker.stage_run(spec.stage, key, config, spec.inputs) as run:
         with res.store.write(spec.stage, key, kind=spec.kind, version=VERSIONS[spec.stage], config=config,
                              inputs=spec.inputs, datasets=spec.datasets) as out:
-            out.metrics.update(build(Path(out.path), key))
+            with measure() as peak:  # this process's peak RSS (and CUDA), plus a launched job's processes'
+                metrics = build(Path(out.path), key)
+            out.metrics.update(metrics)
+            out.metrics.update(peak.metrics())
             out.metrics["wall_time_s"] = time.perf_counter() - start
         run.finish(out.ref, res.store.manifest(out.ref))
     res.store.discard_work(spec.stage, key)

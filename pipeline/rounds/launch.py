@@ -44,6 +44,7 @@ import pandas as pd
 import torch
 
 from pipeline.config import LaunchConfig
+from pipeline.memory.measure import Peak, measure, report_child
 from pipeline.progress import bar as progress_bar
 from pipeline.rounds.job import JobResult, TrainJob, planned_steps, train, write_round_inputs
 from pipeline.atomic import write_text_atomic
@@ -135,7 +136,7 @@ def run_job(job: TrainJob, launch: LaunchConfig, *, steps: int | None = None, pr
         raise ValueError(f"{job.phase}: train.launch.cpu_offload keeps FSDP2 shards in CPU memory between their uses "
                          "on a GPU, but this machine has no GPU (torch.cuda.is_available() is False): set it false")
     folder = Path(job.folder)
-    for old in [folder / "result.json", folder / STEPS, *folder.glob("error-*.txt")]:
+    for old in [folder / "result.json", folder / STEPS, *folder.glob("error-*.txt"), *folder.glob("peak-*.json")]:
         old.unlink(missing_ok=True)
     job = job.model_copy(update={"launch_id": uuid.uuid4().hex[:12]})
     spec = write_text_atomic(folder / "job.json", job.model_dump_json(indent=1))
@@ -152,9 +153,33 @@ def run_job(job: TrainJob, launch: LaunchConfig, *, steps: int | None = None, pr
         except BaseException:
             _stop(proc)
             raise
+    _report_peaks(folder)
     if code != 0 or not (folder / "result.json").is_file():
         raise TrainJobError(_failure(job, launch, code, log_path))
     return JobResult.model_validate_json((folder / "result.json").read_text())
+
+
+def _report_peaks(folder: Path) -> None:
+    """Hand the peaks the job's processes wrote (`peak-<rank>.json`) to the stage's open measurement
+    (`pipeline.memory.measure.report_child`): the stage's manifest then carries perf/peak_child_rss_gb. Only this
+    node's processes: another node's ranks write theirs to the shared folder too, so ranks of other hosts are
+    left out by their host name."""
+    host = socket.gethostname()
+    for path in sorted(folder.glob("peak-*.json")):
+        try:
+            data = json.loads(path.read_text())
+        except (OSError, ValueError):
+            continue  # a process killed while writing: its peak is lost, the job's failure says why
+        if data.pop("host", host) == host:
+            report_child(Peak(rss=data["rss"], cuda_allocated={int(k): v for k, v in data["cuda_allocated"].items()},
+                              cuda_reserved={int(k): v for k, v in data["cuda_reserved"].items()}))
+
+
+def _write_peak(job: TrainJob, rank: int, peak: Peak) -> None:
+    """This process's peak, for the stage's side (`_report_peaks`)."""
+    data = {"host": socket.gethostname(), "rss": peak.rss, "cuda_allocated": peak.cuda_allocated,
+            "cuda_reserved": peak.cuda_reserved}
+    write_text_atomic(Path(job.folder) / f"peak-{rank}.json", json.dumps(data))
 
 
 def _announce(job: TrainJob, launch: LaunchConfig, spec: Path) -> None:
@@ -244,10 +269,12 @@ def main(spec_path: str) -> None:
     rank = int(os.environ.get("RANK", "0"))
     try:
         torch.set_num_threads(job.threads)
-        result = train(job, report=_reporter(job))
+        with measure() as peak:
+            result = train(job, report=_reporter(job))
     except BaseException:
         write_text_atomic(Path(job.folder) / f"error-{rank}.txt", traceback.format_exc())
         raise
+    _write_peak(job, rank, peak)
     if rank == 0:
         write_text_atomic(Path(job.folder) / "result.json", result.model_dump_json())
     if torch.distributed.is_initialized():

@@ -20,7 +20,7 @@ PACKAGE = Path(__file__).resolve().parents[2] / "pipeline"
 
 LAYERS = {
     "pipeline": 0, "pipeline.config": 0, "pipeline.progress": 0, "pipeline.atomic": 0, "pipeline.artifacts": 0,
-    "pipeline.algo": 1, "pipeline.store": 2, "pipeline.data": 3, "pipeline.model": 4,
+    "pipeline.algo": 1, "pipeline.memory": 1, "pipeline.store": 2, "pipeline.data": 3, "pipeline.model": 4,
     "pipeline.tracking": 5, "pipeline.plots": 5, "pipeline.rollout": 6, "pipeline.rounds": 7,
     "pipeline.runtime": 8, "pipeline.stages": 9, "pipeline.report": 10, "pipeline.run": 11, "pipeline.experiment": 12,
 }
