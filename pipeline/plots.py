@@ -12,7 +12,8 @@ from pathlib import Path
 
 from pipeline.atomic import write_bytes_atomic
 
-__all__ = ["training_curves", "chain_steps", "rewards_by_source", "accuracy_by_stage", "accuracy_vs_prompts", "sweep"]
+__all__ = ["training_curves", "chain_steps", "rewards_by_source", "accuracy_by_stage", "benchmarks_by_checkpoint",
+           "accuracy_vs_prompts", "sweep"]
 
 
 def _pyplot():
@@ -122,6 +123,27 @@ def accuracy_by_stage(metrics: Mapping[str, Mapping[str, float]], path: Path, ke
     ax.set_title("Held-out accuracy by stage")
     ax.legend(fontsize=8)
     ax.grid(axis="y", alpha=0.3)
+    return _save(fig, path)
+
+
+def benchmarks_by_checkpoint(tables: Mapping[str, Mapping[str, Mapping[str, float]]], path: Path) -> Path:
+    """One panel per metric (`tables`: metric -> checkpoint -> benchmark -> value, the summary's tables); in each,
+    grouped bars: one group per checkpoint, one bar per benchmark and their average (hatched)."""
+    plt = _pyplot()
+    fig, axes = plt.subplots(1, len(tables), figsize=(1.5 + 3.6 * len(tables), 3.6), squeeze=False)
+    for ax, (metric, table) in zip(axes[0], tables.items()):
+        names = list(dict.fromkeys(b for row in table.values() for b in row))
+        width = 0.8 / max(len(names), 1)
+        for j, bench in enumerate(names):
+            xs = [i + j * width for i in range(len(table))]
+            ax.bar(xs, [row.get(bench, float("nan")) for row in table.values()], width, label=bench,
+                   color=f"C{j}", hatch="//" if bench == "average" else None, edgecolor="white")
+        ax.set_xticks([i + width * (len(names) - 1) / 2 for i in range(len(table))], list(table))
+        ax.set_ylim(0, 1)
+        ax.set_title(metric)
+        ax.grid(axis="y", alpha=0.3)
+    axes[0][0].legend(fontsize=8)
+    fig.suptitle("Evaluation by benchmark", y=1.03)
     return _save(fig, path)
 
 

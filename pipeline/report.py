@@ -14,13 +14,17 @@ from pathlib import Path
 
 from pipeline import plots
 from pipeline.atomic import write_text_atomic
-from pipeline.config import RunConfig
+from pipeline.config import HELDOUT, RunConfig
 from pipeline.store.artifacts import ArtifactRef
-from pipeline.store.outputs import Chain, read_chain
+from pipeline.store.outputs import Chain, read_chain, read_output
 
-__all__ = ["write_plots", "write_summary", "chain_outputs", "chain_stage", "stage_history", "round_metrics"]
+__all__ = ["write_plots", "write_summary", "chain_outputs", "chain_stage", "stage_history", "round_metrics",
+           "primary_benchmark", "eval_label", "benchmark_tables"]
 
-TABLE_COLUMNS = ["greedy_accuracy", "mean@{k}", "pass@{k}", "entropy", "kl_base_policy", "distinct_answers"]
+TABLE_COLUMNS = ["greedy_accuracy", "mean@{k}", "pass@{k}", "no_answer_frac", "entropy", "kl_base_policy",
+                 "distinct_answers"]
+BENCHMARK_METRICS = ("greedy_accuracy", "mean@{k}", "pass@{k}", "no_answer_frac")
+"""The per-benchmark tables of the summary, one per metric (k: each benchmark's own)."""
 
 
 def write_plots(cfg: RunConfig, refs: dict[str, ArtifactRef], metrics: dict[str, dict[str, float]],
@@ -47,6 +51,10 @@ def _draw_plots(cfg: RunConfig, refs: dict[str, ArtifactRef], metrics: dict[str,
     rounds = {name: round_metrics(refs, name) for name in cfg.chain if name != "sft"}
     keys = ["greedy_accuracy", f"mean@{cfg.eval.k}", f"pass@{cfg.eval.k}"]
     paths = [plots.accuracy_by_stage(metrics, out / "accuracy.png", keys)]
+    if cfg.eval.benchmarks:
+        tables = benchmark_tables(cfg, refs)
+        paths.append(plots.benchmarks_by_checkpoint({m: tables[m] for m in ("mean@k", "greedy_accuracy")},
+                                                    out / "benchmarks.png"))
     if any(histories.values()):
         paths.append(plots.training_curves(histories, out / "training.png", along_chain=True))
     if any(rounds.values()):
@@ -60,6 +68,39 @@ def _plots_key(cfg: RunConfig, refs: dict[str, ArtifactRef]) -> str:
     text = json.dumps({"refs": {name: ref.sha256 for name, ref in refs.items()}, "chain": list(cfg.chain),
                        "k": cfg.eval.k, "code": hashlib.sha256(code.encode()).hexdigest()}, sort_keys=True)
     return hashlib.sha256(text.encode()).hexdigest()
+
+
+def primary_benchmark(cfg: RunConfig) -> str:
+    """The benchmark whose metrics stand for a checkpoint (the summary's first table, experiments, `RunResult.metrics`):
+    the held-out split when graded, else the first benchmark listed."""
+    names = [b.name for b in cfg.eval.suite()]
+    return HELDOUT if HELDOUT in names else names[0]
+
+
+def eval_label(checkpoint: str, benchmark: str, primary: str) -> str:
+    """An evaluation's name in the run's references and MLflow metrics: `eval/<checkpoint>` on the primary
+    benchmark, `eval/<checkpoint>/<benchmark>` on any other."""
+    return f"eval/{checkpoint}" if benchmark == primary else f"eval/{checkpoint}/{benchmark}"
+
+
+def benchmark_tables(cfg: RunConfig, refs: dict[str, ArtifactRef]) -> dict[str, dict[str, dict[str, float]]]:
+    """metric -> checkpoint -> benchmark -> value, with each checkpoint's unweighted average over the benchmarks
+    (the paper's "Avg." column); `mean@k` and `pass@k` at each benchmark's own k."""
+    primary, suite = primary_benchmark(cfg), cfg.eval.suite()
+    checkpoints = [c for c in ("base", *cfg.chain) if f"eval/{c}" in refs]
+    tables: dict[str, dict[str, dict[str, float]]] = {}
+    for metric in BENCHMARK_METRICS:
+        table = tables[metric.format(k="k")] = {}
+        for checkpoint in checkpoints:
+            row = {}
+            for bench in suite:
+                k = cfg.eval.for_benchmark(bench).k
+                ref = refs.get(eval_label(checkpoint, bench.name, primary))
+                value = read_output(ref).eval_metrics().get(metric.format(k=k)) if ref is not None else None
+                if value is not None:
+                    row[bench.name] = value
+            table[checkpoint] = {**row, "average": sum(row.values()) / len(row)} if row else {}
+    return tables
 
 
 def chain_stage(name: str) -> str:
@@ -88,9 +129,13 @@ def write_summary(path: Path, cfg: RunConfig, refs: dict[str, ArtifactRef], metr
                    plot_paths: list[Path], tracker, registered: str | None) -> Path:
     from pipeline.algo.metrics import comparison_table
 
-    columns = [c.format(k=cfg.eval.k) for c in TABLE_COLUMNS]
-    lines = [f"# Run `{cfg.name}`", "", "Held-out evaluation:", "", comparison_table(metrics, columns=columns),
-             "Artifacts:", ""]
+    primary = primary_benchmark(cfg)
+    columns = [c.format(k=cfg.eval.for_benchmark(_benchmark(cfg, primary)).k) for c in TABLE_COLUMNS]
+    title = "Held-out evaluation" if primary == HELDOUT else f"Evaluation on `{primary}`"
+    lines = [f"# Run `{cfg.name}`", "", f"{title}:", "", comparison_table(metrics, columns=columns)]
+    if cfg.eval.benchmarks:
+        lines += _benchmark_section(cfg, refs)
+    lines += ["Artifacts:", ""]
     lines += [f"- {name}: `{ref.uri}` (sha256 {ref.sha256[:12]})" for name, ref in refs.items()]
     lines += ["", "Plots:", ""] + [f"- `{p}`" for p in plot_paths]
     if registered:
@@ -99,3 +144,18 @@ def write_summary(path: Path, cfg: RunConfig, refs: dict[str, ArtifactRef], metr
     if url:
         lines += ["", f"MLflow: {url} (start the UI with `gft ui`)"]
     return write_text_atomic(path, "\n".join(lines) + "\n")
+
+
+def _benchmark(cfg: RunConfig, name: str):
+    return next(b for b in cfg.eval.suite() if b.name == name)
+
+
+def _benchmark_section(cfg: RunConfig, refs: dict[str, ArtifactRef]) -> list[str]:
+    """The paper's layout: per metric, rows are checkpoints, columns the benchmarks and their average."""
+    from pipeline.algo.metrics import comparison_table
+
+    ks = {b.name: cfg.eval.for_benchmark(b).k for b in cfg.eval.suite()}
+    lines = ["By benchmark (k per benchmark: " + ", ".join(f"{n} {k}" for n, k in ks.items()) + "):", ""]
+    for metric, table in benchmark_tables(cfg, refs).items():
+        lines += [f"`{metric}`:", "", comparison_table(table, columns=[*ks, "average"])]
+    return lines

@@ -18,13 +18,13 @@ import os
 import tempfile
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from typing import TYPE_CHECKING
 
 from pipeline import report
-from pipeline.config import RetentionConfig, RunConfig
+from pipeline.config import HELDOUT, EvalConfig, RetentionConfig, RunConfig
 from pipeline.data import chat
 from pipeline.store.artifacts import ArtifactRef, StageStore
 from pipeline.store.outputs import read_output
@@ -74,12 +74,15 @@ class _Walk:
     ops: Ops
     refresh: str | None
     retention: RetentionConfig | None  # None: prune nothing (a dry run)
+    ahead: list[str] = field(default_factory=list)  # the run's stages in order, from the current one on
 
     def __call__(self, name: str, stage: str, *args, step: int | None = None, label: str | None = None, **kw):
-        from pipeline import stages
+        from pipeline import runtime, stages
 
         if name == self.refresh:
             self.res.force = True  # this stage and everything after it recompute
+        self.ahead = self.ahead[self.ahead.index(stage):] if stage in self.ahead else self.ahead
+        self.res.hold(runtime.STAGE_ROLES.get(stage, ()), later=runtime.roles_of(self.ahead[1:]))  # docs/memory.md
         ref = self.ops(stages.bind(stage, *args, **kw))
         self.res.tracker.observe(label or name, ref, step=step)  # label: which call of a repeated stage
         return ref
@@ -114,31 +117,73 @@ def execute(cfg: RunConfig, ops: Ops, res: runtime.Resources, *, refresh: str | 
     from pipeline import stages
 
     check_refresh(cfg, refresh)
-    call = _Walk(res, ops, refresh, cfg.retention if prune else None)
+    call = _Walk(res, ops, refresh, cfg.retention if prune else None, stage_order(cfg))
     synth, source = stages.prepare_data_inputs(cfg.data, cfg.synthetic)
     refs = {"prompts": call("prepare_data", "prepare_data", cfg.data, synth, source)}
     refs["base"], teacher_model = resolve_models(cfg, call)
-    check_prompts(cfg, refs["prompts"], refs["base"], teacher_model)
+    suite = benchmarks(cfg, refs["prompts"], call)
+    refs.update({f"benchmark/{b.name}": b.prompts for b in suite if b.prompts is not refs["prompts"]})
+    check_prompts(cfg, refs["prompts"], refs["base"], teacher_model, suite)
     if teacher_model is not None and cfg.teacher_sample.k > 0:
         refs["teacher"] = call("teacher_sample", "teacher_sample", cfg.teacher_sample, refs["prompts"], teacher_model,
                                cfg.engine, cfg.threads)
-    refs["eval/base"] = call("evaluate", "evaluate", cfg.eval, refs["prompts"], refs["base"], refs["base"],
-                             cfg.engine, cfg.threads, label="eval/base")
+    _evaluate(cfg, "base", refs["base"], suite, refs, call)
     init = refs["base"]
     for name in cfg.chain:
         refs[name] = init = _train(name, cfg, refs, init, call)
-        refs[f"eval/{name}"] = call("evaluate", "evaluate", cfg.eval, refs["prompts"], init, refs["base"], cfg.engine,
-                                    cfg.threads, label=f"eval/{name}")
+        _evaluate(cfg, name, init, suite, refs, call)
     return refs
 
 
-REFRESHABLE = ("prepare_data", "bootstrap_models", "teacher_sample", "evaluate", "sft", "gft", "grpo")
+@dataclass(frozen=True)
+class Benchmark:
+    """One benchmark of the run: the evaluation settings its stages take, and its prompts (eval.parquet)."""
+
+    name: str
+    eval: EvalConfig
+    prompts: ArtifactRef
+
+
+def benchmarks(cfg: RunConfig, prompts: ArtifactRef, call: Callable[..., ArtifactRef]) -> list[Benchmark]:
+    """Every benchmark graded, in config order: the held-out split is `prompts` (prepare_data's output), any other
+    its own `prepare_benchmark` output (validated rows of its source, cached by its content)."""
+    from pipeline import stages
+
+    suite = []
+    for bench in cfg.eval.suite():
+        ref = prompts if bench.source == HELDOUT else call(
+            "prepare_benchmark", "prepare_benchmark", *stages.prepare_benchmark_inputs(bench, cfg.data),
+            label=f"benchmark/{bench.name}")
+        suite.append(Benchmark(bench.name, cfg.eval.for_benchmark(bench), ref))
+    return suite
+
+
+def _evaluate(cfg: RunConfig, checkpoint: str, model: ArtifactRef, suite: list[Benchmark],
+              refs: dict[str, ArtifactRef], call: Callable[..., ArtifactRef]) -> None:
+    """One evaluation of `model` per benchmark, each its own cached stage (keyed by model, benchmark, settings),
+    under `report.eval_label`: `eval/<checkpoint>` for the primary benchmark, `eval/<checkpoint>/<benchmark>`."""
+    primary = report.primary_benchmark(cfg)
+    for bench in suite:
+        label = report.eval_label(checkpoint, bench.name, primary)
+        refs[label] = call("evaluate", "evaluate", bench.eval, bench.prompts, model, refs["base"], cfg.engine,
+                           cfg.threads, label=label)
+
+
+def stage_order(cfg: RunConfig) -> list[str]:
+    """The stages that may use an engine, in the order the run calls them (a round stage once for its rounds)."""
+    return ["teacher_sample", "evaluate"] + [s for name in cfg.chain for s in (report.chain_stage(name), "evaluate")]
+
+
+REFRESHABLE = ("prepare_data", "bootstrap_models", "teacher_sample", "prepare_benchmark", "evaluate", "sft", "gft",
+               "grpo")
 
 
 def check_refresh(cfg: RunConfig, refresh: str | None) -> None:
     if refresh is None:
         return
-    present = [s for s in REFRESHABLE if s not in ("sft", "gft", "grpo") or s in cfg.chain]
+    external = any(b.source != HELDOUT for b in cfg.eval.suite())
+    present = [s for s in REFRESHABLE if (s not in ("sft", "gft", "grpo") or s in cfg.chain)
+               and (s != "prepare_benchmark" or external)]
     if refresh not in present:
         raise ValueError(f"--refresh {refresh!r}: not a stage of this run; choose one of {present}")
 
@@ -158,8 +203,10 @@ def resolve_models(cfg: RunConfig, call: Callable[..., ArtifactRef]) -> tuple[Ar
 
 @dataclass(frozen=True)
 class _PromptUse:
-    """Prompts an engine samples: file, tokenizer's model, response budget and its setting, rows used (None: all)."""
+    """Prompts an engine samples: the output and file holding them, the tokenizer's model, the response budget and
+    its setting, rows used (None: all)."""
 
+    prompts: ArtifactRef
     split: str
     model: ArtifactRef
     max_new_tokens: int
@@ -167,34 +214,39 @@ class _PromptUse:
     rows: int | None = None
 
 
-def _prompt_uses(cfg: RunConfig, base: ArtifactRef, teacher: ArtifactRef | None) -> list[_PromptUse]:
+def _prompt_uses(cfg: RunConfig, prompts: ArtifactRef, base: ArtifactRef, teacher: ArtifactRef | None,
+                 suite: list[Benchmark]) -> list[_PromptUse]:
     uses = []
     if teacher is not None and cfg.teacher_sample.k > 0:
-        uses.append(_PromptUse("train.parquet", teacher, cfg.teacher_sample.sampling.max_new_tokens,
+        uses.append(_PromptUse(prompts, "train.parquet", teacher, cfg.teacher_sample.sampling.max_new_tokens,
                                "teacher_sample.sampling.max_new_tokens"))
     for name in ("gft", "grpo"):
         if name in cfg.chain:
-            uses.append(_PromptUse("train.parquet", base, getattr(cfg, name).sampling.max_new_tokens,
+            uses.append(_PromptUse(prompts, "train.parquet", base, getattr(cfg, name).sampling.max_new_tokens,
                                    f"{name}.sampling.max_new_tokens"))
-    splits = ["eval.parquet"] + (["validation.parquet"] if cfg.eval.validation else [])
-    uses += [_PromptUse(split, base, cfg.eval.sampling.max_new_tokens, "eval.sampling.max_new_tokens",
-                        cfg.eval.max_prompts) for split in splits]
+    for bench in suite:
+        splits = ["eval.parquet"] + (["validation.parquet"] if bench.eval.validation else [])
+        setting = "eval.sampling.max_new_tokens" + ("" if bench.name == HELDOUT else f" (benchmark {bench.name})")
+        uses += [_PromptUse(bench.prompts, split, base, bench.eval.sampling.max_new_tokens, setting,
+                            bench.eval.max_prompts) for split in splits]
     return uses
 
 
-def check_prompts(cfg: RunConfig, prompts: ArtifactRef, base: ArtifactRef, teacher: ArtifactRef | None) -> None:
+def check_prompts(cfg: RunConfig, prompts: ArtifactRef, base: ArtifactRef, teacher: ArtifactRef | None,
+                  suite: list[Benchmark] = ()) -> None:
     """Refuse, before the first stage that loads a model, a prompt some engine of the run would refuse: its
     tokens plus that stage's max_new_tokens over engine.max_model_len (`chat.check_prompt_lengths`, which names the
     row, the file and the settings). A dry run's pending references are not checked."""
-    if "pending" in (prompts.kind, base.kind, teacher.kind if teacher else None):
+    uses = _prompt_uses(cfg, prompts, base, teacher, list(suite))
+    if "pending" in (base.kind, teacher.kind if teacher else None, *(u.prompts.kind for u in uses)):
         return
     import pyarrow.parquet as pq
 
     from pipeline import runtime
 
-    folder, tokenizers = read_output(prompts), {}
-    for use in _prompt_uses(cfg, base, teacher):
-        path = folder.file(use.split)
+    tokenizers = {}
+    for use in uses:
+        path = read_output(use.prompts).file(use.split)
         table = pq.read_table(path, columns=["id", "prompt"]).to_pydict()
         rows = list(zip(map(str, table["id"]), table["prompt"]))[: use.rows]
         if use.model.sha256 not in tokenizers:
@@ -350,7 +402,11 @@ def make_tracker(cfg: RunConfig, root: Path, context_tags: Callable[[], dict[str
 
 def finish(cfg: RunConfig, refs: dict[str, ArtifactRef], res: runtime.Resources, root: Path) -> RunResult:
     """Metrics by checkpoint, the summary and plots (logged to the parent run), the final model registered."""
-    metrics = {k.removeprefix("eval/"): read_output(v).eval_metrics() for k, v in refs.items() if k.startswith("eval/")}
+    metrics = {k.removeprefix("eval/"): read_output(v).eval_metrics() for k, v in refs.items()
+               if k.startswith("eval/") and k.count("/") == 1}  # the primary benchmark's (`report.eval_label`)
+    if cfg.eval.benchmarks:
+        for metric, table in report.benchmark_tables(cfg, refs).items():  # the paper's "Avg." column, on the parent
+            res.tracker.log_metrics({f"eval/{c}/average/{metric}": row["average"] for c, row in table.items() if row})
     out = root / "reports" / cfg.name
     plot_paths = report.write_plots(cfg, refs, metrics, out)
     registered = None

@@ -16,6 +16,7 @@ in this process, or launched on several. Retention and resume bookkeeping betwee
     prepare_data -> bootstrap_models -> teacher_sample -> sft ----------------> evaluate
                                                        \\-> gft_round x R ----> evaluate
     any checkpoint (base, SFT, GFT) -> grpo_round x R -----------------------> evaluate
+    prepare_benchmark (one per named benchmark) ------------------------------> evaluate (each checkpoint)
 """
 
 from __future__ import annotations
@@ -28,7 +29,8 @@ from pathlib import Path
 import pandas as pd
 
 from pipeline.config import (
-    DataConfig, EngineConfig, EvalConfig, GFTConfig, GRPOConfig, SFTConfig, SyntheticConfig, TeacherSampleConfig,
+    BenchmarkConfig, DataConfig, EngineConfig, EvalConfig, GFTConfig, GRPOConfig, SFTConfig, SyntheticConfig,
+    TeacherSampleConfig,
 )
 from pipeline.data import chat, synthetic
 from pipeline.data import prompts as data_lib
@@ -46,7 +48,8 @@ from pipeline.store.jobs import JOB_FOLDER
 from pipeline.store.outputs import EVAL_METRICS, HISTORY
 
 __all__ = ["Job", "StageCall", "STAGES", "bind", "execute", "prepare_data", "prepare_data_inputs", "bootstrap_models",
-           "bootstrap_member", "teacher_sample", "sft", "gft_round", "gft", "grpo_round", "grpo", "evaluate"]
+           "bootstrap_member", "teacher_sample", "sft", "gft_round", "gft", "grpo_round", "grpo",
+           "prepare_benchmark_inputs", "prepare_benchmark", "evaluate"]
 
 def _write_json(path: Path, obj) -> None:
     path.write_text(json.dumps(obj, indent=2, sort_keys=True))
@@ -214,8 +217,12 @@ def gft_round(job: Job, cfg: GFTConfig, round_idx: int, prompts: ArtifactRef, te
     tok = chat.load_tokenizer(model_dir(prev), trust_remote_code=engine.trust_remote_code)
     phase = _round_phase(job, "gft_round", cfg, round_idx, prev, resume=True,
                          trust_remote_code=engine.trust_remote_code, threads=threads)
-    result = gft_lib.run_round(lambda prompt_ids, table: phase(prompt_ids, table).history,
-                               job.res.engine("policy", model_dir(prev), engine), job.res.verifier(cfg.reward),
+
+    def train(prompt_ids: list[list[int]], table: pd.DataFrame) -> list[dict[str, float]]:
+        with job.res.training():  # the policy's HF engine is released: the trainer loads its own copy
+            return phase(prompt_ids, table).history
+
+    result = gft_lib.run_round(train, job.res.engine("policy", model_dir(prev), engine), job.res.verifier(cfg.reward),
                                rows, _teacher_map(teacher, rows), tok, cfg, round_idx=round_idx)
     return _save_round(job, result, sampled=cfg.policy > 0)
 
@@ -247,7 +254,8 @@ def grpo_round(job: Job, cfg: GRPOConfig, round_idx: int, prompts: ArtifactRef, 
                          reference=reference if cfg.beta > 0 else None)
 
     def train(prompt_ids: list[list[int]], table: pd.DataFrame) -> grpo_lib.Trained:
-        done = phase(prompt_ids, table)
+        with job.res.training():  # the policy's HF engine is released: the trainer loads its own copy
+            done = phase(prompt_ids, table)
         return grpo_lib.Trained(behaviour=done.behaviour, history=done.history)
 
     result = grpo_lib.run_round(train, job.res.engine("policy", model_dir(prev), engine),
@@ -268,6 +276,28 @@ def grpo(cfg: GRPOConfig, prompts: ArtifactRef, init: ArtifactRef, *, res: Resou
 # ---------------------------------------------------------------------------------------------------------
 # Evaluation
 # ---------------------------------------------------------------------------------------------------------
+
+
+def prepare_benchmark_inputs(bench: BenchmarkConfig, data: DataConfig) -> tuple[str, DataConfig, ArtifactRef | None]:
+    """The arguments of prepare_benchmark for one benchmark of a run whose prompt set is `data`: its name, the
+    settings that read it, and its local source's content reference (None for a hub id)."""
+    cfg = bench.data_config(data)
+    return bench.name, cfg, data_lib.source_ref(cfg)
+
+
+@stage("prompts", datasets={"eval.parquet": "evaluation"})
+def prepare_benchmark(job: Job, benchmark: str, cfg: DataConfig, source: ArtifactRef | None) -> dict[str, float]:
+    """Load and validate one named benchmark's rows (`BenchmarkConfig.data_config`) into eval.parquet, every row in
+    source order; `source` is its local file's content reference (`data_lib.source_ref`), None for a hub id (its
+    revision is in `cfg`). An empty benchmark is refused here, naming it."""
+    if source != data_lib.source_ref(cfg):
+        raise ValueError(f"prepare_benchmark {benchmark}: source must be the content reference of {cfg.source!r}")
+    prompts = _load_prompt_set(job.res, cfg, None)
+    if not prompts.rows:
+        raise ValueError(f"benchmark {benchmark!r}: {cfg.source} has no usable rows")
+    data_lib.write_prompts_parquet(prompts.rows, job.out / "eval.parquet")
+    _write_json(job.out / "report.json", {"benchmark": benchmark, **prompts.report.to_dict()})
+    return {"eval_prompts": float(len(prompts.rows)), "skipped_rows": float(prompts.report.skipped)}
 
 
 @stage("eval", datasets={"samples.parquet": "evaluation"})

@@ -13,7 +13,7 @@ from pydantic import Field, model_validator
 from pipeline.config.base import S, Settings
 from pipeline.config.data import DataConfig, ModelsConfig, SyntheticConfig
 from pipeline.config.rollout import EngineConfig
-from pipeline.config.stages import EvalConfig, GFTConfig, GRPOConfig, SFTConfig, TeacherSampleConfig
+from pipeline.config.stages import HELDOUT, EvalConfig, GFTConfig, GRPOConfig, SFTConfig, TeacherSampleConfig
 
 __all__ = ["TrackingConfig", "RetentionConfig", "RunConfig", "load_toml", "load_run_config", "resolve_paths",
            "apply_overrides"]
@@ -91,6 +91,7 @@ class RunConfig(Settings):
     def _rewards_allowed(self) -> RunConfig:
         specs = [("gft.reward", self.gft.reward), ("eval.reward", self.eval.reward)]
         specs += [(f"grpo.rewards[{i}]", s) for i, s in enumerate(self.grpo.rewards)]
+        specs += [(f"eval.benchmarks[{i}].reward", b.reward) for i, b in enumerate(self.eval.benchmarks) if b.reward]
         for field, spec in specs:
             module = spec.partition(":")[0] if ":" in spec else None
             if module and not any(module == m or module.startswith(m + ".") for m in self.reward_modules):
@@ -100,9 +101,9 @@ class RunConfig(Settings):
 
     @model_validator(mode="after")
     def _evaluation_has_prompts(self) -> RunConfig:
-        if self.data.eval_fraction == 0:
+        if self.data.eval_fraction == 0 and any(b.source == HELDOUT for b in self.eval.suite()):
             raise ValueError("data.eval_fraction = 0 holds out no prompts, but every checkpoint is evaluated on "
-                             "held-out prompts: set it above 0 (e.g. 0.1)")
+                             "held-out prompts: set it above 0 (e.g. 0.1), or list other eval.benchmarks")
         if self.data.eval_fraction + self.data.validation_fraction >= 1:
             raise ValueError(f"data.eval_fraction + data.validation_fraction = "
                              f"{self.data.eval_fraction + self.data.validation_fraction:g} leaves no training prompts")
@@ -200,7 +201,24 @@ def resolve_paths(cfg: RunConfig, folder: str | Path) -> RunConfig:
         elif (table, field) in _MODEL_FIELDS and (why := _hub_model_unavailable(value)):
             raise ValueError(f"{table}.{field} = {value!r}: no such folder {candidate}, and as a hub id {why}. A "
                              f"folder is written ./{value} (relative to the config file's folder) and must exist")
+    updates.update(_benchmark_paths(cfg, Path(folder)))
     return apply_overrides(cfg, updates, where=f"paths relative to {folder}") if updates else cfg
+
+
+def _benchmark_paths(cfg: RunConfig, folder: Path) -> dict[str, Any]:
+    """`eval.benchmarks` with each local source resolved against `folder` (a path-like source naming nothing
+    fails, naming the benchmark); the held-out split and hub ids stay as they are. {} when nothing changes."""
+    benchmarks, changed = [], False
+    for i, bench in enumerate(cfg.eval.benchmarks):
+        data = bench.model_dump(mode="json")
+        candidate = folder / Path(bench.source).expanduser()
+        if bench.source != HELDOUT and candidate.exists():
+            data["source"], changed = str(candidate.resolve()), True
+        elif bench.source != HELDOUT and _looks_like_path(bench.source):
+            raise ValueError(f"eval.benchmarks[{i}] ({bench.name}).source = {bench.source!r}: no such file or "
+                             f"folder {candidate} (relative paths are relative to the config file's folder)")
+        benchmarks.append(data)
+    return {"eval.benchmarks": benchmarks} if changed else {}
 
 
 def load_run_config(path: str | Path, overrides: Mapping[str, Any] | None = None) -> RunConfig:

@@ -8,10 +8,11 @@ from typing import Literal
 from pydantic import Field, model_validator
 
 from pipeline.config.base import Settings
+from pipeline.config.data import DataConfig
 from pipeline.config.rollout import SamplingConfig
 from pipeline.config.training import TrainConfig, reject_round_owned
 
-__all__ = ["TeacherSampleConfig", "SFTConfig", "GFTConfig", "GRPOConfig", "EvalConfig"]
+__all__ = ["TeacherSampleConfig", "SFTConfig", "GFTConfig", "GRPOConfig", "HELDOUT", "BenchmarkConfig", "EvalConfig"]
 
 
 class TeacherSampleConfig(Settings):
@@ -61,6 +62,14 @@ class GFTConfig(Settings):
     """mean: the group mean (the paper); leave_one_out: RLOO."""
     minibatches_per_round: int = Field(4, ge=1)
     """Optimizer steps per round; each takes an equal share of the round's responses."""
+    aggregation: Literal["token-mean", "seq-mean-token-mean", "seq-mean-token-sum",
+                         "seq-mean-token-sum-norm"] = "token-mean"
+    """The released code's loss_agg_mode (verl's), over the optimizer step (docs/design.md 1.5): sum / tokens;
+    mean of sequence means; sum / sequences; sum / max_response_tokens."""
+    score_at_temperature: bool = False
+    """Score log p, C(p) and the entropy at softmax(logits / sampling.temperature), as verl and TRL score, instead
+    of the raw distribution (temperature 1, the default; the paper's script samples at 1, where both agree). The
+    released code takes log p at T but C(p) at 1 (docs/design.md 1.7). GFT has no sampler log-probs to compare."""
     max_response_tokens: int = Field(128, ge=1)
     """Off-policy responses are cut at this many tokens; policy samples stop there."""
     sampling: SamplingConfig = SamplingConfig(temperature=1.0, max_new_tokens=128)
@@ -75,6 +84,11 @@ class GFTConfig(Settings):
     def _round_owns_batching(self) -> GFTConfig:
         reject_round_owned("gft", self.train, "the run takes rounds x minibatches_per_round optimizer steps, "
                             "each on 1/minibatches_per_round of the round's responses")
+        return self
+
+    @model_validator(mode="after")
+    def _temperature_to_score_at(self) -> GFTConfig:
+        _check_score_temperature("gft", self.score_at_temperature, self.sampling)
         return self
 
     @model_validator(mode="after")
@@ -136,7 +150,14 @@ class GRPOConfig(Settings):
     max_response_tokens: int = Field(128, ge=1)
     """Completions stop at this many tokens (TRL's max_completion_length); overrides sampling.max_new_tokens."""
     sampling: SamplingConfig = SamplingConfig(temperature=1.0, max_new_tokens=128)
-    """How completions are sampled (seeded per round); the trainer scores at temperature 1, so keep 1."""
+    """How completions are sampled (seeded per round). Away from temperature 1, set score_at_temperature: the
+    trainer otherwise scores the untempered policy on tempered samples."""
+    score_at_temperature: bool = False
+    """Score the new, old and reference log-probs and the entropy at softmax(logits / sampling.temperature), as verl
+    and TRL do, instead of the raw distribution (temperature 1, the default). The engines report raw log-probs
+    (vLLM's raw_logprobs; the HF engine's recorder), so at T != 1 the sampler comparison (sampling/*, the
+    sampler correction's rho) scores the trainer once more at temperature 1 and compares raw with raw; TRL
+    compares tempered with tempered (vLLM processed_logprobs, which also renormalize over top_p)."""
     rewards: tuple[str, ...] = Field(("math_answer",), min_length=1)
     """Reward functions by name or `module:function` (TRL's reward_funcs); one may return None for a row."""
     reward_weights: tuple[float, ...] | None = None
@@ -170,6 +191,7 @@ class GRPOConfig(Settings):
     def _options_consistent(self) -> GRPOConfig:
         if self.dual_clip is not None and self.dual_clip <= 1 + self.eps_high:
             raise ValueError(f"dual_clip = {self.dual_clip} must exceed 1 + eps_high = {1 + self.eps_high}")
+        _check_score_temperature("grpo", self.score_at_temperature, self.sampling)
         if self.kl_clamp is not None and self.kl_estimator != "k3":
             raise ValueError(f"kl_clamp applies to kl_estimator 'k3' (verl's low_var_kl), not {self.kl_estimator!r}")
         if self.multi_objective_aggregation == "normalize_then_sum" and (
@@ -179,8 +201,76 @@ class GRPOConfig(Settings):
         return self
 
 
+def _check_score_temperature(stage: str, on: bool, sampling: SamplingConfig) -> None:
+    if on and sampling.temperature == 0:
+        raise ValueError(f"{stage}.score_at_temperature needs {stage}.sampling.temperature > 0: greedy decoding (0) "
+                         "has no tempered distribution to score")
+
+
+HELDOUT = "heldout"
+"""The benchmark source (and default name) of the run's own held-out split (`data.eval_fraction`)."""
+
+
+class BenchmarkConfig(Settings):
+    """One named evaluation set: where its prompts come from, how its columns map, and how it is graded."""
+
+    name: str = Field(HELDOUT, pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
+    """The benchmark's name in metrics (`eval/<checkpoint>/<name>/mean@k`), tables and MLflow."""
+    source: str = HELDOUT
+    """"heldout" (the run's held-out split), a .jsonl, .parquet, a `save_to_disk` folder, or a hub dataset id."""
+    format: Literal["auto", "hf", "disk", "parquet", "jsonl"] = "auto"
+    """How to read `source` (as `data.format`)."""
+    split: str = "test"
+    """Split of a hub dataset or a DatasetDict folder."""
+    revision: str | None = None
+    """Hub datasets: the git revision (a commit sha pins the content; None: the default branch)."""
+    id_column: str | None = None
+    """Column holding a unique row id; None numbers the rows in source order ("row-<i>")."""
+    prompt_column: str = "prompt"
+    """Column (or path, as in `data`) holding the problem text."""
+    answer_column: str = "answer"
+    """Column (or path) holding the gold answer, or a whole solution whose last \\boxed{} is the answer."""
+    answer_format: Literal["text", "gsm8k"] = "text"
+    """text: the column as it is; gsm8k: the text after its last "####" marker."""
+    prompt_template: str | None = None
+    """The user turn, "{prompt}" replaced by the problem text; None: the run's `data.prompt_template`."""
+    system_prompt: str | None = None
+    """A system turn before every prompt; None: the run's `data.system_prompt`."""
+    max_prompts: int | None = Field(None, ge=1)
+    """Grade at most this many prompts (the first ones, in source order); None: `eval.max_prompts`."""
+    k: int | None = Field(None, ge=1)
+    """Samples per prompt for mean@k and pass@k; None: `eval.k`."""
+    sampling: SamplingConfig | None = None
+    """How the k samples are drawn; None: `eval.sampling`."""
+    reward: str | None = None
+    """The verifier, by name or `module:function`; None: `eval.reward`."""
+
+    @model_validator(mode="after")
+    def _heldout_is_the_split(self) -> BenchmarkConfig:
+        if self.source == HELDOUT and self.name != HELDOUT:
+            raise ValueError(f"benchmark {self.name!r}: source \"heldout\" is the run's held-out split, named "
+                             f"\"heldout\" (name it so, or give the benchmark its own source)")
+        if self.name == HELDOUT and self.source != HELDOUT:
+            raise ValueError(f"benchmark name \"heldout\" is the run's held-out split; name {self.source!r} otherwise")
+        if self.prompt_template is not None and self.prompt_template.count("{prompt}") != 1:
+            raise ValueError(f"benchmark {self.name!r}: prompt_template must contain {{prompt}} exactly once")
+        return self
+
+    def data_config(self, data: DataConfig) -> DataConfig:
+        """The prompt-set settings that read this benchmark: its source and columns, the run's template, system
+        prompt and row checks where it sets none. The answer column stands in as the solution (nothing trains on
+        a benchmark); the split settings keep their defaults, so only what reads the benchmark is in its key."""
+        return DataConfig(
+            source=self.source, format=self.format, split=self.split, revision=self.revision,
+            id_column=self.id_column, prompt_column=self.prompt_column, answer_column=self.answer_column,
+            solution_column=self.answer_column, answer_format=self.answer_format, solution_format=self.answer_format,
+            prompt_template=data.prompt_template if self.prompt_template is None else self.prompt_template,
+            system_prompt=data.system_prompt if self.system_prompt is None else self.system_prompt,
+            max_prompt_chars=data.max_prompt_chars, on_bad_row=data.on_bad_row)
+
+
 class EvalConfig(Settings):
-    """Held-out evaluation of every checkpoint."""
+    """Evaluation of every checkpoint on the held-out split, or on named benchmarks."""
 
     k: int = Field(4, ge=1)
     """Samples per prompt for mean@k and pass@k (the paper: 16)."""
@@ -195,3 +285,29 @@ class EvalConfig(Settings):
     validation: bool = False
     """Also grade each checkpoint on the validation prompts (`data.validation_fraction`): `val/mean@k`,
     `val/pass@k` and `val/greedy_accuracy` beside the test metrics, for model selection."""
+    benchmarks: tuple[BenchmarkConfig, ...] = ()
+    """Named benchmarks, each graded on every checkpoint (`[[eval.benchmarks]]` tables); empty: the held-out split
+    alone. List `{ name = "heldout" }` to keep the held-out split beside the others."""
+
+    @model_validator(mode="after")
+    def _benchmark_names_unique(self) -> EvalConfig:
+        names = [b.name for b in self.benchmarks]
+        if len(set(names)) != len(names):
+            raise ValueError(f"eval.benchmarks: names must be unique, got {names}")
+        if self.validation and names and HELDOUT not in names:
+            raise ValueError(f"eval.validation = true grades the validation prompts beside the held-out split, but "
+                             f"eval.benchmarks {names} leaves it out: add {{ name = \"heldout\" }}")
+        return self
+
+    def suite(self) -> tuple[BenchmarkConfig, ...]:
+        """The benchmarks graded: the listed ones, or the held-out split alone."""
+        return self.benchmarks or (BenchmarkConfig(name=HELDOUT),)
+
+    def for_benchmark(self, bench: BenchmarkConfig) -> EvalConfig:
+        """The settings one evaluation stage takes: this table with the benchmark's own k, sampling, prompt cap and
+        verifier in place, without the benchmark list (adding a benchmark changes no other evaluation's key);
+        validation prompts are graded with the held-out split only."""
+        own = {name: getattr(bench, name) for name in ("k", "sampling", "max_prompts", "reward")
+               if getattr(bench, name) is not None}
+        return self.model_copy(update={**own, "benchmarks": (),
+                                       "validation": self.validation and bench.source == HELDOUT})

@@ -28,7 +28,7 @@ __all__ = ["VERSIONS", "StageSpec", "derive_spec"]
 # Bump a stage's version when its code changes what it writes: the key covers arguments and inputs, not code.
 # tests/unit/test_stage_versions.py fails when a stage's code changes without a bump here.
 VERSIONS = {"prepare_data": 7, "bootstrap_models": 6, "teacher_sample": 6, "sft": 9, "gft_round": 12, "grpo_round": 11,
-            "evaluate": 9}
+            "prepare_benchmark": 1, "evaluate": 9}
 
 _SCALARS = (bool, int, float, str)
 

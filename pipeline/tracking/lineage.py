@@ -23,7 +23,7 @@ from pipeline.store.artifacts import ArtifactRef, tree_sha256
 from pipeline.store.outputs import StageOutput, find_output
 from pipeline.tracking.runs import metric_name
 
-__all__ = ["Lineage", "MODEL_KINDS", "PRUNED_TAG", "purpose"]
+__all__ = ["Lineage", "MODEL_KINDS", "PRUNED_TAG", "purpose", "dataset_name"]
 
 MODEL_KINDS = ("model", "external_model")
 PRUNED_TAG = "pipeline.pruned"
@@ -33,6 +33,13 @@ PRUNED_TAG = "pipeline.pruned"
 def purpose(stage: str) -> str:
     """The dataset context a stage consumes: "evaluation" for an evaluation (eval.parquet), else "training"."""
     return "evaluation" if stage == "evaluate" else "training"
+
+
+def dataset_name(out: StageOutput, name: str) -> str:
+    """The MLflow name of one dataset file: `benchmark/<name>` for a named benchmark's prompts, else
+    `<stage>/<file stem>` (e.g. prepare_data/eval: the held-out split)."""
+    benchmark = out.manifest.config.get("arguments", {}).get("benchmark") if out.stage == "prepare_benchmark" else None
+    return f"benchmark/{benchmark}" if benchmark else f"{out.path.parent.name}/{name.removesuffix('.parquet')}"
 
 
 @dataclass
@@ -106,7 +113,7 @@ class Lineage:
                 warnings.filterwarnings("ignore", message="The specified dataset source can be interpreted")
                 warnings.filterwarnings("ignore", message="Hint: Inferred schema contains integer column")
                 ds = mlflow.data.from_pandas(pd.read_parquet(out.path / name), source=key[0], digest=digest,
-                                             name=f"{out.path.parent.name}/{name.removesuffix('.parquet')}")
+                                             name=dataset_name(out, name))
                 self._entities[key] = ds._to_mlflow_entity()
         return self._entities[key]
 

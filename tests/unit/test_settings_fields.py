@@ -94,6 +94,8 @@ def _other(value: Any, annotation) -> Any:
         return value[:-1] + (_other(value[-1], element),) if value else (_other(None, element),)
     if isinstance(value, bool) or kind is bool:
         return not value
+    if value is None and isinstance(kind, type) and issubclass(kind, Settings):
+        return kind()  # an optional table where there was none (BenchmarkConfig.sampling, a first benchmark)
     if value is None:
         return {int: 1, float: 0.5, str: "x"}[kind]
     return value + "x" if isinstance(value, str) else value + 1
