@@ -21,9 +21,18 @@ class DataConfig(Settings):
     """How to read `source`; auto decides from the path (folder, suffix) or treats it as a hub id."""
     split: str = "train"
     """Split to read from a hub dataset or a DatasetDict folder."""
+    revision: str | None = None
+    """Hub datasets: the git revision to read (a commit sha pins the content; None: the default branch)."""
     id_column: str | None = "id"
-    """Column holding a unique row id; None numbers the rows ("row-<i>"). Every *_column is a column name or a
-    path into nested fields: `extra_info.index`, `messages[0].content`, `prompt[-1].content`."""
+    """Column holding a unique row id (with `ids = "column"`); None numbers the rows ("row-<i>"), as ids = "row"
+    does. Every *_column is a column name or a path into nested fields: `extra_info.index`, `messages[0].content`,
+    `prompt[-1].content`."""
+    ids: Literal["column", "content", "row"] = "column"
+    """Where row ids come from. column: `id_column`. content: the problem text itself, "sha-" and 16 hex digits of
+    the sha256 of the prompt column's value (before prompt_template and system_prompt, so a new template keeps
+    the split); stable when rows are added, removed or reordered; two rows with the same problem text are
+    duplicates (the second is a bad row). row: the position in the source, "row-<i>" (changes when rows are
+    inserted before it). Real GSM8K has no id column: ids = "content"."""
     prompt_column: str = "prompt"
     """Column (or path) holding the problem text, e.g. "problem" (MATH, NuminaMath-CoT), "question" (GSM8K)."""
     solution_column: str = "solution"
@@ -66,6 +75,14 @@ class DataConfig(Settings):
     def _template_has_the_prompt(self) -> DataConfig:
         if self.prompt_template.count("{prompt}") != 1:
             raise ValueError(f"prompt_template must contain {{prompt}} exactly once, got {self.prompt_template!r}")
+        return self
+
+    @model_validator(mode="after")
+    def _one_source_of_ids(self) -> DataConfig:
+        if self.ids != "column" and self.id_column not in (None, "id"):
+            raise ValueError(f"data.ids = {self.ids!r} takes ids from the "
+                             f"{'problem text' if self.ids == 'content' else 'row positions'}, but data.id_column = "
+                             f"{self.id_column!r} names an id column: keep one of the two")
         return self
 
 

@@ -8,7 +8,8 @@ either stops (`on_bad_row="error"`) or drops the bad rows and counts why (`"skip
 
 A column setting is a column name or a path into nested fields (`messages[0].content`, `extra_info.index`,
 `prompt[-1].content`): the top-level column must exist (checked once, before any row), and a row whose path
-leads nowhere is a bad row named by its number, field and path. The gold answer and the solution can be
+leads nowhere is a bad row named by its number, field and path. Row ids come from `id_column`, from the problem
+text (`ids = "content"`: "sha-" and 16 hex digits of its sha256) or from the row's position (`ids = "row"`). The gold answer and the solution can be
 rewritten from GSM8K's "#### x" form (`answer_format`, `solution_format`). The prompt becomes
 `prompt_template` with the problem text in place of "{prompt}", and with `system_prompt` the row holds both turns
 (`chat.encode_prompt`), which every stage renders through `chat.render_prompt`.
@@ -33,10 +34,11 @@ import pyarrow.parquet as pq
 
 from pipeline.config import DataConfig
 from pipeline.data.chat import encode_prompt
-from pipeline.data.sources import READERS, DataError, Table, resolve_format, source_ref
+from pipeline.data.sources import (READERS, DataError, Table, check_columns, column_map, column_path, resolve_format,
+                                   source_ref)
 
 __all__ = [
-    "DataError", "BadRow", "LoadReport", "PromptSet", "PromptSplit", "FIELDS", "column_path",
+    "DataError", "BadRow", "LoadReport", "PromptSet", "PromptSplit", "FIELDS", "column_path", "content_id",
     "PROMPT_SCHEMA", "load_prompts", "rows_from_records", "resolve_format", "split_prompts",
     "write_prompts_parquet", "read_prompts_parquet", "rows_digest", "source_ref",
 ]
@@ -139,44 +141,12 @@ def rows_from_records(records: Iterable[Mapping[str, Any]], cfg: DataConfig, *, 
 def _validate(table: Table, cfg: DataConfig, gold_check: GoldCheck | None) -> PromptSet:
     if not table.records:
         raise DataError(f"{table.origin}: no rows")
-    _check_columns(table, cfg)
+    check_columns(cfg, table.columns, table.origin)
     bad: list[BadRow] = []
-    paths = _column_map(cfg, table.columns)
+    paths = column_map(cfg, table.columns)
     rows = [_check_row(i, rec, paths, cfg, gold_check, bad) for i, rec in enumerate(table.records)]
-    bad += _duplicate_ids(rows)
+    bad += _duplicate_ids(rows, same="problem text" if cfg.ids == "content" else None)
     return _finish(table.origin, rows, bad, cfg)
-
-
-_SETTING = {"id": "id_column", "prompt": "prompt_column", "solution": "solution_column",
-            "answer": "answer_column", "teacher_responses": "teacher_column"}
-_PATH = re.compile(r"[^.\[\]]+(?:\.[^.\[\]]+|\[-?\d+\])*")
-_PATH_PART = re.compile(r"([^.\[\]]+)|\[(-?\d+)\]")
-
-
-def column_path(spec: str, columns: Sequence[str] = ()) -> list[str | int]:
-    """A column setting as keys and list indices: "messages[0].content" -> ["messages", 0, "content"]; a name
-    that is itself one of `columns` stays whole (a flat column named "a.b")."""
-    if spec in columns:
-        return [spec]
-    if not _PATH.fullmatch(spec):
-        raise DataError(f"column path {spec!r}: expected a column name followed by .key or [index] parts, "
-                        f"e.g. 'messages[0].content'")
-    return [key if key else int(index) for key, index in _PATH_PART.findall(spec)]
-
-
-def _column_map(cfg: DataConfig, columns: Sequence[str]) -> dict[str, list[str | int] | None]:
-    """Schema field -> path into a source row (None: not read)."""
-    return {name: None if getattr(cfg, setting) is None else column_path(getattr(cfg, setting), columns)
-            for name, setting in _SETTING.items()}
-
-
-def _check_columns(table: Table, cfg: DataConfig) -> None:
-    missing = [f"{path[0]!r} (data.{_SETTING[name]}{'' if len(path) == 1 else ' = ' + repr(getattr(cfg, _SETTING[name]))})"
-               for name, path in _column_map(cfg, table.columns).items()
-               if path is not None and path[0] not in table.columns]
-    if missing:
-        raise DataError(f"{table.origin}: missing column{'s' if len(missing) > 1 else ''} {', '.join(missing)}; "
-                        f"available columns: {', '.join(map(repr, table.columns)) or 'none'}")
 
 
 def _lookup(record: Mapping[str, Any], path: list[str | int]) -> Any:
@@ -269,8 +239,15 @@ def _check_row(i: int, rec: Mapping[str, Any], paths: Mapping[str, list[str | in
         except _Bad as exc:
             row[name] = None
             problems.append((name, exc))
+    if cfg.ids == "content":  # an id hashed from a bad prompt: the prompt's own problem says why
+        problems = [(name, exc) for name, exc in problems if name != "id" or row["prompt"] is not None]
     bad += [BadRow(i, row["id"], name, exc.reason, exc.detail) for name, exc in problems]
     return row
+
+
+def content_id(problem: str) -> str:
+    """A row id from its problem text: "sha-" and the first 16 hex digits of the text's sha256 (utf-8)."""
+    return "sha-" + hashlib.sha256(problem.encode("utf-8")).hexdigest()[:16]
 
 
 def _prompt(value: Any, cfg: DataConfig) -> str:
@@ -290,7 +267,7 @@ def _solution(value: Any, cfg: DataConfig) -> str:
 
 
 _FIELD_CHECKS: dict[str, Callable[[Any, DataConfig, GoldCheck | None], Any]] = {
-    "id": lambda v, cfg, gold: _text(v, int_ok=True),
+    "id": lambda v, cfg, gold: content_id(_text(v)) if cfg.ids == "content" else _text(v, int_ok=True),
     "prompt": lambda v, cfg, gold: _prompt(v, cfg),
     "solution": lambda v, cfg, gold: _solution(v, cfg),
     "answer": _answer,
@@ -298,8 +275,9 @@ _FIELD_CHECKS: dict[str, Callable[[Any, DataConfig, GoldCheck | None], Any]] = {
 }
 
 
-def _duplicate_ids(rows: list[dict[str, Any]]) -> list[BadRow]:
-    """Every row whose id an earlier row already has (the first one keeps it)."""
+def _duplicate_ids(rows: list[dict[str, Any]], same: str | None = None) -> list[BadRow]:
+    """Every row whose id an earlier row already has (the first one keeps it); `same` names what they share
+    when it is not the id itself (ids from content: the problem text)."""
     first: dict[str, int] = {}
     out = []
     for i, row in enumerate(rows):
@@ -307,7 +285,8 @@ def _duplicate_ids(rows: list[dict[str, Any]]) -> list[BadRow]:
         if rid is None:
             continue
         if rid in first:
-            out.append(BadRow(i, rid, "id", "duplicate", f"(first at row #{first[rid]})"))
+            where = f"first at row #{first[rid]}" if same is None else f"same {same} as row #{first[rid]}"
+            out.append(BadRow(i, rid, "id", "duplicate", f"({where})"))
         else:
             first[rid] = i
     return out

@@ -77,7 +77,7 @@ def test_every_source_format_loads_the_same_rows(tmp_path, monkeypatch):
     calls = []
     monkeypatch.setattr(datasets, "load_dataset", lambda *a, **kw: calls.append((a, kw)) or ds)
     assert load("someone/math-prompts", split="train").rows == ROWS
-    assert calls == [(("someone/math-prompts",), {"split": "train"})]
+    assert calls == [(("someone/math-prompts",), {"split": "train", "revision": None})]
 
 
 def test_disk_dataset_dict_picks_the_split(tmp_path):
@@ -426,3 +426,31 @@ def test_load_tokenizer_keeps_a_custom_tokenizer_exact(tmp_path):
     assert loaded(text, add_special_tokens=False).input_ids == tok(text, add_special_tokens=False).input_ids
     assert loaded.decode(tok(text, add_special_tokens=False).input_ids) == text
     assert chat.render_prompt(loaded, text) == chat.render_prompt(tok, text)
+
+
+def test_a_source_without_its_id_column_is_refused_by_its_content_reference(tmp_path):
+    """The default id_column = "id" on rows without one (real GSM8K): the error names the setting and the fix
+    where the source's content reference is taken (the dry run's plan, the run's first call), not in the
+    prepare_data stage; the columns of a parquet file come from its schema, not its rows."""
+    for path in _sources_without_ids(tmp_path):
+        with pytest.raises(DataError) as exc:
+            data.source_ref(DataConfig(source=str(path)))
+        assert (f"{path}: missing column 'id' (data.id_column); available columns: 'prompt', 'solution', 'answer', "
+                f"'teacher_responses'. The rows have no id column 'id': set data.ids = \"content\"") in str(exc.value)
+        assert data.source_ref(DataConfig(source=str(path), ids="content")).uri == str(path)
+    with pytest.raises(DataError, match=r"missing column 'problem' \(data.prompt_column\); available"):
+        data.source_ref(DataConfig(source=str(tmp_path / "p.jsonl"), ids="content", prompt_column="problem"))
+
+
+def test_the_dry_run_plan_refuses_a_source_without_its_id_column(tmp_path):
+    from pipeline.config import RunConfig
+    from pipeline.run import plan
+
+    for path in _sources_without_ids(tmp_path):
+        with pytest.raises(DataError, match=r"missing column 'id' \(data.id_column\).*data.ids = \"content\""):
+            plan(RunConfig(data=DataConfig(source=str(path))), tmp_path / "root")
+
+
+def _sources_without_ids(tmp_path: Path) -> list[Path]:
+    no_ids = [{k: v for k, v in r.items() if k != "id"} for r in ROWS]
+    return [write_jsonl(tmp_path / "p.jsonl", no_ids), write_parquet(tmp_path / "p.parquet", no_ids)]

@@ -4,14 +4,15 @@ paper's NuminaMath-CoT distillation); bad mappings fail before any row is used, 
 
 from __future__ import annotations
 
+import hashlib
 import json
 from pathlib import Path
 
 import pytest
 
-from pipeline.config import DataConfig
+from pipeline.config import DataConfig, load_run_config
 from pipeline.data import chat
-from pipeline.data.prompts import DataError, column_path, load_prompts, rows_from_records
+from pipeline.data.prompts import DataError, column_path, content_id, load_prompts, rows_from_records
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -175,3 +176,52 @@ def test_paper_config_maps_the_nested_dataset_without_a_flattening_script():
     rows = rows_from_records(VERL, DataConfig.model_validate({**table, "on_bad_row": "error"})).rows
     assert rows[1]["id"] == "18" and rows[1]["prompt"] == "What is $4 \\cdot 2$?" and rows[1]["answer"] == "8"
     assert "flatten" not in (ROOT / "configs" / "paper_gpu.toml").read_text().split("[data]")[1].split("[models]")[0]
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Rows without an id column (real GSM8K): ids from the problem text
+# ---------------------------------------------------------------------------------------------------------
+
+
+def _gsm8k(**settings):
+    return {"prompt_column": "question", "solution_column": "answer", "answer_column": "answer",
+            "answer_format": "gsm8k", "solution_format": "gsm8k", "ids": "content", **settings}
+
+
+def test_gsm8k_rows_without_ids_take_them_from_the_problem_text():
+    rows = rows_from_records(GSM8K, DataConfig(**_gsm8k())).rows
+    expected = ["sha-" + hashlib.sha256(r["question"].encode()).hexdigest()[:16] for r in GSM8K]
+    assert [r["id"] for r in rows] == expected == [content_id(r["question"]) for r in GSM8K]
+    # The same rows reordered, behind a new row, under another template and system prompt: the same ids.
+    extra = {"question": "Tom has 3 apples and eats one. How many are left?", "answer": "3-1=2\n#### 2"}
+    moved = rows_from_records([extra, *GSM8K[::-1]], DataConfig(**_gsm8k(
+        prompt_template="{prompt}\nPut the final answer in \\boxed{}.", system_prompt="Think step by step."))).rows
+    assert [r["id"] for r in moved[1:][::-1]] == expected
+    assert rows_from_records(GSM8K, DataConfig(**_gsm8k(ids="row"))).rows[1]["id"] == "row-1"
+
+
+def test_ids_from_content_make_a_repeated_problem_a_duplicate_row():
+    twice = [GSM8K[0], GSM8K[1], {**GSM8K[0], "answer": "Another way.\n#### 72"}]
+    with pytest.raises(DataError) as exc:
+        rows_from_records(twice, DataConfig(**_gsm8k()))
+    assert f"row {content_id(GSM8K[0]['question'])!r} field 'id': duplicate (same problem text as row #0)" in str(
+        exc.value)
+    kept = rows_from_records(twice, DataConfig(**_gsm8k(on_bad_row="skip")))
+    assert len(kept.rows) == 2 and kept.report.reasons == {"id: duplicate": 1}
+    # A bad problem text is reported once, as the prompt's problem (its id cannot be hashed).
+    with pytest.raises(DataError) as exc:
+        rows_from_records([GSM8K[0], {**GSM8K[1], "question": "  "}], DataConfig(**_gsm8k()))
+    assert "1 of 2 rows are bad (prompt: empty x1)" in str(exc.value)
+
+
+def test_a_toml_config_says_ids_come_from_the_content(tmp_path):
+    path = tmp_path / "run.toml"
+    path.write_text('[data]\nsource = "gsm8k.jsonl"\nprompt_column = "question"\nids = "content"\n')
+    (tmp_path / "gsm8k.jsonl").write_text("".join(json.dumps(r) + "\n" for r in GSM8K))
+    cfg = load_run_config(path)
+    assert cfg.data.ids == "content" and cfg.data.id_column == "id"  # the default column is not read
+    with pytest.raises(ValueError, match=r"data.ids = 'content' takes ids from the problem text, but "
+                                         r"data.id_column = 'uid' names an id column: keep one of the two"):
+        DataConfig(ids="content", id_column="uid")
+    with pytest.raises(ValueError, match="ids"):
+        DataConfig(ids="hash")
