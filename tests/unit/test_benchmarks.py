@@ -83,3 +83,27 @@ def test_benchmark_sources_resolve_against_the_config_folder_and_a_missing_one_i
 def test_a_benchmarks_reward_module_must_be_allowed():
     with pytest.raises(ValueError, match=r"eval.benchmarks\[0\].reward"):
         RunConfig(eval={"benchmarks": [{"name": "a", "source": "x.jsonl", "reward": "evil.mod:f"}]})
+
+
+ROOT = Path(__file__).parents[2]
+
+
+def test_the_paper_recipe_grades_the_six_paper_benchmarks_like_the_paper():
+    from pipeline.config import RunConfig, load_toml
+
+    cfg = load_toml(RunConfig, ROOT / "configs" / "paper_gpu.toml")
+    names = [b.name for b in cfg.eval.suite()]
+    assert names == [HELDOUT, "amc23", "college_math", "gaokao2023en", "math", "minerva_math", "tabmwp"]
+    for bench in cfg.eval.benchmarks[1:]:
+        own = cfg.eval.for_benchmark(bench)
+        assert (own.k, own.sampling.temperature) == (16, 0.5)  # "Pass@16 Average" at temperature 0.5
+        assert "/" in bench.source and "\\boxed{}" in bench.prompt_template  # a hub id; the boxed instruction
+
+
+def test_the_benchmarks_config_grades_real_gsm8k_and_a_boxed_file_beside_the_held_out_split():
+    cfg = load_run_config(ROOT / "configs" / "benchmarks.toml")
+    default = load_run_config(ROOT / "configs" / "default.toml")
+    assert [b.name for b in cfg.eval.suite()] == [HELDOUT, "gsm8k", "arith_boxed"]
+    assert all(Path(b.source).is_file() for b in cfg.eval.benchmarks[1:])
+    # the same stages as the default: a run after `make run` computes only the new evaluations
+    assert cfg.model_copy(update={"name": default.name, "eval": default.eval}).key_digest() == default.key_digest()
