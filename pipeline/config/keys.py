@@ -46,6 +46,7 @@ OUTPUT: dict[str, tuple[str, ...]] = {
                         "sampling", "reward"),
     "TrackingConfig": (),
     "RetentionConfig": (),
+    "MemoryConfig": (),
     # threads: a float sum differs at 1 and 2 threads (tests/unit/test_threads.py): every torch stage takes it as an argument
     "RunConfig": ("seed", "threads", "chain", "data", "synthetic", "models", "engine", "teacher_sample", "sft", "gft",
                   "grpo", "eval"),
@@ -76,7 +77,12 @@ RUN_ONLY: dict[str, dict[str, str]] = {
         "state": "what a finished round keeps on disk after its successor is published; no stage reads it",
         "model_every": "which finished rounds keep model/ after their successor is published; no stage reads it",
     },
+    "MemoryConfig": {
+        "cpu_gb": "a budget the plan is checked against before the run; a run that fits computes the same outputs",
+        "gpu_gb": "a budget the plan is checked against before the run; a run that fits computes the same outputs",
+    },
     "RunConfig": {
+        "memory": "memory budgets checked before the run (not part of any stage key)",
         "name": "the run's folder under reports/ and its MLflow experiment; stage outputs are shared by key",
         "root": "where the store is; a moved root keeps its keys",
         "tracking": "MLflow reporting (not part of any stage key)",

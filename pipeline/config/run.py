@@ -15,7 +15,7 @@ from pipeline.config.data import DataConfig, ModelsConfig, SyntheticConfig
 from pipeline.config.rollout import EngineConfig
 from pipeline.config.stages import HELDOUT, EvalConfig, GFTConfig, GRPOConfig, SFTConfig, TeacherSampleConfig
 
-__all__ = ["TrackingConfig", "RetentionConfig", "RunConfig", "load_toml", "load_run_config", "resolve_paths",
+__all__ = ["TrackingConfig", "RetentionConfig", "MemoryConfig", "RunConfig", "load_toml", "load_run_config", "resolve_paths",
            "apply_overrides"]
 
 
@@ -45,6 +45,16 @@ class RetentionConfig(Settings):
     must be recomputed from it, so a resume stays exact either way."""
     model_every: int = Field(1, ge=0)
     """Keep the `model/` of every Nth round (rounds N-1, 2N-1, ...) and always the last; 0 keeps the last only."""
+
+
+class MemoryConfig(Settings):
+    """Declared memory budgets per device: a run whose planned stage peak exceeds one is refused before any work."""
+
+    cpu_gb: float | None = Field(None, gt=0)
+    """The most resident memory, in GB (1e9 bytes), the run's process (with its launched training jobs' processes)
+    may hold at any stage; None: no budget. `gft run --dry-run` prints each stage's planned peak."""
+    gpu_gb: float | None = Field(None, gt=0)
+    """The most memory, in GB, torch may reserve on one GPU at any stage; None: no budget."""
 
 
 class RunConfig(Settings):
@@ -83,6 +93,8 @@ class RunConfig(Settings):
     """MLflow tracking (not part of any stage key)."""
     retention: RetentionConfig = RetentionConfig()
     """What earlier rounds keep on disk (not part of any stage key)."""
+    memory: MemoryConfig = MemoryConfig()
+    """Memory budgets per device, checked against the plan before any work (not part of any stage key)."""
     reward_modules: tuple[str, ...] = ()
     """Python modules (and their submodules) whose functions the config may name as rewards, `module:function`;
     a reward from any other module is refused at load. Registered verifiers (math_answer, exact_match) need none."""
