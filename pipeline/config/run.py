@@ -15,8 +15,8 @@ from pipeline.config.data import DataConfig, ModelsConfig, SyntheticConfig
 from pipeline.config.rollout import EngineConfig
 from pipeline.config.stages import HELDOUT, EvalConfig, GFTConfig, GRPOConfig, SFTConfig, TeacherSampleConfig
 
-__all__ = ["TrackingConfig", "RetentionConfig", "MemoryConfig", "RunConfig", "load_toml", "load_run_config", "resolve_paths",
-           "apply_overrides"]
+__all__ = ["TrackingConfig", "RetentionConfig", "MemoryConfig", "RunConfig", "load_toml", "load_run_config",
+           "resolve_paths", "apply_overrides"]
 
 
 class TrackingConfig(Settings):
