@@ -107,3 +107,17 @@ def test_the_benchmarks_config_grades_real_gsm8k_and_a_boxed_file_beside_the_hel
     assert all(Path(b.source).is_file() for b in cfg.eval.benchmarks[1:])
     # the same stages as the default: a run after `make run` computes only the new evaluations
     assert cfg.model_copy(update={"name": default.name, "eval": default.eval}).key_digest() == default.key_digest()
+
+
+def test_the_summary_shows_each_checkpoints_no_answer_fraction(tmp_path):
+    """A 0 accuracy says why beside it: the base of a real chat model gave no parseable answer at all."""
+    from pipeline import report
+    from pipeline.tracking import NullTracker
+
+    metrics = {"base": {"greedy_accuracy": 0.0, "mean@4": 0.0, "pass@4": 0.0, "no_answer_frac": 1.0},
+               "sft": {"greedy_accuracy": 0.5, "mean@4": 0.25, "pass@4": 0.5, "no_answer_frac": 0.125}}
+    path = report.write_summary(tmp_path / "summary.md", RunConfig(), {}, metrics, [], NullTracker(), None)
+    lines = path.read_text().splitlines()
+    header = next(line for line in lines if line.startswith("| checkpoint"))
+    column = header.split(" | ").index("no_answer_frac")
+    assert [line.split(" | ")[column] for line in lines if line.startswith(("| base", "| sft"))] == ["1.0000", "0.1250"]
