@@ -120,3 +120,17 @@ def test_other_plots_write_whole_pngs(tmp_path, make):
     else:
         plots.sweep([(0.1, {"acc": (0.5, 0.1)}), (0.5, {"acc": (0.7, 0.0)})], path, "tau")
     assert _pixels_of(path, "C0") > 20
+
+
+def test_benchmarks_plot_draws_a_bar_per_benchmark_and_the_average_per_checkpoint(monkeypatch, tmp_path):
+    bars = []
+    save = plots._save
+    monkeypatch.setattr(plots, "_save", lambda fig, path: bars.append(
+        {ax.get_title(): [(p.get_x(), p.get_height()) for p in ax.patches] for ax in fig.axes}) or save(fig, path))
+    table = {"base": {"heldout": 0.5, "gsm8k": 0.0, "average": 0.25},
+             "sft": {"heldout": 0.75, "gsm8k": 0.25, "average": 0.5}}
+    path = plots.benchmarks_by_checkpoint({"mean@k": table, "greedy_accuracy": table}, tmp_path / "b.png")
+    heights = sorted(h for _, h in bars[0]["mean@k"])
+    assert heights == sorted([0.5, 0.0, 0.25, 0.75, 0.25, 0.5]) and set(bars[0]) == {"mean@k", "greedy_accuracy"}
+    for color in ("C0", "C1", "C2"):  # heldout, gsm8k, average (hatched: part of its area)
+        assert _pixels_of(path, color) > 20, color
