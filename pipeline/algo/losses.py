@@ -2,10 +2,13 @@
 
 GFT (Group Fine-Tuning), per response token t of group member k with group advantage A_k:
 
-    p_{k,t} = pi_theta(y_{k,t} | x, y_{k,<t})                    (current policy, temperature 1)
+    p_{k,t} = pi_theta(y_{k,t} | x, y_{k,<t})                    (current policy, temperature 1, or T: see 5.)
     C(p)    = sg(p)  if p <= tau  else 1                          (Dynamic Coefficient Rectification)
     l_{k,t} = -A_k * C(p_{k,t}) * log p_{k,t}  -  c_H * H_{k,t}   (c_H: optional entropy bonus, 0 by default)
     L       = sum_{k,t} m_{k,t} * l_{k,t} / Z                     (Z = response tokens of the optimizer step)
+
+L is the default aggregation (token-mean); GFT takes every mode of `AGGREGATIONS` below (GFTConfig.aggregation,
+the released code's `loss_agg_mode`) through the same `_aggregate` and `step_normalizer` as GRPO.
 
 The baselines are the same function (docs/design.md section 1.7):
     SFT                = expert-only groups, A = 1, tau = 0       -> `sft_loss`
@@ -29,7 +32,7 @@ loss is aggregated by verl's loss_agg_mode (`AGGREGATIONS`), over the optimizer 
     seq-mean-token-sum-norm sum / T   (T = max_response_tokens: a constant, not divided by the sequences)
     dr_grpo                 sum / (sequences * T)                          (Dr.GRPO; TRL "dr_grpo")
 
-w is the importance weight of the sampler/trainer mismatch (`importance_weights`, TRL's
+w is the importance weight of the sampler/trainer mismatch (`pipeline.algo.sampler.importance_weights`, TRL's
 vllm_importance_sampling_mode), rho = exp(log p_old - log q) per token or exp(sum_t ...) per sequence:
 
     *_truncate: w = clamp(rho, floor, cap)              *_mask: w = rho if floor <= rho <= cap else 0
@@ -50,14 +53,19 @@ Deliberate deviations from the paper and its released code:
    importance weight (verl: outside the policy loss, likewise unweighted).
 4. Dual clip is verl's form; TRL's delta caps the unclipped ratio instead, which is the same loss and
    gradient whenever delta > 1 + eps_high (GRPOConfig requires that).
+5. Scoring at the sampling temperature (`score_at_temperature`, off by default: p at temperature 1) takes
+   p = softmax(logits / T) for log p, for C(p) and for H. The released code takes log p at T but C(p) from the
+   raw logits (T = 1); we take both from one distribution, as the paper's equation states them for one p. The
+   two agree at T = 1, the run script's setting.
+6. With a sequence-level ratio (GSPO), `clip_ratio/*` are fractions of sequences, as TRL logs them (the ratio
+   is one number per sequence); with the token ratio they are fractions of tokens.
 
 Token log-probs come from `pipeline.model.logprobs` (chunked and fused over the vocabulary).
 """
 
 from __future__ import annotations
 
-import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Literal
 
 import torch
@@ -73,24 +81,26 @@ __all__ = [
     "policy_ratio",
     "clipped_surrogate",
     "AGGREGATIONS",
-    "ISWeights",
-    "importance_weights",
-    "sampler_mismatch",
+    "GFT_AGGREGATIONS",
+    "step_normalizer",
 ]
 
 Aggregation = Literal["token-mean", "seq-mean-token-mean", "seq-mean-token-sum", "seq-mean-token-sum-norm", "dr_grpo"]
 AGGREGATIONS: tuple[str, ...] = Aggregation.__args__
+GFT_AGGREGATIONS: tuple[str, ...] = AGGREGATIONS[:4]
+"""verl's four loss_agg_mode values, the ones the released GFT code takes (dr_grpo is TRL's and GRPO-only)."""
 KLEstimator = Literal["k1", "k2", "abs", "k3"]
 RatioLevel = Literal["token", "sequence"]
-ISMode = Literal["none", "token_truncate", "sequence_truncate", "token_mask", "sequence_mask"]
 
 
 @dataclass(frozen=True)
 class LossOutput:
-    """A scalar loss to backpropagate and detached scalar metrics (token means over the masked tokens)."""
+    """A scalar loss to backpropagate and detached scalar metrics: token means over the masked tokens, except
+    those named in `weights`, whose weight when batches combine is given there (e.g. their sequence count)."""
 
     loss: Tensor
     metrics: dict[str, Tensor]
+    weights: dict[str, Tensor] = field(default_factory=dict)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -133,9 +143,11 @@ def _token_sum_over(per_token: Tensor, mask: Tensor, normalizer: float | Tensor 
 def gft_loss(
     logprobs: Tensor, advantages: Tensor, mask: Tensor, *, tau: float,
     normalizer: float | Tensor | None = None, entropy: Tensor | None = None, entropy_coeff: float = 0.0,
+    aggregation: Aggregation = "token-mean", seq_index: Tensor | None = None,
 ) -> LossOutput:
-    """GFT loss: token sum of -A * C(p) * log p - entropy_coeff * H over `normalizer` tokens (the local token
-    count if None).
+    """GFT loss: -A * C(p) * log p - entropy_coeff * H per token, aggregated by `aggregation` (verl's
+    loss_agg_mode, as in `grpo_loss`) over `normalizer` (the local denominator if None: token-mean divides by the
+    local token count).
 
     Args:
         logprobs: [N, T] (or flat [M]) log p of the response tokens under the current policy.
@@ -145,6 +157,7 @@ def gft_loss(
         normalizer: global response-token count of the optimizer step (across micro-batches and ranks).
         entropy: optional per-token entropy, shape of logprobs: a metric, and the bonus when entropy_coeff > 0
             (it must then carry its gradient).
+        seq_index: flat inputs only: the sequence of every token (seq-mean-token-mean).
     """
     adv = _expand_advantages(advantages, logprobs, mask)
     probs = logprobs.detach().exp()  # [N, T]
@@ -157,7 +170,7 @@ def gft_loss(
         "advantage_mean": _token_mean(adv.detach().to(logprobs.dtype), mask),
     }
     per_token = _entropy_bonus(-adv * coef * logprobs, entropy, entropy_coeff, logprobs, mask, metrics)  # [N, T]
-    return LossOutput(loss=_token_sum_over(per_token, mask, normalizer), metrics=metrics)
+    return LossOutput(loss=_aggregate(per_token, mask, aggregation, normalizer, seq_index), metrics=metrics)
 
 
 def sft_loss(logprobs: Tensor, mask: Tensor, *, normalizer: float | Tensor | None = None,
@@ -235,6 +248,21 @@ def _local_normalizer(aggregation: Aggregation, per_token: Tensor, mask: Tensor)
     return per_token.numel()  # dr_grpo
 
 
+def step_normalizer(aggregation: Aggregation, *, tokens: int, sequences: int,
+                    max_response_tokens: int | None = None) -> int:
+    """The global denominator of one optimizer step (all micro-batches, all processes) for `_aggregate`: its
+    response tokens (token-mean), its sequences (seq-mean-token-mean, seq-mean-token-sum), T =
+    max_response_tokens (seq-mean-token-sum-norm) or sequences x T (dr_grpo). Every micro-batch divides by it,
+    so the sum of the micro-batch losses is the step's loss however the step is split."""
+    if aggregation not in AGGREGATIONS:
+        raise ValueError(f"unknown aggregation {aggregation!r}; expected one of {', '.join(AGGREGATIONS)}")
+    if aggregation in ("seq-mean-token-sum-norm", "dr_grpo") and max_response_tokens is None:
+        raise ValueError(f"aggregation {aggregation!r} needs max_response_tokens")
+    return {"token-mean": tokens, "seq-mean-token-mean": sequences, "seq-mean-token-sum": sequences,
+            "seq-mean-token-sum-norm": max_response_tokens,
+            "dr_grpo": sequences * (max_response_tokens or 0)}[aggregation]
+
+
 def kl_penalty(logprobs: Tensor, ref_logprobs: Tensor, *, estimator: KLEstimator = "k3",
                clamp: float | None = None) -> Tensor:
     """Per-token estimate of KL(pi || pi_ref) from the sampled tokens' log-probs (verl `kl_penalty`).
@@ -307,7 +335,8 @@ def grpo_loss(
     adv = _expand_advantages(advantages, logprobs, mask)
     ratio = policy_ratio(logprobs, old_logprobs, mask, level=ratio_level, seq_index=seq_index)  # [N, T]
     per_token = clipped_surrogate(ratio, adv, eps_low=eps_low, eps_high=eps_high, dual_clip=dual_clip)  # [N, T]
-    metrics = _clip_metrics(ratio.detach(), adv.detach(), mask, eps_low, eps_high, dual_clip)
+    metrics, weights = _clip_metrics(ratio.detach(), adv.detach(), mask, eps_low, eps_high, dual_clip,
+                                     per_sequence=ratio_level == "sequence", seq_index=seq_index)
     if is_weights is not None:
         _check_same_shape("is_weights", is_weights, logprobs)
         per_token = per_token * is_weights.detach()
@@ -320,7 +349,7 @@ def grpo_loss(
         metrics["kl"] = _token_mean(kl.detach(), mask)
     per_token = _entropy_bonus(per_token, entropy, entropy_coeff, logprobs, mask, metrics)
     loss = _aggregate(per_token, mask, aggregation, normalizer, seq_index)
-    return LossOutput(loss=loss, metrics=metrics)
+    return LossOutput(loss=loss, metrics=metrics, weights=weights)
 
 
 def _entropy_bonus(per_token: Tensor, entropy: Tensor | None, coeff: float, logprobs: Tensor, mask: Tensor,
@@ -347,97 +376,37 @@ def _check_same_shape(name: str, x: Tensor, like: Tensor) -> None:
 
 
 def _clip_metrics(ratio: Tensor, adv: Tensor, mask: Tensor, eps_low: float, eps_high: float,
-                  dual_clip: float | None) -> dict[str, Tensor]:
+                  dual_clip: float | None, *, per_sequence: bool = False,
+                  seq_index: Tensor | None = None) -> tuple[dict[str, Tensor], dict[str, Tensor]]:
     """TRL/verl clip ratios: low = r < 1 - eps_low with A < 0, high = r > 1 + eps_high with A > 0; verl's
-    pg_clipfrac_lower = r > c with A < 0 (the dual clip is active)."""
+    pg_clipfrac_lower = r > c with A < 0 (the dual clip is active). Token means; with `per_sequence` (GSPO's
+    sequence ratio) `clip_ratio/*` are means over the non-empty sequences, as TRL's `masked_batch_mean` takes
+    them from the [B, 1] ratio. Returns (metrics, the weights of the sequence means: their sequence count)."""
     low = (ratio < 1.0 - eps_low) & (adv < 0)
     high = (ratio > 1.0 + eps_high) & (adv > 0)
     f = ratio.dtype
-    out = {
-        "clip_ratio/low_mean": _token_mean(low.to(f), mask),
-        "clip_ratio/high_mean": _token_mean(high.to(f), mask),
-        "clip_ratio/region_mean": _token_mean((low | high).to(f), mask),
-        "ratio_mean": _token_mean(ratio, mask),
-    }
+    flags = {"clip_ratio/low_mean": low.to(f), "clip_ratio/high_mean": high.to(f),
+             "clip_ratio/region_mean": (low | high).to(f)}
+    if per_sequence:
+        out, weights = _sequence_means(flags, mask, seq_index)
+    else:
+        out, weights = {name: _token_mean(x, mask) for name, x in flags.items()}, {}
+    out["ratio_mean"] = _token_mean(ratio, mask)
     if dual_clip is not None:
         out["pg_clipfrac_lower"] = _token_mean(((ratio > dual_clip) & (adv < 0)).to(f), mask)
-    return out
+    return out, weights
 
 
-# ---------------------------------------------------------------------------------------------------------
-# The sampler/trainer mismatch: measured, and corrected by truncated or masked importance sampling
-# ---------------------------------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class ISWeights:
-    """Importance weights [N, T] (1 where masked out) and their TRL-named statistics."""
-
-    weights: Tensor
-    metrics: dict[str, Tensor]
-
-
-def importance_weights(trainer_logprobs: Tensor, sampler_logprobs: Tensor, mask: Tensor, *, mode: ISMode,
-                       cap: float, floor: float | None = None) -> ISWeights:
-    """Importance weights of the trainer's policy over the sampler's, from [N, T] log-probs (TRL's
-    vllm_importance_sampling_mode with clip_max = cap and clip_min = floor).
-
-    rho = exp(lp - q) per token (token_*) or exp(sum_t m (lp - q)) on every token of a sequence (sequence_*);
-    *_truncate: w = clamp(rho, floor, cap); *_mask: w = rho inside [floor, cap], 0 outside (the token or the
-    whole sequence drops out of the surrogate); none: w = 1. Statistics (min, mean, max, and the masked
-    fraction for *_mask) are over tokens or sequences, after the bound, as TRL logs them.
-    """
-    _check_same_shape("sampler_logprobs", sampler_logprobs, trainer_logprobs)
-    _check_same_shape("mask", mask, trainer_logprobs)
-    if trainer_logprobs.dim() != 2:
-        raise ValueError(f"importance_weights needs [N, T] inputs, got {tuple(trainer_logprobs.shape)}")
-    if mode not in ISMode.__args__:
-        raise ValueError(f"unknown importance sampling mode {mode!r}; expected one of {', '.join(ISMode.__args__)}")
-    m = mask.bool()
-    diff = torch.where(m, trainer_logprobs.detach() - sampler_logprobs.detach(), torch.zeros_like(trainer_logprobs))
-    if mode == "none":
-        w, values = torch.ones_like(diff), diff.new_ones(int(m.sum()))  # [N, T], [M]
-    elif mode.startswith("sequence"):
-        per_seq = _bounded(torch.exp(diff.sum(-1)), mode, cap, floor)  # [N]
-        w, values = per_seq.unsqueeze(-1).expand_as(diff).clone(), per_seq[m.any(-1)]  # [N, T], [S]
-    else:
-        w = _bounded(torch.exp(diff), mode, cap, floor)  # [N, T]
-        values = w[m]
-    return ISWeights(weights=torch.where(m, w, torch.ones_like(w)), metrics=_is_metrics(values, mode))
-
-
-def _bounded(rho: Tensor, mode: str, cap: float, floor: float | None) -> Tensor:
-    low = -math.inf if floor is None else floor
-    if mode.endswith("truncate"):
-        return torch.clamp(rho, min=low, max=cap)
-    return torch.where((rho < low) | (rho > cap), torch.zeros_like(rho), rho)
-
-
-def _is_metrics(values: Tensor, mode: str) -> dict[str, Tensor]:
-    name = "sampling/importance_sampling_ratio"
-    empty = values.numel() == 0
-    one = values.new_ones(())
-    out = {f"{name}/min": one if empty else values.min(), f"{name}/mean": one if empty else values.mean(),
-           f"{name}/max": one if empty else values.max()}
-    if mode.endswith("mask"):
-        out[f"{name}/frac_masked"] = values.new_zeros(()) if empty else (values == 0).to(values.dtype).mean()
-    return out
-
-
-def sampler_mismatch(trainer_logprobs: Tensor, sampler_logprobs: Tensor, mask: Tensor) -> dict[str, Tensor]:
-    """The gap between the engine's and the trainer's log-probs of the same sampled tokens.
-
-    sampling/sampling_logp_difference/{mean,max}: |lp - q| over tokens (TRL's names); sampling/kl_k3: the k3
-    estimate of KL(sampler || trainer) per token, with log rho = lp - q: exp(log rho) - log rho - 1 (the tokens
-    are the sampler's samples, so this is unbiased for that direction).
-    """
-    _check_same_shape("sampler_logprobs", sampler_logprobs, trainer_logprobs)
-    m = mask.bool()
-    log_rho = (trainer_logprobs.detach() - sampler_logprobs.detach())[m]  # [M]
-    if log_rho.numel() == 0:
-        zero = trainer_logprobs.new_zeros(())
-        return {"sampling/sampling_logp_difference/mean": zero, "sampling/sampling_logp_difference/max": zero,
-                "sampling/kl_k3": zero}
-    return {"sampling/sampling_logp_difference/mean": log_rho.abs().mean(),
-            "sampling/sampling_logp_difference/max": log_rho.abs().max(),
-            "sampling/kl_k3": (torch.exp(log_rho) - log_rho - 1.0).mean()}
+def _sequence_means(values: dict[str, Tensor], mask: Tensor,
+                    seq_index: Tensor | None) -> tuple[dict[str, Tensor], dict[str, Tensor]]:
+    """Detached means over the non-empty sequences of each value's per-sequence token mean, and their weight
+    (the non-empty sequence count, 0 when there is none) under every name."""
+    out, weights = {}, {}
+    for name, x in values.items():
+        sums, counts, _ = _per_sequence(x, mask, seq_index, f"metric {name!r} per sequence")  # [S], [S]
+        present = counts > 0  # [S]
+        per_seq = torch.where(present, sums / counts.clamp_min(1), torch.zeros_like(sums))  # [S]
+        n = present.sum()
+        out[name] = (per_seq.sum() / n.clamp_min(1)).detach()
+        weights[name] = n.to(x.dtype)
+    return out, weights

@@ -4,7 +4,9 @@
 one log-sum-exp per row; backward recomputes each chunk's logits, or reuses them with `keep_logits`) or
 `token_logprobs_from_logits` (row chunks under activation checkpointing, for heads that are not a plain
 projection). Neither holds a float32 copy of the full [tokens, vocab] logits at once, in forward or backward.
-Both return `TokenStats`: log p of each label (with grad) and the distribution's entropy (detached).
+Both return `TokenStats`: log p of each label (with grad) and the distribution's entropy (detached), of
+softmax(logits / temperature): temperature 1 (the default) scores the raw distribution, any other the tempered one
+an engine samples from (verl's and TRL's logits / T).
 """
 
 from __future__ import annotations
@@ -26,8 +28,11 @@ class TokenStats:
     entropy: Tensor | None
 
 
-def _stats_from_logits(logits: Tensor, labels: Tensor, with_entropy: bool) -> tuple[Tensor, Tensor]:
+def _stats_from_logits(logits: Tensor, labels: Tensor, with_entropy: bool,
+                       temperature: float = 1.0) -> tuple[Tensor, Tensor]:
     logits = logits.to(torch.promote_types(logits.dtype, torch.float32))  # [C, V], one chunk only
+    if temperature != 1.0:
+        logits = logits / temperature  # [C, V]
     logsm = torch.log_softmax(logits, dim=-1)  # [C, V], one kernel
     logprobs = logsm.gather(-1, labels.unsqueeze(-1)).squeeze(-1)  # [C]
     if not with_entropy:
@@ -43,10 +48,12 @@ def compute_dtype(x: Tensor) -> torch.dtype:
     return torch.get_autocast_dtype(kind) if torch.is_autocast_enabled(kind) else x.dtype
 
 
-def _head_logits(hidden: Tensor, weight: Tensor, bias: Tensor | None, dtype: torch.dtype) -> Tensor:
-    """One chunk's logits [C, V] in the matmul dtype (`weight` already in it)."""
+def _head_logits(hidden: Tensor, weight: Tensor, bias: Tensor | None, dtype: torch.dtype,
+                 temperature: float = 1.0) -> Tensor:
+    """One chunk's logits [C, V] in the matmul dtype (`weight` already in it), divided by the temperature."""
     z = hidden.to(dtype) @ weight.T  # [C, V]
-    return z if bias is None else z + bias.to(dtype)
+    z = z if bias is None else z + bias.to(dtype)
+    return z if temperature == 1.0 else z / temperature
 
 
 def _plain_stats(z: Tensor, lab: Tensor, with_entropy: bool) -> tuple[Tensor, Tensor, Tensor]:
@@ -114,31 +121,34 @@ class _HeadLogprobs(torch.autograd.Function):
     Forward keeps per row the log-sum-exp, and, with `keep_logits`, each chunk's logits in the matmul dtype
     ([N, V] x 2 bytes under bf16). Backward forms d logp / d z = onehot(label) - softmax(z) per chunk from the
     kept logits, or from logits recomputed with one more [C, H] x [H, V] matmul per chunk (the default: memory
-    holds a few [chunk, V] blocks at a time). The chunk math is plain torch or compiled (`_kernels`).
+    holds a few [chunk, V] blocks at a time). The chunk math is plain torch or compiled (`_kernels`). At a
+    temperature T != 1, z = (hidden @ W.T + b) / T, and the gradient of the raw logits is that of z over T.
     """
 
     @staticmethod
     def forward(ctx, hidden, weight, bias, labels, chunk_size: int, with_entropy: bool, compiled: bool,
-                keep_logits: bool):
+                keep_logits: bool, temperature: float = 1.0):
         dtype, (stats, _) = compute_dtype(hidden), _kernels(compiled)
         parts, kept = [], []
         with torch.autocast(hidden.device.type, enabled=False):
             w = weight.to(dtype)  # [V, H], converted once, not per chunk
             for s in range(0, hidden.shape[0], chunk_size):
-                z = _head_logits(hidden[s:s + chunk_size], w, bias, dtype)  # [C, V]
+                z = _head_logits(hidden[s:s + chunk_size], w, bias, dtype, temperature)  # [C, V]
                 parts.append(stats(z, labels[s:s + chunk_size], with_entropy))
                 kept += [z] if keep_logits else []
         empty = hidden.new_zeros(0, dtype=torch.promote_types(dtype, torch.float32))  # [0]
         logprobs, lse, entropy = (torch.cat(x) for x in zip(*parts)) if parts else (empty,) * 3  # [N] each
         ctx.save_for_backward(hidden, weight, bias, labels, lse, *kept)
-        ctx.chunk_size, ctx.dtype, ctx.compiled = chunk_size, dtype, compiled
+        ctx.chunk_size, ctx.dtype, ctx.compiled, ctx.temperature = chunk_size, dtype, compiled, temperature
         ctx.mark_non_differentiable(entropy)
         return logprobs, entropy
 
     @staticmethod
     def backward(ctx, grad_logprobs, _grad_entropy):
         hidden, weight, bias, labels, lse, *kept = ctx.saved_tensors
-        dtype, c, (_, grad_logits) = ctx.dtype, ctx.chunk_size, _kernels(ctx.compiled)
+        dtype, c, (_, grad_logits), t = ctx.dtype, ctx.chunk_size, _kernels(ctx.compiled), ctx.temperature
+        if t != 1.0:  # d z / d raw logits = 1 / T: folded into the incoming gradient, one [N] op
+            grad_logprobs = grad_logprobs / t
         grad_h = torch.empty_like(hidden) if ctx.needs_input_grad[0] else None
         acc = torch.promote_types(weight.dtype, torch.float32)  # chunks are summed in at least float32
         grad_w = torch.zeros_like(weight, dtype=acc) if ctx.needs_input_grad[1] else None
@@ -147,7 +157,7 @@ class _HeadLogprobs(torch.autograd.Function):
             w = weight.to(dtype)
             for i, s in enumerate(range(0, hidden.shape[0], c)):
                 h = hidden[s:s + c]
-                z = kept[i] if kept else _head_logits(h, w, bias, dtype)  # [C, V]
+                z = kept[i] if kept else _head_logits(h, w, bias, dtype, t)  # [C, V]
                 dz = grad_logits(z, labels[s:s + c], lse[s:s + c], grad_logprobs[s:s + c], dtype)  # [C, V]
                 if grad_h is not None:
                     grad_h[s:s + c] = (dz @ w).to(hidden.dtype)
@@ -157,7 +167,7 @@ class _HeadLogprobs(torch.autograd.Function):
                     grad_b += dz.sum(0).to(acc)
         grad_w = None if grad_w is None else grad_w.to(weight.dtype)
         grad_b = None if grad_b is None else grad_b.to(bias.dtype)
-        return grad_h, grad_w, grad_b, None, None, None, None, None
+        return grad_h, grad_w, grad_b, None, None, None, None, None, None
 
 
 def _check_rows(x: Tensor, labels: Tensor, name: str) -> None:
@@ -166,14 +176,20 @@ def _check_rows(x: Tensor, labels: Tensor, name: str) -> None:
                          f"and labels {tuple(labels.shape)}")
 
 
-def _chunked(fn, rows: Tensor, labels: Tensor, extra: tuple, chunk_size: int, with_entropy: bool) -> TokenStats:
+def _check_temperature(temperature: float) -> None:
+    if not temperature > 0 or temperature == float("inf"):
+        raise ValueError(f"temperature must be a positive finite number to score at, got {temperature}")
+
+
+def _chunked(fn, rows: Tensor, labels: Tensor, extra: tuple, chunk_size: int, with_entropy: bool,
+             temperature: float = 1.0) -> TokenStats:
     if chunk_size < 1:
         raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
     needs_grad = torch.is_grad_enabled() and (
         rows.requires_grad or any(isinstance(a, Tensor) and a.requires_grad for a in extra))
     logps, ents = [], []
     for start in range(0, rows.shape[0], chunk_size):
-        args = (rows[start:start + chunk_size], *extra, labels[start:start + chunk_size], with_entropy)
+        args = (rows[start:start + chunk_size], *extra, labels[start:start + chunk_size], with_entropy, temperature)
         if needs_grad:
             lp, ent = checkpoint(fn, *args, use_reentrant=False)
         else:
@@ -188,8 +204,9 @@ def _chunked(fn, rows: Tensor, labels: Tensor, extra: tuple, chunk_size: int, wi
 def token_logprobs(
     hidden: Tensor, weight: Tensor, labels: Tensor, *, bias: Tensor | None = None,
     chunk_size: int = 1024, with_entropy: bool = True, compiled: bool = False, keep_logits: bool = False,
+    temperature: float = 1.0,
 ) -> TokenStats:
-    """Log p(label) and entropy from final hidden states and the output projection, chunked over rows.
+    """Log p(label) and entropy of softmax((hidden @ weight.T + bias) / temperature), chunked over rows.
 
     Args:
         hidden: [N, H] final (normalized) hidden states at the positions that predict `labels`.
@@ -203,17 +220,20 @@ def token_logprobs(
     [chunk_size, V] logits in the matmul dtype are written. Every combination gives the same numbers.
     """
     _check_rows(hidden, labels, "hidden")
+    _check_temperature(temperature)
     if chunk_size < 1:
         raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
     grad = torch.is_grad_enabled() and any(x is not None and x.requires_grad for x in (hidden, weight, bias))
     logprobs, entropy = _HeadLogprobs.apply(hidden, weight, bias, labels, chunk_size, with_entropy, compiled,
-                                            keep_logits and grad)  # no backward: nothing to keep them for
+                                            keep_logits and grad, float(temperature))  # no backward: nothing to keep
     return TokenStats(logprobs=logprobs, entropy=entropy if with_entropy else None)
 
 
 def token_logprobs_from_logits(
-    logits: Tensor, labels: Tensor, *, chunk_size: int = 2048, with_entropy: bool = True
+    logits: Tensor, labels: Tensor, *, chunk_size: int = 2048, with_entropy: bool = True, temperature: float = 1.0,
 ) -> TokenStats:
-    """Log p(label) and entropy from logits [N, V] (any float dtype) and labels [N], chunked over rows."""
+    """Log p(label) and entropy of softmax(logits / temperature) from logits [N, V] (any float dtype) and labels
+    [N], chunked over rows (the division in float32 at least, after the upcast)."""
     _check_rows(logits, labels, "logits")
-    return _chunked(_stats_from_logits, logits, labels, (), chunk_size, with_entropy)
+    _check_temperature(temperature)
+    return _chunked(_stats_from_logits, logits, labels, (), chunk_size, with_entropy, float(temperature))

@@ -7,7 +7,8 @@ one micro-batch's `ScoredTokens` and the step's totals to a `LossOutput` (GFT, S
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -19,11 +20,12 @@ from pipeline.model import attention
 from pipeline.model.batches import Example, StepTotals, collate_padded
 from pipeline.model.logprobs import COMPILE_OPTIONS, token_logprobs, token_logprobs_from_logits
 from pipeline.algo.losses import (
-    Aggregation, KLEstimator, LossOutput, RatioLevel, dft_loss, gft_loss, grpo_loss, sft_loss,
+    Aggregation, KLEstimator, LossOutput, RatioLevel, dft_loss, gft_loss, grpo_loss, sft_loss, step_normalizer,
 )
 
 __all__ = ["ScoredTokens", "Objective", "gft_objective", "sft_objective", "dft_objective", "GRPOLossOptions",
-           "grpo_objective", "TokenScorer", "differentiable_entropy", "ResponseScores", "score_responses"]
+           "grpo_objective", "TokenScorer", "differentiable_entropy", "scoring_temperature", "scorer_at",
+           "ResponseScores", "score_responses"]
 
 
 
@@ -45,12 +47,18 @@ class Objective(Protocol):
     def __call__(self, scored: ScoredTokens, totals: StepTotals) -> LossOutput: ...
 
 
-def gft_objective(*, tau: float, entropy_coeff: float = 0.0) -> Objective:
-    """GFT with DCR threshold tau, token mean over the step's global token count; entropy_coeff > 0 needs a
-    scorer with a differentiable entropy (`differentiable_entropy`)."""
+def gft_objective(*, tau: float, entropy_coeff: float = 0.0, aggregation: Aggregation = "token-mean",
+                  max_response_tokens: int | None = None) -> Objective:
+    """GFT with DCR threshold tau, aggregated over the step's global normalizer (`step_normalizer`: token-mean
+    divides by the step's token count); entropy_coeff > 0 needs a scorer with a differentiable entropy
+    (`differentiable_entropy`)."""
+    step_normalizer(aggregation, tokens=0, sequences=0, max_response_tokens=max_response_tokens)  # fail early
+
     def objective(s: ScoredTokens, totals: StepTotals) -> LossOutput:
-        return gft_loss(s.logprobs, s.advantages, s.mask, tau=tau, normalizer=totals.tokens, entropy=s.entropy,
-                        entropy_coeff=entropy_coeff)
+        normalizer = step_normalizer(aggregation, tokens=totals.tokens, sequences=totals.sequences,
+                                     max_response_tokens=max_response_tokens)
+        return gft_loss(s.logprobs, s.advantages, s.mask, tau=tau, normalizer=normalizer, entropy=s.entropy,
+                        entropy_coeff=entropy_coeff, aggregation=aggregation, seq_index=s.rows)
     return objective
 
 
@@ -88,15 +96,13 @@ def grpo_objective(options: GRPOLossOptions, *, max_response_tokens: int | None 
     (seq-mean-token-mean, seq-mean-token-sum), max_response_tokens (seq-mean-token-sum-norm) or sequences x
     max_response_tokens (dr_grpo). A batch without old log-probs is on-policy: the old log-probs are the current
     ones detached, so the ratio is exactly 1 and the gradient is the advantage-weighted policy gradient."""
-    if options.aggregation in ("seq-mean-token-sum-norm", "dr_grpo") and max_response_tokens is None:
-        raise ValueError(f"aggregation {options.aggregation!r} needs max_response_tokens")
+    step_normalizer(options.aggregation, tokens=0, sequences=0, max_response_tokens=max_response_tokens)
     kwargs = {k: getattr(options, k) for k in GRPOLossOptions.__dataclass_fields__}
 
     def objective(s: ScoredTokens, totals: StepTotals) -> LossOutput:
         old = s.logprobs.detach() if s.old_logprobs is None else s.old_logprobs
-        normalizer = {"token-mean": totals.tokens, "seq-mean-token-mean": totals.sequences,
-                      "seq-mean-token-sum": totals.sequences, "seq-mean-token-sum-norm": max_response_tokens,
-                      "dr_grpo": totals.sequences * (max_response_tokens or 0)}[options.aggregation]
+        normalizer = step_normalizer(options.aggregation, tokens=totals.tokens, sequences=totals.sequences,
+                                     max_response_tokens=max_response_tokens)
         return grpo_loss(s.logprobs, old, s.advantages, s.mask, ref_logprobs=s.ref_logprobs, normalizer=normalizer,
                          is_weights=s.is_weights, seq_index=s.rows, entropy=s.entropy, **kwargs)
     return objective
@@ -139,15 +145,18 @@ class TokenScorer(nn.Module):
     `entropy_grad` (set by `differentiable_entropy`) returns an entropy that carries its gradient, for an
     entropy bonus: recomputed from the same hidden states (or logits) in checkpointed chunks, one more
     output-projection matmul per chunk in forward and in backward. Otherwise the entropy is detached.
+    `temperature` (set by `scoring_temperature`) scores softmax(logits / T), log p and entropy alike, on both
+    paths; 1 scores the raw distribution.
     """
 
     entropy_grad: bool = False
 
     def __init__(self, lm: nn.Module, *, chunk_size: int = 2048, fused: bool | None = None,
                  compiled: bool = False, varlen: bool = False, keep_logits: bool = False,
-                 compile_scope: str = "layers"):
+                 compile_scope: str = "layers", temperature: float = 1.0):
         super().__init__()
         self.lm, self.chunk_size, self.compiled, self.keep_logits = lm, chunk_size, compiled, keep_logits
+        self.temperature = float(temperature)
         self.fused = _plain_head(lm) is not None if fused is None else fused
         self.varlen = varlen and not getattr(lm.config, "use_sliding_window", False)
         if self.varlen:  # behaves as SDPA unless a forward passes sequence boundaries
@@ -170,29 +179,31 @@ class TokenScorer(nn.Module):
             head = self.lm.get_output_embeddings()
             picked = hidden.flatten(0, 1)[index]  # [M, H]
             stats = token_logprobs(picked, head.weight, labels, bias=head.bias, chunk_size=self.chunk_size,
-                                   compiled=self.compiled, keep_logits=self.keep_logits)
+                                   compiled=self.compiled, keep_logits=self.keep_logits, temperature=self.temperature)
             rows, extra = picked, (head.weight, head.bias)
         else:
             logits = self.lm(**inputs, use_cache=False).logits  # [R, L, V]
             rows, extra = logits.flatten(0, 1)[index], ()  # [M, V]
-            stats = token_logprobs_from_logits(rows, labels, chunk_size=self.chunk_size)
+            stats = token_logprobs_from_logits(rows, labels, chunk_size=self.chunk_size, temperature=self.temperature)
         if self.entropy_grad and torch.is_grad_enabled():
-            return stats.logprobs, _entropy_with_grad(rows, extra, self.chunk_size).to(stats.logprobs.dtype)
+            entropy = _entropy_with_grad(rows, extra, self.chunk_size, self.temperature)
+            return stats.logprobs, entropy.to(stats.logprobs.dtype)
         return stats.logprobs, stats.entropy
 
 
-def _chunk_entropy(rows: Tensor, *head: Tensor | None) -> Tensor:
-    """H of softmax over the vocabulary of one chunk: rows are logits [C, V], or hidden states [C, H] with the
-    head's (weight, bias). float32 at least, like the log-probs."""
+def _chunk_entropy(rows: Tensor, temperature: float, *head: Tensor | None) -> Tensor:
+    """H of softmax(z / temperature) over the vocabulary of one chunk: rows are logits z [C, V], or hidden
+    states [C, H] with the head's (weight, bias). float32 at least, like the log-probs."""
     z = rows if not head else nn.functional.linear(rows, head[0].to(rows.dtype), None if head[1] is None
                                                    else head[1].to(rows.dtype))  # [C, V]
-    logsm = torch.log_softmax(z.to(torch.promote_types(z.dtype, torch.float32)), dim=-1)  # [C, V]
+    z = z.to(torch.promote_types(z.dtype, torch.float32))  # [C, V]
+    logsm = torch.log_softmax(z if temperature == 1.0 else z / temperature, dim=-1)  # [C, V]
     return -(logsm.exp() * logsm).sum(-1)  # [C]
 
 
-def _entropy_with_grad(rows: Tensor, head: tuple, chunk_size: int) -> Tensor:
+def _entropy_with_grad(rows: Tensor, head: tuple, chunk_size: int, temperature: float = 1.0) -> Tensor:
     """Token entropy [M] with its gradient, in checkpointed row chunks (a few [chunk, V] blocks in memory)."""
-    parts = [checkpoint(_chunk_entropy, rows[s:s + chunk_size], *head, use_reentrant=False)
+    parts = [checkpoint(_chunk_entropy, rows[s:s + chunk_size], temperature, *head, use_reentrant=False)
              for s in range(0, rows.shape[0], chunk_size)]
     return torch.cat(parts) if parts else rows.new_zeros(0, dtype=torch.float32)
 
@@ -204,6 +215,38 @@ def differentiable_entropy(scorer: nn.Module, on: bool) -> None:
     if not isinstance(inner, TokenScorer):
         raise TypeError(f"differentiable_entropy needs a TokenScorer, got {type(inner).__name__}")
     inner.entropy_grad = on
+
+
+def _token_scorer(scorer: nn.Module, what: str) -> TokenScorer:
+    inner = getattr(scorer, "module", scorer)
+    if not isinstance(inner, TokenScorer):
+        raise TypeError(f"{what} needs a TokenScorer, got {type(inner).__name__}")
+    return inner
+
+
+def scoring_temperature(scorer: nn.Module, temperature: float) -> None:
+    """Make `scorer` (a TokenScorer, possibly wrapped by DDP) score at softmax(logits / temperature): log p and
+    entropy, with their gradients. 1 scores the raw distribution."""
+    if not temperature > 0:
+        raise ValueError(f"scoring temperature must be > 0, got {temperature}")
+    _token_scorer(scorer, "scoring_temperature").temperature = float(temperature)
+
+
+@contextmanager
+def scorer_at(model: nn.Module, temperature: float) -> Iterator[nn.Module]:
+    """`model` scoring at `temperature` for `score_responses`: a TokenScorer (or a DDP-wrapped one: its module)
+    with its temperature set for the duration, a causal LM wrapped in a TokenScorer at that temperature, or, at
+    temperature 1, a causal LM as it is (its raw distribution, as before the option existed)."""
+    inner = getattr(model, "module", model)
+    if not isinstance(inner, TokenScorer):
+        yield model if temperature == 1.0 else TokenScorer(model, temperature=temperature)
+        return
+    before = inner.temperature
+    scoring_temperature(inner, temperature)
+    try:
+        yield inner
+    finally:
+        inner.temperature = before
 
 
 @dataclass(frozen=True)

@@ -29,6 +29,7 @@ from transformers import get_constant_schedule_with_warmup, get_cosine_schedule_
 from pipeline.model import attention
 from pipeline.config import TrainConfig
 from pipeline.model.batches import StepTotals, TokenBatch
+from pipeline.algo.losses import LossOutput
 from pipeline.model.scoring import Objective, ScoredTokens, TokenScorer
 
 __all__ = ["Trainer", "Progress", "NonFiniteError", "StepResult", "make_trainer", "accumulate_gradients", "train_step",
@@ -212,14 +213,32 @@ class StepResult:
     metrics: dict[str, float]
 
 
+@dataclass
+class _StepSums:
+    """This process's sums over its micro-batches, on the device: the loss, each metric times its weight (its
+    token count, or the weight the objective gives it in `LossOutput.weights`, e.g. its sequence count), and
+    the weight sums of the metrics the objective weighs itself."""
+
+    loss: Tensor
+    metrics: dict[str, Tensor] = field(default_factory=dict)
+    weights: dict[str, Tensor] = field(default_factory=dict)
+
+    def add(self, out: LossOutput, tokens: int) -> None:
+        self.loss += out.loss.detach().double()
+        for name, value in out.metrics.items():  # weighted, so micro-batch sizes do not matter
+            weight = out.weights[name].double() if name in out.weights else tokens
+            self.metrics[name] = self.metrics.get(name, 0.0) + value.double() * weight
+            if name in out.weights:
+                self.weights[name] = self.weights.get(name, 0.0) + weight
+
+
 def _accumulate(trainer: Trainer, micro_batches: Sequence[TokenBatch], objective: Objective,
-                totals: StepTotals) -> tuple[Tensor, dict[str, Tensor], _FiniteChecks]:
+                totals: StepTotals) -> tuple[_StepSums, _FiniteChecks]:
     """Forward/backward over this process's micro-batches, syncing gradients on the last one, without reading
-    anything back from the device: the summed loss, token-weighted metric sums and the queued finite checks."""
+    anything back from the device: the loss and weighted metric sums, and the queued finite checks."""
     acc, world = trainer.accelerator, trainer.accelerator.num_processes
     checks = _FiniteChecks(acc.device)
-    sums: dict[str, Tensor] = {}
-    loss_sum = torch.zeros((), device=acc.device, dtype=torch.float64)
+    sums = _StepSums(loss=torch.zeros((), device=acc.device, dtype=torch.float64))
     for i, mb in enumerate(micro_batches):
         sync = i == len(micro_batches) - 1
         with nullcontext() if sync else acc.no_sync(trainer.scorer):
@@ -228,10 +247,8 @@ def _accumulate(trainer: Trainer, micro_batches: Sequence[TokenBatch], objective
             out = objective(scored, totals)
             checks.add("loss", out.loss, scored.rows)
             acc.backward(out.loss * world)  # DDP averages gradients over processes; we want their sum
-        loss_sum += out.loss.detach().double()
-        for name, value in out.metrics.items():  # token-weighted, so micro-batch sizes do not matter
-            sums[name] = sums.get(name, 0.0) + value.double() * scored.logprobs.numel()
-    return loss_sum, sums, checks
+        sums.add(out, scored.logprobs.numel())
+    return sums, checks
 
 
 def accumulate_gradients(trainer: Trainer, micro_batches: Sequence[TokenBatch], objective: Objective,
@@ -239,21 +256,21 @@ def accumulate_gradients(trainer: Trainer, micro_batches: Sequence[TokenBatch], 
     """Forward/backward over this process's micro-batches, syncing gradients on the last one.
     Returns the summed loss and token-weighted metric sums of this process. A non-finite log-prob or loss
     raises NonFiniteError after the last backward (the finite checks are read once), gradients cleared."""
-    loss_sum, sums, checks = _accumulate(trainer, micro_batches, objective, totals)
+    sums, checks = _accumulate(trainer, micro_batches, objective, totals)
     if checks.bad.item():
         _raise_non_finite(trainer, checks, step)
-    return loss_sum, sums
+    return sums.loss, sums.metrics
 
 
 def train_step(trainer: Trainer, micro_batches: Sequence[TokenBatch], objective: Objective,
                totals: StepTotals, *, max_grad_norm: float | None, step: int) -> StepResult:
     """One optimizer step: accumulate gradients, clip, AdamW, advance the schedule. The host waits for the
     GPU once, before the optimizer step, reading the finite checks, gradient norm and metrics together."""
-    loss_sum, sums, checks = _accumulate(trainer, micro_batches, objective, totals)
+    sums, checks = _accumulate(trainer, micro_batches, objective, totals)
     grad_norm = full_tensor(trainer.accelerator.clip_grad_norm_(trainer.scorer.parameters(),
                                                                 max_grad_norm or float("inf")))
     lr = trainer.scheduler.get_last_lr()[0]
-    metrics, bad = _reduce_metrics(trainer.accelerator, loss_sum, sums, totals, grad_norm, lr, checks.bad)
+    metrics, bad = _reduce_metrics(trainer.accelerator, sums, totals, grad_norm, lr, checks.bad)
     if bad or not math.isfinite(metrics["grad_norm"]):
         _raise_non_finite(trainer, checks, step, metrics["grad_norm"])
     trainer.optimizer.step()
@@ -262,14 +279,17 @@ def train_step(trainer: Trainer, micro_batches: Sequence[TokenBatch], objective:
     return StepResult(metrics=metrics)
 
 
-def _reduce_metrics(acc: Accelerator, loss_sum: Tensor, sums: dict[str, Tensor], totals: StepTotals,
-                    grad_norm: Tensor, lr: float, bad: Tensor) -> tuple[dict[str, float], bool]:
-    """The step's metrics (summed over processes) and this process's non-finite flag, read in one transfer."""
-    names = sorted(sums)
-    local = torch.stack([loss_sum] + [torch.as_tensor(sums[n], device=acc.device) for n in names])  # [1 + K]
+def _reduce_metrics(acc: Accelerator, sums: _StepSums, totals: StepTotals, grad_norm: Tensor, lr: float,
+                    bad: Tensor) -> tuple[dict[str, float], bool]:
+    """The step's metrics (summed over processes) and this process's non-finite flag, read in one transfer. A
+    metric is its weighted sum over the step's weight: its tokens, or the weights the objective gave it."""
+    names, weighed = sorted(sums.metrics), sorted(sums.weights)
+    parts = [sums.loss] + [sums.metrics[n] for n in names] + [sums.weights[n] for n in weighed]
+    local = torch.stack([torch.as_tensor(x, device=acc.device, dtype=torch.float64) for x in parts])  # [1 + K + W]
     total = acc.reduce(local, reduction="sum") if acc.num_processes > 1 else local
-    read = torch.cat([total, grad_norm.double().reshape(1), bad.double().reshape(1)]).tolist()  # [K + 3]
-    metrics = {name: read[1 + k] / max(totals.tokens, 1) for k, name in enumerate(names)}
+    read = torch.cat([total, grad_norm.double().reshape(1), bad.double().reshape(1)]).tolist()  # [K + W + 3]
+    weight = {name: read[1 + len(names) + k] for k, name in enumerate(weighed)}
+    metrics = {name: read[1 + k] / max(weight.get(name, totals.tokens), 1) for k, name in enumerate(names)}
     metrics.update(loss=read[0], grad_norm=read[-2], lr=lr, tokens=float(totals.tokens),
                    sequences=float(totals.sequences))
     return metrics, read[-1] > 0

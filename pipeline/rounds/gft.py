@@ -5,6 +5,11 @@ For each of the round's prompts the group holds the expert solution, teacher res
 group, and `minibatches_per_round` optimizer steps of the GFT loss (`pipeline.algo.losses.gft_loss`, with Dynamic
 Coefficient Rectification) each take an equal share of the round's responses. `run_round` is what the
 `gft_round` stage runs between loading and saving, and what bench/gpu_bench.py times.
+
+Two options reach past the paper's equation (its deviations are listed in `pipeline.algo.losses`):
+`aggregation`, the released code's loss_agg_mode over the optimizer step (token-mean by default, the paper's), and
+`score_at_temperature`, log p, C(p) and the entropy at softmax(logits / sampling.temperature) (off by default:
+temperature 1).
 """
 
 from __future__ import annotations
@@ -19,7 +24,7 @@ from pipeline.config import GFTConfig
 from pipeline.data import chat
 from pipeline.model.batches import Example
 from pipeline.model.loop import run_steps
-from pipeline.model.scoring import differentiable_entropy, gft_objective
+from pipeline.model.scoring import differentiable_entropy, gft_objective, scoring_temperature
 from pipeline.model.trainer import Trainer
 from pipeline.rollout.engines import Engine
 from pipeline.rollout.verifiers import Verifier
@@ -72,8 +77,10 @@ def train_phase(trainer: Trainer, prompt_ids: list[list[int]], table: pd.DataFra
     order = round_order(len(examples), cfg.train.seed, round_idx)
     plans = minibatch_plans(examples, order, cfg.minibatches_per_round, {"round": float(round_idx)})
     differentiable_entropy(trainer.scorer, cfg.entropy_coeff > 0)
-    return run_steps(trainer, plans, gft_objective(tau=cfg.tau, entropy_coeff=cfg.entropy_coeff), cfg.train,
-                     pad_id=pad_id, after_step=after_step)
+    scoring_temperature(trainer.scorer, cfg.sampling.temperature if cfg.score_at_temperature else 1.0)
+    objective = gft_objective(tau=cfg.tau, entropy_coeff=cfg.entropy_coeff, aggregation=cfg.aggregation,
+                              max_response_tokens=cfg.max_response_tokens)
+    return run_steps(trainer, plans, objective, cfg.train, pad_id=pad_id, after_step=after_step)
 
 
 def run_round(train: TrainPhase, engine: Engine, verifier: Verifier, rows: pd.DataFrame,

@@ -7,7 +7,8 @@ a launched one.
 One round, for P prompts and G completions each:
 
 1. Sample G completions per prompt from the current policy; the engine reports q_{k,t}, the raw
-   (temperature 1) log-prob of each sampled token.
+   (temperature 1) log-prob of each sampled token. With score_at_temperature every trainer log-prob below
+   (new, old, reference) and the entropy are at softmax(logits / T), T = sampling.temperature.
 2. Score with every reward: R_k = sum_f w_f R_{k,f} over the functions that apply (None skipped); a
    completion no function applies to gets R = NaN and A = 0. A_k = (R_k - b) / (s + eps) per group, s the
    group's or the batch's std (TRL's scale_rewards); a group with one scored completion gives it A = 0 (TRL)
@@ -16,7 +17,8 @@ One round, for P prompts and G completions each:
 3. One no-grad pass of the trainer over the rollouts gives lp_old_{k,t}, the round's starting policy. The
    gap lp_old - q is logged (sampling/*), and with a sampler correction every token's surrogate is weighted
    by rho = exp(lp_old - q) per token or exp(sum_t (lp_old - q)) per sequence, truncated to [min, max] or
-   masked (0) outside it (TRL's vllm_importance_sampling_mode).
+   masked (0) outside it (TRL's vllm_importance_sampling_mode). q is raw, so when lp_old is tempered
+   (score_at_temperature, T != 1) a second no-grad pass at temperature 1 gives the lp that q is compared with.
 4. num_iterations passes, each of minibatches_per_round optimizer steps over a seeded shuffle, of
    `grpo_loss`: the clipped surrogate (optionally dual-clipped, at the token or GSPO's sequence ratio) * w
    + beta * KL - entropy_coeff * H. The first step of a round uses lp.detach() as lp_old: the policy has not
@@ -24,8 +26,9 @@ One round, for P prompts and G completions each:
    gradient, bit for bit.
 
 Deviations from TRL, on purpose:
-- TRL scores tokens at logits / temperature; we score at temperature 1 like the engines' log-probs (see
-  GRPOConfig.sampling). With temperature 1, TRL's default, the two agree.
+- TRL scores tokens at logits / temperature; we score at temperature 1 like the engines' log-probs unless
+  score_at_temperature is set. With temperature 1, TRL's default, the two agree. With it set, the sampler
+  comparison stays raw against raw (step 3); TRL compares vLLM's processed (tempered, top-p) log-probs.
 - The default sampler correction is token_truncate, not TRL's sequence_mask (GRPOConfig.sampler_correction).
 - advantage_eps defaults to verl's 1e-6, not TRL's 1e-4.
 - `kl` is logged only when beta > 0 (no reference model is loaded otherwise), as in TRL.
@@ -39,8 +42,9 @@ Why GRPOConfig's defaults and options are what they are (the settings only say w
 - sampler_correction token_truncate (verl's token-level rollout IS) keeps every sequence's gradient; TRL's
   sequence_mask drops a whole sequence whose rho leaves [min, max]. The correction is not GSPO's sequence ratio
   (importance_sampling_level), which is the ratio the surrogate clips.
-- Keep sampling.temperature at 1: the trainer scores at temperature 1 like the engines' log-probs, so any other
-  temperature optimises the untempered policy on tempered samples.
+- Keep sampling.temperature at 1, or set score_at_temperature: the trainer otherwise scores at temperature 1 like
+  the engines' log-probs, and optimises the untempered policy on tempered samples. score_at_temperature is off
+  by default so that existing runs keep their outputs.
 - max_response_tokens defaults to 128 (TRL's max_completion_length: 512) to fit the tiny task; the cut
   completions are `truncated` and counted in completions/clipped_ratio.
 - prompt_pool lets rounds revisit the same prompts, like TRL's epochs over a small dataset, so the reward curve
@@ -61,12 +65,14 @@ import torch
 from torch import Tensor, nn
 
 from pipeline.algo.advantages import combine_rewards, masked_group_advantages, normalize_then_sum
-from pipeline.algo.losses import importance_weights, sampler_mismatch
+from pipeline.algo.sampler import importance_weights, sampler_mismatch
 from pipeline.config import GRPOConfig
 from pipeline.data import chat
 from pipeline.model.batches import Example
 from pipeline.model.loop import run_steps
-from pipeline.model.scoring import GRPOLossOptions, differentiable_entropy, grpo_objective, score_responses
+from pipeline.model.scoring import (
+    GRPOLossOptions, differentiable_entropy, grpo_objective, score_responses, scorer_at, scoring_temperature,
+)
 from pipeline.model.trainer import Trainer
 from pipeline.rollout.engines import Engine
 from pipeline.rollout.verifiers import Verifier
@@ -75,7 +81,8 @@ from pipeline.rounds.groups import (
 )
 
 __all__ = ["Rollouts", "sample_rollouts", "RewardedRollouts", "reward_rollouts", "Behaviour", "behaviour",
-           "RoundExamples", "round_examples", "train_round", "loss_options", "Trained", "TrainPhase", "train_phase",
+           "RoundExamples", "round_examples", "train_round", "loss_options", "score_temperature", "Trained",
+           "TrainPhase", "train_phase",
            "run_round", "round_metrics", "reward_name"]
 
 
@@ -151,24 +158,40 @@ class Behaviour:
     metrics: dict[str, float]
 
 
-def behaviour(model: nn.Module, table: pd.DataFrame, prompt_ids: list[list[int]], cfg: GRPOConfig, *,
-              pad_id: int) -> Behaviour:
-    """One no-grad pass of the trainer over the rollouts: lp_old, its gap to the sampler, the IS weights."""
-    prompts = [prompt_ids[g] for g in table["group_index"]]
+def score_temperature(cfg: GRPOConfig) -> float:
+    """The temperature the trainer scores at: the sampling temperature with score_at_temperature, else 1."""
+    return cfg.sampling.temperature if cfg.score_at_temperature else 1.0
+
+
+def _score_at(model: nn.Module, prompts: list[list[int]], responses: list[list[int]], temperature: float, *,
+              pad_id: int) -> list[Tensor]:
+    """Per response, its tokens' log-probs [T_k] under `model` at `temperature`, scored as a freshly loaded
+    model is (eval mode: no dropout)."""
     was_training = model.training
-    model.eval()  # the trainer's model: score it as a freshly loaded one (no dropout)
+    model.eval()
     try:
-        scores = score_responses(model, prompts, list(table["token_ids"]), pad_id=pad_id)
+        with scorer_at(model, temperature) as scorer:
+            return score_responses(scorer, prompts, responses, pad_id=pad_id).logprobs
     finally:
         model.train(was_training)
-    lp, mask = _padded(scores.logprobs)  # [N, T]
+
+
+def behaviour(model: nn.Module, table: pd.DataFrame, prompt_ids: list[list[int]], cfg: GRPOConfig, *,
+              pad_id: int) -> Behaviour:
+    """One no-grad pass of the trainer over the rollouts: lp_old, its gap to the sampler, the IS weights. The
+    engines' q is raw (temperature 1): lp_old at another temperature is compared through one more pass at 1."""
+    prompts, responses = [prompt_ids[g] for g in table["group_index"]], list(table["token_ids"])
+    temperature = score_temperature(cfg)
+    old = _score_at(model, prompts, responses, temperature, pad_id=pad_id)
+    raw = old if temperature == 1.0 else _score_at(model, prompts, responses, 1.0, pad_id=pad_id)
+    lp, mask = _padded(raw)  # [N, T]
     q, _ = _padded(list(table["sampler_logprobs"]))  # [N, T]
     isw = importance_weights(lp, q, mask, mode=cfg.sampler_correction, cap=cfg.sampler_correction_max,
                              floor=cfg.sampler_correction_min)
     metrics = {k: float(v) for k, v in {**sampler_mismatch(lp, q, mask), **isw.metrics}.items()}
-    lengths = [len(x) for x in scores.logprobs]
+    lengths = [len(x) for x in old]
     weights = None if cfg.sampler_correction == "none" else [isw.weights[i, :n] for i, n in enumerate(lengths)]
-    return Behaviour(logprobs=scores.logprobs, is_weights=weights, metrics=metrics)
+    return Behaviour(logprobs=old, is_weights=weights, metrics=metrics)
 
 
 @dataclass(frozen=True)
@@ -197,6 +220,7 @@ def train_round(trainer: Trainer, examples: RoundExamples, cfg: GRPOConfig, roun
     takes the fresh examples (ratio exactly 1), every later one the stale (lp_old) ones."""
     objective = grpo_objective(loss_options(cfg), max_response_tokens=cfg.max_response_tokens)
     differentiable_entropy(trainer.scorer, cfg.entropy_coeff > 0)
+    scoring_temperature(trainer.scorer, score_temperature(cfg))
     plans = []
     for it in range(cfg.num_iterations):
         order = round_order(len(examples.fresh), cfg.train.seed, round_idx, it)
@@ -234,8 +258,8 @@ def train_phase(trainer: Trainer, prompt_ids: list[list[int]], table: pd.DataFra
     """lp_old from the trainer's starting policy, the reference's log-probs when given (beta > 0), then the
     round's optimizer steps. Under FSDP2 every process scores every rollout through the sharded scorer."""
     behave = behaviour(trainer.scorer if trainer.sharded else trainer.model, table, prompt_ids, cfg, pad_id=pad_id)
-    ref = None if reference is None else score_responses(
-        reference, [prompt_ids[g] for g in table["group_index"]], list(table["token_ids"]), pad_id=pad_id).logprobs
+    ref = None if reference is None else _score_at(reference, [prompt_ids[g] for g in table["group_index"]],
+                                                   list(table["token_ids"]), score_temperature(cfg), pad_id=pad_id)
     history = train_round(trainer, round_examples(table, prompt_ids, behave, ref), cfg, round_idx, pad_id=pad_id,
                           after_step=after_step)
     return Trained(behaviour=behave.metrics, history=history)

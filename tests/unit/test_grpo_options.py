@@ -22,7 +22,8 @@ import torch
 from torch.testing import assert_close
 
 from pipeline.algo.advantages import group_advantages, masked_group_advantages, normalize_then_sum
-from pipeline.algo.losses import gft_loss, grpo_loss, importance_weights, kl_penalty
+from pipeline.algo.losses import gft_loss, grpo_loss, kl_penalty
+from pipeline.algo.sampler import importance_weights
 from pipeline.config import GFTConfig, GRPOConfig
 from pipeline.model.scoring import TokenScorer, differentiable_entropy
 from tests.conftest import PAD, random_examples, tiny_lm

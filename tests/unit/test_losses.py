@@ -8,7 +8,8 @@ from torch.testing import assert_close
 
 from pipeline.algo.advantages import group_advantages
 from pipeline.model.logprobs import token_logprobs, token_logprobs_from_logits
-from pipeline.algo.losses import dft_loss, gft_loss, grpo_loss, importance_weights, sampler_mismatch, sft_loss
+from pipeline.algo.losses import dft_loss, gft_loss, grpo_loss, sft_loss
+from pipeline.algo.sampler import importance_weights, sampler_mismatch
 from tests.reference import (
     gft_reference, grpo_reference, importance_weights_reference, mismatch_reference, token_stats_reference,
 )
