@@ -16,10 +16,10 @@ from pipeline import plots
 from pipeline.atomic import write_text_atomic
 from pipeline.config import HELDOUT, RunConfig
 from pipeline.store.artifacts import ArtifactRef
-from pipeline.store.outputs import Chain, read_chain, read_output
+from pipeline.store.outputs import Chain, find_output, read_chain, read_output
 
 __all__ = ["write_plots", "write_summary", "chain_outputs", "chain_stage", "stage_history", "round_metrics",
-           "primary_benchmark", "eval_label", "benchmark_tables"]
+           "primary_benchmark", "eval_label", "benchmark_tables", "stage_resources"]
 
 TABLE_COLUMNS = ["greedy_accuracy", "mean@{k}", "pass@{k}", "no_answer_frac", "entropy", "kl_base_policy",
                  "distinct_answers"]
@@ -103,6 +103,26 @@ def benchmark_tables(cfg: RunConfig, refs: dict[str, ArtifactRef]) -> dict[str, 
     return tables
 
 
+STAGE_COLUMNS = {"wall_time_s": "wall_time_s", "perf/peak_rss_gb": "peak_rss_gb",
+                 "perf/peak_child_rss_gb": "peak_child_rss_gb", "perf/peak_cuda_allocated_gb": "peak_cuda_allocated_gb",
+                 "perf/peak_cuda_reserved_gb": "peak_cuda_reserved_gb"}
+"""Manifest metric -> the summary's stage-table column."""
+
+
+def stage_resources(cfg: RunConfig, refs: dict[str, ArtifactRef]) -> dict[str, dict[str, float]]:
+    """Per stage output of the run (a GFT or GRPO stage: the max over its rounds), its wall time and peak memory,
+    keyed by the summary's column names; outputs that record none (external models) are left out."""
+    rows = {}
+    for name, ref in refs.items():
+        outputs = chain_outputs(refs, name).outputs if name in cfg.chain else [o for o in [find_output(ref)] if o]
+        found = [{STAGE_COLUMNS[k]: v for k, v in o.metrics.items() if k in STAGE_COLUMNS} for o in outputs]
+        row = {col: max(f[col] for f in found if col in f) for col in STAGE_COLUMNS.values()
+               if any(col in f for f in found)}
+        if row:
+            rows[name if len(outputs) < 2 else f"{name} ({len(outputs)} rounds)"] = row
+    return rows
+
+
 def chain_stage(name: str) -> str:
     """The store's stage of a chain name: "sft" -> "sft", "gft" -> "gft_round", "grpo" -> "grpo_round"."""
     from pipeline import stages
@@ -135,7 +155,7 @@ def write_summary(path: Path, cfg: RunConfig, refs: dict[str, ArtifactRef], metr
     lines = [f"# Run `{cfg.name}`", "", f"{title}:", "", comparison_table(metrics, columns=columns)]
     if cfg.eval.benchmarks:
         lines += _benchmark_section(cfg, refs)
-    lines += ["Artifacts:", ""]
+    lines += _stage_section(cfg, refs) + ["Artifacts:", ""]
     lines += [f"- {name}: `{ref.uri}` (sha256 {ref.sha256[:12]})" for name, ref in refs.items()]
     lines += ["", "Plots:", ""] + [f"- `{p}`" for p in plot_paths]
     if registered:
@@ -159,3 +179,15 @@ def _benchmark_section(cfg: RunConfig, refs: dict[str, ArtifactRef]) -> list[str
     for metric, table in benchmark_tables(cfg, refs).items():
         lines += [f"`{metric}`:", "", comparison_table(table, columns=[*ks, "average"])]
     return lines
+
+
+def _stage_section(cfg: RunConfig, refs: dict[str, ArtifactRef]) -> list[str]:
+    """Each stage's wall time and peak memory (`stage_resources`); nothing when no output records them."""
+    from pipeline.algo.metrics import comparison_table
+
+    stages = stage_resources(cfg, refs)
+    if not stages:
+        return []
+    columns = [c for c in STAGE_COLUMNS.values() if any(c in row for row in stages.values())]
+    return ["Stages (wall time and peak memory as measured when each output was computed; GFT and GRPO: their "
+            "largest round):", "", comparison_table(stages, columns=columns)]

@@ -118,3 +118,15 @@ def test_mlflow_records_each_benchmark_as_an_evaluation_dataset_with_its_digest(
     assert ("benchmark/gsm", digest, "evaluation") in seen
     parent = [r for r in client.search_runs([experiment.experiment_id]) if r.info.run_name.startswith("tiny-")][0]
     assert "eval/sft/gsm/mean_at_3" in parent.data.metrics and "eval/sft/average/mean_at_k" in parent.data.metrics
+
+
+def test_the_summary_shows_each_stages_peak_memory(runs):
+    _, first, second = runs
+    lines = second.summary_path.read_text().splitlines()
+    start = lines.index(next(line for line in lines if line.startswith("Stages (")))
+    cells = [[c.strip() for c in line.strip("|").split("|")] for line in lines[start + 2:]]
+    header = cells[0]
+    rows = {row[0]: row for row in cells[2:] if len(row) == len(header)}
+    assert {"prompts", "teacher", "sft", "eval/base", "eval/sft/boxed", "benchmark/gsm"} <= set(rows)
+    peak = header.index("peak_rss_gb")
+    assert all(0.05 < float(row[peak]) < 64 for row in rows.values())  # measured, in GB: not bytes, not KiB
