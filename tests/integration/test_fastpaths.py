@@ -140,6 +140,28 @@ def test_compiled_head_and_kept_logits_match_plain_head_float32_and_bf16():
     assert_close(out[1][0].double(), ref_lp.detach(), rtol=0, atol=0.05)  # bf16 run against float64
 
 
+def test_compiled_head_scores_at_the_temperature_like_the_plain_head():
+    # score_at_temperature on the compiled fused path: the kernels see the tempered logits; values and gradients
+    # equal the plain head's, and the plain head's equal float64 log_softmax((hidden @ W.T + b) / T).
+    g = torch.Generator().manual_seed(2)
+    hidden = torch.randn(37, 16, generator=g, requires_grad=True)
+    weight = (0.3 * torch.randn(50, 16, generator=g)).requires_grad_()
+    bias = torch.randn(50, generator=g).requires_grad_()
+    labels, upstream = torch.randint(0, 50, (37,), generator=g), torch.randn(37, generator=g)
+    out = []
+    for compiled, keep in ((False, False), (True, False), (True, True)):
+        stats = token_logprobs(hidden, weight, labels, bias=bias, chunk_size=16, compiled=compiled, keep_logits=keep,
+                               temperature=0.7)
+        grads = torch.autograd.grad((stats.logprobs * upstream).sum(), [hidden, weight, bias])
+        out.append((stats.logprobs.detach(), stats.entropy, *grads))
+    for fast in out[1:]:
+        for a, b in zip(out[0], fast):
+            assert_close(b, a, rtol=1e-5, atol=1e-5)
+    ref_lp, ref_ent = token_stats_reference(hidden.double() / 0.7, weight.double(), bias.double() / 0.7, labels)
+    assert_close(out[0][0].double(), ref_lp.detach(), rtol=1e-5, atol=1e-5)
+    assert_close(out[0][1].double(), ref_ent.detach(), rtol=1e-5, atol=1e-5)
+
+
 def test_train_config_keep_logits_gives_the_same_step():
     examples = random_examples(8, seed=6)
     base = TrainConfig(sequences_per_step=8, micro_batch_size=4, precision="fp32", logprob_chunk_size=7)
