@@ -261,3 +261,28 @@ def test_the_first_step_of_a_round_never_reads_the_stored_old_logprobs():
     history = grpo.train_round(trainer, shifted, cfg, 0, pad_id=PAD)
     assert history[0]["ratio_mean"] == 1.0
     assert history[1]["ratio_mean"] == pytest.approx(math.e, rel=0.05)
+
+
+@pytest.mark.parametrize("temperature", [0.6, 1.5])
+def test_hf_engine_samples_at_a_temperature_and_the_sampler_comparison_stays_raw(tmp_path, temperature):
+    # The HF engine reports raw (temperature 1) log-probs whatever it samples at; with score_at_temperature the
+    # behaviour pass keeps lp_old tempered but compares the sampler with the trainer's raw log-probs: no gap on
+    # the engine's own model, and the importance weights stay 1, where tempered against raw would be far off.
+    from pipeline.config import EngineConfig, SamplingConfig
+    from pipeline.rollout.engines import HFEngine
+    from tests.integration.test_engines import PROMPTS, save_tiny_checkpoint
+
+    engine = HFEngine(save_tiny_checkpoint(tmp_path, seed=0), EngineConfig(batch_size=4, dtype="float32"),
+                      progress=False)
+    sampling = SamplingConfig(temperature=temperature, max_new_tokens=8, seed=1)
+    groups = engine.generate(PROMPTS, 2, sampling)
+    table = pd.DataFrame([{"group_index": g, "token_ids": c.token_ids, "sampler_logprobs": c.logprobs}
+                          for g, group in enumerate(groups) for c in group])
+    cfg = GRPOConfig(num_generations=2, score_at_temperature=True, sampling=sampling)
+    behave = grpo.behaviour(engine.model, table, PROMPTS, cfg, pad_id=engine.tokenizer.pad_token_id)
+    assert behave.metrics["sampling/sampling_logp_difference/max"] < 1e-4
+    assert max(abs(float(w.max()) - 1) for w in behave.is_weights) < 1e-4
+    q = torch.tensor([x for lp in table["sampler_logprobs"] for x in lp], dtype=torch.float64)
+    tempered = torch.cat([lp.double() for lp in behave.logprobs])
+    assert (tempered - q).abs().max() > 0.1  # lp_old is the tempered policy's, not the engine's raw numbers
+    engine.close()
