@@ -10,11 +10,14 @@ publishes it atomically, as one child run of the tracker.
 
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
 import functools
+import gc
 import inspect
 import logging
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -28,10 +31,20 @@ from pipeline.store.artifacts import ArtifactRef, StageStore, stage_key, tree_sh
 from pipeline.store.cache import VERSIONS, StageSpec, derive_spec
 from pipeline.tracking import NullTracker, Tracker
 
-__all__ = ["Resources", "Job", "StageCall", "STAGES", "stage", "bind", "execute", "cached", "model_dir",
-           "external_model"]
+__all__ = ["Resources", "STAGE_ROLES", "roles_of", "return_memory", "Job", "StageCall", "STAGES", "stage", "bind",
+           "execute", "cached", "model_dir", "external_model"]
 
 log = logging.getLogger(__name__)
+
+
+STAGE_ROLES: dict[str, tuple[str, ...]] = {"teacher_sample": ("teacher",), "evaluate": ("eval", "base"),
+                                           "gft_round": ("policy",), "grpo_round": ("policy",)}
+"""The engine roles each stage uses (`Resources.engine`); a stage not named uses none."""
+
+
+def roles_of(stages: Iterable[str]) -> set[str]:
+    """The engine roles the stages use, together."""
+    return {role for name in stages for role in STAGE_ROLES.get(name, ())}
 
 
 @dataclass
@@ -52,6 +65,7 @@ class Resources:
     tracker: Tracker = field(default_factory=NullTracker)
     force: bool = False  # recompute even valid outputs (`gft run --refresh STAGE` sets it from STAGE on)
     weights: dict[int, str] = field(default_factory=dict)  # id(engine) -> the checkpoint its weights are now
+    keep_engines: bool = False  # the old lifetime: every engine lives until close() (bench/memory.py's baseline)
 
     def engine(self, role: str, model_dir: str, cfg: EngineConfig) -> Engine:
         """The engine of a role (policy, teacher, base, eval) with settings `cfg`, holding model_dir's weights.
@@ -86,6 +100,43 @@ class Resources:
                 log.info("%d engine(s) asleep while the training job runs", len(sleepers))
             yield list(sleepers.values())
 
+    def hold(self, roles: Iterable[str], *, later: Iterable[str] = ()) -> list[str]:
+        """Before a stage: keep the engines of `roles` (the roles the stage uses) and release the others, memory
+        returned. An engine whose role a later stage of this process uses (`later`) is kept only when it is costly
+        to rebuild (vLLM); an HF engine is rebuilt from its folder when its role comes back, which reads the same
+        files `load_weights` reads anyway. With `keep_engines` nothing is released. The roles released."""
+        if self.keep_engines:
+            return []
+        roles, later = set(roles), set(later)
+        gone = [role for role, loaded in self.engines.items()
+                if role not in roles and (role not in later or loaded.cfg.backend == "hf")]
+        self.release(*gone)
+        return gone
+
+    def release(self, *roles: str) -> None:
+        """Close the engines of `roles` now (a role without one is skipped) and return their memory to the system
+        (`return_memory`); an engine two roles share closes with the last of them."""
+        held = [role for role in roles if role in self.engines]
+        for role in held:
+            self._release(role)
+        if held:
+            log.info("released engine(s): %s", ", ".join(held))
+            return_memory()
+
+    @contextmanager
+    def training(self) -> Iterator[None]:
+        """Around a training phase in this process: HF engines are released first (the trainer loads its own
+        copy of the weights, so the policy's engine would be a second one) and rebuilt by the next `engine()` call
+        from the checkpoint it names; the trainer's memory is returned after. vLLM engines are left as they are
+        (`engines_asleep` puts those with sleep mode to sleep around a launched job)."""
+        if not self.keep_engines:
+            self.release(*[role for role, loaded in self.engines.items() if loaded.cfg.backend == "hf"])
+        try:
+            yield
+        finally:
+            if not self.keep_engines:
+                return_memory()
+
     def _release(self, role: str) -> None:
         """Forget a role's engine; close it unless another role still uses the same object."""
         engine = self.engines.pop(role).engine
@@ -105,9 +156,35 @@ class Resources:
     def close(self) -> None:
         for role in list(self.engines):
             self._release(role)
+        return_memory()
         for verifier in self.verifiers.values():
             verifier.close()
         self.verifiers.clear()
+
+
+def return_memory() -> None:
+    """Give freed memory back: collect cycles (a closed model may hang in one), trim glibc's heap (freed blocks
+    stay in the process's resident set otherwise) and empty torch's CUDA cache."""
+    gc.collect()
+    if _LIBC is not None:
+        _LIBC.malloc_trim(0)
+    import torch
+
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
+def _glibc():
+    """glibc's handle when this process runs on it (malloc_trim is glibc's); None elsewhere (macOS, musl)."""
+    name = ctypes.util.find_library("c")
+    try:
+        libc = ctypes.CDLL(name) if name else None
+        return libc if libc is not None and hasattr(libc, "malloc_trim") else None
+    except OSError:
+        return None
+
+
+_LIBC = _glibc()
 
 
 # ---------------------------------------------------------------------------------------------------------

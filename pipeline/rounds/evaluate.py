@@ -98,8 +98,14 @@ def evaluate(cfg: EvalConfig, models: Models, sampler: Engine, base_sampler: Cal
 def _entropy_and_kl(cfg: EvalConfig, models: Models, base_sampler: Callable[[], Engine], graded: Graded,
                     pad: int) -> tuple[dict[str, float], int]:
     """The policy's token entropy on its own samples, KL(base || policy) per token on the base's samples, and
-    the engine calls that took (0 or 1)."""
-    remote = models.trust_remote_code
+    the engine calls that took (0 or 1). One scoring model is loaded at a time: the base's samples are drawn
+    first (the engine seeds its own sampling), the policy scores its samples and the base's, then goes before
+    the base is loaded to score those."""
+    remote, kl = models.trust_remote_code, cfg.kl_samples > 0 and not models.same
+    base_samples = base_sampler().generate(graded.prompt_ids, cfg.kl_samples,
+                                           cfg.sampling.model_copy(update={"temperature": 1.0})) if kl else []
+    bp = [p for p, cs in zip(graded.prompt_ids, base_samples) for _ in cs]
+    br = [list(c.token_ids) for cs in base_samples for c in cs]
     policy = load_model(models.policy, trust_remote_code=remote)
     flat_p = [p for p, cs in zip(graded.prompt_ids, graded.sampled) for _ in cs]
     own = score_responses(policy, flat_p, [list(c.token_ids) for cs in graded.sampled for c in cs], pad_id=pad)
@@ -109,12 +115,10 @@ def _entropy_and_kl(cfg: EvalConfig, models: Models, base_sampler: Callable[[], 
         return out, 0
     if models.same:
         return {**out, "kl_base_policy": 0.0}, 0  # the base against itself: 0 by definition, no second pass
-    base_samples = base_sampler().generate(graded.prompt_ids, cfg.kl_samples,
-                                           cfg.sampling.model_copy(update={"temperature": 1.0}))
-    bp = [p for p, cs in zip(graded.prompt_ids, base_samples) for _ in cs]
-    br = [list(c.token_ids) for cs in base_samples for c in cs]
-    base_scores = score_responses(load_model(models.base, trust_remote_code=remote), bp, br, pad_id=pad)
-    out["kl_base_policy"] = kl_per_token(base_scores.logprobs, score_responses(policy, bp, br, pad_id=pad).logprobs)
+    policy_logprobs = score_responses(policy, bp, br, pad_id=pad).logprobs
+    del policy  # before the base's model is loaded
+    base_logprobs = score_responses(load_model(models.base, trust_remote_code=remote), bp, br, pad_id=pad).logprobs
+    out["kl_base_policy"] = kl_per_token(base_logprobs, policy_logprobs)
     return out, 1
 
 
