@@ -104,13 +104,16 @@ class Resources:
         """Before a stage: keep the engines of `roles` (the roles the stage uses) and release the others, memory
         returned. An engine whose role a later stage of this process uses (`later`) is kept only when it is costly
         to rebuild (vLLM); an HF engine is rebuilt from its folder when its role comes back, which reads the same
-        files `load_weights` reads anyway. With `keep_engines` nothing is released. The roles released."""
+        files `load_weights` reads anyway. Memory the last stage freed is returned either way. With `keep_engines`
+        nothing is released or returned (the old lifetime). The roles released."""
         if self.keep_engines:
             return []
         roles, later = set(roles), set(later)
         gone = [role for role, loaded in self.engines.items()
                 if role not in roles and (role not in later or loaded.cfg.backend == "hf")]
         self.release(*gone)
+        if not gone:
+            return_memory()  # what the last stage freed (a trainer, scoring models) goes back before this one
         return gone
 
     def release(self, *roles: str) -> None:

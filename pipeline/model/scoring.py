@@ -25,7 +25,7 @@ from pipeline.algo.losses import (
 
 __all__ = ["ScoredTokens", "Objective", "gft_objective", "sft_objective", "dft_objective", "GRPOLossOptions",
            "grpo_objective", "TokenScorer", "differentiable_entropy", "scoring_temperature", "scorer_at",
-           "ResponseScores", "score_responses"]
+           "ResponseScores", "score_responses", "scoring_chunk_rows", "SCORING_CHUNK_BYTES"]
 
 
 
@@ -257,16 +257,28 @@ class ResponseScores:
     entropy: list[Tensor]  # one [T_k] float tensor per response
 
 
+SCORING_CHUNK_BYTES = 64 * 2**20
+"""The float32 logits of one scoring chunk, at most ([rows, V] x 4 bytes): `score_responses`'s memory bound."""
+
+
+def scoring_chunk_rows(vocab_size: int, *, cap: int = 2048) -> int:
+    """Rows per logits chunk so that one chunk's float32 logits stay within SCORING_CHUNK_BYTES (at most `cap`;
+    a chunk's rows are scored independently, so the size changes memory, not the numbers)."""
+    return max(1, min(cap, SCORING_CHUNK_BYTES // (4 * vocab_size)))
+
+
 @torch.no_grad()
 def score_responses(model: nn.Module, prompts: Sequence[Sequence[int]], responses: Sequence[Sequence[int]], *,
-                    pad_id: int, batch_size: int = 16, chunk_size: int = 2048) -> ResponseScores:
-    """log p and entropy of every response token given its prompt, in padded batches on the model's device.
-    `model` is a causal LM or a TokenScorer (a trainer's FSDP2 scorer: its forward gathers the sharded
-    parameters, so every process must score the same batches)."""
+                    pad_id: int, batch_size: int = 16, chunk_size: int | None = None) -> ResponseScores:
+    """log p and entropy of every response token given its prompt, in padded batches on the model's device, the
+    output projection in chunks of `chunk_size` rows (default `scoring_chunk_rows`: 341 rows of a 49k
+    vocabulary, 64 MiB of logits). `model` is a causal LM or a TokenScorer (a trainer's FSDP2 scorer: its forward
+    gathers the sharded parameters, so every process must score the same batches)."""
     if len(prompts) != len(responses):
         raise ValueError(f"{len(prompts)} prompts but {len(responses)} responses")
     examples = [Example(p, r) for p, r in zip(prompts, responses)]
-    scorer = model if isinstance(model, TokenScorer) else TokenScorer(model, chunk_size=chunk_size)
+    scorer = model if isinstance(model, TokenScorer) else TokenScorer(
+        model, chunk_size=chunk_size or scoring_chunk_rows(model.get_output_embeddings().weight.shape[0]))
     device = next(model.parameters()).device
     logps, ents = [], []
     for start in range(0, len(examples), batch_size):

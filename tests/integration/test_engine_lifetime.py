@@ -129,3 +129,34 @@ def test_hold_keeps_a_vllm_engine_a_later_stage_uses_and_releases_hf_engines(tmp
     assert kept.hold([]) == [] and not engine.closed
     kept.close()
     assert engine.closed
+
+
+def test_scoring_projects_the_vocabulary_in_bounded_chunks(monkeypatch):
+    """score_responses (evaluation's entropy and KL, GRPO's reference) projects at most SCORING_CHUNK_BYTES of
+    float32 logits at once, and the chunking changes no number: bitwise the one-chunk result, and the float64
+    full log-softmax up to float32 rounding."""
+    import torch
+
+    from pipeline.model import scoring
+    from tests.conftest import random_examples, tiny_lm
+
+    vocab = 70_000  # 239 rows per chunk: the 16 x <=20 response tokens below take two chunks
+    model = tiny_lm("llama", vocab=vocab).eval()
+    examples = random_examples(16, vocab=vocab, max_prompt=5, max_response=20, seed=1)
+    prompts, responses = [e.prompt_ids for e in examples], [e.response_ids for e in examples]
+    sizes, real = [], scoring.token_logprobs
+    monkeypatch.setattr(scoring, "token_logprobs", lambda *a, chunk_size, **k: (sizes.append(chunk_size),
+                                                                                real(*a, chunk_size=chunk_size, **k))[1])
+    bounded = scoring.score_responses(model, prompts, responses, pad_id=0)
+    assert sizes and all(4 * vocab * s <= scoring.SCORING_CHUNK_BYTES for s in sizes), sizes
+    whole = scoring.score_responses(model, prompts, responses, pad_id=0, chunk_size=4096)
+    assert all(torch.equal(a, b) for a, b in zip(bounded.logprobs, whole.logprobs))
+    assert all(torch.equal(a, b) for a, b in zip(bounded.entropy, whole.entropy))
+    with torch.no_grad():
+        ref = model.double()
+        for p, r, lp, ent in zip(prompts, responses, bounded.logprobs, bounded.entropy):
+            logits = ref(torch.tensor([list(p) + list(r)])).logits[0, len(p) - 1:-1]  # [T, V] float64
+            logsm = torch.log_softmax(logits, -1)
+            torch.testing.assert_close(lp.double(), logsm.gather(-1, torch.tensor(r)[:, None])[:, 0],
+                                       rtol=1e-5, atol=1e-5)
+            torch.testing.assert_close(ent.double(), -(logsm.exp() * logsm).sum(-1), rtol=1e-5, atol=1e-5)
