@@ -406,3 +406,72 @@ def test_scoring_at_temperature_needs_a_sampling_temperature():
         with pytest.raises(ValueError, match=f"{stage}.score_at_temperature needs {stage}.sampling.temperature"):
             make(score_at_temperature=True, sampling=SamplingConfig(temperature=0.0))
         assert make(score_at_temperature=False, sampling=SamplingConfig(temperature=0.0)).sampling.temperature == 0
+
+
+# --------------------------------------------------------------------------------------------- across processes
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("aggregation", ["seq-mean-token-mean", "seq-mean-token-sum-norm"])
+def test_two_processes_equal_one(tmp_path, aggregation):
+    # GFT steps at a seq-mean aggregation, then one GSPO step whose clip_ratio/* is over the step's sequences:
+    # 2 gloo processes (each a strided half of every step) against 1, parameters, losses and metrics.
+    import os
+    import socket
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[2]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(root)}
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    one, two = tmp_path / "one.pt", tmp_path / "two.pt"
+    subprocess.run([sys.executable, __file__, str(one), aggregation], check=True, env=env, timeout=300)
+    subprocess.run([str(Path(sys.executable).with_name("torchrun")), "--nproc_per_node", "2", "--master_addr",
+                    "127.0.0.1", "--master_port", str(port), __file__, str(two), aggregation], check=True, env=env,
+                   timeout=300)
+    a, b = torch.load(one), torch.load(two)
+    assert (a["world"], b["world"]) == (1, 2)
+    for name, p in a["params"].items():
+        assert_close(b["params"][name], p, rtol=1e-10, atol=1e-12, msg=name)
+    assert [h["loss"] for h in b["history"]] == pytest.approx([h["loss"] for h in a["history"]], rel=1e-10)
+    for m in (a["gspo"], b["gspo"]):
+        assert m["clip_ratio/high_mean"] == pytest.approx(a["clipped"], abs=1e-12)
+        assert m["clip_ratio/region_mean"] == pytest.approx(a["clipped"], abs=1e-12)
+
+
+def _dist_main(out: str, aggregation: str) -> None:
+    """Run alone or under torchrun by `test_two_processes_equal_one`: 3 GFT steps, then one GSPO step."""
+    from pipeline.model.loop import fit
+    from pipeline.model.scoring import score_responses
+
+    torch.set_num_threads(1)
+    model = tiny_lm(seed=0, dtype=torch.float64)
+    cfg = TrainConfig(lr=1e-2, num_steps=3, sequences_per_step=8, micro_batch_size=2)
+    result = fit(model, random_examples(24, seed=5), gft_objective(tau=0.5, aggregation=aggregation,
+                                                                     max_response_tokens=9), cfg, pad_id=PAD,
+                 progress_bar=False)
+    trainer, base = result.trainer, random_examples(10, seed=6)
+    with torch.no_grad():
+        lps = score_responses(trainer.model, [e.prompt_ids for e in base], [e.response_ids for e in base],
+                              pad_id=PAD).logprobs
+    shifts = [(-1.0 if k % 3 == 0 else 0.02) for k in range(10)]
+    examples = [Example(e.prompt_ids, e.response_ids, 1.0, old_logprobs=(lp.double() + s).tolist())
+                for e, lp, s in zip(base, lps, shifts)]
+    acc = trainer.accelerator
+    micro, totals = plan_step(examples, range(10), cfg, rank=acc.process_index, world=acc.num_processes, pad_id=PAD)
+    gspo = train_step(trainer, micro, grpo_objective(GRPOLossOptions(eps_low=0.2, eps_high=0.28,
+                                                                     ratio_level="sequence")),
+                      totals, max_grad_norm=None, step=3).metrics
+    if acc.is_main_process:
+        torch.save({"params": {k: v.detach().clone() for k, v in trainer.model.state_dict().items()},
+                    "history": result.history, "world": acc.num_processes, "gspo": gspo,
+                    "clipped": sum(s < 0 for s in shifts) / 10}, out)
+
+
+if __name__ == "__main__":  # the test runs this file with PYTHONPATH at the repository root
+    import sys
+
+    _dist_main(sys.argv[1], sys.argv[2])
