@@ -161,16 +161,29 @@ def _where_to_look(cfg: RunConfig, root: Path, out: dict, seconds: float, *, pre
 
 
 def _dry_run(cfg: RunConfig, root: Path, refresh: str | None) -> int:
+    from pipeline.memory.plan import MemoryBudgetError, MemoryPlan, check_budget
     from pipeline.run import plan
 
     print(f"# resolved config ({cfg.digest()[:12]}), run root {root}\n")
     print(json.dumps(cfg.model_dump(mode="json"), indent=2))
-    print("\n# stage calls in order (key: the stage's cache key; '-' until an input it depends on exists)\n")
-    forced = False
-    for c in plan(cfg, root):
+    print("\n# stage calls in order (key: the stage's cache key; '-' until an input it depends on exists; peak: "
+          "the planned peak per device in GB, docs/memory.md)\n")
+    calls, forced = plan(cfg, root), False
+    width = max((len(c.key or "-") for c in calls), default=1)
+    for c in calls:
         forced = forced or c.name == refresh
         status = "refresh" if forced else ("cached" if c.cached else "to run")
-        print(f"{c.name:<18} {c.stage:<18} {status:<8} {c.key or '-'}")
+        peaks = "  ".join(f"{p.device} {p.total:6.2f}" for p in c.memory) or "-"
+        largest = max(c.memory, key=lambda p: p.total).largest if c.memory else None
+        most = f"  (largest: {largest.name} {largest.gb:.2f})" if largest else ""
+        print(f"{c.name:<18} {c.stage:<18} {status:<8} {c.key or '-':<{width}}  {peaks}{most}")
+    budget = cfg.memory
+    try:
+        check_budget(MemoryPlan(tuple(p for c in calls for p in c.memory)), cpu_gb=budget.cpu_gb,
+                     gpu_gb=budget.gpu_gb)
+    except MemoryBudgetError as exc:
+        print(f"\nerror: {exc}", file=sys.stderr)
+        return 2
     return 0
 
 

@@ -11,6 +11,7 @@ while its Prefect API starts, and those imports take seconds.
 
 from __future__ import annotations
 
+import dataclasses
 import errno
 import functools
 import logging
@@ -26,6 +27,10 @@ from typing import TYPE_CHECKING
 from pipeline import report
 from pipeline.config import HELDOUT, EvalConfig, RetentionConfig, RunConfig
 from pipeline.data import chat
+from pipeline.memory.plan import (
+    MemoryBudgetError, MemoryPlan, PlanCall, Shapes, StagePeak, check_budget, plan_memory,
+)
+from pipeline.memory.shapes import ModelShape, read_shape, shape_from_config
 from pipeline.store.artifacts import ArtifactRef, StageStore
 from pipeline.store.outputs import read_output
 from pipeline.store.retention import resumable, retain
@@ -34,8 +39,8 @@ from pipeline.tracking import MlflowTracker, NullTracker, sqlite_uri
 if TYPE_CHECKING:
     from pipeline import runtime, stages
 
-__all__ = ["RunResult", "RootError", "Ops", "local_ops", "execute", "plan", "run", "check_root", "resolve_root",
-           "check_prompts", "chain_outputs", "stage_history", "round_metrics"]
+__all__ = ["RunResult", "RootError", "Ops", "local_ops", "execute", "plan", "check_memory", "run", "check_root",
+           "resolve_root", "check_prompts", "chain_outputs", "stage_history", "round_metrics"]
 
 log = logging.getLogger(__name__)
 
@@ -307,32 +312,119 @@ def _restore(name: str, stage: str, chain: list[ArtifactRef], r: int, args: Call
 
 @dataclass(frozen=True)
 class PlannedCall:
-    """One stage call of a dry run: its key (None while an input is still to be computed) and whether it is cached."""
+    """One stage call of a dry run: its key (None while an input is still to be computed), whether it is cached,
+    and its expected peak per device (`pipeline.memory.plan`; empty where the models' shapes are unknown)."""
 
     name: str
     stage: str
     key: str | None
     cached: bool
+    memory: tuple[StagePeak, ...] = ()
 
 
-def plan(cfg: RunConfig, root: Path) -> list[PlannedCall]:
-    """Every stage call of the run with its key, computing nothing: a call whose inputs exist gets its key and
-    cache status; one downstream of a call still to run has no key yet (it depends on that output)."""
+def plan(cfg: RunConfig, root: Path, *, keep_engines: bool = False) -> list[PlannedCall]:
+    """Every stage call of the run with its key and its memory plan, computing nothing: a call whose inputs exist
+    gets its key and cache status; one downstream of a call still to run has no key yet (it depends on that
+    output). `keep_engines` plans the old engine lifetime (every engine kept to the end)."""
     from pipeline import runtime
 
     res = runtime.Resources(StageStore(root), progress=False)
     calls: list[PlannedCall] = []
+    bound: list[stages.StageCall] = []
+    outputs: dict[str, ArtifactRef] = {}
 
     def dry(call: stages.StageCall) -> ArtifactRef:
         key = None if call.spec.pending else call.key
         ref = res.store.lookup(call.stage, key) if key else None
         calls.append(PlannedCall(call.stage.removesuffix("_round"), call.stage, key, ref is not None))
+        bound.append(call)
+        if ref is not None:
+            outputs.setdefault(call.stage, ref)
         return ref or ArtifactRef(kind="pending", uri=f"pending:{call.stage}", sha256="0" * 64, schema_version=1)
 
     try:
         execute(cfg, dry, res, prune=False)
     finally:
         res.close()
+    memory = _memory_plan(cfg, bound, outputs.get("prepare_data"), keep_engines=keep_engines)
+    if memory is None:
+        return calls
+    return [dataclasses.replace(c, memory=tuple(memory.of(i).values())) for i, c in enumerate(calls)]
+
+
+def _memory_plan(cfg: RunConfig, bound: list[stages.StageCall], prompts: ArtifactRef | None, *,
+                 keep_engines: bool) -> MemoryPlan | None:
+    """The memory plan of the bound calls (None, logged, where a model's config.json cannot be read here: a hub
+    model not in the local cache)."""
+    import torch
+
+    try:
+        shapes = _model_shapes(cfg)
+    except (OSError, ValueError) as exc:
+        log.warning("no memory plan: %s", exc)
+        return None
+    calls = [PlanCall(f"{c.stage.removesuffix('_round')}/{c.arguments['round_idx']}" if "round_idx" in c.arguments
+                      else c.stage, c.stage, c.arguments) for c in bound]
+    return plan_memory(calls, shapes, cuda=torch.cuda.is_available(), prompt_tokens=_prompt_tokens(cfg, prompts),
+                       keep_engines=keep_engines, engine=cfg.engine, tracking=cfg.tracking.enabled)
+
+
+def _model_shapes(cfg: RunConfig) -> Shapes:
+    """The base's and teacher's shapes from their config.json; the bootstrap models' from the synthetic task's
+    own builder (they exist only once their stage ran)."""
+    from pipeline.data import synthetic
+
+    def bootstrap(role: str) -> ModelShape:
+        model = synthetic.build_model(synthetic.build_tokenizer(), size=role, seed=0)
+        return shape_from_config(model.config.to_dict())
+
+    def shape(spec: str, role: str) -> ModelShape:
+        if spec == "bootstrap":
+            return bootstrap(role)
+        folder = Path(spec)
+        if not folder.is_dir():
+            from huggingface_hub import try_to_load_from_cache
+
+            cached = try_to_load_from_cache(spec, "config.json")
+            if not isinstance(cached, str):
+                raise ValueError(f"models.{role} = {spec!r}: its config.json is not in the local HF cache")
+            folder = Path(cached).parent
+        return read_shape(folder)
+
+    teacher = None if cfg.models.teacher is None else shape(cfg.models.teacher, "teacher")
+    bootstrapped = "bootstrap" in (cfg.models.base, cfg.models.teacher)
+    return Shapes(base=shape(cfg.models.base, "base"), teacher=teacher,
+                  bootstrap=bootstrap("base") if bootstrapped else None)
+
+
+def _prompt_tokens(cfg: RunConfig, prompts: ArtifactRef | None) -> int | None:
+    """The longest rendered prompt of the train and eval splits, in the base's tokens, when the prompts exist
+    (else None: engine.max_model_len bounds it)."""
+    if prompts is None:
+        return None
+    import pyarrow.parquet as pq
+
+    from pipeline.data import synthetic
+
+    base = cfg.models.base
+    tok = synthetic.build_tokenizer() if base == "bootstrap" else chat.load_tokenizer(
+        base, trust_remote_code=cfg.engine.trust_remote_code)
+    texts = [p for split in ("train.parquet", "eval.parquet")
+             for p in pq.read_table(read_output(prompts).file(split), columns=["prompt"]).column("prompt").to_pylist()]
+    return max((len(chat.render_prompt(tok, t)) for t in texts), default=None)
+
+
+def check_memory(cfg: RunConfig, root: Path) -> list[PlannedCall] | None:
+    """Refuse, before any work, a run whose memory plan exceeds a budget of `cfg.memory` (MemoryBudgetError,
+    naming the stage, the device and the largest item); nothing to check (None) without a budget. The plan."""
+    budget = cfg.memory
+    if budget.cpu_gb is None and budget.gpu_gb is None:
+        return None
+    calls = plan(cfg, root)
+    if any(c.stage in ("evaluate", "sft") for c in calls) and not any(c.memory for c in calls):
+        raise MemoryBudgetError(f"memory.cpu_gb/gpu_gb are set but no memory plan could be made (a model's "
+                                f"config.json is not readable here; see the log): unset them or make it readable")
+    check_budget(MemoryPlan(tuple(p for c in calls for p in c.memory)), cpu_gb=budget.cpu_gb, gpu_gb=budget.gpu_gb)
     return calls
 
 
@@ -346,6 +438,7 @@ def run(cfg: RunConfig, *, root: Path, progress: bool = True, ops: Callable[["ru
     from pipeline import runtime
 
     check_root(root)
+    check_memory(cfg, root)  # a plan over a declared budget is refused before any work
     torch.set_num_threads(cfg.threads)
     tracker = make_tracker(cfg, root, context_tags)
     res = runtime.Resources(StageStore(root), progress=progress, tracker=tracker)
