@@ -9,10 +9,10 @@ either stops (`on_bad_row="error"`) or drops the bad rows and counts why (`"skip
 A column setting is a column name or a path into nested fields (`messages[0].content`, `extra_info.index`,
 `prompt[-1].content`): the top-level column must exist (checked once, before any row), and a row whose path
 leads nowhere is a bad row named by its number, field and path. Row ids come from `id_column`, from the problem
-text (`ids = "content"`: "sha-" and 16 hex digits of its sha256) or from the row's position (`ids = "row"`). The gold answer and the solution can be
-rewritten from GSM8K's "#### x" form (`answer_format`, `solution_format`). The prompt becomes
-`prompt_template` with the problem text in place of "{prompt}", and with `system_prompt` the row holds both turns
-(`chat.encode_prompt`), which every stage renders through `chat.render_prompt`.
+text (`ids = "content"`: "sha-" and 16 hex digits of its sha256) or from the row's position (`ids = "row"`). The
+gold answer and the solution can be rewritten from GSM8K's "#### x" form (`answer_format`, `solution_format`).
+The prompt becomes `prompt_template` with the problem text in place of "{prompt}", and with `system_prompt` the
+row holds both turns (`chat.encode_prompt`), which every stage renders through `chat.render_prompt`.
 """
 
 from __future__ import annotations

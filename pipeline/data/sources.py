@@ -173,13 +173,18 @@ def check_columns(cfg: DataConfig, columns: Sequence[str], origin: str) -> None:
                if path is not None and path[0] not in columns and not (name == "id" and cfg.ids != "column")]
     if not missing:
         return
-    names = [f"{paths[n][0]!r} (data.{SETTINGS[n]}{'' if len(paths[n]) == 1 else ' = ' + repr(getattr(cfg, SETTINGS[n]))})"
-             for n in missing]
+    names = [f"{paths[n][0]!r} ({_setting_text(cfg, n, paths[n])})" for n in missing]
     hint = (f". The rows have no id column {cfg.id_column!r}: set data.ids = \"content\" (ids from the problem "
             f"text, stable) or data.ids = \"row\" (row numbers), or name the id column in data.id_column"
             if "id" in missing else "")
     raise DataError(f"{origin}: missing column{'s' if len(names) > 1 else ''} {', '.join(names)}; available "
                     f"columns: {', '.join(map(repr, columns)) or 'none'}{hint}")
+
+
+def _setting_text(cfg: DataConfig, field: str, path: list[str | int]) -> str:
+    """How an error names the setting of `field`: "data.answer_column", with its value when it is a path."""
+    setting = SETTINGS[field]
+    return f"data.{setting}" + ("" if len(path) == 1 else f" = {getattr(cfg, setting)!r}")
 
 
 def source_columns(cfg: DataConfig) -> list[str] | None:
