@@ -9,6 +9,7 @@ stage is asserted here (bench/ measures those)."""
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 
@@ -115,3 +116,51 @@ def test_a_computed_stage_records_its_peak_in_its_manifest_and_mlflow_run(tmp_pa
     run = c.search_runs([tracker.experiment_id], "tags.`pipeline.stage` = 'prepare_data'")[0]
     assert run.data.metrics["perf/peak_rss_gb"] == pytest.approx(manifest.metrics["perf/peak_rss_gb"])
     tracker.end_pipeline("FINISHED")
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The plan in a run: the dry run prints it, a budget it exceeds is refused before any work
+# ---------------------------------------------------------------------------------------------------------
+
+TINY = Path(__file__).parents[1] / "data" / "tiny_run.toml"
+
+
+def _tiny(tmp_path, **memory) -> Path:
+    """tiny_run.toml with a [memory] table, in its own folder (its root beside it)."""
+    text = TINY.read_text() + "\n[memory]\n" + "".join(f"{k} = {v}\n" for k, v in memory.items())
+    path = tmp_path / "tiny.toml"
+    path.write_text(text)
+    return path
+
+
+def test_the_dry_run_prints_each_calls_planned_peak(tmp_path, capsys):
+    from flows.cli import main
+
+    assert main(["run", str(TINY), "--root", str(tmp_path / "root"), "--dry-run"]) == 0
+    out = capsys.readouterr().out
+    rows = [line for line in out.splitlines() if line.startswith(("prepare_data ", "sft ", "evaluate "))]
+    assert len(rows) == 1 + 1 + 3 and all(" cpu " in line and "(largest: " in line for line in rows), rows
+    assert not (tmp_path / "root" / "sft").exists()
+
+
+def test_a_run_over_its_memory_budget_is_refused_before_any_work_naming_the_stage(tmp_path, capsys):
+    """The budget sits just under the plan's largest stage: the run fails before prepare_data computes, naming
+    the first stage over it and its largest item; the dry run refuses the same. Without the budget the same plan
+    passes (check_memory returns it)."""
+    from flows.cli import main
+    from pipeline.config import load_run_config
+    from pipeline.memory.plan import MemoryBudgetError
+    from pipeline.run import check_memory, plan, run
+
+    peaks = [p for c in plan(load_run_config(TINY), tmp_path / "probe") for p in c.memory]
+    budget = round(max(p.total for p in peaks) - 0.005, 3)
+    first = next(p for p in peaks if p.total > budget)
+    path = _tiny(tmp_path, cpu_gb=budget)
+    with pytest.raises(MemoryBudgetError) as err:
+        run(load_run_config(path), root=tmp_path / "root", progress=False)
+    assert f"stage {first.label} ({first.stage}, {first.phase})" in str(err.value)
+    assert first.largest.name in str(err.value)
+    assert not any((tmp_path / "root").glob("prepare_data/*/manifest.json"))  # nothing computed
+    assert main(["run", str(path), "--root", str(tmp_path / "root"), "--dry-run"]) == 2
+    assert f"stage {first.label}" in capsys.readouterr().err
+    assert check_memory(load_run_config(_tiny(tmp_path, cpu_gb=budget + 0.01)), tmp_path / "root")
