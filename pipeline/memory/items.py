@@ -116,12 +116,23 @@ def trainer_items(phase: Phase, shape: ModelShape, train: TrainConfig, where: Wh
     return phase
 
 
+SCORING_CHUNK_BYTES = 64 * 2**20
+"""score_responses' float32 logits per chunk (`pipeline.model.scoring.SCORING_CHUNK_BYTES`)."""
+
+
+def scoring_chunk_rows(vocab: int) -> int:
+    """Rows per scoring chunk (`pipeline.model.scoring.scoring_chunk_rows`: 64 MiB of float32 logits, at most
+    2048 rows)."""
+    return max(1, min(2048, SCORING_CHUNK_BYTES // (4 * vocab)))
+
+
 def scoring_items(phase: Phase, who: str, shape: ModelShape, where: Where, *, rows: int, tokens: int) -> Phase:
-    """A scoring model (in its checkpoint's dtype) and one scored batch's forward: one layer's transients and
-    the chunked log-prob's blocks (`pipeline.model.scoring.score_responses`: 16 rows a batch, chunks of 2048)."""
+    """A scoring model (in its checkpoint's dtype) and one scored batch's forward without gradients: one layer's
+    transients and the chunked log-prob's blocks (`pipeline.model.scoring.score_responses`: 16 rows a batch)."""
     device = "cuda" if where.cuda else "cpu"
     nbytes = BYTES[shape.dtype]
     phase.add(device, f"{who} scoring model", shape.params * nbytes)
     per_token = 4 * shape.hidden + 3 * shape.intermediate + shape.heads * tokens
     phase.add(device, f"{who} scoring forward ({rows} x {tokens} tokens)", rows * tokens * per_token * nbytes)
-    return phase.add(device, f"{who} scoring logits", LOGIT_BLOCKS * min(2048, rows * tokens) * shape.vocab * 4)
+    chunk = min(scoring_chunk_rows(shape.vocab), rows * tokens)
+    return phase.add(device, f"{who} scoring logits ({chunk} x {shape.vocab})", LOGIT_BLOCKS * chunk * shape.vocab * 4)
