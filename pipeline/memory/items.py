@@ -19,10 +19,14 @@ TRACKING_CPU_GB = 0.10
 """What MLflow tracking adds to the baseline (0.70 GB measured at prepare_data with tracking on)."""
 CUDA_CONTEXT_CPU_GB = 0.45
 """What initialising CUDA adds to the process's RSS (the driver's and torch's host-side state)."""
-ACT_H, ACT_KV, ACT_FFN = 11, 3, 4
+ACT_H, ACT_KV, ACT_FFN = 10, 3, 4
 """Saved activations per token and decoder layer for backward, in hidden, kv (kv_heads x head_dim) and
 intermediate widths: norms' inputs and outputs, q/k/v and their rotated and repeated copies, the attention output,
 the MLP's gate, up, activation and product (`trainer_items`)."""
+STEP_COPIES = 2
+"""Parameter-sized copies alive at a training step's or the save's peak besides the trainer's state (the optimizer's
+per-step temporaries, the saved state dict): measured on SmolLM2-135M, `rounds.job.train` of an SFT job peaks
+1.2 GB (about 2 x 4P) above its weights, gradients, moments, activations and logits."""
 LOGIT_BLOCKS = 3
 """[chunk, vocab] float32 blocks alive at once in the chunked log-prob (logits, log-softmax, its exp or the
 gradient; `pipeline.model.logprobs`)."""
@@ -104,6 +108,7 @@ def trainer_items(phase: Phase, shape: ModelShape, train: TrainConfig, where: Wh
     p = shape.params
     phase.add(device, "trainer weights", p * master).add(device, "gradients", p * master)
     phase.add(device, "AdamW moments", 2 * p * master)
+    phase.add(device, "step and save transients", STEP_COPIES * p * master)
     act = BYTES["bfloat16"] if where.cuda and train.precision != "fp32" else master
     per_layer = ACT_H * shape.hidden + ACT_KV * shape.kv_heads * shape.head_dim + ACT_FFN * shape.intermediate
     layers = 1 if train.gradient_checkpointing else shape.layers

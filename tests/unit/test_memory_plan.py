@@ -65,7 +65,8 @@ def test_smollm2_items_follow_from_the_shape_and_settings():
     assert items["trainer weights"] == pytest.approx(p * 4 / 1e9, rel=1e-12)
     assert items["gradients"] == pytest.approx(p * 4 / 1e9, rel=1e-12)
     assert items["AdamW moments"] == pytest.approx(2 * p * 4 / 1e9, rel=1e-12)
-    per_token_layer = 11 * 576 + 3 * 3 * 64 + 4 * 1536  # saved floats per token and layer
+    assert items["step and save transients"] == pytest.approx(2 * p * 4 / 1e9, rel=1e-12)
+    per_token_layer = 10 * 576 + 3 * 3 * 64 + 4 * 1536  # saved floats per token and layer
     assert items["activations (4 x 200 tokens)"] == pytest.approx(4 * 200 * 30 * per_token_layer * 4 / 1e9, rel=1e-12)
     assert items["logits chunks (256 x 49152)"] == pytest.approx(3 * 256 * 49152 * 4 / 1e9, rel=1e-12)
     checkpointed = {i.name: i.gb for i in trainer_items(
