@@ -133,7 +133,8 @@ class _Walk:
     def train(self, name: str, train: TrainConfig, shape: ModelShape, *, rows: int, tokens: int, scored: int,
               reference: ModelShape | None = None) -> Phase:
         """A training phase: in this process (HF engines released around it), or a launched job whose processes
-        each hold the trainer (DDP) or its 1/N shard (FSDP) beside the stage's process and its engines."""
+        each hold the trainer (DDP) or its 1/N shard (FSDP) beside the stage's process (HF engines released
+        around either; vLLM ones kept, asleep with sleep mode)."""
         launch = train.launch
         if not launch.launched:
             phase = trainer_items(self.phase(name, training=True), shape, train, self.where, rows=rows,
@@ -143,7 +144,7 @@ class _Walk:
         job = trainer_items(Phase("job"), shape, train, self.where, rows=rows, tokens=tokens, scored=scored)
         if reference is not None:
             scoring_items(job, "reference", reference, self.where, rows=min(rows, 16), tokens=tokens)
-        phase, n = self.phase(name), launch.processes
+        phase, n = self.phase(name, training=True), launch.processes
         state = ("trainer weights", "gradients", "AdamW moments")
         phase.add("cpu", f"job: {n} process baselines", n * BASELINE_CPU_GB * GB)  # no tracking there
         for device, items in job.items.items():
