@@ -398,20 +398,45 @@ def _model_shapes(cfg: RunConfig) -> Shapes:
 
 
 def _prompt_tokens(cfg: RunConfig, prompts: ArtifactRef | None) -> int | None:
-    """The longest rendered prompt of the train and eval splits, in the base's tokens, when the prompts exist
-    (else None: engine.max_model_len bounds it)."""
-    if prompts is None:
-        return None
-    import pyarrow.parquet as pq
-
+    """The longest rendered prompt, in the base's tokens: of the train and eval splits once they exist, else of
+    the source's rows (the synthetic task's candidates, or a local file's validated rows: a superset of the
+    splits); None where neither can be read here (a hub dataset: engine.max_model_len bounds it)."""
     from pipeline.data import synthetic
 
     base = cfg.models.base
     tok = synthetic.build_tokenizer() if base == "bootstrap" else chat.load_tokenizer(
         base, trust_remote_code=cfg.engine.trust_remote_code)
-    texts = [p for split in ("train.parquet", "eval.parquet")
-             for p in pq.read_table(read_output(prompts).file(split), columns=["prompt"]).column("prompt").to_pylist()]
-    return max((len(chat.render_prompt(tok, t)) for t in texts), default=None)
+    texts = _split_prompts(prompts) if prompts is not None else _source_prompts(cfg)
+    return max((len(chat.render_prompt(tok, t)) for t in texts), default=None) if texts else None
+
+
+def _split_prompts(prompts: ArtifactRef) -> list[str]:
+    import pyarrow.parquet as pq
+
+    return [p for split in ("train.parquet", "eval.parquet")
+            for p in pq.read_table(read_output(prompts).file(split), columns=["prompt"]).column("prompt").to_pylist()]
+
+
+def _source_prompts(cfg: RunConfig) -> list[str] | None:
+    """The templated prompts of the data source's rows, read without the gold check (None: a hub dataset, or
+    rows that do not validate: prepare_data names the problem when it runs)."""
+    from pipeline.data import prompts as data_lib
+    from pipeline.data import sources, synthetic
+
+    data = cfg.data
+    try:
+        if data.source == "synthetic":
+            candidates = synthetic.make_problems(4 * data.synthetic_rows, seed=cfg.synthetic.seed + 1,
+                                                 levels=cfg.synthetic.levels)  # what prepare_data draws from
+            rows = data_lib.rows_from_records(candidates, data).rows
+        elif sources.resolve_format(data) == "hf":
+            return None
+        else:
+            rows = data_lib.load_prompts(data).rows
+    except (ValueError, OSError) as exc:
+        log.info("memory plan: prompt lengths bounded by engine.max_model_len (%s)", exc)
+        return None
+    return [r["prompt"] for r in rows]
 
 
 def check_memory(cfg: RunConfig, root: Path) -> list[PlannedCall] | None:
