@@ -161,7 +161,7 @@ def _where_to_look(cfg: RunConfig, root: Path, out: dict, seconds: float, *, pre
 
 
 def _dry_run(cfg: RunConfig, root: Path, refresh: str | None) -> int:
-    from pipeline.memory.plan import MemoryBudgetError, MemoryPlan, check_budget
+    from pipeline.memory.plan import MemoryBudgetError, check
     from pipeline.run import plan
 
     print(f"# resolved config ({cfg.digest()[:12]}), run root {root}\n")
@@ -177,10 +177,8 @@ def _dry_run(cfg: RunConfig, root: Path, refresh: str | None) -> int:
         largest = max(c.memory, key=lambda p: p.total).largest if c.memory else None
         most = f"  (largest: {largest.name} {largest.gb:.2f})" if largest else ""
         print(f"{c.name:<18} {c.stage:<18} {status:<8} {c.key or '-':<{width}}  {peaks}{most}")
-    budget = cfg.memory
     try:
-        check_budget(MemoryPlan(tuple(p for c in calls for p in c.memory)), cpu_gb=budget.cpu_gb,
-                     gpu_gb=budget.gpu_gb)
+        check(cfg, [c.memory for c in calls])
     except MemoryBudgetError as exc:
         print(f"\nerror: {exc}", file=sys.stderr)
         return 2

@@ -26,11 +26,9 @@ from typing import TYPE_CHECKING
 
 from pipeline import report
 from pipeline.config import HELDOUT, EvalConfig, RetentionConfig, RunConfig
-from pipeline.data import chat
-from pipeline.memory.plan import (
-    MemoryBudgetError, MemoryPlan, PlanCall, Shapes, StagePeak, check_budget, plan_memory,
-)
-from pipeline.memory.shapes import ModelShape, read_shape, shape_from_config
+from pipeline.data import chat, sizes
+from pipeline.memory import plan as memory_plan
+from pipeline.memory.plan import StagePeak
 from pipeline.store.artifacts import ArtifactRef, StageStore
 from pipeline.store.outputs import read_output
 from pipeline.store.retention import resumable, retain
@@ -346,111 +344,18 @@ def plan(cfg: RunConfig, root: Path, *, keep_engines: bool = False) -> list[Plan
         execute(cfg, dry, res, prune=False)
     finally:
         res.close()
-    memory = _memory_plan(cfg, bound, outputs.get("prepare_data"), keep_engines=keep_engines)
+    prompts = outputs.get("prepare_data")
+    memory = sizes.memory_plan(cfg, bound, prompts.uri if prompts else None, keep_engines=keep_engines)
     if memory is None:
         return calls
     return [dataclasses.replace(c, memory=tuple(memory.of(i).values())) for i, c in enumerate(calls)]
 
 
-def _memory_plan(cfg: RunConfig, bound: list[stages.StageCall], prompts: ArtifactRef | None, *,
-                 keep_engines: bool) -> MemoryPlan | None:
-    """The memory plan of the bound calls (None, logged, where a model's config.json cannot be read here: a hub
-    model not in the local cache)."""
-    import torch
-
-    try:
-        shapes = _model_shapes(cfg)
-    except (OSError, ValueError) as exc:
-        log.warning("no memory plan: %s", exc)
-        return None
-    calls = [PlanCall(f"{c.stage.removesuffix('_round')}/{c.arguments['round_idx']}" if "round_idx" in c.arguments
-                      else c.stage, c.stage, c.arguments) for c in bound]
-    return plan_memory(calls, shapes, cuda=torch.cuda.is_available(), prompt_tokens=_prompt_tokens(cfg, prompts),
-                       keep_engines=keep_engines, engine=cfg.engine, tracking=cfg.tracking.enabled)
-
-
-def _model_shapes(cfg: RunConfig) -> Shapes:
-    """The base's and teacher's shapes from their config.json; the bootstrap models' from the synthetic task's
-    own builder (they exist only once their stage ran)."""
-    from pipeline.data import synthetic
-
-    def bootstrap(role: str) -> ModelShape:
-        model = synthetic.build_model(synthetic.build_tokenizer(), size=role, seed=0)
-        return shape_from_config(model.config.to_dict())
-
-    def shape(spec: str, role: str) -> ModelShape:
-        if spec == "bootstrap":
-            return bootstrap(role)
-        folder = Path(spec)
-        if not folder.is_dir():
-            from huggingface_hub import try_to_load_from_cache
-
-            cached = try_to_load_from_cache(spec, "config.json")
-            if not isinstance(cached, str):
-                raise ValueError(f"models.{role} = {spec!r}: its config.json is not in the local HF cache")
-            folder = Path(cached).parent
-        return read_shape(folder)
-
-    teacher = None if cfg.models.teacher is None else shape(cfg.models.teacher, "teacher")
-    bootstrapped = "bootstrap" in (cfg.models.base, cfg.models.teacher)
-    return Shapes(base=shape(cfg.models.base, "base"), teacher=teacher,
-                  bootstrap=bootstrap("base") if bootstrapped else None)
-
-
-def _prompt_tokens(cfg: RunConfig, prompts: ArtifactRef | None) -> int | None:
-    """The longest rendered prompt, in the base's tokens: of the train and eval splits once they exist, else of
-    the source's rows (the synthetic task's candidates, or a local file's validated rows: a superset of the
-    splits); None where neither can be read here (a hub dataset: engine.max_model_len bounds it)."""
-    from pipeline.data import synthetic
-
-    base = cfg.models.base
-    tok = synthetic.build_tokenizer() if base == "bootstrap" else chat.load_tokenizer(
-        base, trust_remote_code=cfg.engine.trust_remote_code)
-    texts = _split_prompts(prompts) if prompts is not None else _source_prompts(cfg)
-    return max((len(chat.render_prompt(tok, t)) for t in texts), default=None) if texts else None
-
-
-def _split_prompts(prompts: ArtifactRef) -> list[str]:
-    import pyarrow.parquet as pq
-
-    return [p for split in ("train.parquet", "eval.parquet")
-            for p in pq.read_table(read_output(prompts).file(split), columns=["prompt"]).column("prompt").to_pylist()]
-
-
-def _source_prompts(cfg: RunConfig) -> list[str] | None:
-    """The templated prompts of the data source's rows, read without the gold check (None: a hub dataset, or
-    rows that do not validate: prepare_data names the problem when it runs)."""
-    from pipeline.data import prompts as data_lib
-    from pipeline.data import sources, synthetic
-
-    data = cfg.data
-    try:
-        if data.source == "synthetic":
-            candidates = synthetic.make_problems(4 * data.synthetic_rows, seed=cfg.synthetic.seed + 1,
-                                                 levels=cfg.synthetic.levels)  # what prepare_data draws from
-            rows = data_lib.rows_from_records(candidates, data).rows
-        elif sources.resolve_format(data) == "hf":
-            return None
-        else:
-            rows = data_lib.load_prompts(data).rows
-    except (ValueError, OSError) as exc:
-        log.info("memory plan: prompt lengths bounded by engine.max_model_len (%s)", exc)
-        return None
-    return [r["prompt"] for r in rows]
-
-
-def check_memory(cfg: RunConfig, root: Path) -> list[PlannedCall] | None:
+def check_memory(cfg: RunConfig, root: Path) -> None:
     """Refuse, before any work, a run whose memory plan exceeds a budget of `cfg.memory` (MemoryBudgetError,
-    naming the stage, the device and the largest item); nothing to check (None) without a budget. The plan."""
-    budget = cfg.memory
-    if budget.cpu_gb is None and budget.gpu_gb is None:
-        return None
-    calls = plan(cfg, root)
-    if any(c.stage in ("evaluate", "sft") for c in calls) and not any(c.memory for c in calls):
-        raise MemoryBudgetError(f"memory.cpu_gb/gpu_gb are set but no memory plan could be made (a model's "
-                                f"config.json is not readable here; see the log): unset them or make it readable")
-    check_budget(MemoryPlan(tuple(p for c in calls for p in c.memory)), cpu_gb=budget.cpu_gb, gpu_gb=budget.gpu_gb)
-    return calls
+    naming the stage, the device and the largest item: `pipeline.memory.plan.check`)."""
+    if cfg.memory.cpu_gb is not None or cfg.memory.gpu_gb is not None:
+        memory_plan.check(cfg, [c.memory for c in plan(cfg, root)])
 
 
 def run(cfg: RunConfig, *, root: Path, progress: bool = True, ops: Callable[["runtime.Resources"], Ops] = local_ops,

@@ -22,7 +22,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from pipeline.config import EngineConfig, SyntheticConfig, TrainConfig
+from pipeline.config import EngineConfig, RunConfig, SyntheticConfig, TrainConfig
 from pipeline.memory.items import (
     BASELINE_CPU_GB, CUDA_CONTEXT_CPU_GB, TRACKING_CPU_GB, Item, Phase, Where, engine_items, prompt_len,
     scoring_items, trainer_items,
@@ -30,7 +30,7 @@ from pipeline.memory.items import (
 from pipeline.memory.shapes import GB, ModelShape
 
 __all__ = ["PlanCall", "Shapes", "StagePeak", "MemoryPlan", "MemoryBudgetError", "ROLES", "plan_memory",
-           "check_budget"]
+           "plan_run", "check_budget", "check"]
 
 ROLES: dict[str, frozenset[str]] = {"teacher_sample": frozenset({"teacher"}), "evaluate": frozenset({"eval", "base"}),
                                     "gft_round": frozenset({"policy"}), "grpo_round": frozenset({"policy"})}
@@ -275,3 +275,25 @@ def check_budget(plan: MemoryPlan, *, cpu_gb: float | None = None, gpu_gb: float
                 f"{peak.largest.name} ({peak.largest.gb:.2f} GB). Lower what drives it (micro_batch_size, "
                 f"engine.batch_size, max_new_tokens, the model) or raise the budget; `gft run --dry-run` prints "
                 f"every stage's plan")
+
+
+def plan_run(cfg: RunConfig, calls: Sequence[Any], shapes: Shapes, *, cuda: bool, prompt_tokens: int | None,
+             keep_engines: bool = False) -> MemoryPlan:
+    """The plan of a run's bound stage calls (anything with `.stage` and `.arguments`, in run order), labelled
+    by stage and round ("gft/0"), with the run's engine and tracking settings."""
+    labelled = [PlanCall(f"{c.stage.removesuffix('_round')}/{c.arguments['round_idx']}" if "round_idx" in c.arguments
+                         else c.stage, c.stage, c.arguments) for c in calls]
+    return plan_memory(labelled, shapes, cuda=cuda, prompt_tokens=prompt_tokens, keep_engines=keep_engines,
+                       engine=cfg.engine, tracking=cfg.tracking.enabled)
+
+
+def check(cfg: RunConfig, peaks: Sequence[Sequence[StagePeak]]) -> None:
+    """Refuse a plan (each planned call's peaks) over a budget of `cfg.memory`; a budget without a plan (a model's
+    config.json unreadable here) is refused too."""
+    budget = cfg.memory
+    if budget.cpu_gb is None and budget.gpu_gb is None:
+        return
+    if not any(peaks):
+        raise MemoryBudgetError("memory.cpu_gb/gpu_gb are set but no memory plan could be made (a model's "
+                                "config.json is not readable here; see the log): unset them or make it readable")
+    check_budget(MemoryPlan(tuple(p for call in peaks for p in call)), cpu_gb=budget.cpu_gb, gpu_gb=budget.gpu_gb)
