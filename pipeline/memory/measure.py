@@ -30,7 +30,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 
-__all__ = ["GB", "SAMPLE_S", "Peak", "measure", "report_child", "current_rss_gb", "hwm_resettable"]
+__all__ = ["GB", "SAMPLE_S", "Peak", "measure", "report_child", "current_rss_gb"]
 
 GB = 1e9
 SAMPLE_S = 0.02
@@ -105,11 +105,6 @@ def _reset_hwm() -> bool:
         return True
     except OSError:
         return False
-
-
-def hwm_resettable() -> bool:
-    """Whether this process can reset its RSS high-water mark (the exact method); else `measure` samples."""
-    return _hwm_gb() is not None and _reset_hwm()
 
 
 class _Sampler(threading.Thread):
