@@ -156,7 +156,9 @@ def test_the_converted_model_is_a_float32_chat_model(smollm2):
     assert "local_files_only" not in (smollm2 / "tokenizer_config.json").read_text()
 
 
-def test_every_stage_output_of_the_run_verifies_in_the_store(real_run):
+def test_every_stage_output_of_the_run_verifies_in_the_store(real_run, smollm2):
+    from pipeline.data import chat
+    from pipeline.data.prompts import content_id
     from pipeline.store.artifacts import StageStore
 
     calls = _planned(real_run)
@@ -167,8 +169,16 @@ def test_every_stage_output_of_the_run_verifies_in_the_store(real_run):
     for c in calls:
         assert c.cached and store.lookup(c.stage, c.key) is not None, c
     train = _read_rows(store, calls, "prepare_data", "train.parquet")
-    assert len(train) == 4 and all(r["id"].startswith("sha-") for r in train)  # ids from the problem text
-    assert train[0]["prompt"].count("Put the final answer in \\boxed{}.") == 1
+    rows = map(json.loads, (GSM8K / "train.jsonl").read_text().splitlines())
+    questions = {content_id(r["question"]): r["question"] for r in rows}
+    assert len(train) == 4 and all(r["id"] in questions for r in train)  # ids from the problem text
+    system, user = chat.prompt_messages(train[0]["prompt"])
+    assert system == {"role": "system", "content": "You are a careful math tutor. Reason step by step."}
+    assert user["content"] == questions[train[0]["id"]] + "\nPut the final answer in \\boxed{}.", user
+    tok = chat.load_tokenizer(smollm2)
+    rendered = tok.decode(chat.render_prompt(tok, train[0]["prompt"]))  # through the model's own chat template
+    assert rendered.startswith("<|im_start|>system\nYou are a careful math tutor.") and rendered.endswith(
+        "<|im_start|>assistant\n"), rendered
     assert "Work done this time" in real_run.proc.stdout
 
 
