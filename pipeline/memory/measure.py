@@ -30,7 +30,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 
-__all__ = ["GB", "SAMPLE_S", "Peak", "measure", "report_child", "current_rss_gb"]
+__all__ = ["GB", "SAMPLE_S", "Peak", "measure", "report_child", "current_rss_gb", "return_large_frees"]
 
 GB = 1e9
 SAMPLE_S = 0.02
@@ -192,3 +192,25 @@ def report_child(child: Peak) -> None:
     with _lock:
         for block in _open:
             block.peak.add_child(child)
+
+
+_M_MMAP_THRESHOLD = -3  # glibc's mallopt parameter
+MMAP_THRESHOLD = 1 << 20
+
+
+def return_large_frees(threshold: int = MMAP_THRESHOLD) -> bool:
+    """Have glibc serve every allocation of `threshold` bytes or more from its own mapping, returned to the system
+    the moment it is freed. By default glibc raises that threshold to the size of the last large block freed (up to
+    32 MiB), so after a few steps a training process's freed activations stay in its heap: about 2 GB of the 8.7 GB
+    peak of SmolLM2-135M's GFT round (docs/memory.md). The cost is a page-in of each new large block (a SmolLM2
+    train step measured about 5% slower). Fixing the threshold also turns glibc's adjustment off. Allocation changes
+    no number a stage computes. Process-wide; True when set (False off glibc)."""
+    import ctypes
+    import ctypes.util
+
+    name = ctypes.util.find_library("c")
+    try:
+        libc = ctypes.CDLL(name) if name else None
+    except OSError:
+        return False
+    return bool(libc is not None and hasattr(libc, "mallopt") and libc.mallopt(_M_MMAP_THRESHOLD, threshold))

@@ -44,7 +44,7 @@ import pandas as pd
 import torch
 
 from pipeline.config import LaunchConfig
-from pipeline.memory.measure import Peak, measure, report_child
+from pipeline.memory.measure import Peak, measure, report_child, return_large_frees
 from pipeline.progress import bar as progress_bar
 from pipeline.rounds.job import JobResult, TrainJob, planned_steps, train, write_round_inputs
 from pipeline.atomic import write_text_atomic
@@ -267,6 +267,7 @@ def main(spec_path: str) -> None:
     """One process of the job: `job.train` per `job.json`; rank 0 writes `result.json` last."""
     job = TrainJob.model_validate_json(Path(spec_path).read_text())
     rank = int(os.environ.get("RANK", "0"))
+    return_large_frees()  # as in the run's own process (pipeline.runtime.Resources)
     try:
         torch.set_num_threads(job.threads)
         with measure() as peak:

@@ -27,8 +27,8 @@ __all__ = ["VERSIONS", "StageSpec", "derive_spec"]
 
 # Bump a stage's version when its code changes what it writes: the key covers arguments and inputs, not code.
 # tests/unit/test_stage_versions.py fails when a stage's code changes without a bump here.
-VERSIONS = {"prepare_data": 7, "bootstrap_models": 6, "teacher_sample": 6, "sft": 9, "gft_round": 12, "grpo_round": 11,
-            "prepare_benchmark": 1, "evaluate": 9}
+VERSIONS = {"prepare_data": 8, "bootstrap_models": 7, "teacher_sample": 6, "sft": 10, "gft_round": 13, "grpo_round": 12,
+            "prepare_benchmark": 1, "evaluate": 10}
 
 _SCALARS = (bool, int, float, str)
 

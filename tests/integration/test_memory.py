@@ -163,3 +163,32 @@ def test_a_run_over_its_memory_budget_is_refused_before_any_work_naming_the_stag
     assert main(["run", str(path), "--root", str(tmp_path / "root"), "--dry-run"]) == 2
     assert f"stage {first.label}" in capsys.readouterr().err
     check_memory(load_run_config(_tiny(tmp_path, cpu_gb=budget + 0.01)), tmp_path / "root")  # fits: no error
+
+
+def test_large_frees_go_back_to_the_system_once_the_threshold_is_fixed():
+    """glibc keeps a freed 8 MiB block in the heap once its dynamic threshold has risen past it; with the threshold
+    fixed at 1 MiB (what every run's Resources sets) the block is unmapped on free and the RSS falls back."""
+    import subprocess
+    import sys
+    import textwrap
+
+    probe = textwrap.dedent("""
+        import ctypes, sys
+        from pipeline.memory.measure import current_rss_gb, return_large_frees
+        if sys.argv[1] == "fixed":
+            assert return_large_frees()
+        libc = ctypes.CDLL(None)
+        libc.malloc.restype = ctypes.c_void_p
+        libc.free.argtypes = [ctypes.c_void_p]
+        libc.free(libc.malloc(16 << 20))  # a large free raises glibc's dynamic threshold to 16 MiB
+        blocks = [libc.malloc(8 << 20) for _ in range(32)]  # 256 MiB, from the heap unless the threshold is fixed
+        for b in blocks:
+            ctypes.memset(b, 1, 8 << 20)
+        before = current_rss_gb()
+        for b in blocks[:-1]:
+            libc.free(b)  # the last block stays: the heap's top cannot shrink past it (holes, as a trainer leaves)
+        print(before - current_rss_gb())
+    """)
+    freed = {how: float(subprocess.run([sys.executable, "-c", probe, how], capture_output=True, text=True,
+                                       check=True).stdout) for how in ("default", "fixed")}
+    assert freed["fixed"] > 0.2 and freed["default"] < 0.05, freed
