@@ -190,4 +190,4 @@ def _stage_section(cfg: RunConfig, refs: dict[str, ArtifactRef]) -> list[str]:
         return []
     columns = [c for c in STAGE_COLUMNS.values() if any(c in row for row in stages.values())]
     return ["Stages (wall time and peak memory as measured when each output was computed; GFT and GRPO: their "
-            "largest round):", "", comparison_table(stages, columns=columns)]
+            "largest round):", "", comparison_table(stages, columns=columns).replace("| checkpoint |", "| stage |", 1)]

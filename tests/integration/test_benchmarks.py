@@ -126,6 +126,7 @@ def test_the_summary_shows_each_stages_peak_memory(runs):
     start = lines.index(next(line for line in lines if line.startswith("Stages (")))
     cells = [[c.strip() for c in line.strip("|").split("|")] for line in lines[start + 2:]]
     header = cells[0]
+    assert header[0] == "stage"
     rows = {row[0]: row for row in cells[2:] if len(row) == len(header)}
     assert {"prompts", "teacher", "sft", "eval/base", "eval/sft/boxed", "benchmark/gsm"} <= set(rows)
     peak = header.index("peak_rss_gb")
