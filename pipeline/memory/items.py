@@ -19,17 +19,19 @@ TRACKING_CPU_GB = 0.10
 """What MLflow tracking adds to the baseline (0.70 GB measured at prepare_data with tracking on)."""
 CUDA_CONTEXT_CPU_GB = 0.45
 """What initialising CUDA adds to the process's RSS (the driver's and torch's host-side state)."""
-ACT_H, ACT_KV, ACT_FFN = 10, 3, 4
+ACT_H, ACT_KV, ACT_FFN = 7, 2, 3
 """Saved activations per token and decoder layer for backward, in hidden, kv (kv_heads x head_dim) and
-intermediate widths: norms' inputs and outputs, q/k/v and their rotated and repeated copies, the attention output,
-the MLP's gate, up, activation and product (`trainer_items`)."""
-STEP_COPIES = 2
-"""Parameter-sized copies alive at a training step's or the save's peak besides the trainer's state (the optimizer's
-per-step temporaries, the saved state dict): measured on SmolLM2-135M, `rounds.job.train` of an SFT job peaks
-1.2 GB (about 2 x 4P) above its weights, gradients, moments, activations and logits."""
-LOGIT_BLOCKS = 3
-"""[chunk, vocab] float32 blocks alive at once in the chunked log-prob (logits, log-softmax, its exp or the
-gradient; `pipeline.model.logprobs`)."""
+intermediate widths: norms' inputs and outputs, q/k/v and their rotated copies, the attention output, the MLP's
+gate, up, activation and product (`trainer_items`). Fitted on SmolLM2-135M with large frees returned to the system
+(`pipeline.memory.measure.return_large_frees`): SFT and GFT with micro-batches of 8 x 396 tokens, GRPO 8 x 188
+(docs/memory.md)."""
+STEP_COPIES = 0.75
+"""Parameter-sized temporaries of the optimizer step and the save (AdamW's foreach intermediates, the state dict
+written), beside the trainer's state: they come after backward has freed the micro-batch's activations, so a
+stage holds the larger of the two (0.40 GB above the state in SmolLM2-135M's checkpointed GRPO round)."""
+LOGIT_BLOCKS = 1
+"""[chunk, vocab] float32 blocks alive at once in the chunked log-prob beyond what the activations count
+(`pipeline.model.logprobs`: one chunk's logits; its log-softmax and gradient reuse freed blocks)."""
 DECODE_LOGIT_BLOCKS = 4
 """[rows, vocab] float32 blocks alive in one decoding step (logits, warped scores, probabilities, the draw)."""
 
@@ -99,25 +101,29 @@ def engine_items(phase: Phase, role: str, shape: ModelShape, engine: EngineConfi
 
 def trainer_items(phase: Phase, shape: ModelShape, train: TrainConfig, where: Where, *, rows: int,
                   tokens: int, scored: int) -> Phase:
-    """The trainer's state (master weights, gradients, AdamW's two moments, in master_dtype) and one
-    micro-batch's working set: saved activations of `rows` x `tokens` (prompt + response) for backward (one
-    layer's only under gradient checkpointing), and the chunked log-prob's [chunk, vocab] blocks over the
-    `scored` response tokens."""
+    """The trainer's state (master weights, gradients, AdamW's two moments, in master_dtype) and the larger of one
+    micro-batch's working set (saved activations of `rows` x `tokens` (prompt + response) for backward, one layer's
+    only under gradient checkpointing, and the chunked log-prob's [chunk, vocab] blocks over the `scored` response
+    tokens) and the optimizer step's temporaries, which come after backward has freed that set."""
     device = "cuda" if where.cuda else "cpu"
     master = BYTES[train.master_dtype]
     p = shape.params
     phase.add(device, "trainer weights", p * master).add(device, "gradients", p * master)
     phase.add(device, "AdamW moments", 2 * p * master)
-    phase.add(device, "step and save transients", STEP_COPIES * p * master)
     act = BYTES["bfloat16"] if where.cuda and train.precision != "fp32" else master
     per_layer = ACT_H * shape.hidden + ACT_KV * shape.kv_heads * shape.head_dim + ACT_FFN * shape.intermediate
     layers = 1 if train.gradient_checkpointing else shape.layers
     saved = rows * tokens * (per_layer * layers + (shape.layers * shape.hidden if train.gradient_checkpointing else 0))
-    phase.add(device, f"activations ({rows} x {tokens} tokens)", saved * act)
     chunk = min(train.logprob_chunk_size, max(scored, 1))
-    phase.add(device, f"logits chunks ({chunk} x {shape.vocab})", LOGIT_BLOCKS * chunk * shape.vocab * 4)
+    working = [(f"activations ({rows} x {tokens} tokens)", saved * act),
+               (f"logits chunks ({chunk} x {shape.vocab})", LOGIT_BLOCKS * chunk * shape.vocab * 4)]
     if train.keep_logits:
-        phase.add(device, "kept logits", scored * shape.vocab * act)
+        working.append(("kept logits", scored * shape.vocab * act))
+    step = STEP_COPIES * p * master
+    if step > sum(nbytes for _, nbytes in working):  # the step runs once backward has freed the working set
+        return phase.add(device, "optimizer step and save transients", step)
+    for name, nbytes in working:
+        phase.add(device, name, nbytes)
     return phase
 
 
