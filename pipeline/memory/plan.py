@@ -272,9 +272,19 @@ def check_budget(plan: MemoryPlan, *, cpu_gb: float | None = None, gpu_gb: float
             raise MemoryBudgetError(
                 f"memory plan: stage {peak.label} ({peak.stage}, {peak.phase}) needs about {peak.total:.2f} GB on "
                 f"{peak.device}, over the budget {setting} = {budget:g} GB; its largest item is "
-                f"{peak.largest.name} ({peak.largest.gb:.2f} GB). Lower what drives it (micro_batch_size, "
-                f"engine.batch_size, max_new_tokens, the model) or raise the budget; `gft run --dry-run` prints "
-                f"every stage's plan")
+                f"{peak.largest.name} ({peak.largest.gb:.2f} GB). {_remedy(peak)} or raise the budget; "
+                f"`gft run --dry-run` prints every stage's plan")
+
+
+def _remedy(peak: StagePeak) -> str:
+    """What bounds a stage's largest item."""
+    name = peak.largest.name
+    if name.startswith(("activations", "logits", "kept logits")):
+        return ("Bound the training micro-batch (train.gradient_checkpointing = true keeps one layer's activations, "
+                "or a smaller micro_batch_size / micro_batch_tokens, logprob_chunk_size)")
+    if "engine" in name or "KV cache" in name:
+        return "Lower the engine's share (engine.batch_size, max_new_tokens, kv_cache_gib, dtype)"
+    return "Lower what drives it (micro_batch_size, engine.batch_size, max_new_tokens, the model)"
 
 
 def plan_run(cfg: RunConfig, calls: Sequence[Any], shapes: Shapes, *, cuda: bool, prompt_tokens: int | None,

@@ -147,6 +147,8 @@ def test_a_plan_over_the_budget_is_refused_naming_the_stage_the_device_and_the_l
     message = str(err.value)
     assert "stage sft (sft, training)" in message and "on cpu" in message and "memory.cpu_gb" in message
     assert plan.of(3)["cpu"].largest.name in message
+    if plan.of(3)["cpu"].largest.name.startswith("activations"):  # and what bounds it
+        assert "train.gradient_checkpointing = true" in message
     check_budget(plan, cpu_gb=max(peaks.values()) + 0.01)  # fits: nothing raised
     check_budget(plan, gpu_gb=0.001)  # no GPU part in a CPU plan
 
