@@ -322,7 +322,7 @@ class _Sleepy:
     """A stand-in engine that records sleep, wake-up and weight loads (vLLM's sleep mode needs CUDA)."""
 
     def __init__(self, name: str, events: list, inner=None):
-        self.name, self.events, self.inner, self.asleep = name, events, inner, False
+        self.name, self.events, self.inner, self.asleep, self.closed = name, events, inner, False, False
 
     def generate(self, prompt_ids, n, sampling):
         assert not self.asleep, f"{self.name} sampled while asleep"
@@ -342,6 +342,7 @@ class _Sleepy:
         self.events.append((self.name, "wake"))
 
     def close(self):
+        self.closed = True
         if self.inner is not None:
             self.inner.close()
 
@@ -386,7 +387,7 @@ def test_a_round_s_engine_sleeps_through_its_launched_job_and_loads_the_new_weig
     real_run_job = launch_lib.run_job
 
     def run_job(job, launch, **kw):
-        events.append(("job", job.phase, all(e.asleep for e in engines.values())))
+        events.append(("job", job.phase, all(e.asleep for e in engines.values() if not e.closed)))  # released: gone
         return real_run_job(job, launch, **kw)
 
     monkeypatch.setattr(runtime, "build_engine", build)
@@ -395,7 +396,7 @@ def test_a_round_s_engine_sleeps_through_its_launched_job_and_loads_the_new_weig
                                                   "engine.enable_sleep_mode": True, "gft.train.launch.job": True})
     result = run(cfg, root=tmp_path, progress=False)
     jobs = [e for e in events if e[0] == "job"]
-    assert jobs == [("job", "gft_round", True)] * 2  # both rounds' jobs ran with every engine asleep
+    assert jobs == [("job", "gft_round", True)] * 2  # both rounds' jobs ran with every open engine asleep
     policy = engines[str(Path(result.refs["sft"].uri) / "model")]  # built for round 0 from SFT's checkpoint
     final = Path(result.refs["gft"].uri)
     (round_0,) = [p for p in final.parent.iterdir() if p.is_dir() and not p.name.startswith(".") and p != final]
