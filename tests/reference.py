@@ -133,3 +133,18 @@ def combine_rewards_reference(per_func, weights):
         vals = [w * r for r, w in zip(row, weights) if r is not None]
         out.append(sum(vals) if vals else None)
     return out
+
+
+def aggregate_reference(sums, counts, aggregation, t_len, n=None):
+    """A loss from per-sequence token sums and counts under verl's loss_agg_mode (float64 loop references):
+    token-mean, the seq-mean-* modes over sequences with tokens, and dr_grpo (sum / (n x t_len))."""
+    present = [(s, c) for s, c in zip(sums, counts) if c > 0]
+    if aggregation == "token-mean":
+        return sum(sums) / sum(counts)
+    if aggregation == "seq-mean-token-mean":
+        return sum(s / c for s, c in present) / len(present)
+    if aggregation == "seq-mean-token-sum":
+        return sum(s for s, _ in present) / len(present)
+    if aggregation == "seq-mean-token-sum-norm":
+        return sum(sums) / t_len
+    return sum(sums) / (n * t_len)  # dr_grpo

@@ -27,7 +27,9 @@ from pipeline.algo.sampler import importance_weights
 from pipeline.config import GFTConfig, GRPOConfig
 from pipeline.model.scoring import TokenScorer, differentiable_entropy
 from tests.conftest import PAD, random_examples, tiny_lm
-from tests.reference import advantages_reference, gft_reference, importance_weights_reference
+from tests.reference import (
+    advantages_reference, aggregate_reference, gft_reference, importance_weights_reference,
+)
 
 AGGREGATIONS = ["token-mean", "seq-mean-token-mean", "seq-mean-token-sum", "seq-mean-token-sum-norm", "dr_grpo"]
 
@@ -93,16 +95,7 @@ def grpo_peer_reference(lp, old, adv, mask, *, eps_low, eps_high, dual_clip=None
             total = total + term
         sums.append(total)
         counts.append(len(toks))
-    present = [(s, c) for s, c in zip(sums, counts) if c > 0]
-    if aggregation == "token-mean":
-        return sum(sums) / sum(counts)
-    if aggregation == "seq-mean-token-mean":
-        return sum(s / c for s, c in present) / len(present)
-    if aggregation == "seq-mean-token-sum":
-        return sum(s for s, _ in present) / len(present)
-    if aggregation == "seq-mean-token-sum-norm":
-        return sum(sums) / t_len
-    return sum(sums) / (n * t_len)  # dr_grpo
+    return aggregate_reference(sums, counts, aggregation, t_len, n)
 
 
 def trl_delta_reference(lp, old, adv, mask, *, eps_low, eps_high, delta):

@@ -28,6 +28,7 @@ from pipeline.model.scoring import (
 from pipeline.model.trainer import make_trainer, train_step
 from pipeline.rounds import gft, grpo
 from tests.conftest import PAD, random_examples, tiny_lm
+from tests.reference import aggregate_reference
 
 GFT_MODES = ["token-mean", "seq-mean-token-mean", "seq-mean-token-sum", "seq-mean-token-sum-norm"]
 
@@ -51,14 +52,7 @@ def gft_agg_reference(lp, adv, mask, *, tau, aggregation, t_len=None):
             count += 1
         sums.append(total)
         counts.append(count)
-    present = [(s, c) for s, c in zip(sums, counts) if c > 0]
-    if aggregation == "token-mean":
-        return sum(sums) / sum(counts)
-    if aggregation == "seq-mean-token-mean":
-        return sum(s / c for s, c in present) / len(present)
-    if aggregation == "seq-mean-token-sum":
-        return sum(s for s, _ in present) / len(present)
-    return sum(sums) / t_len  # seq-mean-token-sum-norm
+    return aggregate_reference(sums, counts, aggregation, t_len)
 
 
 def trl_clip_ratio_reference(lp, old, adv, mask, *, eps_low, eps_high, level, over_tokens=False):
