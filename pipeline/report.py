@@ -88,17 +88,14 @@ def benchmark_tables(cfg: RunConfig, refs: dict[str, ArtifactRef]) -> dict[str, 
     (the paper's "Avg." column); `mean@k` and `pass@k` at each benchmark's own k."""
     primary, suite = primary_benchmark(cfg), cfg.eval.suite()
     checkpoints = [c for c in ("base", *cfg.chain) if f"eval/{c}" in refs]
+    cells = {(c, b.name): (cfg.eval.for_benchmark(b).k, read_output(refs[label]).eval_metrics())
+             for c in checkpoints for b in suite if (label := eval_label(c, b.name, primary)) in refs}  # read once
     tables: dict[str, dict[str, dict[str, float]]] = {}
     for metric in BENCHMARK_METRICS:
         table = tables[metric.format(k="k")] = {}
         for checkpoint in checkpoints:
-            row = {}
-            for bench in suite:
-                k = cfg.eval.for_benchmark(bench).k
-                ref = refs.get(eval_label(checkpoint, bench.name, primary))
-                value = read_output(ref).eval_metrics().get(metric.format(k=k)) if ref is not None else None
-                if value is not None:
-                    row[bench.name] = value
+            row = {b.name: value for b in suite if (cell := cells.get((checkpoint, b.name)))
+                   and (value := cell[1].get(metric.format(k=cell[0]))) is not None}
             table[checkpoint] = {**row, "average": sum(row.values()) / len(row)} if row else {}
     return tables
 
